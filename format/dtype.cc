@@ -1,0 +1,130 @@
+#include "format/dtype.h"
+
+#include <cmath>
+
+namespace shotdb {
+
+std::string_view DTypeName(DType t) {
+  switch (t) {
+    case DType::kF32:
+      return "f32";
+    case DType::kF16:
+      return "f16";
+    case DType::kBF16:
+      return "bf16";
+    case DType::kF64:
+      return "f64";
+  }
+  return "?";
+}
+
+std::optional<DType> ParseDType(std::string_view name) {
+  if (name == "f64" || name == "float64") return DType::kF64;
+  if (name == "f32" || name == "float32") return DType::kF32;
+  if (name == "f16" || name == "float16") return DType::kF16;
+  if (name == "bf16" || name == "bfloat16") return DType::kBF16;
+  return std::nullopt;
+}
+
+float HalfToFloat(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu;
+  const uint32_t mant = h & 0x3ffu;
+  uint32_t bits;
+  if (exp == 0) {
+    if (mant == 0) {
+      bits = sign;
+    } else {  // subnormal: value = mant * 2^-24, exactly representable in float32
+      float f = std::ldexp(static_cast<float>(mant), -24);
+      std::memcpy(&bits, &f, sizeof bits);
+      bits |= sign;
+    }
+  } else if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (mant << 13);
+  } else {
+    bits = sign | ((exp + 112) << 23) | (mant << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+uint16_t FloatToHalf(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, sizeof x);
+  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+  const uint32_t abs = x & 0x7fffffffu;
+  if (abs > 0x7f800000u) return sign | 0x7e00u;  // NaN
+  if (abs >= 0x477ff000u) return sign | 0x7c00u;  // rounds to >= 65520: inf
+  if (abs < 0x38800000u) {                        // below the smallest normal half (2^-14)
+    // Subnormal or zero: scale to units of 2^-24 and round to nearest even.
+    float a;
+    std::memcpy(&a, &abs, sizeof a);
+    float scaled = a * 16777216.0f;  // 2^24, exact
+    float r = std::nearbyint(scaled);  // default rounding mode is to-nearest-even
+    return sign | static_cast<uint16_t>(r);
+  }
+  // Normal: rebias exponent and round the 13 dropped mantissa bits to nearest even.
+  uint32_t m = abs + 0xc8000000u;  // exponent - 112 (127 - 15) in the exponent field
+  uint32_t round_bit = 0x1000u, sticky = 0x0fffu;
+  uint32_t out = m >> 13;
+  if ((m & round_bit) && ((m & sticky) || (out & 1u))) ++out;
+  return sign | static_cast<uint16_t>(out);
+}
+
+uint16_t FloatToBFloat16(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, sizeof x);
+  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x40u);
+  uint32_t lsb = (x >> 16) & 1u;
+  x += 0x7fffu + lsb;
+  return static_cast<uint16_t>(x >> 16);
+}
+
+void ConvertToFloat(DType from, const void* src, float* dst, size_t n) {
+  switch (from) {
+    case DType::kF32:
+      std::memcpy(dst, src, n * sizeof(float));
+      return;
+    case DType::kF16: {
+      const auto* s = static_cast<const uint16_t*>(src);
+      for (size_t i = 0; i < n; ++i) dst[i] = HalfToFloat(s[i]);
+      return;
+    }
+    case DType::kBF16: {
+      const auto* s = static_cast<const uint16_t*>(src);
+      for (size_t i = 0; i < n; ++i) dst[i] = BFloat16ToFloat(s[i]);
+      return;
+    }
+    case DType::kF64: {
+      const auto* s = static_cast<const double*>(src);
+      for (size_t i = 0; i < n; ++i) dst[i] = static_cast<float>(s[i]);
+      return;
+    }
+  }
+}
+
+void ConvertFromFloat(DType to, const float* src, void* dst, size_t n) {
+  switch (to) {
+    case DType::kF32:
+      std::memcpy(dst, src, n * sizeof(float));
+      return;
+    case DType::kF16: {
+      auto* d = static_cast<uint16_t*>(dst);
+      for (size_t i = 0; i < n; ++i) d[i] = FloatToHalf(src[i]);
+      return;
+    }
+    case DType::kBF16: {
+      auto* d = static_cast<uint16_t*>(dst);
+      for (size_t i = 0; i < n; ++i) d[i] = FloatToBFloat16(src[i]);
+      return;
+    }
+    case DType::kF64: {
+      auto* d = static_cast<double*>(dst);
+      for (size_t i = 0; i < n; ++i) d[i] = src[i];
+      return;
+    }
+  }
+}
+
+}  // namespace shotdb
