@@ -1,0 +1,789 @@
+#include "engine/store.h"
+
+#include <errno.h>
+#include <sys/stat.h>
+
+#include <cstring>
+#include <ctime>
+
+#include "engine/text_tokenizer.h"
+
+namespace shotdb {
+namespace {
+
+using lmdb::AppendBE32;
+using lmdb::AppendBE64;
+using lmdb::Val;
+using lmdb::View;
+
+constexpr size_t kMaxTaskNameBytes = 255;
+// Doublings of the map on MDB_MAP_FULL before giving up (2^40 times the initial size).
+constexpr int kMaxMapGrowths = 40;
+// Attempts to adopt a map size grown by another process before giving up.
+constexpr int kMaxResizeRetries = 8;
+
+constexpr char kMetaFormatVersion[] = "format_version";
+constexpr char kMetaNextTaskId[] = "next_task_id";
+
+std::string TaskKey(uint32_t task_id) {
+  std::string key;
+  AppendBE32(&key, task_id);
+  return key;
+}
+std::string BlockKey(uint32_t task_id, uint32_t block) {
+  std::string key = TaskKey(task_id);
+  AppendBE32(&key, block);
+  return key;
+}
+std::string DemoKey(uint32_t task_id, uint64_t demo) {
+  std::string key = TaskKey(task_id);
+  AppendBE64(&key, demo);
+  return key;
+}
+std::string PayloadKey(uint32_t task_id, uint32_t block, uint32_t layer, TensorKind kind) {
+  std::string key = BlockKey(task_id, block);
+  AppendBE32(&key, layer);
+  key.push_back(static_cast<char>(kind));
+  return key;
+}
+
+std::string U32Value(uint32_t v) {
+  lmdb::ByteWriter w;
+  w.U32(v);
+  return w.Take();
+}
+
+std::string RecordName(const std::string& task, uint32_t block, uint32_t layer, TensorKind kind) {
+  return "task " + task + " block " + std::to_string(block) + " layer " + std::to_string(layer) +
+         " " + std::string(TensorKindName(kind));
+}
+
+// Reads a u32 value of the meta DB; nullopt-like NotFound when absent.
+Result<uint32_t> GetMetaU32(MDB_txn* txn, MDB_dbi meta, const char* name) {
+  MDB_val k = Val(name, std::strlen(name)), v;
+  int rc = mdb_get(txn, meta, &k, &v);
+  if (rc != MDB_SUCCESS) return lmdb::ToStatus(rc, std::string("meta ") + name);
+  lmdb::ByteReader r(View(v), std::string("meta ") + name);
+  uint32_t value = 0;
+  r.U32(&value);
+  SHOTDB_RETURN_IF_ERROR(r.Finish());
+  return value;
+}
+
+// Checks a record's header against its key and its task. The header itself was already checked
+// (ParseBlockRecord); this catches a record that is intact but in the wrong place.
+Status CheckRecordMatches(const BlockRecordView& view, const TaskInfo& task, uint32_t layer,
+                          TensorKind kind, uint32_t tokens, const std::string& what) {
+  const BlockRecordMeta& m = view.header.meta;
+  if (m.layer != layer || m.kind != kind || m.dtype != task.model.dtype ||
+      m.kv_heads != task.model.kv_heads || m.head_dim != task.model.head_dim ||
+      m.tokens != tokens || view.header.codec != task.codec) {
+    return Status::Corruption(
+        what + ": record header says layer " + std::to_string(m.layer) + " " +
+        std::string(TensorKindName(m.kind)) + " " + std::string(DTypeName(m.dtype)) + " [" +
+        std::to_string(m.kv_heads) + ", " + std::to_string(m.tokens) + ", " +
+        std::to_string(m.head_dim) + "] " + std::string(CodecName(view.header.codec)) +
+        ", expected layer " + std::to_string(layer) + " " + std::string(TensorKindName(kind)) +
+        " " + std::string(DTypeName(task.model.dtype)) + " [" +
+        std::to_string(task.model.kv_heads) + ", " + std::to_string(tokens) + ", " +
+        std::to_string(task.model.head_dim) + "] " + std::string(CodecName(task.codec)));
+  }
+  return Status::OK();
+}
+
+}  // namespace
+
+// ---- Snapshot ---------------------------------------------------------------------------------
+
+Snapshot::~Snapshot() {
+  mdb_txn_abort(txn_);
+  store_->EndTxn();
+}
+
+Result<uint32_t> Snapshot::TaskId(const std::string& name) {
+  MDB_val k = Val(name), v;
+  int rc = mdb_get(txn_, store_->dbs_.task_names, &k, &v);
+  if (rc == MDB_NOTFOUND) return Status::NotFound("task " + name + ": no such task");
+  if (rc != MDB_SUCCESS) return lmdb::ToStatus(rc, "task " + name);
+  if (v.mv_size != 4) return Status::Corruption("task " + name + ": task id is not 4 bytes");
+  return lmdb::LoadBE32(v.mv_data);
+}
+
+Result<TaskInfo> Snapshot::TaskById(uint32_t id, const std::string& name) {
+  std::string key = TaskKey(id);
+  MDB_val k = Val(key), v;
+  int rc = mdb_get(txn_, store_->dbs_.tasks, &k, &v);
+  if (rc == MDB_NOTFOUND) {
+    return Status::Corruption("task " + name + ": its name maps to id " + std::to_string(id) +
+                              ", which has no task record");
+  }
+  if (rc != MDB_SUCCESS) return lmdb::ToStatus(rc, "task " + name);
+  return DecodeTaskInfo(View(v), "task " + name + " record");
+}
+
+Result<TaskInfo> Snapshot::GetTask(const std::string& name) {
+  SHOTDB_ASSIGN_OR_RETURN(uint32_t id, TaskId(name));
+  return TaskById(id, name);
+}
+
+Result<std::vector<TaskInfo>> Snapshot::ListTasks() {
+  std::vector<TaskInfo> tasks;
+  lmdb::Cursor c;
+  int rc = c.Open(txn_, store_->dbs_.task_names);
+  if (rc != MDB_SUCCESS) return lmdb::ToStatus(rc, "task_names cursor");
+  MDB_val k, v;
+  for (rc = mdb_cursor_get(c.get(), &k, &v, MDB_FIRST); rc == MDB_SUCCESS;
+       rc = mdb_cursor_get(c.get(), &k, &v, MDB_NEXT)) {
+    std::string name(View(k));
+    if (v.mv_size != 4) return Status::Corruption("task " + name + ": task id is not 4 bytes");
+    SHOTDB_ASSIGN_OR_RETURN(TaskInfo task, TaskById(lmdb::LoadBE32(v.mv_data), name));
+    tasks.push_back(std::move(task));
+  }
+  if (rc != MDB_NOTFOUND) return lmdb::ToStatus(rc, "task_names scan");
+  return tasks;
+}
+
+Result<BlockInfo> Snapshot::GetBlock(const std::string& task, uint32_t index) {
+  SHOTDB_ASSIGN_OR_RETURN(uint32_t id, TaskId(task));
+  std::string key = BlockKey(id, index);
+  std::string what = "task " + task + " block " + std::to_string(index);
+  MDB_val k = Val(key), v;
+  int rc = mdb_get(txn_, store_->dbs_.blocks, &k, &v);
+  if (rc != MDB_SUCCESS) return lmdb::ToStatus(rc, what);
+  SHOTDB_ASSIGN_OR_RETURN(BlockInfo block, DecodeBlockInfo(View(v), what));
+  if (block.index != index) {
+    return Status::Corruption(what + ": stored index is " + std::to_string(block.index));
+  }
+  return block;
+}
+
+Result<Demonstration> Snapshot::GetDemonstration(const std::string& task, uint64_t id) {
+  SHOTDB_ASSIGN_OR_RETURN(uint32_t task_id, TaskId(task));
+  std::string key = DemoKey(task_id, id);
+  std::string what = "task " + task + " demonstration " + std::to_string(id);
+  MDB_val k = Val(key), v;
+  int rc = mdb_get(txn_, store_->dbs_.demos, &k, &v);
+  if (rc != MDB_SUCCESS) return lmdb::ToStatus(rc, what);
+  SHOTDB_ASSIGN_OR_RETURN(Demonstration demo, DecodeDemonstration(View(v), what));
+  if (demo.id != id) return Status::Corruption(what + ": stored id is " + std::to_string(demo.id));
+  return demo;
+}
+
+Result<BlockRecordView> Snapshot::GetRecord(const std::string& task, uint32_t block, uint32_t layer,
+                                            TensorKind kind) {
+  SHOTDB_ASSIGN_OR_RETURN(uint32_t id, TaskId(task));
+  std::string key = PayloadKey(id, block, layer, kind);
+  std::string what = RecordName(task, block, layer, kind);
+  MDB_val k = Val(key), v;
+  int rc = mdb_get(txn_, store_->dbs_.payloads, &k, &v);
+  if (rc != MDB_SUCCESS) return lmdb::ToStatus(rc, what);
+  return ParseBlockRecord(v.mv_data, v.mv_size, what);
+}
+
+Result<PayloadRef> Snapshot::GetPayload(const std::string& task, uint32_t block, uint32_t layer,
+                                        TensorKind kind, bool verify_checksum) {
+  SHOTDB_ASSIGN_OR_RETURN(TaskInfo info, GetTask(task));
+  SHOTDB_ASSIGN_OR_RETURN(BlockInfo binfo, GetBlock(task, block));
+  SHOTDB_ASSIGN_OR_RETURN(BlockRecordView view, GetRecord(task, block, layer, kind));
+  std::string what = RecordName(task, block, layer, kind);
+  SHOTDB_RETURN_IF_ERROR(CheckRecordMatches(view, info, layer, kind, binfo.token_count, what));
+  PayloadRef ref;
+  ref.header = view.header;
+  ref.size = view.header.raw_size;
+  if (view.header.codec == Codec::kRaw) {
+    if (verify_checksum) SHOTDB_RETURN_IF_ERROR(VerifyBlockRecord(view, what));
+    ref.data = view.payload;
+  } else {
+    ref.owned.resize(ref.size);
+    SHOTDB_RETURN_IF_ERROR(DecodeBlockRecord(view, ref.owned.data(), ref.size, what));
+    ref.data = ref.owned.data();
+  }
+  return ref;
+}
+
+Status Snapshot::DecodePayloadInto(const std::string& task, uint32_t block, uint32_t layer,
+                                   TensorKind kind, void* dst, size_t size) {
+  SHOTDB_ASSIGN_OR_RETURN(TaskInfo info, GetTask(task));
+  SHOTDB_ASSIGN_OR_RETURN(BlockInfo binfo, GetBlock(task, block));
+  SHOTDB_ASSIGN_OR_RETURN(BlockRecordView view, GetRecord(task, block, layer, kind));
+  std::string what = RecordName(task, block, layer, kind);
+  SHOTDB_RETURN_IF_ERROR(CheckRecordMatches(view, info, layer, kind, binfo.token_count, what));
+  if (size != view.header.raw_size) {
+    return Status::InvalidArgument(what + ": destination holds " + std::to_string(size) +
+                                   " bytes, the tensor has " +
+                                   std::to_string(view.header.raw_size));
+  }
+  return DecodeBlockRecord(view, dst, size, what);
+}
+
+Result<std::vector<ScoredDoc>> Snapshot::Search(const std::string& task, std::string_view query,
+                                                size_t k) {
+  SHOTDB_ASSIGN_OR_RETURN(uint32_t id, TaskId(task));
+  SHOTDB_ASSIGN_OR_RETURN(TaskInfo info, TaskById(id, task));
+  if (info.num_blocks > UINT32_MAX) {
+    return Status::Corruption("task " + task + ": block count " + std::to_string(info.num_blocks) +
+                              " exceeds 32 bits");
+  }
+  Bm25LmdbIndex index(store_->dbs_.bm25);
+  return index.Search(txn_, id, static_cast<uint32_t>(info.num_blocks),
+                      TokenizeText(query, info.bm25_tokenizer), k, info.bm25);
+}
+
+// ---- Store ------------------------------------------------------------------------------------
+
+Result<std::unique_ptr<Store>> Store::Open(const std::string& dir, const Options& options) {
+  struct stat st;
+  if (::stat(dir.c_str(), &st) != 0) {
+    if (errno != ENOENT) return Status::IOError(dir + ": stat: " + std::strerror(errno));
+    if (options.read_only || !options.create_if_missing) {
+      return Status::NotFound(dir + ": no store directory");
+    }
+    if (::mkdir(dir.c_str(), 0755) != 0 && errno != EEXIST) {
+      return Status::IOError(dir + ": mkdir: " + std::strerror(errno));
+    }
+  } else if (!S_ISDIR(st.st_mode)) {
+    return Status::InvalidArgument(dir + ": not a directory");
+  }
+  std::string data_file = dir + "/data.mdb";
+  if ((options.read_only || !options.create_if_missing) && ::stat(data_file.c_str(), &st) != 0) {
+    return Status::NotFound(dir + ": no store (data.mdb missing)");
+  }
+
+  MDB_env* env = nullptr;
+  int rc = mdb_env_create(&env);
+  if (rc != MDB_SUCCESS) return lmdb::ToStatus(rc, dir + ": mdb_env_create");
+  unsigned flags = MDB_NOTLS;
+  if (options.read_only) flags |= MDB_RDONLY;
+  if (!options.sync) flags |= MDB_NOSYNC;
+  if ((rc = mdb_env_set_maxdbs(env, 16)) != MDB_SUCCESS ||
+      (rc = mdb_env_set_maxreaders(env, 1024)) != MDB_SUCCESS ||
+      (rc = mdb_env_set_mapsize(env, options.map_size)) != MDB_SUCCESS ||
+      (rc = mdb_env_open(env, dir.c_str(), flags, 0644)) != MDB_SUCCESS) {
+    mdb_env_close(env);
+    return lmdb::ToStatus(rc, dir + ": open LMDB environment");
+  }
+  // Free the reader slots of processes that died holding a snapshot (e.g. killed readers), so that
+  // they neither pin old pages nor exhaust the reader table.
+  int dead = 0;
+  mdb_reader_check(env, &dead);
+  std::unique_ptr<Store> store(new Store(dir, options, env));
+  SHOTDB_RETURN_IF_ERROR(store->OpenDbs());
+  return store;
+}
+
+Store::~Store() { mdb_env_close(env_); }
+
+void Store::EndTxn() const {
+  std::lock_guard<std::mutex> lock(txn_mu_);
+  --open_txns_;
+}
+
+Status Store::OpenDbs() {
+  struct Named {
+    const char* name;
+    unsigned flags;
+    MDB_dbi* dbi;
+  };
+  const Named named[] = {
+      {"meta", 0, &dbs_.meta},
+      {"task_names", 0, &dbs_.task_names},
+      {"tasks", 0, &dbs_.tasks},
+      {"blocks", 0, &dbs_.blocks},
+      {"demos", 0, &dbs_.demos},
+      {"payloads", 0, &dbs_.payloads},
+      {"postings", MDB_DUPSORT | MDB_DUPFIXED, &dbs_.bm25.postings},
+      {"doc_lengths", 0, &dbs_.bm25.doc_lengths},
+      {"bm25_stats", 0, &dbs_.bm25.stats},
+  };
+  // A store's first transaction creates all of them, so a missing one means another LMDB file.
+  auto open_all = [&](MDB_txn* txn, unsigned extra) -> Status {
+    MDB_dbi meta_probe;
+    int rc = mdb_dbi_open(txn, "meta", 0, &meta_probe);
+    if (rc == MDB_NOTFOUND) {
+      MDB_dbi main;
+      MDB_stat ms;
+      if ((rc = mdb_dbi_open(txn, nullptr, 0, &main)) != MDB_SUCCESS ||
+          (rc = mdb_stat(txn, main, &ms)) != MDB_SUCCESS) {
+        return lmdb::ToStatus(rc, dir_ + ": main database");
+      }
+      if (ms.ms_entries != 0 || extra == 0) {
+        return Status::InvalidArgument(dir_ + ": not a shotdb store (no 'meta' database)");
+      }
+    } else if (rc != MDB_SUCCESS) {
+      return lmdb::ToStatus(rc, dir_ + ": open database 'meta'");
+    }
+    for (const Named& n : named) {
+      rc = mdb_dbi_open(txn, n.name, n.flags | extra, n.dbi);
+      if (rc == MDB_INCOMPATIBLE || rc == MDB_NOTFOUND) {
+        return Status::InvalidArgument(dir_ + ": not a shotdb store (database '" + n.name +
+                                       "' missing or of another kind)");
+      }
+      if (rc != MDB_SUCCESS) {
+        return lmdb::ToStatus(rc, dir_ + ": open database '" + std::string(n.name) + "'");
+      }
+    }
+    return Status::OK();
+  };
+  auto check_version = [&](MDB_txn* txn) -> Status {
+    Result<uint32_t> version = GetMetaU32(txn, dbs_.meta, kMetaFormatVersion);
+    if (!version.ok()) return version.status().WithContext(dir_);
+    if (*version != kStoreFormatVersion) {
+      return Status::NotSupported(dir_ + ": store format version " + std::to_string(*version) +
+                                  ", this build reads version " +
+                                  std::to_string(kStoreFormatVersion));
+    }
+    return Status::OK();
+  };
+
+  if (options_.read_only) {
+    MDB_txn* txn = nullptr;
+    int rc = mdb_txn_begin(env_, nullptr, MDB_RDONLY, &txn);
+    if (rc != MDB_SUCCESS) return lmdb::ToStatus(rc, dir_ + ": begin read transaction");
+    Status s = open_all(txn, 0);
+    if (s.ok()) s = check_version(txn);
+    if (!s.ok()) {
+      mdb_txn_abort(txn);
+      return s;
+    }
+    // Committing keeps the database handles open for later transactions.
+    rc = mdb_txn_commit(txn);
+    return rc == MDB_SUCCESS ? Status::OK() : lmdb::ToStatus(rc, dir_ + ": open databases");
+  }
+  return Write([&](lmdb::WriteTxn* txn) -> Status {
+    SHOTDB_RETURN_IF_ERROR(open_all(txn->txn, MDB_CREATE));
+    Result<uint32_t> version = GetMetaU32(txn->txn, dbs_.meta, kMetaFormatVersion);
+    if (version.status().IsNotFound()) {
+      std::string v = U32Value(kStoreFormatVersion);
+      MDB_val k = Val(kMetaFormatVersion, std::strlen(kMetaFormatVersion)), d = Val(v);
+      return txn->Check(mdb_put(txn->txn, dbs_.meta, &k, &d, 0), dir_ + ": write meta");
+    }
+    return check_version(txn->txn);
+  });
+}
+
+Status Store::Write(const std::function<Status(lmdb::WriteTxn*)>& body) {
+  if (options_.read_only) return Status::IOError(dir_ + ": store is open read-only");
+  std::lock_guard<std::mutex> writer(write_mu_);
+  {
+    std::lock_guard<std::mutex> lock(txn_mu_);
+    ++open_txns_;
+  }
+  struct EndGuard {
+    const Store* store;
+    ~EndGuard() { store->EndTxn(); }
+  } end_guard{this};
+
+  int resizes = 0;
+  for (int growths = 0;;) {
+    lmdb::WriteTxn txn;
+    int rc = mdb_txn_begin(env_, nullptr, 0, &txn.txn);
+    if (rc == MDB_MAP_RESIZED && resizes++ < kMaxResizeRetries) {
+      // Another process grew the map: adopt its size. Allowed only while this process has no
+      // transaction besides this (not yet begun) one.
+      std::lock_guard<std::mutex> lock(txn_mu_);
+      if (open_txns_ != 1) {
+        return Status::IOError(dir_ + ": the map was grown by another process and " +
+                               std::to_string(open_txns_ - 1) +
+                               " snapshots are open in this process; close them and retry");
+      }
+      rc = mdb_env_set_mapsize(env_, 0);
+      if (rc != MDB_SUCCESS) return lmdb::ToStatus(rc, dir_ + ": adopt grown map size");
+      continue;
+    }
+    if (rc != MDB_SUCCESS) return lmdb::ToStatus(rc, dir_ + ": begin write transaction");
+
+    Status s = body(&txn);
+    if (s.ok()) {
+      rc = mdb_txn_commit(txn.txn);  // frees the transaction whatever the outcome
+      if (rc == MDB_SUCCESS) return Status::OK();
+      s = txn.Check(rc, dir_ + ": commit");
+    } else {
+      mdb_txn_abort(txn.txn);
+    }
+    if (!txn.map_full) return s;
+    if (growths++ >= kMaxMapGrowths) return s;
+
+    MDB_envinfo info;
+    mdb_env_info(env_, &info);
+    std::lock_guard<std::mutex> lock(txn_mu_);
+    if (open_txns_ != 1) {
+      return Status::IOError(dir_ + ": map full at " + std::to_string(info.me_mapsize) +
+                             " bytes and " + std::to_string(open_txns_ - 1) +
+                             " snapshots are open in this process, so it cannot grow; close "
+                             "them and retry");
+    }
+    rc = mdb_env_set_mapsize(env_, info.me_mapsize * 2);
+    if (rc != MDB_SUCCESS) return lmdb::ToStatus(rc, dir_ + ": grow map");
+  }
+}
+
+Status Store::CreateTask(const TaskInfo& task) {
+  const std::string what = "task " + task.name;
+  if (task.name.empty() || task.name.size() > kMaxTaskNameBytes) {
+    return Status::InvalidArgument(what + ": name must have 1.." +
+                                   std::to_string(kMaxTaskNameBytes) + " bytes, got " +
+                                   std::to_string(task.name.size()));
+  }
+  const ModelFingerprint& m = task.model;
+  if (m.num_layers == 0 || m.kv_heads == 0 || m.head_dim == 0) {
+    return Status::InvalidArgument(what + ": model " + m.ToString() +
+                                   " must have non-zero layers, kv_heads and head_dim");
+  }
+  if (!IsValidDType(static_cast<uint8_t>(m.dtype))) {
+    return Status::InvalidArgument(what + ": model dtype " +
+                                   std::to_string(static_cast<int>(m.dtype)) + " is not a DType");
+  }
+  if (!IsValidCodec(static_cast<uint8_t>(task.codec))) {
+    return Status::InvalidArgument(
+        what + ": codec " + std::to_string(static_cast<int>(task.codec)) + " is not a Codec");
+  }
+  TaskInfo stored = task;
+  stored.num_blocks = stored.num_demos = stored.num_tokens = 0;
+  stored.payload_raw_bytes = stored.payload_stored_bytes = stored.version = 0;
+  stored.created_unix = static_cast<int64_t>(std::time(nullptr));
+  const std::string value = EncodeTaskInfo(stored);
+
+  return Write([&](lmdb::WriteTxn* txn) -> Status {
+    Result<uint32_t> next = GetMetaU32(txn->txn, dbs_.meta, kMetaNextTaskId);
+    if (!next.ok() && !next.status().IsNotFound()) return next.status();
+    uint32_t id = next.ok() ? *next : 1;
+    if (id == UINT32_MAX) return Status::IOError(dir_ + ": task ids exhausted");
+
+    std::string id_value = TaskKey(id);
+    MDB_val nk = Val(task.name), nv = Val(id_value);
+    int rc = mdb_put(txn->txn, dbs_.task_names, &nk, &nv, MDB_NOOVERWRITE);
+    if (rc == MDB_KEYEXIST) return Status::AlreadyExists(what + ": a task of this name exists");
+    SHOTDB_RETURN_IF_ERROR(txn->Check(rc, what + ": put name"));
+
+    MDB_val tk = Val(id_value), tv = Val(value);
+    SHOTDB_RETURN_IF_ERROR(txn->Check(mdb_put(txn->txn, dbs_.tasks, &tk, &tv, MDB_NOOVERWRITE),
+                                      what + ": put task record"));
+    std::string next_value = U32Value(id + 1);
+    MDB_val mk = Val(kMetaNextTaskId, std::strlen(kMetaNextTaskId)), mv = Val(next_value);
+    return txn->Check(mdb_put(txn->txn, dbs_.meta, &mk, &mv, 0), what + ": put next task id");
+  });
+}
+
+Status Store::DeleteTask(const std::string& name) {
+  const std::string what = "task " + name;
+  return Write([&](lmdb::WriteTxn* txn) -> Status {
+    MDB_val nk = Val(name), nv;
+    int rc = mdb_get(txn->txn, dbs_.task_names, &nk, &nv);
+    if (rc == MDB_NOTFOUND) return Status::NotFound(what + ": no such task");
+    SHOTDB_RETURN_IF_ERROR(txn->Check(rc, what));
+    if (nv.mv_size != 4) return Status::Corruption(what + ": task id is not 4 bytes");
+    const uint32_t id = lmdb::LoadBE32(nv.mv_data);
+    SHOTDB_RETURN_IF_ERROR(
+        txn->Check(mdb_del(txn->txn, dbs_.task_names, &nk, nullptr), what + ": delete name"));
+    const std::string prefix = TaskKey(id);
+    for (MDB_dbi dbi : {dbs_.tasks, dbs_.blocks, dbs_.demos, dbs_.payloads}) {
+      SHOTDB_RETURN_IF_ERROR(lmdb::DeletePrefix(txn, dbi, prefix, what + ": delete"));
+    }
+    return Bm25LmdbIndex(dbs_.bm25).DeleteTask(txn, id);
+  });
+}
+
+Status Store::AppendBlock(const std::string& task, const NewBlock& block) {
+  const BlockInfo& info = block.info;
+  const std::string what = "task " + task + " block " + std::to_string(info.index);
+  if (info.token_count == 0) return Status::InvalidArgument(what + ": token_count is 0");
+  if (info.demo_ids.size() != block.demos.size()) {
+    return Status::InvalidArgument(what + ": " + std::to_string(info.demo_ids.size()) +
+                                   " demo ids for " + std::to_string(block.demos.size()) +
+                                   " demonstrations");
+  }
+  for (size_t i = 0; i < block.demos.size(); ++i) {
+    if (block.demos[i].id != info.demo_ids[i]) {
+      return Status::InvalidArgument(what + ": demonstration " + std::to_string(i) + " has id " +
+                                     std::to_string(block.demos[i].id) + ", demo_ids lists " +
+                                     std::to_string(info.demo_ids[i]));
+    }
+  }
+
+  return Write([&](lmdb::WriteTxn* txn) -> Status {
+    MDB_val nk = Val(task), nv;
+    int rc = mdb_get(txn->txn, dbs_.task_names, &nk, &nv);
+    if (rc == MDB_NOTFOUND) return Status::NotFound("task " + task + ": no such task");
+    SHOTDB_RETURN_IF_ERROR(txn->Check(rc, what));
+    if (nv.mv_size != 4) return Status::Corruption(what + ": task id is not 4 bytes");
+    const uint32_t id = lmdb::LoadBE32(nv.mv_data);
+    const std::string task_key = TaskKey(id);
+    MDB_val tk = Val(task_key), tv;
+    SHOTDB_RETURN_IF_ERROR(txn->Check(mdb_get(txn->txn, dbs_.tasks, &tk, &tv), what));
+    SHOTDB_ASSIGN_OR_RETURN(TaskInfo t, DecodeTaskInfo(View(tv), "task " + task + " record"));
+
+    if (block.model != t.model) {
+      return Status::FailedPrecondition(what + ": K/V produced by model " + block.model.ToString() +
+                                        ", the task stores " + t.model.ToString());
+    }
+    if (block.keys.size() != t.model.num_layers || block.values.size() != t.model.num_layers) {
+      return Status::FailedPrecondition(what + ": expected " + std::to_string(t.model.num_layers) +
+                                        " K and V tensors, got " +
+                                        std::to_string(block.keys.size()) + " K and " +
+                                        std::to_string(block.values.size()) + " V");
+    }
+    if (info.index != t.num_blocks) {
+      return Status::InvalidArgument(what + ": appended as block " + std::to_string(info.index) +
+                                     ", expected the next index " + std::to_string(t.num_blocks));
+    }
+    if (info.index > 0) {
+      std::string prev_key = BlockKey(id, info.index - 1);
+      MDB_val pk = Val(prev_key), pv;
+      SHOTDB_RETURN_IF_ERROR(txn->Check(mdb_get(txn->txn, dbs_.blocks, &pk, &pv), what));
+      SHOTDB_ASSIGN_OR_RETURN(BlockInfo prev, DecodeBlockInfo(View(pv), what + " predecessor"));
+      if (info.position_offset < prev.position_offset + prev.token_count) {
+        return Status::InvalidArgument(what + ": position_offset " +
+                                       std::to_string(info.position_offset) +
+                                       " overlaps the previous block, which ends at " +
+                                       std::to_string(prev.position_offset + prev.token_count));
+      }
+    }
+
+    std::string block_key = BlockKey(id, info.index), block_value = EncodeBlockInfo(info);
+    MDB_val bk = Val(block_key), bv = Val(block_value);
+    SHOTDB_RETURN_IF_ERROR(txn->Check(mdb_put(txn->txn, dbs_.blocks, &bk, &bv, MDB_NOOVERWRITE),
+                                      what + ": put block info"));
+
+    for (const Demonstration& demo : block.demos) {
+      std::string demo_key = DemoKey(id, demo.id), demo_value = EncodeDemonstration(demo);
+      MDB_val dk = Val(demo_key), dv = Val(demo_value);
+      rc = mdb_put(txn->txn, dbs_.demos, &dk, &dv, MDB_NOOVERWRITE);
+      if (rc == MDB_KEYEXIST) {
+        return Status::InvalidArgument(what + ": demonstration id " + std::to_string(demo.id) +
+                                       " is already stored in the task");
+      }
+      SHOTDB_RETURN_IF_ERROR(txn->Check(rc, what + ": put demonstration"));
+    }
+
+    const BlockRecordMeta base{t.model.dtype,    TensorKind::kKey, 0,
+                               t.model.kv_heads, info.token_count, t.model.head_dim};
+    const std::optional<uint64_t> raw_size = BlockRecordRawSize(base);
+    if (!raw_size) return Status::InvalidArgument(what + ": tensor size overflows 64 bits");
+    uint64_t raw_bytes = 0, stored_bytes = 0;
+    for (uint32_t layer = 0; layer < t.model.num_layers; ++layer) {
+      for (TensorKind kind : {TensorKind::kKey, TensorKind::kValue}) {
+        const void* src = kind == TensorKind::kKey ? block.keys[layer] : block.values[layer];
+        const std::string rname = RecordName(task, info.index, layer, kind);
+        if (src == nullptr) return Status::InvalidArgument(rname + ": tensor pointer is null");
+        BlockRecordMeta meta = base;
+        meta.kind = kind;
+        meta.layer = layer;
+        Result<EncodedBlockRecord> rec = EncodeBlockRecord(meta, t.codec, src, *raw_size);
+        if (!rec.ok()) return rec.status().WithContext(rname);
+        // MDB_RESERVE: LMDB allocates the value and the record is encoded straight into the map.
+        std::string payload_key = PayloadKey(id, info.index, layer, kind);
+        MDB_val pk = Val(payload_key), pv = Val(nullptr, rec->size());
+        rc = mdb_put(txn->txn, dbs_.payloads, &pk, &pv, MDB_RESERVE | MDB_NOOVERWRITE);
+        if (rc == MDB_KEYEXIST) {
+          return Status::Corruption(rname + ": a payload record exists beyond the last block");
+        }
+        SHOTDB_RETURN_IF_ERROR(txn->Check(rc, rname + ": put payload"));
+        rec->WriteTo(pv.mv_data);
+        raw_bytes += *raw_size;
+        stored_bytes += rec->size();
+      }
+    }
+
+    SHOTDB_RETURN_IF_ERROR(Bm25LmdbIndex(dbs_.bm25).AddDocument(
+        txn, id, info.index, TokenizeText(info.text, t.bm25_tokenizer)));
+
+    t.num_blocks += 1;
+    t.num_demos += block.demos.size();
+    t.num_tokens += info.token_count;
+    t.payload_raw_bytes += raw_bytes;
+    t.payload_stored_bytes += stored_bytes;
+    t.version += 1;
+    std::string task_value = EncodeTaskInfo(t);
+    MDB_val uk = Val(task_key), uv = Val(task_value);
+    return txn->Check(mdb_put(txn->txn, dbs_.tasks, &uk, &uv, 0), what + ": update task");
+  });
+}
+
+Result<std::unique_ptr<Snapshot>> Store::BeginSnapshot() const {
+  std::lock_guard<std::mutex> lock(txn_mu_);
+  MDB_txn* txn = nullptr;
+  int rc = mdb_txn_begin(env_, nullptr, MDB_RDONLY, &txn);
+  if (rc == MDB_MAP_RESIZED && open_txns_ == 0) {
+    // Another process grew the map beyond ours; with no transaction open here we may adopt it.
+    rc = mdb_env_set_mapsize(env_, 0);
+    if (rc == MDB_SUCCESS) rc = mdb_txn_begin(env_, nullptr, MDB_RDONLY, &txn);
+  }
+  if (rc == MDB_MAP_RESIZED) {
+    return Status::IOError(dir_ + ": the map was grown by another process and " +
+                           std::to_string(open_txns_) +
+                           " transactions are open in this process; end them and retry");
+  }
+  if (rc != MDB_SUCCESS) return lmdb::ToStatus(rc, dir_ + ": begin snapshot");
+  ++open_txns_;
+  return std::unique_ptr<Snapshot>(new Snapshot(this, txn));
+}
+
+Status Store::Verify(const std::string& task, VerifyReport* report,
+                     const VerifyProgress& progress) const {
+  VerifyReport local;
+  VerifyReport& r = report != nullptr ? *report : local;
+  r = VerifyReport{};
+  auto problem = [&r](const Status& s) {
+    if (r.problems.size() < VerifyReport::kMaxProblems) r.problems.push_back(s.message());
+  };
+
+  SHOTDB_ASSIGN_OR_RETURN(std::unique_ptr<Snapshot> snap, BeginSnapshot());
+  std::vector<TaskInfo> tasks;
+  if (task.empty()) {
+    SHOTDB_ASSIGN_OR_RETURN(tasks, snap->ListTasks());
+  } else {
+    SHOTDB_ASSIGN_OR_RETURN(TaskInfo one, snap->GetTask(task));
+    tasks.push_back(std::move(one));
+  }
+  uint64_t total = 0;
+  for (const TaskInfo& t : tasks) total += t.num_blocks * 2 * t.model.num_layers;
+
+  Bm25LmdbIndex index(dbs_.bm25);
+  for (const TaskInfo& t : tasks) {
+    const std::string what = "task " + t.name;
+    ++r.tasks_checked;
+    uint64_t demos = 0, tokens = 0, raw = 0, stored = 0;
+    bool all_parsed = true;  // the byte counters can only be compared if every header was read
+    for (uint64_t b = 0; b < t.num_blocks; ++b) {
+      const uint32_t bi = static_cast<uint32_t>(b);
+      Result<BlockInfo> block = snap->GetBlock(t.name, bi);
+      ++r.blocks_checked;
+      uint32_t tokens_of_block = 0;
+      if (!block.ok()) {
+        problem(block.status());
+      } else {
+        tokens_of_block = block->token_count;
+        demos += block->demo_ids.size();
+        tokens += block->token_count;
+        for (uint64_t demo_id : block->demo_ids) {
+          Result<Demonstration> demo = snap->GetDemonstration(t.name, demo_id);
+          if (!demo.ok()) problem(demo.status());
+        }
+      }
+      for (uint32_t layer = 0; layer < t.model.num_layers; ++layer) {
+        for (TensorKind kind : {TensorKind::kKey, TensorKind::kValue}) {
+          const std::string rname = RecordName(t.name, bi, layer, kind);
+          Result<BlockRecordView> view = snap->GetRecord(t.name, bi, layer, kind);
+          ++r.records_checked;
+          if (!view.ok()) {
+            problem(view.status());
+            all_parsed = false;
+            continue;
+          }
+          raw += view->header.raw_size;
+          stored += kBlockRecordHeaderSize + view->payload_size;
+          Status s = block.ok() ? CheckRecordMatches(*view, t, layer, kind, tokens_of_block, rname)
+                                : Status::OK();
+          if (s.ok()) s = VerifyBlockRecord(*view, rname);
+          if (!s.ok()) {
+            problem(s);
+          } else {
+            r.raw_bytes_checked += view->header.raw_size;
+          }
+        }
+      }
+      if (progress) progress(r.records_checked, total);
+    }
+    // Nothing may exist beyond the last counted block.
+    if (snap->GetBlock(t.name, static_cast<uint32_t>(t.num_blocks)).ok()) {
+      problem(Status::Corruption(what + ": block " + std::to_string(t.num_blocks) +
+                                 " exists beyond num_blocks"));
+    }
+    if (demos != t.num_demos || tokens != t.num_tokens ||
+        (all_parsed && (raw != t.payload_raw_bytes || stored != t.payload_stored_bytes))) {
+      problem(Status::Corruption(
+          what + ": counters say " + std::to_string(t.num_demos) + " demos, " +
+          std::to_string(t.num_tokens) + " tokens, " + std::to_string(t.payload_raw_bytes) +
+          " raw / " + std::to_string(t.payload_stored_bytes) + " stored bytes; records hold " +
+          std::to_string(demos) + ", " + std::to_string(tokens) + ", " + std::to_string(raw) +
+          " / " + std::to_string(stored)));
+    }
+    Result<uint32_t> id = snap->TaskId(t.name);
+    if (!id.ok()) {
+      problem(id.status());
+    } else {
+      Status s = index.Verify(snap->txn_, *id, static_cast<uint32_t>(t.num_blocks));
+      if (!s.ok()) problem(s.WithContext(what));
+    }
+  }
+  if (r.problems.empty()) return Status::OK();
+  std::string msg = r.problems.front();
+  if (r.problems.size() > 1) msg += " (and " + std::to_string(r.problems.size() - 1) + " more)";
+  return Status::Corruption(msg);
+}
+
+Result<StoreStats> Store::Stats() const {
+  StoreStats stats;
+  SHOTDB_ASSIGN_OR_RETURN(std::unique_ptr<Snapshot> snap, BeginSnapshot());
+  SHOTDB_ASSIGN_OR_RETURN(std::vector<TaskInfo> tasks, snap->ListTasks());
+  for (const TaskInfo& t : tasks) {
+    TaskStats ts;
+    ts.name = t.name;
+    ts.codec = t.codec;
+    ts.blocks = t.num_blocks;
+    ts.demos = t.num_demos;
+    ts.tokens = t.num_tokens;
+    ts.payload_raw_bytes = t.payload_raw_bytes;
+    ts.payload_stored_bytes = t.payload_stored_bytes;
+    ts.compression_ratio = t.payload_stored_bytes == 0
+                               ? 0.0
+                               : static_cast<double>(t.payload_raw_bytes) /
+                                     static_cast<double>(t.payload_stored_bytes);
+    stats.tasks.push_back(std::move(ts));
+  }
+  const std::pair<const char*, MDB_dbi> dbs[] = {
+      {"meta", dbs_.meta},
+      {"task_names", dbs_.task_names},
+      {"tasks", dbs_.tasks},
+      {"blocks", dbs_.blocks},
+      {"demos", dbs_.demos},
+      {"payloads", dbs_.payloads},
+      {"postings", dbs_.bm25.postings},
+      {"doc_lengths", dbs_.bm25.doc_lengths},
+      {"bm25_stats", dbs_.bm25.stats},
+  };
+  for (const auto& [name, dbi] : dbs) {
+    MDB_stat ms;
+    int rc = mdb_stat(snap->txn_, dbi, &ms);
+    if (rc != MDB_SUCCESS) return lmdb::ToStatus(rc, dir_ + ": stat of database " + name);
+    stats.dbs.push_back(DbStats{name, ms.ms_entries, ms.ms_depth, ms.ms_branch_pages,
+                                ms.ms_leaf_pages, ms.ms_overflow_pages});
+  }
+  MDB_envinfo info;
+  MDB_stat env_stat;
+  mdb_env_info(env_, &info);
+  mdb_env_stat(env_, &env_stat);
+  stats.page_size = env_stat.ms_psize;
+  stats.map_size = info.me_mapsize;
+  stats.last_page = info.me_last_pgno;
+  stats.used_bytes = (static_cast<uint64_t>(info.me_last_pgno) + 1) * env_stat.ms_psize;
+  struct stat st;
+  std::string data_file = dir_ + "/data.mdb";
+  if (::stat(data_file.c_str(), &st) != 0) {
+    return Status::IOError(data_file + ": stat: " + std::strerror(errno));
+  }
+  stats.file_size = static_cast<uint64_t>(st.st_size);
+  return stats;
+}
+
+Status Store::Compact(const std::string& dest_dir) const {
+  if (::mkdir(dest_dir.c_str(), 0755) != 0 && errno != EEXIST) {
+    return Status::IOError(dest_dir + ": mkdir: " + std::strerror(errno));
+  }
+  struct stat st;
+  std::string dest_file = dest_dir + "/data.mdb";
+  if (::stat(dest_file.c_str(), &st) == 0) {
+    return Status::AlreadyExists(dest_dir + ": already holds a store (data.mdb)");
+  }
+  // The copy runs its own read transaction: count it so the map is not resized under it.
+  {
+    std::lock_guard<std::mutex> lock(txn_mu_);
+    ++open_txns_;
+  }
+  int rc = mdb_env_copy2(env_, dest_dir.c_str(), MDB_CP_COMPACT);
+  EndTxn();
+  if (rc != MDB_SUCCESS) return lmdb::ToStatus(rc, dir_ + ": compact into " + dest_dir);
+  return Status::OK();
+}
+
+}  // namespace shotdb

@@ -1,1 +1,690 @@
+#include "engine/store.h"
+
 #include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <thread>
+
+#include "engine/export.h"
+#include "engine/store_test_util.h"
+
+namespace shotdb {
+namespace {
+
+using testing_util::MakeBlock;
+using testing_util::MakeTask;
+using testing_util::SmallModel;
+using testing_util::TempDir;
+using testing_util::TensorBytes;
+using testing_util::TestBlock;
+
+std::unique_ptr<Store> OpenOrDie(const std::string& dir, const Store::Options& options = {}) {
+  Result<std::unique_ptr<Store>> store = Store::Open(dir, options);
+  EXPECT_TRUE(store.ok()) << store.status().ToString();
+  return store.ok() ? std::move(store).value() : nullptr;
+}
+
+// Appends blocks [from, to) of `seed` with 5 + (i % 3) tokens each; returns the next offset.
+uint64_t AppendBlocks(Store* store, const std::string& task, const ModelFingerprint& model,
+                      uint64_t seed, uint32_t from, uint32_t to, uint64_t offset) {
+  for (uint32_t i = from; i < to; ++i) {
+    const uint32_t tokens = 5 + i % 3;
+    TestBlock tb = MakeBlock(model, seed, i, offset, tokens);
+    Status s = store->AppendBlock(task, tb.block);
+    EXPECT_TRUE(s.ok()) << s.ToString();
+    offset += tokens;
+  }
+  return offset;
+}
+
+// Checks every block, demonstration and payload of `task` against what MakeBlock produced.
+void ExpectTaskContents(Store* store, const std::string& task, const ModelFingerprint& model,
+                        uint64_t seed, uint32_t num_blocks) {
+  auto snap = store->BeginSnapshot();
+  ASSERT_TRUE(snap.ok()) << snap.status().ToString();
+  Result<TaskInfo> info = (*snap)->GetTask(task);
+  ASSERT_TRUE(info.ok()) << info.status().ToString();
+  EXPECT_EQ(info->num_blocks, num_blocks);
+  EXPECT_EQ(info->num_demos, 2u * num_blocks);
+  EXPECT_EQ(info->version, num_blocks);
+  uint64_t offset = 0, raw = 0;
+  for (uint32_t i = 0; i < num_blocks; ++i) {
+    const uint32_t tokens = 5 + i % 3;
+    TestBlock expected = MakeBlock(model, seed, i, offset, tokens);
+    offset += tokens;
+    Result<BlockInfo> block = (*snap)->GetBlock(task, i);
+    ASSERT_TRUE(block.ok()) << block.status().ToString();
+    EXPECT_EQ(*block, expected.block.info);
+    for (const Demonstration& d : expected.block.demos) {
+      Result<Demonstration> got = (*snap)->GetDemonstration(task, d.id);
+      ASSERT_TRUE(got.ok()) << got.status().ToString();
+      EXPECT_EQ(*got, d);
+    }
+    for (uint32_t layer = 0; layer < model.num_layers; ++layer) {
+      for (TensorKind kind : {TensorKind::kKey, TensorKind::kValue}) {
+        const std::vector<uint8_t>& want =
+            expected.tensors[2 * layer + (kind == TensorKind::kValue)];
+        Result<PayloadRef> ref = (*snap)->GetPayload(task, i, layer, kind);
+        ASSERT_TRUE(ref.ok()) << ref.status().ToString();
+        ASSERT_EQ(ref->size, want.size());
+        EXPECT_EQ(std::memcmp(ref->data, want.data(), want.size()), 0)
+            << "block " << i << " layer " << layer;
+        EXPECT_EQ(ref->header.meta.tokens, tokens);
+        std::vector<uint8_t> dst(want.size());
+        ASSERT_TRUE((*snap)->DecodePayloadInto(task, i, layer, kind, dst.data(), dst.size()).ok());
+        EXPECT_EQ(dst, want);
+        raw += want.size();
+      }
+    }
+  }
+  EXPECT_EQ(info->num_tokens, offset);
+  EXPECT_EQ(info->payload_raw_bytes, raw);
+}
+
+TEST(StoreTest, RoundTripEveryCodecAndDType) {
+  TempDir dir;
+  const Codec codecs[] = {Codec::kRaw, Codec::kLz4, Codec::kShuffleLz4};
+  const DType dtypes[] = {DType::kF32, DType::kF16, DType::kBF16, DType::kF64};
+  {
+    auto store = OpenOrDie(dir.path());
+    ASSERT_NE(store, nullptr);
+    for (Codec codec : codecs) {
+      for (DType dtype : dtypes) {
+        const std::string name =
+            std::string(CodecName(codec)) + "/" + std::string(DTypeName(dtype));
+        TaskInfo task = MakeTask(name, SmallModel(dtype), codec);
+        ASSERT_TRUE(store->CreateTask(task).ok());
+        AppendBlocks(store.get(), name, task.model, 7, 0, 4, 0);
+        ExpectTaskContents(store.get(), name, task.model, 7, 4);
+      }
+    }
+    VerifyReport report;
+    Status v = store->Verify("", &report);
+    EXPECT_TRUE(v.ok()) << v.ToString();
+    EXPECT_EQ(report.tasks_checked, 12u);
+    EXPECT_EQ(report.records_checked, 12u * 4 * 3 * 2);
+  }
+  // Everything persisted: reopen (read-only) and check again, including the task record fields.
+  Store::Options ro;
+  ro.read_only = true;
+  auto store = OpenOrDie(dir.path(), ro);
+  ASSERT_NE(store, nullptr);
+  auto snap = store->BeginSnapshot();
+  ASSERT_TRUE(snap.ok());
+  Result<std::vector<TaskInfo>> tasks = (*snap)->ListTasks();
+  ASSERT_TRUE(tasks.ok());
+  ASSERT_EQ(tasks->size(), 12u);
+  for (const TaskInfo& t : *tasks) {
+    TaskInfo want = MakeTask(t.name, t.model, t.codec);
+    EXPECT_EQ(t.prompt_template, want.prompt_template);
+    EXPECT_EQ(t.separator, want.separator);
+    EXPECT_EQ(t.labels, want.labels);
+    EXPECT_EQ(t.metadata_json, want.metadata_json);
+    EXPECT_EQ(t.bm25_tokenizer, want.bm25_tokenizer);
+    EXPECT_GT(t.created_unix, 0);
+    ExpectTaskContents(store.get(), t.name, t.model, 7, 4);
+  }
+  Result<StoreStats> stats = store->Stats();
+  ASSERT_TRUE(stats.ok());
+  for (const TaskStats& ts : stats->tasks) {
+    if (ts.codec == Codec::kRaw) {
+      EXPECT_LT(ts.compression_ratio, 1.0);  // headers only add bytes
+    }
+    EXPECT_GT(ts.payload_stored_bytes, 0u);
+  }
+  EXPECT_GE(stats->file_size, stats->used_bytes);
+  // A read-only store refuses writes.
+  EXPECT_TRUE(store->AppendBlock("raw/f32", MakeBlock(SmallModel(DType::kF32), 7, 4, 100).block)
+                  .IsIOError());
+  EXPECT_TRUE(store->CreateTask(MakeTask("new", SmallModel())).IsIOError());
+}
+
+TEST(StoreTest, CreateTaskErrors) {
+  TempDir dir;
+  auto store = OpenOrDie(dir.path());
+  ASSERT_NE(store, nullptr);
+  ASSERT_TRUE(store->CreateTask(MakeTask("a", SmallModel())).ok());
+  EXPECT_TRUE(store->CreateTask(MakeTask("a", SmallModel())).IsAlreadyExists());
+  EXPECT_TRUE(store->CreateTask(MakeTask("", SmallModel())).IsInvalidArgument());
+  EXPECT_TRUE(store->CreateTask(MakeTask(std::string(256, 'x'), SmallModel())).IsInvalidArgument());
+  ModelFingerprint zero = SmallModel();
+  zero.kv_heads = 0;
+  EXPECT_TRUE(store->CreateTask(MakeTask("b", zero)).IsInvalidArgument());
+  TaskInfo bad_codec = MakeTask("c", SmallModel());
+  bad_codec.codec = static_cast<Codec>(9);
+  EXPECT_TRUE(store->CreateTask(bad_codec).IsInvalidArgument());
+  EXPECT_TRUE(store->AppendBlock("nope", MakeBlock(SmallModel(), 1, 0, 0).block).IsNotFound());
+  EXPECT_TRUE(store->DeleteTask("nope").IsNotFound());
+  auto snap = store->BeginSnapshot();
+  ASSERT_TRUE(snap.ok());
+  EXPECT_TRUE((*snap)->GetTask("nope").status().IsNotFound());
+  EXPECT_TRUE((*snap)->GetBlock("a", 0).status().IsNotFound());
+  EXPECT_TRUE((*snap)->GetPayload("a", 0, 0, TensorKind::kKey).status().IsNotFound());
+  EXPECT_TRUE((*snap)->GetDemonstration("a", 0).status().IsNotFound());
+}
+
+TEST(StoreTest, RefusesMismatchedBlocks) {
+  TempDir dir;
+  auto store = OpenOrDie(dir.path());
+  ASSERT_NE(store, nullptr);
+  const ModelFingerprint model = SmallModel(DType::kBF16, 3);
+  ASSERT_TRUE(store->CreateTask(MakeTask("t", model)).ok());
+  AppendBlocks(store.get(), "t", model, 3, 0, 2, 0);
+  const uint64_t next_offset = 5 + 6;
+
+  struct Case {
+    const char* name;
+    std::function<void(NewBlock*)> mutate;
+    Status::Code code;
+    const char* message_part;
+  };
+  const Case cases[] = {
+      {"dtype", [](NewBlock* b) { b->model.dtype = DType::kF16; },
+       Status::Code::kFailedPrecondition, "llama f16"},
+      {"kv_heads", [](NewBlock* b) { b->model.kv_heads = 4; }, Status::Code::kFailedPrecondition,
+       "kv_heads=2"},
+      {"head_dim", [](NewBlock* b) { b->model.head_dim = 16; }, Status::Code::kFailedPrecondition,
+       "head_dim=8"},
+      {"tokenizer", [](NewBlock* b) { b->model.tokenizer_hash = "other"; },
+       Status::Code::kFailedPrecondition, "tokenizer=tok-0123"},
+      {"architecture", [](NewBlock* b) { b->model.architecture = "qwen2"; },
+       Status::Code::kFailedPrecondition, "qwen2"},
+      {"layers", [](NewBlock* b) { b->keys.pop_back(); }, Status::Code::kFailedPrecondition,
+       "expected 3 K and V tensors, got 2 K and 3 V"},
+      {"index gap", [](NewBlock* b) { b->info.index = 3; }, Status::Code::kInvalidArgument,
+       "expected the next index 2"},
+      {"index repeat", [](NewBlock* b) { b->info.index = 1; }, Status::Code::kInvalidArgument,
+       "expected the next index 2"},
+      {"null tensor", [](NewBlock* b) { b->values[1] = nullptr; }, Status::Code::kInvalidArgument,
+       "null"},
+      {"no tokens", [](NewBlock* b) { b->info.token_count = 0; }, Status::Code::kInvalidArgument,
+       "token_count"},
+      {"demo ids", [](NewBlock* b) { b->info.demo_ids[0] = 77; }, Status::Code::kInvalidArgument,
+       "demo_ids lists 77"},
+      {"demo id reused",
+       [](NewBlock* b) {
+         b->demos[1].id = 1000;  // block 1's first demonstration
+         b->info.demo_ids[1] = 1000;
+       },
+       Status::Code::kInvalidArgument, "already stored"},
+      {"overlapping positions", [](NewBlock* b) { b->info.position_offset = 10; },
+       Status::Code::kInvalidArgument, "ends at 11"},
+  };
+  for (const Case& c : cases) {
+    TestBlock tb = MakeBlock(model, 3, 2, next_offset, 7);
+    c.mutate(&tb.block);
+    Status s = store->AppendBlock("t", tb.block);
+    EXPECT_EQ(s.code(), c.code) << c.name << ": " << s.ToString();
+    EXPECT_NE(s.message().find(c.message_part), std::string::npos)
+        << c.name << ": " << s.ToString();
+  }
+  // Nothing of the refused blocks was stored; a correct block still appends.
+  auto snap = store->BeginSnapshot();
+  ASSERT_TRUE(snap.ok());
+  EXPECT_EQ((*snap)->GetTask("t")->num_blocks, 2u);
+  EXPECT_TRUE((*snap)->GetDemonstration("t", 2000).status().IsNotFound());
+  snap->reset();
+  EXPECT_TRUE(store->AppendBlock("t", MakeBlock(model, 3, 2, next_offset, 7).block).ok());
+  EXPECT_TRUE(store->Verify("t", nullptr).ok());
+}
+
+// Flips one byte, at offset `at` of every occurrence of `needle` in the file (a record in a leaf
+// page can also survive in an older, freed copy of that page). Returns false if there is none.
+bool FlipInFile(const std::string& path, const std::vector<uint8_t>& needle, size_t at) {
+  std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
+  std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  bool found = false;
+  for (auto it = std::search(bytes.begin(), bytes.end(), needle.begin(), needle.end());
+       it != bytes.end(); it = std::search(it + 1, bytes.end(), needle.begin(), needle.end())) {
+    const size_t pos = static_cast<size_t>(it - bytes.begin()) + at;
+    f.clear();
+    f.seekp(static_cast<std::streamoff>(pos));
+    const char flipped = static_cast<char>(bytes[pos] ^ 0x10);
+    f.write(&flipped, 1);
+    found = static_cast<bool>(f);
+  }
+  if (!found) ADD_FAILURE() << "pattern not found in " << path;
+  return found;
+}
+
+class StoreCorruptionTest : public ::testing::TestWithParam<Codec> {};
+
+TEST_P(StoreCorruptionTest, DamagedPayloadAndHeaderAreReported) {
+  TempDir dir;
+  const ModelFingerprint model = SmallModel(DType::kBF16, 2);
+  std::vector<uint8_t> payload_bytes, header_bytes;
+  {
+    auto store = OpenOrDie(dir.path());
+    ASSERT_NE(store, nullptr);
+    ASSERT_TRUE(store->CreateTask(MakeTask("t", model, GetParam())).ok());
+    // Larger blocks so that compressed payloads are long enough to be unique in the file.
+    uint64_t offset = 0;
+    for (uint32_t i = 0; i < 3; ++i) {
+      ASSERT_TRUE(store->AppendBlock("t", MakeBlock(model, 11, i, offset, 64).block).ok());
+      offset += 64;
+    }
+    auto snap = store->BeginSnapshot();
+    ASSERT_TRUE(snap.ok());
+    Result<BlockRecordView> v1 = (*snap)->GetRecord("t", 1, 0, TensorKind::kValue);
+    ASSERT_TRUE(v1.ok());
+    payload_bytes.assign(v1->payload, v1->payload + v1->payload_size);
+    Result<BlockRecordView> v2 = (*snap)->GetRecord("t", 2, 1, TensorKind::kKey);
+    ASSERT_TRUE(v2.ok());
+    header_bytes.assign(v2->payload - kBlockRecordHeaderSize, v2->payload + 32);
+  }
+  const std::string data = dir.path() + "/data.mdb";
+  ASSERT_TRUE(FlipInFile(data, payload_bytes, payload_bytes.size() / 2));
+  ASSERT_TRUE(FlipInFile(data, header_bytes, 20));  // the `tokens` field of the header
+
+  auto store = OpenOrDie(dir.path());
+  ASSERT_NE(store, nullptr);
+  auto snap = store->BeginSnapshot();
+  ASSERT_TRUE(snap.ok());
+  Result<PayloadRef> bad = (*snap)->GetPayload("t", 1, 0, TensorKind::kValue);
+  EXPECT_TRUE(bad.status().IsCorruption()) << bad.status().ToString();
+  EXPECT_NE(bad.status().message().find("task t block 1 layer 0 V"), std::string::npos);
+  std::vector<uint8_t> dst(2 * 64 * 8 * 2);
+  EXPECT_TRUE((*snap)
+                  ->DecodePayloadInto("t", 1, 0, TensorKind::kValue, dst.data(), dst.size())
+                  .IsCorruption());
+  EXPECT_TRUE((*snap)->GetRecord("t", 2, 1, TensorKind::kKey).status().IsCorruption());
+  EXPECT_TRUE((*snap)->GetPayload("t", 2, 1, TensorKind::kKey).status().IsCorruption());
+  // Undamaged neighbours still read.
+  Result<PayloadRef> good = (*snap)->GetPayload("t", 1, 0, TensorKind::kKey);
+  ASSERT_TRUE(good.ok()) << good.status().ToString();
+  std::vector<uint8_t> want = TensorBytes(model, 64, 11, 1, 0, TensorKind::kKey);
+  EXPECT_EQ(std::memcmp(good->data, want.data(), want.size()), 0);
+  snap->reset();
+
+  VerifyReport report;
+  std::vector<uint64_t> progress;
+  Status v = store->Verify("t", &report, [&](uint64_t done, uint64_t total) {
+    EXPECT_EQ(total, 3u * 2 * 2);
+    progress.push_back(done);
+  });
+  EXPECT_TRUE(v.IsCorruption());
+  ASSERT_EQ(report.problems.size(), 2u) << ::testing::PrintToString(report.problems);
+  EXPECT_NE(report.problems[0].find("block 1 layer 0 V"), std::string::npos) << report.problems[0];
+  EXPECT_NE(report.problems[1].find("block 2 layer 1 K"), std::string::npos) << report.problems[1];
+  EXPECT_EQ(progress, (std::vector<uint64_t>{4, 8, 12}));
+  EXPECT_EQ(report.records_checked, 12u);
+}
+
+INSTANTIATE_TEST_SUITE_P(Codecs, StoreCorruptionTest,
+                         ::testing::Values(Codec::kRaw, Codec::kLz4, Codec::kShuffleLz4),
+                         [](const auto& info) {
+                           std::string n(CodecName(info.param));
+                           for (char& c : n) c = c == '-' ? '_' : c;
+                           return n;
+                         });
+
+TEST(StoreTest, SnapshotIsStableWhileWriterAppends) {
+  TempDir dir;
+  auto store = OpenOrDie(dir.path());
+  ASSERT_NE(store, nullptr);
+  const ModelFingerprint model = SmallModel();
+  ASSERT_TRUE(store->CreateTask(MakeTask("t", model)).ok());
+  uint64_t offset = AppendBlocks(store.get(), "t", model, 5, 0, 3, 0);
+  auto old_snap = store->BeginSnapshot();
+  ASSERT_TRUE(old_snap.ok());
+  Result<std::vector<ScoredDoc>> before = (*old_snap)->Search("t", "alarm music jazz", 10);
+  ASSERT_TRUE(before.ok());
+  AppendBlocks(store.get(), "t", model, 5, 3, 8, offset);
+
+  EXPECT_EQ((*old_snap)->GetTask("t")->num_blocks, 3u);
+  EXPECT_TRUE((*old_snap)->GetBlock("t", 3).status().IsNotFound());
+  EXPECT_TRUE((*old_snap)->GetPayload("t", 5, 0, TensorKind::kKey).status().IsNotFound());
+  Result<std::vector<ScoredDoc>> after_old = (*old_snap)->Search("t", "alarm music jazz", 10);
+  ASSERT_TRUE(after_old.ok());
+  EXPECT_EQ(*after_old, *before);
+
+  auto new_snap = store->BeginSnapshot();
+  ASSERT_TRUE(new_snap.ok());
+  EXPECT_EQ((*new_snap)->GetTask("t")->num_blocks, 8u);
+  EXPECT_EQ((*new_snap)->Search("t", "alarm music jazz", 10)->size(), 8u);
+  old_snap->reset();
+  new_snap->reset();
+  ExpectTaskContents(store.get(), "t", model, 5, 8);
+}
+
+TEST(StoreTest, ManyReaderThreadsOneWriter) {
+  TempDir dir;
+  auto store = OpenOrDie(dir.path());
+  ASSERT_NE(store, nullptr);
+  const ModelFingerprint model = SmallModel(DType::kF16, 2);
+  ASSERT_TRUE(store->CreateTask(MakeTask("t", model, Codec::kShuffleLz4)).ok());
+  constexpr uint32_t kBlocks = 40;
+  std::atomic<bool> done{false};
+  std::atomic<int> errors{0};
+  std::atomic<uint64_t> reads{0};
+  std::vector<std::thread> readers;
+  for (int r = 0; r < 4; ++r) {
+    readers.emplace_back([&, r] {
+      uint64_t last_seen = 0;
+      uint64_t x = static_cast<uint64_t>(r);
+      while (!done.load()) {
+        auto snap = store->BeginSnapshot();
+        if (!snap.ok()) {
+          ++errors;
+          return;
+        }
+        Result<TaskInfo> t = (*snap)->GetTask("t");
+        if (!t.ok() || t->num_blocks < last_seen) ++errors;  // views only move forward
+        if (!t.ok() || t->num_blocks == 0) continue;
+        last_seen = t->num_blocks;
+        x = testing_util::SplitMix64(x);
+        const uint32_t b = static_cast<uint32_t>(x % t->num_blocks);
+        Result<BlockInfo> info = (*snap)->GetBlock("t", b);
+        Result<PayloadRef> p = (*snap)->GetPayload("t", b, 1, TensorKind::kValue);
+        if (!info.ok() || !p.ok()) {
+          ++errors;
+          continue;
+        }
+        std::vector<uint8_t> want =
+            TensorBytes(model, info->token_count, 9, b, 1, TensorKind::kValue);
+        if (p->size != want.size() || std::memcmp(p->data, want.data(), want.size()) != 0) {
+          ++errors;
+        }
+        ++reads;
+      }
+    });
+  }
+  AppendBlocks(store.get(), "t", model, 9, 0, kBlocks, 0);
+  done = true;
+  for (std::thread& t : readers) t.join();
+  EXPECT_EQ(errors.load(), 0);
+  EXPECT_GT(reads.load(), 0u);
+  EXPECT_TRUE(store->Verify("t", nullptr).ok());
+}
+
+TEST(StoreTest, ReadersInOtherProcessesSeeOnlyWholeBlocks) {
+  TempDir dir;
+  const ModelFingerprint model = SmallModel(DType::kBF16, 4);
+  constexpr uint32_t kBlocks = 30;
+  {
+    auto store = OpenOrDie(dir.path());
+    ASSERT_NE(store, nullptr);
+    ASSERT_TRUE(store->CreateTask(MakeTask("t", model, Codec::kLz4)).ok());
+  }
+  std::vector<pid_t> children;
+  for (int c = 0; c < 3; ++c) {
+    pid_t pid = fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+      // Child: its own read-only Store; checks every visible block until all are there.
+      Store::Options ro;
+      ro.read_only = true;
+      Result<std::unique_ptr<Store>> store = Store::Open(dir.path(), ro);
+      if (!store.ok()) _exit(10);
+      for (int iter = 0; iter < 200000; ++iter) {
+        auto snap = (*store)->BeginSnapshot();
+        if (!snap.ok()) _exit(11);
+        Result<TaskInfo> t = (*snap)->GetTask("t");
+        if (!t.ok()) _exit(12);
+        for (uint32_t b = 0; b < t->num_blocks; ++b) {
+          Result<BlockInfo> info = (*snap)->GetBlock("t", b);
+          if (!info.ok()) _exit(13);
+          for (uint32_t layer = 0; layer < model.num_layers; ++layer) {
+            Result<PayloadRef> p = (*snap)->GetPayload("t", b, layer, TensorKind::kKey);
+            if (!p.ok()) _exit(14);
+            std::vector<uint8_t> want =
+                TensorBytes(model, info->token_count, 21, b, layer, TensorKind::kKey);
+            if (std::memcmp(p->data, want.data(), want.size()) != 0) _exit(15);
+          }
+        }
+        if (t->num_blocks == kBlocks) _exit((*store)->Verify("t", nullptr).ok() ? 0 : 16);
+      }
+      _exit(17);
+    }
+    children.push_back(pid);
+  }
+  {
+    auto store = OpenOrDie(dir.path());
+    ASSERT_NE(store, nullptr);
+    AppendBlocks(store.get(), "t", model, 21, 0, kBlocks, 0);
+  }
+  for (pid_t pid : children) {
+    int status = 0;
+    ASSERT_EQ(waitpid(pid, &status, 0), pid);
+    ASSERT_TRUE(WIFEXITED(status));
+    EXPECT_EQ(WEXITSTATUS(status), 0);
+  }
+}
+
+TEST(StoreTest, GrowsTheMapWhenFull) {
+  TempDir dir;
+  const ModelFingerprint model = SmallModel(DType::kF32, 4);
+  Store::Options tiny;
+  tiny.map_size = 64 * 1024;
+  constexpr uint32_t kTokens = 600;  // 4 layers x 2 x 2 heads x 600 x 8 x 4 B = 300 KiB a block
+  {
+    auto store = OpenOrDie(dir.path(), tiny);
+    ASSERT_NE(store, nullptr);
+    ASSERT_TRUE(store->CreateTask(MakeTask("t", model)).ok());
+    uint64_t offset = 0;
+    for (uint32_t i = 0; i < 6; ++i) {
+      Status s = store->AppendBlock("t", MakeBlock(model, 2, i, offset, kTokens).block);
+      ASSERT_TRUE(s.ok()) << s.ToString();
+      offset += kTokens;
+    }
+    Result<StoreStats> stats = store->Stats();
+    ASSERT_TRUE(stats.ok());
+    EXPECT_GT(stats->map_size, tiny.map_size);
+    EXPECT_GE(stats->used_bytes, 6u * 4 * 2 * 2 * kTokens * 8 * 4);
+
+    // While a snapshot is open the map cannot grow: a clear IOError, and nothing stored.
+    auto snap = store->BeginSnapshot();
+    ASSERT_TRUE(snap.ok());
+    Status s;
+    uint32_t i = 6;
+    for (; i < 40 && s.ok(); ++i) {
+      s = store->AppendBlock("t", MakeBlock(model, 2, i, offset, kTokens).block);
+      if (s.ok()) offset += kTokens;
+    }
+    ASSERT_TRUE(s.IsIOError()) << s.ToString();
+    EXPECT_NE(s.message().find("snapshots are open"), std::string::npos) << s.ToString();
+    const uint32_t failed = i - 1;
+    snap->reset();
+    s = store->AppendBlock("t", MakeBlock(model, 2, failed, offset, kTokens).block);
+    ASSERT_TRUE(s.ok()) << s.ToString();
+    EXPECT_TRUE(store->Verify("t", nullptr).ok());
+  }
+  // Reopening with the tiny map size still maps the whole file.
+  auto store = OpenOrDie(dir.path(), tiny);
+  ASSERT_NE(store, nullptr);
+  Status v = store->Verify("t", nullptr);
+  EXPECT_TRUE(v.ok()) << v.ToString();
+}
+
+TEST(StoreTest, AdoptsMapGrownByAnotherProcess) {
+  TempDir dir;
+  const ModelFingerprint model = SmallModel(DType::kF32, 4);
+  Store::Options tiny;
+  tiny.map_size = 256 * 1024;
+  auto store = OpenOrDie(dir.path(), tiny);
+  ASSERT_NE(store, nullptr);
+  ASSERT_TRUE(store->CreateTask(MakeTask("t", model)).ok());
+  pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    // The child grows the map far beyond the parent's 256 KiB.
+    Result<std::unique_ptr<Store>> child = Store::Open(dir.path(), tiny);
+    if (!child.ok()) _exit(10);
+    uint64_t offset = 0;
+    for (uint32_t i = 0; i < 8; ++i) {
+      if (!(*child)->AppendBlock("t", MakeBlock(model, 4, i, offset, 600).block).ok()) _exit(11);
+      offset += 600;
+    }
+    _exit(0);
+  }
+  int status = 0;
+  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(WIFEXITED(status));
+  ASSERT_EQ(WEXITSTATUS(status), 0);
+  // The parent's readers and writer adopt the larger map.
+  {
+    auto snap = store->BeginSnapshot();
+    ASSERT_TRUE(snap.ok()) << snap.status().ToString();
+    ASSERT_EQ((*snap)->GetTask("t")->num_blocks, 8u);
+    for (uint32_t i = 0; i < 8; ++i) {
+      Result<PayloadRef> p = (*snap)->GetPayload("t", i, 3, TensorKind::kValue);
+      ASSERT_TRUE(p.ok()) << p.status().ToString();
+      std::vector<uint8_t> want = TensorBytes(model, 600, 4, i, 3, TensorKind::kValue);
+      EXPECT_EQ(std::memcmp(p->data, want.data(), want.size()), 0);
+    }
+  }
+  Status s = store->AppendBlock("t", MakeBlock(model, 4, 8, 8 * 600, 600).block);
+  EXPECT_TRUE(s.ok()) << s.ToString();
+  EXPECT_TRUE(store->Verify("t", nullptr).ok());
+}
+
+TEST(StoreTest, DeleteTaskRemovesEverythingAndCompactReclaims) {
+  TempDir dir;
+  const ModelFingerprint model = SmallModel(DType::kBF16, 4);
+  auto store = OpenOrDie(dir.path());
+  ASSERT_NE(store, nullptr);
+  ASSERT_TRUE(store->CreateTask(MakeTask("keep", model, Codec::kLz4)).ok());
+  ASSERT_TRUE(store->CreateTask(MakeTask("drop", model)).ok());
+  AppendBlocks(store.get(), "keep", model, 1, 0, 5, 0);
+  uint64_t offset = 0;
+  for (uint32_t i = 0; i < 6; ++i) {  // big raw blocks: overflow pages
+    ASSERT_TRUE(store->AppendBlock("drop", MakeBlock(model, 2, i, offset, 800).block).ok());
+    offset += 800;
+  }
+  Result<StoreStats> before = store->Stats();
+  ASSERT_TRUE(before.ok());
+
+  ASSERT_TRUE(store->DeleteTask("drop").ok());
+  auto snap = store->BeginSnapshot();
+  ASSERT_TRUE(snap.ok());
+  EXPECT_TRUE((*snap)->GetTask("drop").status().IsNotFound());
+  EXPECT_EQ((*snap)->ListTasks()->size(), 1u);
+  snap->reset();
+  ExpectTaskContents(store.get(), "keep", model, 1, 5);
+  EXPECT_TRUE(store->Verify("", nullptr).ok());
+  Result<StoreStats> after = store->Stats();
+  ASSERT_TRUE(after.ok());
+  // Every per-record database now holds exactly what "keep" needs.
+  for (const DbStats& db : after->dbs) {
+    uint64_t want = 0;
+    if (db.name == "tasks" || db.name == "task_names" || db.name == "bm25_stats") want = 1;
+    if (db.name == "blocks" || db.name == "doc_lengths") want = 5;
+    if (db.name == "demos") want = 10;
+    if (db.name == "payloads") want = 5 * 4 * 2;
+    if (db.name == "meta") want = 2;
+    if (db.name != "postings") {
+      EXPECT_EQ(db.entries, want) << db.name;
+    }
+  }
+  // The same name again is a new, empty task.
+  ASSERT_TRUE(store->CreateTask(MakeTask("drop", model)).ok());
+  snap = store->BeginSnapshot();
+  ASSERT_TRUE(snap.ok());
+  EXPECT_EQ((*snap)->GetTask("drop")->num_blocks, 0u);
+  EXPECT_TRUE((*snap)->GetBlock("drop", 0).status().IsNotFound());
+  EXPECT_TRUE((*snap)->Search("drop", "alarm", 3)->empty());
+  snap->reset();
+
+  // The file does not shrink; a compacted copy is smaller and equal in content.
+  const std::string compact_dir = dir.Sub("compact");
+  ASSERT_TRUE(store->Compact(compact_dir).ok());
+  EXPECT_TRUE(store->Compact(compact_dir).IsAlreadyExists());
+  auto compacted = OpenOrDie(compact_dir);
+  ASSERT_NE(compacted, nullptr);
+  Result<StoreStats> cstats = compacted->Stats();
+  ASSERT_TRUE(cstats.ok());
+  EXPECT_LT(cstats->file_size, before->file_size / 2);
+  EXPECT_GE(after->file_size, before->file_size);
+  ExpectTaskContents(compacted.get(), "keep", model, 1, 5);
+  EXPECT_TRUE(compacted->Verify("", nullptr).ok());
+}
+
+TEST(StoreTest, ExportImportRoundTripAndRefusesDamage) {
+  TempDir dir;
+  const ModelFingerprint model = SmallModel(DType::kF16, 3);
+  const std::string file = dir.Sub("t.shotdb");
+  {
+    auto store = OpenOrDie(dir.Sub("a"));
+    ASSERT_NE(store, nullptr);
+    TaskInfo task = MakeTask("t", model, Codec::kShuffleLz4);
+    task.bm25_tokenizer.split = TextTokenizerOptions::Split::kWhitespace;
+    ASSERT_TRUE(store->CreateTask(task).ok());
+    AppendBlocks(store.get(), "t", model, 8, 0, 7, 0);
+    ASSERT_TRUE(ExportTask(*store, "t", file).ok());
+    EXPECT_TRUE(ExportTask(*store, "missing", dir.Sub("m")).IsNotFound());
+  }
+  auto store = OpenOrDie(dir.Sub("b"));
+  ASSERT_NE(store, nullptr);
+  std::string name;
+  Status s = ImportTask(store.get(), file, &name);
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  EXPECT_EQ(name, "t");
+  ExpectTaskContents(store.get(), "t", model, 8, 7);
+  EXPECT_TRUE(store->Verify("t", nullptr).ok());
+  auto a = OpenOrDie(dir.Sub("a"));
+  ASSERT_NE(a, nullptr);
+  auto sa = a->BeginSnapshot();
+  auto sb = store->BeginSnapshot();
+  ASSERT_TRUE(sa.ok() && sb.ok());
+  TaskInfo ta = *(*sa)->GetTask("t"), tb = *(*sb)->GetTask("t");
+  EXPECT_EQ(EncodeTaskInfo(ta).size(), EncodeTaskInfo(tb).size());
+  ta.created_unix = tb.created_unix;
+  EXPECT_EQ(EncodeTaskInfo(ta), EncodeTaskInfo(tb));
+  EXPECT_EQ(*(*sa)->Search("t", "alarm jazz", 7), *(*sb)->Search("t", "alarm jazz", 7));
+  sb->reset();
+  EXPECT_TRUE(ImportTask(store.get(), file, nullptr).IsAlreadyExists());
+
+  // A flipped byte anywhere, or a truncated file, is refused and leaves no task behind.
+  std::ifstream in(file, std::ios::binary);
+  std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  for (size_t pos :
+       {size_t{3}, size_t{40}, bytes.size() / 2, bytes.size() - 20, bytes.size() - 1}) {
+    std::vector<char> damaged = bytes;
+    damaged[pos] ^= 0x01;
+    const std::string bad = dir.Sub("bad.shotdb");
+    std::ofstream(bad, std::ios::binary)
+        .write(damaged.data(), static_cast<std::streamsize>(damaged.size()));
+    auto fresh = OpenOrDie(dir.Sub("c"));
+    ASSERT_NE(fresh, nullptr);
+    Status st = ImportTask(fresh.get(), bad, nullptr);
+    EXPECT_TRUE(st.IsCorruption()) << pos << ": " << st.ToString();
+    auto snap = fresh->BeginSnapshot();
+    ASSERT_TRUE(snap.ok());
+    EXPECT_TRUE((*snap)->ListTasks()->empty());
+  }
+  const std::string cut = dir.Sub("cut.shotdb");
+  std::ofstream(cut, std::ios::binary)
+      .write(bytes.data(), static_cast<std::streamsize>(bytes.size() / 3));
+  auto fresh = OpenOrDie(dir.Sub("c"));
+  ASSERT_NE(fresh, nullptr);
+  EXPECT_TRUE(ImportTask(fresh.get(), cut, nullptr).IsCorruption());
+}
+
+TEST(StoreTest, OpenErrors) {
+  TempDir dir;
+  Store::Options ro;
+  ro.read_only = true;
+  EXPECT_TRUE(Store::Open(dir.Sub("none"), ro).status().IsNotFound());
+  Store::Options no_create;
+  no_create.create_if_missing = false;
+  EXPECT_TRUE(Store::Open(dir.Sub("none"), no_create).status().IsNotFound());
+  EXPECT_TRUE(Store::Open(dir.path(), ro).status().IsNotFound());  // no data.mdb
+  // A file that is not LMDB.
+  const std::string junk = dir.Sub("junk");
+  ASSERT_TRUE(std::filesystem::create_directory(junk));
+  std::ofstream(junk + "/data.mdb", std::ios::binary) << std::string(64 * 1024, 'x');
+  Result<std::unique_ptr<Store>> s = Store::Open(junk);
+  EXPECT_FALSE(s.ok());
+  EXPECT_TRUE(s.status().IsCorruption()) << s.status().ToString();
+  // A regular file is not a store directory.
+  EXPECT_TRUE(Store::Open(junk + "/data.mdb").status().IsInvalidArgument());
+}
+
+}  // namespace
+}  // namespace shotdb

@@ -54,13 +54,13 @@ uint16_t FloatToHalf(float f) {
   std::memcpy(&x, &f, sizeof x);
   const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
   const uint32_t abs = x & 0x7fffffffu;
-  if (abs > 0x7f800000u) return sign | 0x7e00u;  // NaN
+  if (abs > 0x7f800000u) return sign | 0x7e00u;   // NaN
   if (abs >= 0x477ff000u) return sign | 0x7c00u;  // rounds to >= 65520: inf
   if (abs < 0x38800000u) {                        // below the smallest normal half (2^-14)
     // Subnormal or zero: scale to units of 2^-24 and round to nearest even.
     float a;
     std::memcpy(&a, &abs, sizeof a);
-    float scaled = a * 16777216.0f;  // 2^24, exact
+    float scaled = a * 16777216.0f;    // 2^24, exact
     float r = std::nearbyint(scaled);  // default rounding mode is to-nearest-even
     return sign | static_cast<uint16_t>(r);
   }
@@ -84,7 +84,7 @@ uint16_t FloatToBFloat16(float f) {
 void ConvertToFloat(DType from, const void* src, float* dst, size_t n) {
   switch (from) {
     case DType::kF32:
-      std::memcpy(dst, src, n * sizeof(float));
+      if (n > 0) std::memcpy(dst, src, n * sizeof(float));  // memcpy of null is UB even for 0
       return;
     case DType::kF16: {
       const auto* s = static_cast<const uint16_t*>(src);
@@ -107,7 +107,7 @@ void ConvertToFloat(DType from, const void* src, float* dst, size_t n) {
 void ConvertFromFloat(DType to, const float* src, void* dst, size_t n) {
   switch (to) {
     case DType::kF32:
-      std::memcpy(dst, src, n * sizeof(float));
+      if (n > 0) std::memcpy(dst, src, n * sizeof(float));  // memcpy of null is UB even for 0
       return;
     case DType::kF16: {
       auto* d = static_cast<uint16_t*>(dst);

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Sets up a fresh machine and runs every test: the normal (Release) build with libtorch and CUDA
+# compilation where available, then an ASan+UBSan build of the storage layers.
+# Usage: bash tools/run-tests.sh            (from the repository root)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash tools/install-deps.sh
+bash tools/fetch-model.sh >/dev/null || echo "run-tests: default model not fetched; tests that need it will skip"
+jobs=$(nproc)
+
+echo "== Release build =="
+cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
+ninja -C build -j"$jobs"
+ctest --test-dir build --output-on-failure -j"$jobs"
+
+echo "== ASan+UBSan build (format, engine, tools) =="
+cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DSHOTDB_SANITIZE=ON \
+  -DSHOTDB_WITH_TORCH=OFF -DSHOTDB_WITH_CUDA=OFF -DSHOTDB_BUILD_BENCH=OFF >/dev/null
+ninja -C build-asan -j"$jobs"
+ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+  ctest --test-dir build-asan --output-on-failure -j"$jobs"
