@@ -1,1 +1,186 @@
+// SentencePiece against python sentencepiece: tests/fixtures/tokenizer/tiny_spm.model is a tiny BPE
+// model trained by tests/scripts/make_tokenizer_golden.py with Llama 2's settings,
+// tiny_spm_golden.json its python encodings, and tiny_spm_llama.gguf the same vocabulary as GGUF
+// "llama" metadata.
+#include "query/tokenizer/spm_tokenizer.h"
+
 #include <gtest/gtest.h>
+
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "query/tokenizer/tokenizer.h"
+
+namespace shotdb {
+namespace {
+
+using Json = nlohmann::json;
+
+const std::string kFixtures = std::string(SHOTDB_SOURCE_DIR) + "/tests/fixtures/tokenizer/";
+
+Json Golden() {
+  std::ifstream in(kFixtures + "tiny_spm_golden.json");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return Json::parse(ss.str());
+}
+
+// Checks Encode against python sentencepiece (plain and with control tokens parsed) and Decode
+// against python's decode, reporting the first few mismatches.
+void ExpectMatchesPython(const Tokenizer& t) {
+  const Json golden = Golden();
+  ASSERT_GE(golden["cases"].size(), 200u);
+  int mismatches = 0;
+  for (const Json& c : golden["cases"]) {
+    const std::string text = c["text"];
+    auto plain = t.Encode(text, /*add_bos=*/false, /*parse_special=*/false);
+    auto special = t.Encode(text, /*add_bos=*/false, /*parse_special=*/true);
+    ASSERT_TRUE(plain.ok() && special.ok());
+    const auto want = c["ids"].get<std::vector<int32_t>>();
+    const auto want_special = c["ids_parse_special"].get<std::vector<int32_t>>();
+    if ((*plain != want || *special != want_special) && ++mismatches <= 5) {
+      ADD_FAILURE() << "mismatch for " << Json(text).dump() << ": got " << Json(*plain).dump()
+                    << " / " << Json(*special).dump() << " want " << Json(want).dump() << " / "
+                    << Json(want_special).dump();
+    }
+    EXPECT_EQ(t.Decode(want), c["decoded"].get<std::string>()) << Json(text).dump();
+    EXPECT_EQ(t.Decode(want_special), text) << Json(text).dump();
+  }
+  EXPECT_EQ(mismatches, 0);
+}
+
+TEST(SpmTokenizerTest, ModelFileMatchesPython) {
+  auto t = LoadTokenizer(kFixtures + "tiny_spm.model");
+  ASSERT_TRUE(t.ok()) << t.status().ToString();
+  ExpectMatchesPython(**t);
+  EXPECT_EQ((*t)->bos_id(), 1);
+  EXPECT_EQ((*t)->eos_id(), 2);
+  EXPECT_TRUE((*t)->add_bos_default());
+  EXPECT_EQ((*t)->TokenText(2), "</s>");
+}
+
+TEST(SpmTokenizerTest, GgufLlamaVocabularyMatchesPython) {
+  auto t = LoadTokenizer(kFixtures + "tiny_spm_llama.gguf");
+  ASSERT_TRUE(t.ok()) << t.status().ToString();
+  ExpectMatchesPython(**t);
+  EXPECT_EQ((*t)->bos_id(), 1);
+  EXPECT_EQ((*t)->eos_id(), 2);
+  EXPECT_TRUE((*t)->add_bos_default());
+  auto ids = (*t)->Encode("hello world", /*add_bos=*/true);
+  ASSERT_TRUE(ids.ok());
+  ASSERT_FALSE(ids->empty());
+  EXPECT_EQ((*ids)[0], 1);
+}
+
+// Six pieces marked UNUSED: python sentencepiece merges through them and splits final ones back.
+TEST(SpmTokenizerTest, GgufUnusedPiecesMatchPython) {
+  auto t = LoadTokenizer(kFixtures + "tiny_spm_unused_llama.gguf");
+  ASSERT_TRUE(t.ok()) << t.status().ToString();
+  const Json golden = Golden();
+  int mismatches = 0, differ_from_plain = 0;
+  for (const Json& c : golden["cases"]) {
+    auto ids = (*t)->Encode(c["text"].get<std::string>(), false, false);
+    ASSERT_TRUE(ids.ok());
+    const auto want = c["ids_unused"].get<std::vector<int32_t>>();
+    differ_from_plain += want != c["ids"].get<std::vector<int32_t>>();
+    if (*ids != want && ++mismatches <= 5) {
+      ADD_FAILURE() << c["text"].dump() << ": got " << Json(*ids).dump() << " want "
+                    << Json(want).dump();
+    }
+  }
+  EXPECT_EQ(mismatches, 0);
+  EXPECT_GT(differ_from_plain, 0);  // the fixture does exercise resegmentation
+}
+
+TEST(SpmTokenizerTest, GgufAndModelFileHaveTheSamePieces) {
+  auto a = LoadTokenizer(kFixtures + "tiny_spm.model");
+  auto b = LoadTokenizer(kFixtures + "tiny_spm_llama.gguf");
+  ASSERT_TRUE(a.ok() && b.ok());
+  EXPECT_EQ((*a)->vocab_size(), (*b)->vocab_size());
+  for (int32_t id = 0; id < static_cast<int32_t>((*a)->vocab_size()); ++id) {
+    ASSERT_EQ((*a)->TokenText(id), (*b)->TokenText(id));
+  }
+  EXPECT_FALSE((*a)->Fingerprint().empty());
+  EXPECT_EQ((*a)->Fingerprint(),
+            LoadTokenizer(kFixtures + "tiny_spm.model").value()->Fingerprint());
+}
+
+TEST(SpmTokenizerTest, RejectsInvalidUtf8) {
+  for (const char* file : {"tiny_spm.model", "tiny_spm_llama.gguf"}) {
+    auto t = LoadTokenizer(kFixtures + file);
+    ASSERT_TRUE(t.ok());
+    auto ids = (*t)->Encode("ab\xff", false);
+    ASSERT_FALSE(ids.ok());
+    EXPECT_TRUE(ids.status().IsInvalidArgument()) << file;
+  }
+}
+
+TEST(SpmVocabTokenizerTest, InconsistentArraysAreCorruption) {
+  SpmVocab v;
+  v.pieces = {"<unk>", "a", "b"};
+  v.scores = {0, -1};
+  v.types = {SpmTokenType::kUnknown, SpmTokenType::kNormal, SpmTokenType::kNormal};
+  auto t = SpmVocabTokenizer::Create(v, "x.gguf");
+  ASSERT_FALSE(t.ok());
+  EXPECT_TRUE(t.status().IsCorruption());
+  EXPECT_NE(t.status().message().find("x.gguf: tokenizer has 3 tokens but 2 scores"),
+            std::string::npos)
+      << t.status().ToString();
+}
+
+TEST(SpmVocabTokenizerTest, UnknownCharacterWithoutByteFallback) {
+  SpmVocab v;
+  v.pieces = {"<unk>", "\xE2\x96\x81", "a", "b",
+              "\xE2\x96\x81"
+              "a"};
+  v.scores = {0, -1, -2, -3, -0.5f};
+  v.types = {SpmTokenType::kUnknown, SpmTokenType::kNormal, SpmTokenType::kNormal,
+             SpmTokenType::kNormal, SpmTokenType::kNormal};
+  v.unk_id = 0;
+  auto t = SpmVocabTokenizer::Create(v, "tiny");
+  ASSERT_TRUE(t.ok()) << t.status().ToString();
+  auto ids = (*t)->Encode("a zb", false);
+  ASSERT_TRUE(ids.ok());
+  // "▁a▁zb": "▁a" merges; "z" has neither a piece nor a byte piece -> <unk>.
+  EXPECT_EQ(*ids, (std::vector<int32_t>{4, 1, 0, 3}));
+}
+
+// sentencepiece merges through UNUSED pieces but never emits them: a final UNUSED piece is split
+// back into the two pieces it was made from, while one that merged further is kept inside the
+// larger piece.
+TEST(SpmVocabTokenizerTest, UnusedPiecesAreResegmented) {
+  SpmVocab v;
+  v.pieces = {"<unk>",
+              "a",
+              "b",
+              "ab",
+              "\xE2\x96\x81",
+              "\xE2\x96\x81"
+              "ab"};
+  v.scores = {0, -5, -5, -1, -5, -2};
+  v.types = {SpmTokenType::kUnknown, SpmTokenType::kNormal, SpmTokenType::kNormal,
+             SpmTokenType::kUnused,  SpmTokenType::kNormal, SpmTokenType::kNormal};
+  v.unk_id = 0;
+  v.add_space_prefix = false;
+  auto t = SpmVocabTokenizer::Create(v, "tiny");
+  ASSERT_TRUE(t.ok()) << t.status().ToString();
+  auto ids = (*t)->Encode("ab ab", false);
+  ASSERT_TRUE(ids.ok());
+  EXPECT_EQ(*ids, (std::vector<int32_t>{1, 2, 5}));
+  EXPECT_EQ((*t)->Decode(*ids), "ab ab");
+}
+
+TEST(SpmTokenizerTest, UnreadableModel) {
+  auto t = LoadTokenizer(kFixtures + "smollm2_golden.json.missing");
+  ASSERT_FALSE(t.ok());
+  EXPECT_TRUE(t.status().IsNotFound());
+  const std::string junk = ::testing::TempDir() + "/junk.model";
+  std::ofstream(junk) << "\x0a\x05garbage that is not a protobuf";
+  auto j = LoadTokenizer(junk);
+  ASSERT_FALSE(j.ok());
+  EXPECT_NE(j.status().message().find("junk.model"), std::string::npos) << j.status().ToString();
+}
+
+}  // namespace
+}  // namespace shotdb
