@@ -1,0 +1,278 @@
+#include "query/model/generate.h"
+
+#include <map>
+#include <utility>
+
+namespace shotdb {
+namespace {
+
+torch::Tensor IdsTensor(const std::vector<int32_t>& ids, torch::Device device) {
+  std::vector<int64_t> wide(ids.begin(), ids.end());
+  return torch::tensor(wide, torch::kInt64).to(device);
+}
+
+torch::Tensor Range(int64_t start, int64_t n, torch::Device device) {
+  return torch::arange(start, start + n,
+                       torch::TensorOptions().dtype(torch::kInt64).device(device));
+}
+
+Status CheckIds(const LlamaModel& model, const std::vector<int32_t>& ids, const std::string& what) {
+  for (int32_t id : ids) {
+    if (id < 0 || id >= model.config().vocab_size) {
+      return Status::InvalidArgument(what + ": token id " + std::to_string(id) +
+                                     " is outside the vocabulary [0, " +
+                                     std::to_string(model.config().vocab_size) + ")");
+    }
+  }
+  return Status::OK();
+}
+
+// Context length C after checking that the context is complete and consistently shaped.
+Result<int64_t> ContextLength(const LlamaModel& model, const DecodeContext& ctx) {
+  if (ctx.kv == nullptr) return int64_t{0};
+  const ModelConfig& c = model.config();
+  if (static_cast<int64_t>(ctx.kv->size()) != c.num_layers || !ctx.positions.defined() ||
+      ctx.positions.dim() != 1 || ctx.positions.scalar_type() != torch::kInt64) {
+    return Status::InvalidArgument("DecodeContext: kv needs one entry per layer (" +
+                                   std::to_string(c.num_layers) +
+                                   ") and positions a 1-D int64 tensor");
+  }
+  const int64_t n = ctx.positions.size(0);
+  for (const LayerKV& kv : *ctx.kv) {
+    for (const torch::Tensor* x : {&kv.k, &kv.v}) {
+      if (!x->defined() || x->dim() != 3 || x->size(0) != c.num_kv_heads || x->size(1) != n ||
+          x->size(2) != c.head_dim) {
+        return Status::InvalidArgument("DecodeContext: every K/V must be [" +
+                                       std::to_string(c.num_kv_heads) + ", " + std::to_string(n) +
+                                       ", " + std::to_string(c.head_dim) + "]");
+      }
+    }
+  }
+  return n;
+}
+
+// Preallocated per-layer pre-RoPE K/V and positions; the filled prefix is passed to Forward as
+// narrowed views, so appending a token copies only that token's K/V.
+class KvCache {
+ public:
+  KvCache(const LlamaModel& model, int64_t capacity) {
+    const ModelConfig& c = model.config();
+    auto opts = torch::TensorOptions().dtype(model.dtype()).device(model.device());
+    for (int64_t l = 0; l < c.num_layers; ++l) {
+      layers_.push_back({torch::empty({c.num_kv_heads, capacity, c.head_dim}, opts),
+                         torch::empty({c.num_kv_heads, capacity, c.head_dim}, opts)});
+    }
+    positions_ = torch::empty({capacity}, opts.dtype(torch::kInt64));
+  }
+
+  void Append(const std::vector<LayerKV>& kv, const torch::Tensor& positions) {
+    const int64_t n = positions.size(0);
+    for (size_t l = 0; l < layers_.size(); ++l) {
+      layers_[l].k.narrow(1, size_, n).copy_(kv[l].k);
+      layers_[l].v.narrow(1, size_, n).copy_(kv[l].v);
+    }
+    positions_.narrow(0, size_, n).copy_(positions);
+    size_ += n;
+  }
+
+  // Points `r` at the filled prefix (views stay valid until the next Append).
+  void Attach(ForwardRequest* r) {
+    views_.clear();
+    for (const LayerKV& kv : layers_) {
+      views_.push_back({kv.k.narrow(1, 0, size_), kv.v.narrow(1, 0, size_)});
+    }
+    r->context = &views_;
+    r->context_positions = positions_.narrow(0, 0, size_);
+  }
+
+  int64_t size() const { return size_; }
+
+ private:
+  std::vector<LayerKV> layers_, views_;
+  torch::Tensor positions_;
+  int64_t size_ = 0;
+};
+
+// Runs the prompt after the (optional) context, leaving context + prompt K/V in `cache`.
+Result<ForwardResult> RunPrompt(const LlamaModel& model, const std::vector<int32_t>& prompt,
+                                const DecodeContext& ctx, int64_t context_len, KvCache* cache,
+                                int64_t* next_position) {
+  if (ctx.kv != nullptr) cache->Append(*ctx.kv, ctx.positions.to(model.device()));
+  const int64_t start = ctx.prompt_position >= 0 ? ctx.prompt_position : context_len;
+  ForwardRequest r;
+  r.tokens = IdsTensor(prompt, model.device());
+  r.positions = Range(start, static_cast<int64_t>(prompt.size()), model.device());
+  if (cache->size() > 0) cache->Attach(&r);
+  r.return_kv = true;
+  SHOTDB_ASSIGN_OR_RETURN(ForwardResult out, model.Forward(r));
+  cache->Append(out.kv, r.positions);
+  *next_position = start + static_cast<int64_t>(prompt.size());
+  return out;
+}
+
+}  // namespace
+
+Result<GenerateResult> GenerateGreedy(const LlamaModel& model, const std::vector<int32_t>& prompt,
+                                      const GenerateOptions& options,
+                                      const DecodeContext& context) {
+  if (prompt.empty()) return Status::InvalidArgument("GenerateGreedy: empty prompt");
+  if (options.max_new_tokens < 1) {
+    return Status::InvalidArgument("GenerateGreedy: max_new_tokens must be >= 1");
+  }
+  if (!options.stop_strings.empty() && !options.detokenize) {
+    return Status::InvalidArgument("GenerateGreedy: stop_strings need a detokenize function");
+  }
+  SHOTDB_RETURN_IF_ERROR(CheckIds(model, prompt, "GenerateGreedy prompt"));
+  SHOTDB_ASSIGN_OR_RETURN(int64_t context_len, ContextLength(model, context));
+  GenerateResult result;
+  try {
+    c10::InferenceMode guard;
+    KvCache cache(model,
+                  context_len + static_cast<int64_t>(prompt.size()) + options.max_new_tokens);
+    int64_t position = 0;
+    SHOTDB_ASSIGN_OR_RETURN(ForwardResult out,
+                            RunPrompt(model, prompt, context, context_len, &cache, &position));
+    result.forward_calls = 1;
+    while (true) {
+      const int32_t next = static_cast<int32_t>(out.logits[0].argmax().item<int64_t>());
+      bool eos = false;
+      for (int32_t e : options.eos_ids) eos = eos || e == next;
+      if (eos) {
+        result.stop = GenerateResult::Stop::kEos;
+        break;
+      }
+      result.tokens.push_back(next);
+      if (options.detokenize) {
+        result.text = options.detokenize(result.tokens);
+        size_t cut = std::string::npos;
+        for (const std::string& s : options.stop_strings) cut = std::min(cut, result.text.find(s));
+        if (cut != std::string::npos) {
+          result.text.resize(cut);
+          result.stop = GenerateResult::Stop::kStopString;
+          break;
+        }
+      }
+      if (static_cast<int64_t>(result.tokens.size()) >= options.max_new_tokens) {
+        result.stop = GenerateResult::Stop::kMaxTokens;
+        break;
+      }
+      ForwardRequest r;
+      r.tokens = IdsTensor({next}, model.device());
+      r.positions = Range(position++, 1, model.device());
+      cache.Attach(&r);
+      r.return_kv = true;
+      SHOTDB_ASSIGN_OR_RETURN(out, model.Forward(r));
+      ++result.forward_calls;
+      cache.Append(out.kv, r.positions);
+    }
+  } catch (const c10::Error& e) {
+    return Status::IOError(std::string("GenerateGreedy: libtorch failed: ") +
+                           e.what_without_backtrace());
+  }
+  return result;
+}
+
+Result<LabelDecodeResult> DecodeLabel(const LlamaModel& model, const std::vector<int32_t>& prompt,
+                                      const std::vector<std::vector<int32_t>>& labels,
+                                      const DecodeContext& context, LabelScoring scoring) {
+  if (prompt.empty()) return Status::InvalidArgument("DecodeLabel: empty prompt");
+  if (labels.empty()) return Status::InvalidArgument("DecodeLabel: no labels");
+  SHOTDB_RETURN_IF_ERROR(CheckIds(model, prompt, "DecodeLabel prompt"));
+  for (size_t i = 0; i < labels.size(); ++i) {
+    if (labels[i].empty()) {
+      return Status::InvalidArgument("DecodeLabel: label " + std::to_string(i) + " has no tokens");
+    }
+    SHOTDB_RETURN_IF_ERROR(CheckIds(model, labels[i], "DecodeLabel label " + std::to_string(i)));
+  }
+  SHOTDB_ASSIGN_OR_RETURN(int64_t context_len, ContextLength(model, context));
+
+  // Token trie; node 0 is the root (the prompt's last position).
+  struct Node {
+    int64_t parent;
+    int32_t token;
+    int64_t depth;
+    bool has_children = false;
+    int64_t row = -1;  // row in the tree Forward (internal non-root nodes only)
+  };
+  std::vector<Node> nodes = {{-1, -1, 0}};
+  std::map<std::pair<int64_t, int32_t>, int64_t> child;
+  std::vector<std::vector<int64_t>> paths(labels.size());  // node of each label token
+  for (size_t i = 0; i < labels.size(); ++i) {
+    int64_t at = 0;
+    for (int32_t tok : labels[i]) {
+      auto [it, fresh] = child.try_emplace({at, tok}, static_cast<int64_t>(nodes.size()));
+      if (fresh) nodes.push_back({at, tok, nodes[at].depth + 1});
+      nodes[at].has_children = true;
+      at = it->second;
+      paths[i].push_back(at);
+    }
+  }
+  std::vector<int64_t> internal;  // non-root nodes with children, parents before children
+  for (size_t n = 1; n < nodes.size(); ++n) {
+    if (nodes[n].has_children) {
+      nodes[n].row = static_cast<int64_t>(internal.size());
+      internal.push_back(static_cast<int64_t>(n));
+    }
+  }
+
+  LabelDecodeResult result;
+  result.trie_nodes = static_cast<int64_t>(nodes.size()) - 1;
+  try {
+    c10::InferenceMode guard;
+    KvCache cache(model, context_len + static_cast<int64_t>(prompt.size()));
+    int64_t next_position = 0;
+    SHOTDB_ASSIGN_OR_RETURN(ForwardResult out,
+                            RunPrompt(model, prompt, context, context_len, &cache, &next_position));
+    result.forward_calls = 1;
+    // Log-probabilities of each scored position on the host: row 0 = after the prompt, row 1 + r
+    // = after internal node `internal[r]`.
+    torch::Tensor logp = torch::log_softmax(out.logits.to(torch::kFloat64), -1);
+    if (!internal.empty()) {
+      const int64_t n = static_cast<int64_t>(internal.size());
+      const int64_t c = cache.size();
+      std::vector<int32_t> tokens;
+      std::vector<int64_t> positions;
+      torch::Tensor mask = torch::zeros({n, c + n}, torch::kBool);
+      mask.narrow(1, 0, c).fill_(true);
+      auto m = mask.accessor<bool, 2>();
+      for (int64_t r = 0; r < n; ++r) {
+        const Node& node = nodes[internal[r]];
+        tokens.push_back(node.token);
+        positions.push_back(next_position + node.depth - 1);
+        for (int64_t a = internal[r]; a != 0; a = nodes[a].parent) m[r][c + nodes[a].row] = true;
+      }
+      ForwardRequest tree;
+      tree.tokens = IdsTensor(tokens, model.device());
+      tree.positions = torch::tensor(positions, torch::kInt64).to(model.device());
+      tree.mask = mask.to(model.device());
+      tree.all_logits = true;
+      cache.Attach(&tree);
+      SHOTDB_ASSIGN_OR_RETURN(ForwardResult tree_out, model.Forward(tree));
+      ++result.forward_calls;
+      logp = torch::cat({logp, torch::log_softmax(tree_out.logits.to(torch::kFloat64), -1)}, 0);
+    }
+    logp = logp.cpu();
+    auto lp = logp.accessor<double, 2>();
+    for (size_t i = 0; i < labels.size(); ++i) {
+      double sum = 0;
+      for (int64_t node : paths[i]) {
+        const int64_t parent = nodes[node].parent;
+        sum += lp[parent == 0 ? 0 : 1 + nodes[parent].row][nodes[node].token];
+      }
+      result.sum_logprob.push_back(sum);
+      result.mean_logprob.push_back(sum / static_cast<double>(labels[i].size()));
+    }
+  } catch (const c10::Error& e) {
+    return Status::IOError(std::string("DecodeLabel: libtorch failed: ") +
+                           e.what_without_backtrace());
+  }
+  const std::vector<double>& s =
+      scoring == LabelScoring::kSum ? result.sum_logprob : result.mean_logprob;
+  for (size_t i = 1; i < s.size(); ++i) {
+    if (s[i] > s[result.label]) result.label = i;
+  }
+  result.score = s[result.label];
+  return result;
+}
+
+}  // namespace shotdb

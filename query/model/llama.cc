@@ -1,0 +1,285 @@
+#include "query/model/llama.h"
+
+#include <cmath>
+#include <limits>
+#include <utility>
+
+namespace shotdb {
+namespace {
+
+std::string SizesString(const torch::Tensor& t) {
+  std::string s = "[";
+  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
+  return s + "]";
+}
+
+// Norms, RoPE angles and softmax run in float32 at least (HF does the same), so bfloat16 models
+// keep their statistics accurate; float64 models stay float64 throughout.
+torch::ScalarType AccumulationType(torch::ScalarType t) {
+  return t == torch::kFloat64 ? torch::kFloat64 : torch::kFloat32;
+}
+
+// rotate_half as HF: [x1, x2] -> [-x2, x1] over the last dimension.
+torch::Tensor RotateHalf(const torch::Tensor& x) {
+  auto halves = x.chunk(2, -1);
+  return torch::cat({-halves[1], halves[0]}, -1);
+}
+
+torch::Tensor ApplyRope(const torch::Tensor& x, const torch::Tensor& cos,
+                        const torch::Tensor& sin) {
+  return x * cos + RotateHalf(x) * sin;
+}
+
+}  // namespace
+
+torch::Tensor RopeInverseFrequencies(const ModelConfig& c) {
+  const int64_t half = c.head_dim / 2;
+  torch::Tensor inv = torch::empty({half}, torch::kFloat64);
+  auto a = inv.accessor<double, 1>();
+  const RopeScaling& r = c.rope_scaling;
+  for (int64_t i = 0; i < half; ++i) {
+    double f = std::pow(c.rope_theta, -2.0 * static_cast<double>(i) / c.head_dim);
+    if (r.type == RopeScaling::Type::kLlama3) {
+      // Llama 3.1: wavelengths longer than original_max / low_freq_factor are stretched by
+      // `factor`; shorter than original_max / high_freq_factor are kept; in between, a linear
+      // blend in original_max / wavelength.
+      const double old_len = static_cast<double>(r.original_max_position_embeddings);
+      const double wavelen = 2.0 * M_PI / f;
+      if (wavelen > old_len / r.low_freq_factor) {
+        f /= r.factor;
+      } else if (wavelen >= old_len / r.high_freq_factor) {
+        const double smooth =
+            (old_len / wavelen - r.low_freq_factor) / (r.high_freq_factor - r.low_freq_factor);
+        f = (1.0 - smooth) * f / r.factor + smooth * f;
+      }
+    }
+    a[i] = f;
+  }
+  return inv;
+}
+
+Result<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& path,
+                                                     const LoadOptions& options) {
+  SHOTDB_ASSIGN_OR_RETURN(ModelWeights weights, LoadWeights(path, options));
+  return FromWeights(std::move(weights));
+}
+
+Result<std::unique_ptr<LlamaModel>> LlamaModel::FromWeights(ModelWeights weights) {
+  const ModelConfig& c = weights.config;
+  SHOTDB_RETURN_IF_ERROR(c.Validate());
+  const auto expected = ExpectedWeightShapes(c);
+  torch::Tensor first = weights.tensors.count("model.embed_tokens.weight")
+                            ? weights.tensors.at("model.embed_tokens.weight")
+                            : torch::Tensor();
+  if (!first.defined()) {
+    return Status::InvalidArgument("LlamaModel: tensor model.embed_tokens.weight is missing");
+  }
+  for (const auto& [name, shape] : expected) {
+    auto it = weights.tensors.find(name);
+    if (it == weights.tensors.end()) {
+      return Status::InvalidArgument("LlamaModel: tensor " + name + " is missing");
+    }
+    const torch::Tensor& t = it->second;
+    if (t.sizes().vec() != shape || t.device() != first.device() ||
+        t.scalar_type() != first.scalar_type()) {
+      return Status::InvalidArgument("LlamaModel: tensor " + name + " is " + SizesString(t) + " " +
+                                     c10::toString(t.scalar_type()) + " on " + t.device().str() +
+                                     "; expected the listed shape, dtype " +
+                                     c10::toString(first.scalar_type()) + " and device " +
+                                     first.device().str());
+    }
+  }
+  if (!torch::isFloatingType(first.scalar_type())) {
+    return Status::InvalidArgument("LlamaModel: weights must be floating point");
+  }
+
+  std::unique_ptr<LlamaModel> m(new LlamaModel());
+  m->config_ = c;
+  m->device_ = first.device();
+  m->dtype_ = first.scalar_type();
+  auto& w = weights.tensors;
+  try {
+    c10::InferenceMode guard;
+    m->inv_freq_ = RopeInverseFrequencies(c);
+    m->inv_freq_dev_ = m->inv_freq_.to(m->device_, AccumulationType(m->dtype_));
+    m->embed_ = w.at("model.embed_tokens.weight");
+    m->final_norm_ = w.at("model.norm.weight");
+    m->lm_head_ = w.at("lm_head.weight");
+    for (int64_t l = 0; l < c.num_layers; ++l) {
+      const std::string p = "model.layers." + std::to_string(l) + ".";
+      Layer layer;
+      layer.attn_norm = w.at(p + "input_layernorm.weight");
+      // One matmul for q, k and v (and one for gate and up): fewer, larger GEMMs.
+      layer.wqkv =
+          torch::cat({w.at(p + "self_attn.q_proj.weight"), w.at(p + "self_attn.k_proj.weight"),
+                      w.at(p + "self_attn.v_proj.weight")},
+                     0);
+      if (c.attention_bias) {
+        layer.bqkv =
+            torch::cat({w.at(p + "self_attn.q_proj.bias"), w.at(p + "self_attn.k_proj.bias"),
+                        w.at(p + "self_attn.v_proj.bias")},
+                       0);
+      }
+      layer.wo = w.at(p + "self_attn.o_proj.weight");
+      layer.ffn_norm = w.at(p + "post_attention_layernorm.weight");
+      layer.w_gate_up =
+          torch::cat({w.at(p + "mlp.gate_proj.weight"), w.at(p + "mlp.up_proj.weight")}, 0);
+      layer.w_down = w.at(p + "mlp.down_proj.weight");
+      m->layers_.push_back(std::move(layer));
+    }
+  } catch (const c10::Error& e) {
+    return Status::IOError(std::string("LlamaModel: libtorch failed preparing weights: ") +
+                           e.what_without_backtrace());
+  }
+  return m;
+}
+
+Status LlamaModel::Validate(const ForwardRequest& r) const {
+  auto bad = [](const std::string& msg) { return Status::InvalidArgument("Forward: " + msg); };
+  if (!r.tokens.defined() || r.tokens.dim() != 1 || r.tokens.size(0) < 1 ||
+      r.tokens.scalar_type() != torch::kInt64) {
+    return bad("tokens must be a non-empty 1-D int64 tensor");
+  }
+  const int64_t t = r.tokens.size(0);
+  if (!r.positions.defined() || r.positions.dim() != 1 || r.positions.size(0) != t ||
+      r.positions.scalar_type() != torch::kInt64) {
+    return bad("positions must be a 1-D int64 tensor with one entry per token (" +
+               std::to_string(t) + ")");
+  }
+  int64_t c = 0;
+  const int64_t kvh = config_.num_kv_heads, hd = config_.head_dim;
+  if (r.context != nullptr) {
+    if (static_cast<int64_t>(r.context->size()) != config_.num_layers) {
+      return bad("context has " + std::to_string(r.context->size()) + " layers, expected " +
+                 std::to_string(config_.num_layers));
+    }
+    if (!r.context_positions.defined() || r.context_positions.dim() != 1 ||
+        r.context_positions.scalar_type() != torch::kInt64) {
+      return bad("context_positions must be a 1-D int64 tensor when context is given");
+    }
+    c = r.context_positions.size(0);
+    for (size_t l = 0; l < r.context->size(); ++l) {
+      const LayerKV& kv = (*r.context)[l];
+      for (const torch::Tensor* x : {&kv.k, &kv.v}) {
+        const char* which = x == &kv.k ? "k" : "v";
+        if (!x->defined() || x->dim() != 3 || x->size(0) != kvh || x->size(1) != c ||
+            x->size(2) != hd) {
+          return bad("context layer " + std::to_string(l) + " " + which + " is " +
+                     (x->defined() ? SizesString(*x) : "undefined") + ", expected [" +
+                     std::to_string(kvh) + ", " + std::to_string(c) + ", " + std::to_string(hd) +
+                     "] (C from context_positions)");
+        }
+        if (x->scalar_type() != dtype_ || x->device() != device_) {
+          return bad("context layer " + std::to_string(l) + " " + which + " is " +
+                     c10::toString(x->scalar_type()) + " on " + x->device().str() +
+                     ", expected the model's " + c10::toString(dtype_) + " on " + device_.str());
+        }
+      }
+    }
+  } else if (r.context_positions.defined() && r.context_positions.numel() > 0) {
+    return bad("context_positions given without context");
+  }
+  if (r.mask.defined()) {
+    if (r.mask.dim() != 2 || r.mask.size(0) != t || r.mask.size(1) != c + t ||
+        r.mask.scalar_type() != torch::kBool) {
+      return bad("mask is " + SizesString(r.mask) + " " + c10::toString(r.mask.scalar_type()) +
+                 ", expected bool [" + std::to_string(t) + ", " + std::to_string(c + t) + "]");
+    }
+    if (!r.mask.any(1).all().item<bool>()) {
+      return bad("mask has a row that allows no column (a query must attend to something)");
+    }
+  }
+  return Status::OK();
+}
+
+torch::Tensor LlamaModel::RmsNorm(const torch::Tensor& x, const torch::Tensor& w) const {
+  torch::Tensor h = x.to(AccumulationType(dtype_));
+  h = h * torch::rsqrt(h.pow(2).mean(-1, /*keepdim=*/true) + config_.rms_norm_eps);
+  return w * h.to(dtype_);
+}
+
+std::pair<torch::Tensor, torch::Tensor> LlamaModel::RopeTables(
+    const torch::Tensor& positions) const {
+  torch::Tensor angles =
+      torch::outer(positions.to(device_, inv_freq_dev_.scalar_type()), inv_freq_dev_);
+  torch::Tensor emb = torch::cat({angles, angles}, -1);  // [N, head_dim], rotate-half layout
+  return {emb.cos().to(dtype_), emb.sin().to(dtype_)};
+}
+
+ForwardResult LlamaModel::Run(const ForwardRequest& r) const {
+  const ModelConfig& cf = config_;
+  const int64_t t = r.tokens.size(0);
+  const int64_t c = r.context != nullptr ? r.context_positions.size(0) : 0;
+  const int64_t nh = cf.num_heads, kvh = cf.num_kv_heads, hd = cf.head_dim;
+  const int64_t group = nh / kvh;
+  const int64_t q_width = nh * hd, kv_width = kvh * hd;
+
+  auto [cos, sin] = RopeTables(r.positions);  // [T, hd]
+  torch::Tensor ctx_cos, ctx_sin;
+  if (c > 0) std::tie(ctx_cos, ctx_sin) = RopeTables(r.context_positions);
+
+  // Additive mask [T, C+T] in the score dtype: 0 where allowed, -inf elsewhere.
+  const torch::ScalarType score_type = AccumulationType(dtype_);
+  torch::Tensor allowed = r.mask.defined() ? r.mask.to(device_) : torch::Tensor();
+  if (!allowed.defined()) {
+    auto opts = torch::TensorOptions().dtype(torch::kBool).device(device_);
+    allowed = torch::cat({torch::ones({t, c}, opts), torch::ones({t, t}, opts).tril()}, 1);
+  }
+  torch::Tensor bias =
+      torch::zeros({t, c + t}, torch::TensorOptions().dtype(score_type).device(device_))
+          .masked_fill(allowed.logical_not(), -std::numeric_limits<double>::infinity());
+  const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
+
+  ForwardResult result;
+  torch::Tensor x = torch::embedding(embed_, r.tokens.to(device_));  // [T, H]
+  for (int64_t l = 0; l < cf.num_layers; ++l) {
+    const Layer& L = layers_[l];
+    torch::Tensor h = RmsNorm(x, L.attn_norm);
+    torch::Tensor qkv =
+        L.bqkv.defined() ? torch::addmm(L.bqkv, h, L.wqkv.t()) : torch::matmul(h, L.wqkv.t());
+    // [T, heads*hd] -> [heads, T, hd]
+    torch::Tensor q = qkv.narrow(1, 0, q_width).view({t, nh, hd}).transpose(0, 1);
+    torch::Tensor k = qkv.narrow(1, q_width, kv_width).view({t, kvh, hd}).transpose(0, 1);
+    torch::Tensor v =
+        qkv.narrow(1, q_width + kv_width, kv_width).view({t, kvh, hd}).transpose(0, 1);
+    if (r.return_kv) result.kv.push_back({k.contiguous(), v.contiguous()});
+
+    q = ApplyRope(q, cos, sin);
+    torch::Tensor keys = ApplyRope(k, cos, sin);
+    torch::Tensor values = v;
+    if (c > 0) {
+      const LayerKV& ctx = (*r.context)[l];
+      keys = torch::cat({ApplyRope(ctx.k, ctx_cos, ctx_sin), keys}, 1);  // [kvh, C+T, hd]
+      values = torch::cat({ctx.v, values}, 1);
+    }
+    // Grouped-query attention without repeating K/V: fold each KV head's query group into rows.
+    torch::Tensor qg = q.reshape({kvh, group * t, hd});
+    torch::Tensor scores = torch::matmul(qg, keys.transpose(1, 2)).to(score_type) * scale;
+    scores = scores.view({kvh, group, t, c + t}) + bias;
+    torch::Tensor probs = torch::softmax(scores, -1).to(dtype_);
+    torch::Tensor attn =
+        torch::matmul(probs.view({kvh, group * t, c + t}), values);  // [kvh, g*T, hd]
+    attn = attn.view({nh, t, hd}).transpose(0, 1).reshape({t, q_width});
+    x = x + torch::matmul(attn, L.wo.t());
+
+    h = RmsNorm(x, L.ffn_norm);
+    auto gate_up = torch::matmul(h, L.w_gate_up.t()).chunk(2, -1);
+    x = x + torch::matmul(torch::silu(gate_up[0]) * gate_up[1], L.w_down.t());
+  }
+  if (!r.all_logits) x = x.narrow(0, t - 1, 1);
+  x = RmsNorm(x, final_norm_);
+  result.logits = torch::matmul(x, lm_head_.t()).to(score_type);
+  return result;
+}
+
+Result<ForwardResult> LlamaModel::Forward(const ForwardRequest& request) const {
+  try {
+    c10::InferenceMode guard;
+    SHOTDB_RETURN_IF_ERROR(Validate(request));
+    return Run(request);
+  } catch (const c10::Error& e) {
+    return Status::IOError(std::string("Forward: libtorch failed: ") + e.what_without_backtrace());
+  }
+}
+
+}  // namespace shotdb

@@ -1,0 +1,275 @@
+// The paper's latency table: per-query latency and setup time of DBSA, RetICL (re-encoding the
+// retrieved context per query) and FixedICL (one cached prefix), as ratios to RetICL measured in
+// the same run, for pools of given sizes, on a model of Llama-3.1-8B's shape with random bf16
+// weights created on the device (the real checkpoint is not needed for timing).
+//
+//   dbsa_latency_bench [--pools 30000,90000] [--layers 32] [--queries 8] [--device cuda]
+//                      [--store DIR] [--json FILE]
+//
+// Texts are synthetic (random words from a 4,000-word vocabulary, 50 labels) and tokenized one
+// token per word, so a pool of N tokens holds about N / 17 demonstrations (k = 50, j = 2, block 0
+// always selected, 30% of the blocks per query). DBSA is timed cold (device block cache emptied
+// before each query: K/V read from the store and uploaded) and hot (every selected block already
+// on the device).
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "query/dbsa/dbsa.h"
+#include "query/dbsa/pool_encoder.h"
+#include "query/model/llama.h"
+#include "query/tokenizer/tokenizer.h"
+
+namespace shotdb {
+namespace {
+
+// One token per whitespace-separated word (and per punctuation character), id = hash % vocab.
+class WordTokenizer : public Tokenizer {
+ public:
+  explicit WordTokenizer(size_t vocab) : vocab_(vocab) {}
+  Result<std::vector<int32_t>> Encode(std::string_view text, bool, bool) const override {
+    std::vector<int32_t> ids;
+    std::string word;
+    auto flush = [&] {
+      if (!word.empty()) ids.push_back(static_cast<int32_t>(std::hash<std::string>()(word) % vocab_));
+      word.clear();
+    };
+    for (char c : text) {
+      if (c == ' ' || c == '\n') {
+        flush();
+      } else if (c == ':' || c == '=') {
+        flush();
+        word = std::string(1, c);
+        flush();
+      } else {
+        word += c;
+      }
+    }
+    flush();
+    return ids;
+  }
+  std::string Decode(const std::vector<int32_t>&) const override { return ""; }
+  std::string TokenText(int32_t) const override { return ""; }
+  size_t vocab_size() const override { return vocab_; }
+  int32_t bos_id() const override { return -1; }
+  int32_t eos_id() const override { return -1; }
+  bool add_bos_default() const override { return false; }
+  std::string Fingerprint() const override { return "bench-words-v1"; }
+
+ private:
+  size_t vocab_;
+};
+
+ModelConfig Llama31_8B(int64_t layers) {
+  ModelConfig c;
+  c.architecture = "llama";
+  c.num_layers = layers;
+  c.hidden_size = 4096;
+  c.num_heads = 32;
+  c.num_kv_heads = 8;
+  c.head_dim = 128;
+  c.intermediate_size = 14336;
+  c.vocab_size = 128256;
+  c.rope_theta = 500000;
+  c.rms_norm_eps = 1e-5;
+  c.rope_scaling.type = RopeScaling::Type::kLlama3;
+  c.rope_scaling.factor = 8;
+  c.rope_scaling.low_freq_factor = 1;
+  c.rope_scaling.high_freq_factor = 4;
+  c.rope_scaling.original_max_position_embeddings = 8192;
+  c.max_position_embeddings = 131072;
+  return c;
+}
+
+std::string Words(std::mt19937& rng, int n) {
+  std::string s;
+  for (int i = 0; i < n; ++i) s += (i ? " w" : "w") + std::to_string(rng() % 4000);
+  return s;
+}
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0 : v[v.size() / 2];
+}
+
+int Run(int argc, char** argv) {
+  std::vector<int64_t> pools = {30000, 90000};
+  int64_t layers = 32;
+  int queries = 8;
+  std::string device_name = "cuda";
+  std::string store_root = "/tmp/shotdb_latency_bench";
+  std::string json_path;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string a = argv[i], v = argv[i + 1];
+    if (a == "--pools") {
+      pools.clear();
+      std::stringstream ss(v);
+      for (std::string p; std::getline(ss, p, ',');) pools.push_back(std::stoll(p));
+    } else if (a == "--layers") {
+      layers = std::stoll(v);
+    } else if (a == "--queries") {
+      queries = std::stoi(v);
+    } else if (a == "--device") {
+      device_name = v;
+    } else if (a == "--store") {
+      store_root = v;
+    } else if (a == "--json") {
+      json_path = v;
+    } else {
+      std::fprintf(stderr, "unknown option %s\n", a.c_str());
+      return 2;
+    }
+  }
+  const torch::Device device(device_name);
+  const auto dtype = device.is_cuda() ? torch::kBFloat16 : torch::kFloat32;
+  torch::manual_seed(0);
+
+  // Random weights of the target shape, made on the device.
+  ModelWeights weights;
+  weights.config = Llama31_8B(layers);
+  {
+    torch::NoGradGuard no_grad;
+    for (const auto& [name, shape] : ExpectedWeightShapes(weights.config)) {
+      const bool norm = name.find("norm") != std::string::npos;
+      auto opts = torch::TensorOptions().dtype(dtype).device(device);
+      weights.tensors[name] = norm ? torch::ones(shape, opts) : torch::randn(shape, opts) * 0.02;
+    }
+  }
+  auto model = LlamaModel::FromWeights(std::move(weights));
+  if (!model.ok()) {
+    std::fprintf(stderr, "model: %s\n", model.status().ToString().c_str());
+    return 1;
+  }
+  WordTokenizer tokenizer(static_cast<size_t>((*model)->config().vocab_size));
+  const PoolModel pool{model->get(), &tokenizer, "random-llama31-8b-shape"};
+  std::vector<std::string> labels;
+  for (int l = 0; l < 50; ++l) labels.push_back("label" + std::to_string(l));
+
+  nlohmann::json report = nlohmann::json::array();
+  std::printf("device %s, Llama-3.1-8B shape (%lld layers), bf16 K/V, k=50 j=2, 30%% of blocks\n",
+              device_name.c_str(), static_cast<long long>(layers));
+  for (int64_t pool_tokens : pools) {
+    const std::string dir = store_root + "/pool" + std::to_string(pool_tokens);
+    std::filesystem::remove_all(dir);
+    Store::Options store_options;
+    store_options.sync = false;  // a benchmark pool; durability is measured in store_bench
+    auto store = Store::Open(dir, store_options);
+    if (!store.ok()) {
+      std::fprintf(stderr, "store: %s\n", store.status().ToString().c_str());
+      return 1;
+    }
+    std::mt19937 rng(static_cast<uint32_t>(pool_tokens));
+    std::vector<LabeledText> demos;
+    // Each demonstration is 12 words + "utterance : intent : label" + the "==" separator: 18 tokens.
+    for (int64_t t = 0; t < pool_tokens; t += 18) demos.push_back({Words(rng, 12), labels[rng() % 50]});
+    PoolTaskOptions task_options;
+    task_options.labels = labels;
+    PoolEncoder encoder(store->get(), pool);
+    auto t0 = std::chrono::steady_clock::now();
+    Status s = encoder.AddDemonstrations("bench", task_options, demos, 1);
+    if (device.is_cuda()) torch::cuda::synchronize();
+    const double dbsa_setup =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (!s.ok()) {
+      std::fprintf(stderr, "build: %s\n", s.ToString().c_str());
+      return 1;
+    }
+    SessionOptions so;
+    so.cache_bytes = size_t(40) << 30;
+    auto session = DbsaSession::Open(store->get(), "bench", pool, so);
+    if (!session.ok()) {
+      std::fprintf(stderr, "session: %s\n", session.status().ToString().c_str());
+      return 1;
+    }
+    std::vector<std::string> texts;
+    for (int q = 0; q < queries; ++q) texts.push_back(Words(rng, 12));
+
+    struct Row {
+      std::string name;
+      std::vector<double> ms;
+      Timing sum;
+      double setup = 0;
+      uint64_t ctx = 0;
+    };
+    auto measure = [&](const std::string& name, Method method, bool cold) -> Result<Row> {
+      Row row{name, {}, {}, 0, 0};
+      AnswerOptions o;
+      o.method = method;
+      SHOTDB_RETURN_IF_ERROR((*session)->Ask(texts[0], o).status());  // warm-up (FixedICL: setup)
+      if (method == Method::kDbsa && !cold) {
+        for (const auto& t : texts) SHOTDB_RETURN_IF_ERROR((*session)->Ask(t, o).status());
+      }
+      for (const auto& t : texts) {
+        if (cold) (*session)->ClearCache();
+        SHOTDB_ASSIGN_OR_RETURN(Answer a, (*session)->Ask(t, o));
+        row.ms.push_back(a.timing.total);
+        row.ctx = a.context_tokens;
+        row.sum.select += a.timing.select / texts.size();
+        row.sum.load += a.timing.load / texts.size();
+        row.sum.gather += a.timing.gather / texts.size();
+        row.sum.encode += a.timing.encode / texts.size();
+        row.sum.decode += a.timing.decode / texts.size();
+      }
+      return row;
+    };
+    std::vector<Row> rows;
+    for (auto [name, method, cold] : {std::tuple{"RetICL", Method::kRetIcl, false},
+                                      std::tuple{"FixedICL", Method::kFixedIcl, false},
+                                      std::tuple{"DBSA cold", Method::kDbsa, true},
+                                      std::tuple{"DBSA hot", Method::kDbsa, false}}) {
+      auto row = measure(name, method, cold);
+      if (!row.ok()) {
+        std::fprintf(stderr, "%s: %s\n", name, row.status().ToString().c_str());
+        return 1;
+      }
+      rows.push_back(*row);
+    }
+    rows[1].setup = (*session)->fixed_prefix_seconds();
+    rows[2].setup = rows[3].setup = dbsa_setup;
+    const double reticl = Median(rows[0].ms);
+    auto snap = (*store)->BeginSnapshot();
+    const TaskInfo info = *(*snap)->GetTask("bench");
+    std::printf("\npool %lld tokens (%llu blocks, %llu demos); context per query ~%llu tokens\n",
+                static_cast<long long>(info.num_tokens),
+                static_cast<unsigned long long>(info.num_blocks),
+                static_cast<unsigned long long>(info.num_demos),
+                static_cast<unsigned long long>(rows[3].ctx));
+    std::printf("%-10s %10s %12s %10s | %8s %8s %8s %9s %9s\n", "method", "setup s", "query ms",
+                "vs RetICL", "bm25", "load", "gather", "encode", "decode");
+    for (const auto& r : rows) {
+      const double med = Median(r.ms);
+      std::printf("%-10s %10.2f %12.2f %9.4fx | %8.2f %8.2f %8.2f %9.2f %9.2f\n", r.name.c_str(),
+                  r.setup, med, med / reticl, r.sum.select, r.sum.load, r.sum.gather, r.sum.encode,
+                  r.sum.decode);
+      report.push_back({{"pool_tokens", info.num_tokens}, {"method", r.name}, {"setup_s", r.setup},
+                        {"query_ms_median", med}, {"ratio_vs_reticl", med / reticl},
+                        {"context_tokens", r.ctx},
+                        {"split_ms", {{"bm25", r.sum.select}, {"load", r.sum.load},
+                                      {"gather", r.sum.gather}, {"encode", r.sum.encode},
+                                      {"decode", r.sum.decode}}}});
+    }
+    const auto cs = (*session)->cache_stats();
+    std::printf("device cache: %llu hits, %llu misses, %.2f GB resident\n",
+                static_cast<unsigned long long>(cs.hits), static_cast<unsigned long long>(cs.misses),
+                cs.bytes_resident / 1e9);
+    session->reset();
+    std::filesystem::remove_all(dir);
+  }
+  if (!json_path.empty()) std::ofstream(json_path) << report.dump(2) << "\n";
+  return 0;
+}
+
+}  // namespace
+}  // namespace shotdb
+
+int main(int argc, char** argv) { return shotdb::Run(argc, argv); }

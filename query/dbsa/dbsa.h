@@ -1,0 +1,134 @@
+// DbsaSession: answers queries from an encoded pool, with DBSA or one of the baselines.
+//
+// DBSA (the product): BM25 selects the top m blocks of the task (block 0 always, first); their
+// stored pre-RoPE K/V are concatenated in encoding order (or by ascending score), RoPE is applied at
+// new contiguous positions 0..L-1, the query tokens run with full attention over them, and decoding
+// is constrained to the task's labels (or free greedy text).
+// RetICL (baseline): the same selected blocks' TEXT is re-encoded with full causal attention for
+// every query, then decoded the same way. FixedICL (baseline): the first m blocks' text is encoded
+// once with full attention and that cached prefix serves every query.
+//
+// Thread-safety: one session serves one query at a time; open several for concurrent queries (the
+// store and the model may be shared).
+#ifndef SHOTDB_QUERY_DBSA_DBSA_H_
+#define SHOTDB_QUERY_DBSA_DBSA_H_
+
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "engine/store.h"
+#include "query/dbsa/block_cache.h"
+#include "query/dbsa/pool_encoder.h"
+#include "query/dbsa/prompt.h"
+
+namespace shotdb {
+
+enum class Method { kDbsa, kRetIcl, kFixedIcl };
+std::string_view MethodName(Method method);  // "dbsa", "reticl", "fixedicl"
+std::optional<Method> ParseMethod(std::string_view name);
+
+struct SelectionOptions {
+  double ratio = 0.3;   // fraction of the task's blocks to select (block 0 included)
+  uint32_t count = 0;   // if > 0, select this many blocks instead of `ratio`
+  bool ascending_score = false;  // order: false = encoding order; true = lowest to highest score
+};
+// How many blocks a query uses: count, or round(ratio * num_blocks), clamped to [1, num_blocks].
+uint32_t SelectionSize(uint64_t num_blocks, const SelectionOptions& options);
+
+struct AnswerOptions {
+  Method method = Method::kDbsa;
+  SelectionOptions selection;
+  bool free_text = false;       // greedy text instead of a label
+  int64_t max_new_tokens = 32;  // for free_text
+};
+
+struct Timing {  // milliseconds
+  double select = 0;  // BM25
+  double load = 0;    // DBSA: reading blocks' K/V from the store onto the device (cache misses)
+  double gather = 0;  // DBSA: concatenating the selected blocks' K/V in the model's dtype
+  double encode = 0;  // re-encoding context text (RetICL; FixedICL's first query)
+  double decode = 0;  // query tokens + label scoring or generation
+  double total = 0;
+};
+
+struct Answer {
+  std::string label;             // the winning label (empty with free_text)
+  double score = 0;              // its summed log-probability
+  std::vector<double> label_scores;  // summed log-probability of every label, in task order
+  std::string text;              // free_text output
+  std::vector<uint32_t> blocks;  // blocks in the order their K/V were placed
+  std::vector<double> block_scores;  // BM25 score of each (block 0: its own score)
+  uint64_t context_tokens = 0;
+  Timing timing;
+};
+
+struct SessionOptions {
+  // Bytes of blocks' K/V kept on the model's device between queries (0 = read every query's
+  // blocks from the store).
+  size_t cache_bytes = 0;
+  // RetICL/FixedICL re-encode their context in chunks of this many tokens (each chunk attends to
+  // the K/V of the chunks before it), which bounds attention memory to chunk x context.
+  int64_t prefill_chunk = 2048;
+};
+
+class DbsaSession {
+ public:
+  // Opens `task` for querying with `model`: FailedPrecondition if the model's fingerprint differs
+  // from the one the pool was encoded with; NotFound for an unknown task.
+  static Result<std::unique_ptr<DbsaSession>> Open(const Store* store, const std::string& task,
+                                                   PoolModel model,
+                                                   const SessionOptions& options = {});
+
+  Result<Answer> Ask(std::string_view query, const AnswerOptions& options);
+
+  const TaskInfo& task() const { return task_; }
+  // Seconds spent encoding FixedICL's prefix (0 until a FixedICL query ran).
+  double fixed_prefix_seconds() const { return fixed_seconds_; }
+  // Device block cache statistics (all zero without a cache).
+  BlockCache::Stats cache_stats() const { return cache_ ? cache_->stats() : BlockCache::Stats{}; }
+  void ClearCache() {
+    if (cache_) cache_->Clear();
+  }
+
+ private:
+  DbsaSession(const Store* store, TaskInfo task, PoolModel model, PromptFormat format,
+              const SessionOptions& options)
+      : store_(store),
+        task_(std::move(task)),
+        model_(std::move(model)),
+        format_(std::move(format)),
+        options_(options) {}
+
+  Status Select(Snapshot* snapshot, std::string_view query, const SelectionOptions& options,
+                Answer* answer);
+  // DBSA: stored K/V of `blocks`, concatenated in that order, in the model's dtype and device.
+  Result<std::vector<LayerKV>> LoadStoredContext(Snapshot* snapshot,
+                                                 const std::vector<uint32_t>& blocks,
+                                                 uint64_t* tokens, Timing* timing);
+  // Baselines: the blocks' text re-encoded with full causal attention from position 0.
+  Result<std::vector<LayerKV>> EncodeTextContext(Snapshot* snapshot,
+                                                 const std::vector<uint32_t>& blocks,
+                                                 uint64_t* tokens);
+  Status Decode(const std::vector<LayerKV>* context, uint64_t context_tokens,
+                std::string_view query, const AnswerOptions& options, Answer* answer);
+
+  const Store* store_;
+  TaskInfo task_;
+  PoolModel model_;
+  PromptFormat format_;
+  SessionOptions options_;
+  std::unique_ptr<BlockCache> cache_;
+  std::vector<std::vector<int32_t>> label_tokens_;
+  // FixedICL's cached prefix, for the block count it was built for.
+  uint32_t fixed_blocks_ = 0;
+  uint64_t fixed_tokens_ = 0;
+  std::vector<LayerKV> fixed_context_;
+  double fixed_seconds_ = 0;
+};
+
+}  // namespace shotdb
+
+#endif  // SHOTDB_QUERY_DBSA_DBSA_H_

@@ -1,0 +1,441 @@
+// Exactness of the DBSA pipeline against dense float64 references, on the tiny random Llama
+// (tests/fixtures/model/tiny_llama, weights from HF transformers):
+//  (1) block-by-block encoding == one dense forward over the whole pool with the explicit
+//      block-sparse mask;
+//  (2) appending blocks == building the same blocks in one run;
+//  (3) with every block selected in encoding order, DBSA's label scores == a dense forward of
+//      pool + query + label where the query attends to everything.
+#include "query/dbsa/dbsa.h"
+
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <random>
+#include <set>
+
+#include "engine/bm25.h"
+#include "query/dbsa/pool_encoder.h"
+
+namespace shotdb {
+namespace {
+
+// One token per byte: enough vocabulary for the 256-token tiny model, and independent of any
+// trained tokenizer.
+class ByteTokenizer : public Tokenizer {
+ public:
+  Result<std::vector<int32_t>> Encode(std::string_view text, bool, bool) const override {
+    std::vector<int32_t> ids;
+    for (unsigned char c : text) ids.push_back(c);
+    return ids;
+  }
+  std::string Decode(const std::vector<int32_t>& ids) const override {
+    return std::string(ids.begin(), ids.end());
+  }
+  std::string TokenText(int32_t id) const override { return std::string(1, char(id)); }
+  size_t vocab_size() const override { return 256; }
+  int32_t bos_id() const override { return -1; }
+  int32_t eos_id() const override { return -1; }
+  bool add_bos_default() const override { return false; }
+  std::string Fingerprint() const override { return "bytes-v1"; }
+};
+
+class TempDir {
+ public:
+  TempDir() {
+    char tmpl[] = "/tmp/shotdb_dbsa_test_XXXXXX";
+    path_ = mkdtemp(tmpl);
+  }
+  ~TempDir() { std::filesystem::remove_all(path_); }
+  std::string Sub(const std::string& name) const { return path_ + "/" + name; }
+
+ private:
+  std::string path_;
+};
+
+const std::vector<std::string> kLabels = {"red", "green", "blue"};
+
+std::vector<std::vector<Demonstration>> MakeGroups(size_t blocks, size_t per_block) {
+  std::mt19937 rng(42);
+  const std::vector<std::string> words = {"apple", "sky", "grass", "fire", "sea", "leaf", "rose"};
+  std::vector<std::vector<Demonstration>> groups(blocks);
+  uint64_t id = 0;
+  for (auto& g : groups) {
+    for (size_t i = 0; i < per_block; ++i) {
+      std::string text = words[rng() % words.size()] + " " + words[rng() % words.size()];
+      g.push_back({id++, text, kLabels[rng() % kLabels.size()]});
+    }
+  }
+  return groups;
+}
+
+class DbsaExactnessTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    LoadOptions options;
+    options.dtype = torch::kFloat64;
+    auto model = LlamaModel::Load(std::string(SHOTDB_SOURCE_DIR) + "/tests/fixtures/model/tiny_llama",
+                                  options);
+    ASSERT_TRUE(model.ok()) << model.status().ToString();
+    model_ = std::move(*model);
+    pool_ = {model_.get(), &tokenizer_, "tiny-llama-fixture"};
+  }
+
+  std::unique_ptr<Store> MakeTask(const std::string& dir, DType kv_dtype, const BlockConfig& cfg) {
+    auto store = Store::Open(dir);
+    EXPECT_TRUE(store.ok()) << store.status().ToString();
+    TaskInfo task;
+    task.name = "t";
+    task.model = MakeFingerprint(pool_, kv_dtype);
+    task.blocks = cfg;
+    task.prompt_template = std::string(PromptFormat::kDefaultTemplate);
+    task.separator = std::string(PromptFormat::kDefaultSeparator);
+    task.labels = kLabels;
+    EXPECT_TRUE((*store)->CreateTask(task).ok());
+    return std::move(*store);
+  }
+
+  // Stored K or V of one block and layer as a float64 tensor.
+  torch::Tensor Stored(Store* store, uint32_t block, uint32_t layer, TensorKind kind) {
+    auto snap = store->BeginSnapshot();
+    EXPECT_TRUE(snap.ok());
+    auto info = (*snap)->GetBlock("t", block);
+    EXPECT_TRUE(info.ok());
+    auto payload = (*snap)->GetPayload("t", block, layer, kind);
+    EXPECT_TRUE(payload.ok()) << payload.status().ToString();
+    const auto& c = model_->config();
+    return torch::from_blob(const_cast<void*>(payload->data),
+                            {c.num_kv_heads, static_cast<int64_t>(info->token_count), c.head_dim},
+                            torch::TensorOptions().dtype(torch::kFloat64))
+        .clone();
+  }
+
+  // Token ids of every block of the pool in order, and the block each token belongs to.
+  void PoolTokens(Store* store, uint32_t blocks, std::vector<int64_t>* ids,
+                  std::vector<uint32_t>* owner) {
+    auto snap = store->BeginSnapshot();
+    ASSERT_TRUE(snap.ok());
+    for (uint32_t b = 0; b < blocks; ++b) {
+      auto info = (*snap)->GetBlock("t", b);
+      ASSERT_TRUE(info.ok());
+      auto t = TokenizeBlock(tokenizer_, info->text, b);
+      ASSERT_TRUE(t.ok());
+      ASSERT_EQ(t->size(), info->token_count);
+      for (int32_t id : *t) {
+        ids->push_back(id);
+        owner->push_back(b);
+      }
+    }
+  }
+
+  static double MaxRelError(const torch::Tensor& a, const torch::Tensor& b) {
+    return ((a - b).abs().max() / b.abs().max()).item<double>();
+  }
+
+  ByteTokenizer tokenizer_;
+  std::unique_ptr<LlamaModel> model_;
+  PoolModel pool_;
+  TempDir dir_;
+};
+
+// The block-sparse rule written out directly: key block kb is visible to query block qb.
+bool Visible(uint32_t qb, uint32_t kb, const BlockConfig& cfg) {
+  if (kb == qb) return true;
+  if (kb > qb) return false;
+  return kb < cfg.sink_blocks || kb + cfg.window >= qb;
+}
+
+TEST_F(DbsaExactnessTest, BlockByBlockEncodingEqualsDenseMaskedForward) {
+  BlockConfig cfg;
+  cfg.demos_per_block = 3;
+  cfg.window = 2;
+  auto store = MakeTask(dir_.Sub("a"), DType::kF64, cfg);
+  const auto groups = MakeGroups(6, 3);
+  PoolEncoder encoder(store.get(), pool_);
+  ASSERT_TRUE(encoder.EncodeBlocks("t", groups).ok());
+
+  std::vector<int64_t> ids;
+  std::vector<uint32_t> owner;
+  PoolTokens(store.get(), 6, &ids, &owner);
+  const int64_t n = static_cast<int64_t>(ids.size());
+  auto mask = torch::zeros({n, n}, torch::kBool);
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t j = 0; j <= i; ++j) {
+      if (Visible(owner[i], owner[j], cfg)) mask[i][j] = true;
+    }
+  }
+  ForwardRequest dense;
+  dense.tokens = torch::tensor(ids, torch::kInt64);
+  dense.positions = torch::arange(n, torch::kInt64);
+  dense.mask = mask;
+  dense.return_kv = true;
+  auto result = model_->Forward(dense);
+  ASSERT_TRUE(result.ok()) << result.status().ToString();
+
+  int64_t offset = 0;
+  for (uint32_t b = 0; b < 6; ++b) {
+    const torch::Tensor first = Stored(store.get(), b, 0, TensorKind::kKey);
+    const int64_t len = first.size(1);
+    for (uint32_t l = 0; l < model_->config().num_layers; ++l) {
+      const auto k = Stored(store.get(), b, l, TensorKind::kKey);
+      const auto v = Stored(store.get(), b, l, TensorKind::kValue);
+      EXPECT_LT(MaxRelError(k, result->kv[l].k.narrow(1, offset, len)), 1e-6) << "block " << b;
+      EXPECT_LT(MaxRelError(v, result->kv[l].v.narrow(1, offset, len)), 1e-6) << "block " << b;
+    }
+    offset += len;
+  }
+  EXPECT_EQ(offset, n);
+
+  // The mask matters: a dense causal forward (no sparsity) differs in the later blocks.
+  ForwardRequest causal = dense;
+  causal.mask = torch::Tensor();
+  auto full = model_->Forward(causal);
+  ASSERT_TRUE(full.ok());
+  const auto last = Stored(store.get(), 5, 1, TensorKind::kValue);
+  EXPECT_GT(MaxRelError(last, full->kv[1].v.narrow(1, n - last.size(1), last.size(1))), 1e-6);
+}
+
+TEST_F(DbsaExactnessTest, AppendEqualsFullBuild) {
+  BlockConfig cfg;
+  cfg.demos_per_block = 4;
+  cfg.window = 1;
+  const auto groups = MakeGroups(5, 4);
+  auto whole = MakeTask(dir_.Sub("whole"), DType::kF64, cfg);
+  ASSERT_TRUE(PoolEncoder(whole.get(), pool_).EncodeBlocks("t", groups).ok());
+
+  auto parts = MakeTask(dir_.Sub("parts"), DType::kF64, cfg);
+  const std::vector<std::vector<Demonstration>> first(groups.begin(), groups.begin() + 2);
+  const std::vector<std::vector<Demonstration>> rest(groups.begin() + 2, groups.end());
+  ASSERT_TRUE(PoolEncoder(parts.get(), pool_).EncodeBlocks("t", first).ok());
+  // A fresh encoder (a later process) must read its context blocks back from the store.
+  ASSERT_TRUE(PoolEncoder(parts.get(), pool_).EncodeBlocks("t", rest).ok());
+
+  for (uint32_t b = 0; b < 5; ++b) {
+    for (uint32_t l = 0; l < model_->config().num_layers; ++l) {
+      for (TensorKind kind : {TensorKind::kKey, TensorKind::kValue}) {
+        auto a = Stored(whole.get(), b, l, kind);
+        auto p = Stored(parts.get(), b, l, kind);
+        EXPECT_LE((a - p).abs().max().item<double>(), 1e-12 * a.abs().max().item<double>())
+            << "block " << b << " layer " << l;
+      }
+    }
+  }
+}
+
+TEST_F(DbsaExactnessTest, AllBlocksSelectedEqualsDenseForwardOfPoolAndQuery) {
+  BlockConfig cfg;
+  cfg.demos_per_block = 3;
+  cfg.window = 1;
+  auto store = MakeTask(dir_.Sub("q"), DType::kF64, cfg);
+  ASSERT_TRUE(PoolEncoder(store.get(), pool_).EncodeBlocks("t", MakeGroups(5, 3)).ok());
+
+  auto session = DbsaSession::Open(store.get(), "t", pool_);
+  ASSERT_TRUE(session.ok()) << session.status().ToString();
+  AnswerOptions options;
+  options.selection.count = 5;
+  const std::string query = "sky fire";
+  auto answer = (*session)->Ask(query, options);
+  ASSERT_TRUE(answer.ok()) << answer.status().ToString();
+  ASSERT_EQ(answer->blocks, (std::vector<uint32_t>{0, 1, 2, 3, 4}));
+
+  std::vector<int64_t> pool_ids;
+  std::vector<uint32_t> owner;
+  PoolTokens(store.get(), 5, &pool_ids, &owner);
+  const int64_t n = static_cast<int64_t>(pool_ids.size());
+  EXPECT_EQ(answer->context_tokens, static_cast<uint64_t>(n));
+  auto format = PromptFormat::Create(std::string(PromptFormat::kDefaultTemplate),
+                                     std::string(PromptFormat::kDefaultSeparator));
+  ASSERT_TRUE(format.ok());
+  const std::string prompt = format->FormatQuery(query);
+
+  double best = -1e300;
+  std::string best_label;
+  for (size_t li = 0; li < kLabels.size(); ++li) {
+    const std::string cont = format->LabelContinuation(kLabels[li]);
+    std::vector<int64_t> ids = pool_ids;
+    ids.insert(ids.end(), prompt.begin(), prompt.end());
+    const int64_t label_start = static_cast<int64_t>(ids.size());
+    ids.insert(ids.end(), cont.begin(), cont.end());
+    const int64_t total = static_cast<int64_t>(ids.size());
+    auto mask = torch::zeros({total, total}, torch::kBool);
+    for (int64_t i = 0; i < total; ++i) {
+      for (int64_t j = 0; j <= i; ++j) {
+        // Pool tokens keep the block-sparse pattern; query and label tokens see everything.
+        mask[i][j] = i >= n || Visible(owner[i], owner[j], cfg);
+      }
+    }
+    ForwardRequest r;
+    r.tokens = torch::tensor(ids, torch::kInt64);
+    r.positions = torch::arange(total, torch::kInt64);
+    r.mask = mask;
+    r.all_logits = true;
+    auto out = model_->Forward(r);
+    ASSERT_TRUE(out.ok()) << out.status().ToString();
+    auto logp = torch::log_softmax(out->logits.to(torch::kFloat64), -1);
+    double sum = 0;
+    for (int64_t t = label_start; t < total; ++t) sum += logp[t - 1][ids[t]].item<double>();
+    ASSERT_LT(li, answer->label_scores.size());
+    EXPECT_NEAR(answer->label_scores[li], sum, 1e-9 * std::abs(sum)) << kLabels[li];
+    if (sum > best) {
+      best = sum;
+      best_label = kLabels[li];
+    }
+  }
+  EXPECT_EQ(answer->label, best_label);
+  EXPECT_NEAR(answer->score, best, 1e-9 * std::abs(best));
+}
+
+TEST_F(DbsaExactnessTest, SelectionIsBlockZeroThenBm25TopInEncodingOrder) {
+  BlockConfig cfg;
+  cfg.demos_per_block = 2;
+  auto store = MakeTask(dir_.Sub("s"), DType::kF32, cfg);
+  // The tiny model runs in float64; the task stores float32 K/V (converted on write and read).
+  const auto groups = MakeGroups(10, 2);
+  ASSERT_TRUE(PoolEncoder(store.get(), pool_).EncodeBlocks("t", groups).ok());
+  auto session = DbsaSession::Open(store.get(), "t", pool_);
+  ASSERT_TRUE(session.ok());
+
+  Bm25MemoryIndex reference;
+  {
+    auto snap = store->BeginSnapshot();
+    ASSERT_TRUE(snap.ok());
+    for (uint32_t b = 0; b < 10; ++b) {
+      reference.Add(TokenizeText((*snap)->GetBlock("t", b)->text, TextTokenizerOptions{}));
+    }
+  }
+  const std::string query = "rose leaf";
+  for (bool ascending : {false, true}) {
+    AnswerOptions options;
+    options.selection.count = 4;
+    options.selection.ascending_score = ascending;
+    auto answer = (*session)->Ask(query, options);
+    ASSERT_TRUE(answer.ok()) << answer.status().ToString();
+    ASSERT_EQ(answer->blocks.size(), 4u);
+    EXPECT_EQ(answer->blocks[0], 0u);
+    std::vector<std::pair<double, uint32_t>> want;
+    for (const auto& hit : reference.TopK(TokenizeText(query, TextTokenizerOptions{}), 4)) {
+      if (hit.doc != 0 && want.size() < 3) want.push_back({hit.score, hit.doc});
+    }
+    if (ascending) {
+      std::stable_sort(want.begin(), want.end(),
+                       [](const auto& a, const auto& b) { return a.first < b.first; });
+    } else {
+      std::sort(want.begin(), want.end(),
+                [](const auto& a, const auto& b) { return a.second < b.second; });
+    }
+    for (size_t i = 0; i < want.size(); ++i) {
+      EXPECT_EQ(answer->blocks[i + 1], want[i].second);
+      EXPECT_NEAR(answer->block_scores[i + 1], want[i].first, 1e-12);
+    }
+  }
+}
+
+TEST_F(DbsaExactnessTest, AddDemonstrationsIsResumableAndChecksLabelsAndModel) {
+  auto store = Store::Open(dir_.Sub("r"));
+  ASSERT_TRUE(store.ok());
+  PoolTaskOptions options;
+  options.blocks.demos_per_block = 4;
+  options.kv_dtype = DType::kF32;
+  std::vector<LabeledText> demos;
+  for (const auto& g : MakeGroups(3, 5)) {
+    for (const auto& d : g) demos.push_back({d.text, d.label});
+  }
+  PoolEncoder encoder(store->get(), pool_);
+  ASSERT_TRUE(encoder.AddDemonstrations("t", options, demos, 7).ok());
+  auto task = [&] { return *(*(*store)->BeginSnapshot())->GetTask("t"); };
+  EXPECT_EQ(task().num_demos, 15u);
+  EXPECT_EQ(task().num_blocks, 4u);  // 4 + 4 + 4 + 3
+
+  // Re-running with the same input (as after an interruption) adds nothing.
+  ASSERT_TRUE(encoder.AddDemonstrations("t", options, demos, 7).ok());
+  EXPECT_EQ(task().num_blocks, 4u);
+  // New rows are appended as new blocks only.
+  demos.push_back({"brand new text", "blue"});
+  ASSERT_TRUE(encoder.AddDemonstrations("t", options, demos, 7).ok());
+  EXPECT_EQ(task().num_demos, 16u);
+  EXPECT_EQ(task().num_blocks, 5u);
+
+  // A label outside the task's set, and a different model, are refused.
+  std::vector<LabeledText> bad = {{"x", "purple"}};
+  EXPECT_TRUE(encoder.AddDemonstrations("t", options, bad, 7).IsInvalidArgument());
+  PoolModel other = pool_;
+  other.weights_digest = "another-checkpoint";
+  EXPECT_TRUE(PoolEncoder(store->get(), other).AddDemonstrations("t", options, demos, 7)
+                  .IsFailedPrecondition());
+  EXPECT_TRUE(DbsaSession::Open(store->get(), "t", other).status().IsFailedPrecondition());
+}
+
+TEST_F(DbsaExactnessTest, DeviceCacheAndChunkedPrefillChangeNothing) {
+  BlockConfig cfg;
+  cfg.demos_per_block = 3;
+  auto store = MakeTask(dir_.Sub("c"), DType::kF64, cfg);
+  ASSERT_TRUE(PoolEncoder(store.get(), pool_).EncodeBlocks("t", MakeGroups(6, 3)).ok());
+  SessionOptions plain;
+  plain.prefill_chunk = 1 << 20;
+  SessionOptions cached;
+  cached.cache_bytes = 1 << 30;
+  cached.prefill_chunk = 7;  // RetICL/FixedICL re-encode in chunks of 7 tokens
+  auto a = DbsaSession::Open(store.get(), "t", pool_, plain);
+  auto b = DbsaSession::Open(store.get(), "t", pool_, cached);
+  ASSERT_TRUE(a.ok() && b.ok());
+  for (Method method : {Method::kDbsa, Method::kRetIcl, Method::kFixedIcl}) {
+    for (const char* query : {"sky fire", "rose", "grass sea leaf"}) {
+      AnswerOptions options;
+      options.method = method;
+      options.selection.count = 3;
+      auto x = (*a)->Ask(query, options);
+      auto y = (*b)->Ask(query, options);
+      ASSERT_TRUE(x.ok() && y.ok()) << x.status().ToString() << y.status().ToString();
+      EXPECT_EQ(x->blocks, y->blocks);
+      ASSERT_EQ(x->label_scores.size(), y->label_scores.size());
+      for (size_t i = 0; i < x->label_scores.size(); ++i) {
+        EXPECT_NEAR(x->label_scores[i], y->label_scores[i], 1e-9 * std::abs(x->label_scores[i]))
+            << MethodName(method) << " " << query;
+      }
+    }
+  }
+  const BlockCache::Stats stats = (*b)->cache_stats();
+  EXPECT_GT(stats.hits, 0u);
+  EXPECT_EQ(stats.misses + stats.hits, 9u);  // three DBSA queries of three blocks each
+  EXPECT_EQ(stats.evictions, 0u);
+  EXPECT_EQ((*a)->cache_stats().misses, 0u);
+}
+
+TEST(PromptFormatTest, FormatsDemosQueriesAndLabels) {
+  auto f = PromptFormat::Create("utterance: {text}\nintent: {label}", "\n==\n");
+  ASSERT_TRUE(f.ok());
+  EXPECT_EQ(f->FormatDemo("hi", "greet"), "utterance: hi\nintent: greet");
+  EXPECT_EQ(f->FormatBlock({{"a", "x"}, {"b", "y"}}, true),
+            "utterance: a\nintent: x\n==\nutterance: b\nintent: y");
+  EXPECT_EQ(f->FormatBlock({{"a", "x"}}, false), "\n==\nutterance: a\nintent: x");
+  EXPECT_EQ(f->FormatQuery("q") + f->LabelContinuation("x"), "\n==\n" + f->FormatDemo("q", "x"));
+  EXPECT_EQ(f->LabelContinuation("x"), " x");
+  EXPECT_TRUE(PromptFormat::Create("{label} {text}", "\n").status().IsInvalidArgument());
+  EXPECT_TRUE(PromptFormat::Create("{text}", "\n").status().IsInvalidArgument());
+}
+
+TEST(GroupIntoBlocksTest, PartitionIsCompleteSeededAndSized) {
+  const auto a = GroupIntoBlocks(103, 10, 5);
+  ASSERT_EQ(a.size(), 11u);
+  EXPECT_EQ(a.back().size(), 3u);
+  std::set<size_t> seen;
+  for (const auto& g : a) seen.insert(g.begin(), g.end());
+  EXPECT_EQ(seen.size(), 103u);
+  EXPECT_EQ(*seen.rbegin(), 102u);
+  EXPECT_EQ(GroupIntoBlocks(103, 10, 5), a);
+  EXPECT_NE(GroupIntoBlocks(103, 10, 6), a);
+}
+
+TEST(SelectionSizeTest, RatioCountAndClamping) {
+  SelectionOptions o;
+  EXPECT_EQ(SelectionSize(40, o), 12u);
+  EXPECT_EQ(SelectionSize(1, o), 1u);
+  o.count = 50;
+  EXPECT_EQ(SelectionSize(40, o), 40u);
+  o.count = 0;
+  o.ratio = 0;
+  EXPECT_EQ(SelectionSize(40, o), 1u);
+}
+
+}  // namespace
+}  // namespace shotdb

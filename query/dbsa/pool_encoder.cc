@@ -1,0 +1,247 @@
+#include "query/dbsa/pool_encoder.h"
+
+#include <xxhash.h>
+
+#include <algorithm>
+#include <chrono>
+#include <set>
+
+#include "query/dbsa/kv_tensor.h"
+
+namespace shotdb {
+
+namespace {
+
+uint64_t DemonstrationId(const LabeledText& demo, uint64_t occurrence) {
+  std::string key = demo.label;
+  key.push_back('\0');
+  key += demo.text;
+  key.push_back('\0');
+  key += std::to_string(occurrence);
+  return XXH3_64bits(key.data(), key.size());
+}
+
+torch::Tensor Positions(uint64_t start, int64_t count, torch::Device device) {
+  return torch::arange(static_cast<int64_t>(start), static_cast<int64_t>(start) + count,
+                       torch::TensorOptions().dtype(torch::kInt64).device(device));
+}
+
+}  // namespace
+
+ModelFingerprint MakeFingerprint(const PoolModel& m, DType kv_dtype) {
+  const ModelConfig& c = m.model->config();
+  ModelFingerprint f;
+  f.architecture = c.architecture + "@" + m.weights_digest;
+  f.dtype = kv_dtype;
+  f.tokenizer_hash = m.tokenizer->Fingerprint();
+  f.num_layers = static_cast<uint32_t>(c.num_layers);
+  f.kv_heads = static_cast<uint32_t>(c.num_kv_heads);
+  f.head_dim = static_cast<uint32_t>(c.head_dim);
+  return f;
+}
+
+Result<std::vector<int32_t>> TokenizeBlock(const Tokenizer& tokenizer, const std::string& text,
+                                           uint32_t block_index) {
+  const bool bos = block_index == 0 && tokenizer.add_bos_default() && tokenizer.bos_id() >= 0;
+  SHOTDB_ASSIGN_OR_RETURN(std::vector<int32_t> ids,
+                          tokenizer.Encode(text, bos, /*parse_special=*/false));
+  if (ids.empty()) {
+    return Status::InvalidArgument("block " + std::to_string(block_index) + " has no tokens");
+  }
+  return ids;
+}
+
+Status PoolEncoder::AddDemonstrations(const std::string& task_name,
+                                      const PoolTaskOptions& options,
+                                      const std::vector<LabeledText>& demos, uint64_t seed,
+                                      const EncodeProgressFn& progress) {
+  TaskInfo task;
+  {
+    SHOTDB_ASSIGN_OR_RETURN(auto snapshot, store_->BeginSnapshot());
+    auto existing = snapshot->GetTask(task_name);
+    if (existing.ok()) {
+      task = *existing;
+      const ModelFingerprint ours = MakeFingerprint(model_, task.model.dtype);
+      if (ours != task.model) {
+        return Status::FailedPrecondition("task '" + task_name + "' was encoded with model " +
+                                          task.model.ToString() + ", not " + ours.ToString());
+      }
+    } else if (existing.status().IsNotFound()) {
+      SHOTDB_RETURN_IF_ERROR(
+          PromptFormat::Create(options.demo_template, options.separator).status());
+      if (options.blocks.demos_per_block == 0 || options.blocks.sink_blocks == 0) {
+        return Status::InvalidArgument("demos per block and sink blocks must be at least 1");
+      }
+      task.name = task_name;
+      task.model = MakeFingerprint(model_, options.kv_dtype);
+      task.blocks = options.blocks;
+      task.codec = options.codec;
+      task.prompt_template = options.demo_template;
+      task.separator = options.separator;
+      task.bm25_tokenizer = options.bm25_tokenizer;
+      task.labels = options.labels;
+      if (task.labels.empty()) {
+        std::set<std::string> distinct;
+        for (const auto& d : demos) distinct.insert(d.label);
+        task.labels.assign(distinct.begin(), distinct.end());
+      }
+      task.metadata_json = "{\"weights_digest\":\"" + model_.weights_digest + "\"}";
+      SHOTDB_RETURN_IF_ERROR(store_->CreateTask(task));
+    } else {
+      return existing.status();
+    }
+  }
+
+  const std::set<std::string> labels(task.labels.begin(), task.labels.end());
+  std::vector<Demonstration> fresh;
+  {
+    SHOTDB_ASSIGN_OR_RETURN(auto snapshot, store_->BeginSnapshot());
+    std::map<std::pair<std::string, std::string>, uint64_t> occurrences;
+    for (size_t i = 0; i < demos.size(); ++i) {
+      const LabeledText& d = demos[i];
+      if (!labels.count(d.label)) {
+        return Status::InvalidArgument("demonstration " + std::to_string(i + 1) + ": label '" +
+                                       d.label + "' is not one of task '" + task_name +
+                                       "''s labels");
+      }
+      const uint64_t id = DemonstrationId(d, occurrences[{d.label, d.text}]++);
+      auto stored = snapshot->GetDemonstration(task_name, id);
+      if (stored.ok()) continue;  // committed by an earlier (perhaps interrupted) run
+      if (!stored.status().IsNotFound()) return stored.status();
+      fresh.push_back({id, d.text, d.label});
+    }
+  }
+
+  // Mixing in the block count gives each append its own shuffle while keeping a re-run identical.
+  const uint64_t group_seed = seed ^ (task.num_blocks * 0x9e3779b97f4a7c15ull);
+  std::vector<std::vector<Demonstration>> groups;
+  for (const auto& members : GroupIntoBlocks(fresh.size(), task.blocks.demos_per_block, group_seed)) {
+    std::vector<Demonstration> group;
+    for (size_t m : members) group.push_back(fresh[m]);
+    groups.push_back(std::move(group));
+  }
+  return EncodeBlocks(task_name, groups, progress);
+}
+
+Result<PoolEncoder::BlockKV> PoolEncoder::ContextBlock(Snapshot* snapshot, const TaskInfo& task,
+                                                       uint32_t index) {
+  auto cached = window_.find(index);
+  if (cached != window_.end()) return cached->second;
+  SHOTDB_ASSIGN_OR_RETURN(BlockInfo info, snapshot->GetBlock(task.name, index));
+  const LlamaModel& model = *model_.model;
+  BlockKV kv(task.model.num_layers);
+  for (uint32_t layer = 0; layer < task.model.num_layers; ++layer) {
+    for (TensorKind kind : {TensorKind::kKey, TensorKind::kValue}) {
+      torch::Tensor t = torch::empty({task.model.kv_heads, info.token_count, task.model.head_dim},
+                                     torch::TensorOptions().dtype(TorchType(task.model.dtype)));
+      SHOTDB_RETURN_IF_ERROR(snapshot->DecodePayloadInto(task.name, index, layer, kind,
+                                                         t.data_ptr(), t.nbytes()));
+      (kind == TensorKind::kKey ? kv[layer].k : kv[layer].v) =
+          t.to(model.device(), model.dtype());
+    }
+  }
+  window_[index] = kv;
+  return kv;
+}
+
+Status PoolEncoder::EncodeBlocks(const std::string& task_name,
+                                 const std::vector<std::vector<Demonstration>>& groups,
+                                 const EncodeProgressFn& progress) {
+  if (window_task_ != task_name) {
+    window_.clear();
+    window_task_ = task_name;
+  }
+  const LlamaModel& model = *model_.model;
+  const torch::Device device = model.device();
+  const auto start = std::chrono::steady_clock::now();
+  EncodeProgress report;
+  report.blocks_total = groups.size();
+
+  for (const auto& group : groups) {
+    SHOTDB_ASSIGN_OR_RETURN(auto snapshot, store_->BeginSnapshot());
+    SHOTDB_ASSIGN_OR_RETURN(TaskInfo task, snapshot->GetTask(task_name));
+    SHOTDB_ASSIGN_OR_RETURN(PromptFormat format,
+                            PromptFormat::Create(task.prompt_template, task.separator));
+    const uint32_t index = static_cast<uint32_t>(task.num_blocks);
+
+    std::vector<std::pair<std::string, std::string>> pairs;
+    NewBlock block;
+    for (const auto& d : group) {
+      pairs.emplace_back(d.text, d.label);
+      block.info.demo_ids.push_back(d.id);
+    }
+    block.demos = group;
+    block.model = task.model;
+    block.info.index = index;
+    block.info.position_offset = task.num_tokens;
+    block.info.text = format.FormatBlock(pairs, index == 0);
+    SHOTDB_ASSIGN_OR_RETURN(std::vector<int32_t> ids,
+                            TokenizeBlock(*model_.tokenizer, block.info.text, index));
+    block.info.token_count = static_cast<uint32_t>(ids.size());
+
+    // Context: the sink blocks and the previous `window` blocks, in block order.
+    std::set<uint32_t> context_blocks;
+    for (uint32_t s = 0; s < task.blocks.sink_blocks && s < index; ++s) context_blocks.insert(s);
+    for (uint32_t b = index > task.blocks.window ? index - task.blocks.window : 0; b < index; ++b) {
+      context_blocks.insert(b);
+    }
+    std::vector<LayerKV> context(task.model.num_layers);
+    std::vector<torch::Tensor> context_positions;
+    if (!context_blocks.empty()) {
+      std::vector<std::vector<torch::Tensor>> ks(task.model.num_layers), vs(task.model.num_layers);
+      for (uint32_t c : context_blocks) {
+        SHOTDB_ASSIGN_OR_RETURN(BlockInfo info, snapshot->GetBlock(task_name, c));
+        SHOTDB_ASSIGN_OR_RETURN(BlockKV kv, ContextBlock(snapshot.get(), task, c));
+        context_positions.push_back(Positions(info.position_offset, info.token_count, device));
+        for (uint32_t l = 0; l < task.model.num_layers; ++l) {
+          ks[l].push_back(kv[l].k);
+          vs[l].push_back(kv[l].v);
+        }
+      }
+      for (uint32_t l = 0; l < task.model.num_layers; ++l) {
+        context[l] = {torch::cat(ks[l], 1), torch::cat(vs[l], 1)};
+      }
+    }
+    snapshot.reset();  // the forward pass below needs no read transaction
+
+    ForwardRequest request;
+    request.tokens = torch::tensor(std::vector<int64_t>(ids.begin(), ids.end()),
+                                   torch::TensorOptions().dtype(torch::kInt64)).to(device);
+    request.positions = Positions(block.info.position_offset, request.tokens.size(0), device);
+    if (!context_positions.empty()) {
+      request.context = &context;
+      request.context_positions = torch::cat(context_positions);
+    }
+    request.return_kv = true;
+    SHOTDB_ASSIGN_OR_RETURN(ForwardResult result, model.Forward(request));
+
+    const torch::ScalarType stored = TorchType(task.model.dtype);
+    BlockKV as_stored(task.model.num_layers);
+    std::vector<torch::Tensor> host(2 * task.model.num_layers);
+    for (uint32_t l = 0; l < task.model.num_layers; ++l) {
+      host[2 * l] = result.kv[l].k.to(torch::kCPU, stored).contiguous();
+      host[2 * l + 1] = result.kv[l].v.to(torch::kCPU, stored).contiguous();
+      block.keys.push_back(host[2 * l].data_ptr());
+      block.values.push_back(host[2 * l + 1].data_ptr());
+      as_stored[l] = {host[2 * l].to(device, model.dtype()), host[2 * l + 1].to(device, model.dtype())};
+    }
+    SHOTDB_RETURN_IF_ERROR(store_->AppendBlock(task_name, block).WithContext(
+        "task '" + task_name + "' block " + std::to_string(index)));
+
+    window_[index] = std::move(as_stored);
+    for (auto it = window_.begin(); it != window_.end();) {
+      const bool sink = it->first < task.blocks.sink_blocks;
+      const bool recent = it->first + task.blocks.window >= index + 1;
+      it = sink || recent ? std::next(it) : window_.erase(it);
+    }
+
+    ++report.blocks_done;
+    report.tokens_done += ids.size();
+    report.seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    if (progress) progress(report);
+  }
+  return Status::OK();
+}
+
+}  // namespace shotdb

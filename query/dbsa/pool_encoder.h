@@ -1,0 +1,93 @@
+// PoolEncoder: encodes a demonstration pool into a store once, block by block, with DBSA's
+// block-sparse attention, and appends to it later at the cost of the new blocks only.
+//
+// Block i (tokens at sequential pool positions) attends at every layer to the sink block(s) 0..s-1,
+// the previous j blocks i-j..i-1, and itself causally; nothing else. The context blocks' K/V are the
+// values as stored (in the task's K/V dtype), so encoding a block gives the same result whether its
+// predecessors were encoded in this run, an earlier interrupted run, or an earlier append.
+// Each block (every layer's pre-RoPE K and V, its texts, its BM25 postings) is one store
+// transaction: an interrupted build leaves a readable store, and re-running continues after the
+// last committed block.
+#ifndef SHOTDB_QUERY_DBSA_POOL_ENCODER_H_
+#define SHOTDB_QUERY_DBSA_POOL_ENCODER_H_
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "engine/store.h"
+#include "query/dbsa/demo_file.h"
+#include "query/dbsa/prompt.h"
+#include "query/model/llama.h"
+#include "query/tokenizer/tokenizer.h"
+
+namespace shotdb {
+
+// The model a pool is encoded with. Not owned.
+struct PoolModel {
+  const LlamaModel* model = nullptr;
+  const Tokenizer* tokenizer = nullptr;
+  std::string weights_digest;  // WeightsDigest() of the checkpoint
+};
+
+// The fingerprint a task records: architecture and weights digest, stored K/V dtype, tokenizer
+// fingerprint, and the K/V shape (layers, kv heads, head dim).
+ModelFingerprint MakeFingerprint(const PoolModel& model, DType kv_dtype);
+
+struct PoolTaskOptions {
+  std::string demo_template = std::string(PromptFormat::kDefaultTemplate);
+  std::string separator = std::string(PromptFormat::kDefaultSeparator);
+  BlockConfig blocks;           // k (demos per block), j (window), sink blocks
+  DType kv_dtype = DType::kBF16;
+  Codec codec = Codec::kRaw;
+  TextTokenizerOptions bm25_tokenizer;
+  // The label set decoding is constrained to; empty = the distinct labels of the first build's
+  // demonstrations, sorted.
+  std::vector<std::string> labels;
+};
+
+struct EncodeProgress {
+  uint64_t blocks_done = 0, blocks_total = 0;  // of this call
+  uint64_t tokens_done = 0;                    // of this call
+  double seconds = 0;                          // since this call started
+};
+using EncodeProgressFn = std::function<void(const EncodeProgress&)>;
+
+class PoolEncoder {
+ public:
+  PoolEncoder(Store* store, PoolModel model) : store_(store), model_(std::move(model)) {}
+
+  // Creates `task` if it does not exist (FailedPrecondition if it exists with another model
+  // fingerprint or block config), then adds every demonstration of `demos` that the task does not
+  // hold yet: they are grouped at random (seeded by `seed` and the task's block count) into blocks
+  // of k and encoded. A demonstration's id is derived from its text, label and occurrence number
+  // in `demos`, so re-running after an interruption skips what was committed. Use it for both
+  // `build` and `append`.
+  Status AddDemonstrations(const std::string& task, const PoolTaskOptions& options,
+                           const std::vector<LabeledText>& demos, uint64_t seed,
+                           const EncodeProgressFn& progress = {});
+
+  // Appends one block per group, in order, after the task's existing blocks (the task must
+  // exist). The building block of AddDemonstrations, public so that tests can fix the grouping.
+  Status EncodeBlocks(const std::string& task, const std::vector<std::vector<Demonstration>>& groups,
+                      const EncodeProgressFn& progress = {});
+
+ private:
+  using BlockKV = std::vector<LayerKV>;
+  Result<BlockKV> ContextBlock(Snapshot* snapshot, const TaskInfo& task, uint32_t index);
+
+  Store* store_;
+  PoolModel model_;
+  std::map<uint32_t, BlockKV> window_;  // recently encoded blocks' K/V as stored, model dtype
+  std::string window_task_;
+};
+
+// The tokens of a block's text: BOS first for block 0 when the tokenizer asks for it.
+Result<std::vector<int32_t>> TokenizeBlock(const Tokenizer& tokenizer, const std::string& text,
+                                           uint32_t block_index);
+
+}  // namespace shotdb
+
+#endif  // SHOTDB_QUERY_DBSA_POOL_ENCODER_H_

