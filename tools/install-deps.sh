@@ -5,7 +5,7 @@ pkgs=(cmake ninja-build g++ pkg-config
       liblmdb-dev lmdb-utils liblz4-dev libxxhash-dev
       libgtest-dev libgmock-dev libbenchmark-dev
       libtorch-dev libopenblas0-pthread
-      libcli11-dev nlohmann-json3-dev libfmt-dev libpcre2-dev libsentencepiece-dev
+      libcli11-dev nlohmann-json3-dev libfmt-dev libpcre2-dev
       python3 python3-pip unzip)
 missing=()
 for p in "${pkgs[@]}"; do

@@ -1,7 +1,5 @@
 #include "query/tokenizer/spm_tokenizer.h"
 
-#include <sentencepiece_processor.h>
-
 #include <cstdio>
 #include <queue>
 
@@ -12,88 +10,6 @@ namespace {
 constexpr std::string_view kSpaceSymbol = "\xE2\x96\x81";  // U+2581 "▁"
 
 }  // namespace
-
-// ---- SpmTokenizer (libsentencepiece)
-// -------------------------------------------------------------
-
-SpmTokenizer::SpmTokenizer() : sp_(std::make_unique<sentencepiece::SentencePieceProcessor>()) {}
-SpmTokenizer::~SpmTokenizer() = default;
-
-Result<std::unique_ptr<SpmTokenizer>> SpmTokenizer::Load(const std::string& path) {
-  std::unique_ptr<SpmTokenizer> t(new SpmTokenizer());
-  const auto status = t->sp_->Load(path);
-  if (!status.ok()) {
-    return Status::IOError(path + ": not a loadable SentencePiece model: " + status.ToString());
-  }
-  std::vector<AddedToken> control;
-  for (int id = 0; id < t->sp_->GetPieceSize(); ++id) {
-    if (t->sp_->IsControl(id)) control.push_back({id, t->sp_->IdToPiece(id), true});
-  }
-  t->control_ = AddedTokenMatcher(control);
-  FingerprintHasher h;
-  h.AddString("shotdb-spm-model-v1");
-  h.AddString(t->sp_->serialized_model_proto());
-  h.AddInt(t->add_bos_default());
-  t->fingerprint_ = h.HexDigest();
-  return t;
-}
-
-Result<std::vector<int32_t>> SpmTokenizer::Encode(std::string_view text, bool add_bos,
-                                                  bool parse_special) const {
-  if (!IsValidUtf8(text)) {
-    return Status::InvalidArgument("SpmTokenizer::Encode: text is not valid UTF-8");
-  }
-  std::vector<int32_t> ids;
-  if (add_bos && bos_id() >= 0) ids.push_back(bos_id());
-  for (const TextFragment& f : control_.Split(text, parse_special)) {
-    if (f.token_id >= 0) {
-      ids.push_back(f.token_id);
-      continue;
-    }
-    std::vector<int> piece_ids;
-    const auto status = sp_->Encode(f.text, &piece_ids);
-    if (!status.ok()) {
-      return Status::InvalidArgument("SpmTokenizer::Encode: sentencepiece: " + status.ToString());
-    }
-    ids.insert(ids.end(), piece_ids.begin(), piece_ids.end());
-  }
-  return ids;
-}
-
-std::string SpmTokenizer::Decode(const std::vector<int32_t>& ids) const {
-  std::string out;
-  std::vector<int> run;  // consecutive ordinary ids, decoded together
-  auto flush = [&] {
-    if (run.empty()) return;
-    std::string text;
-    if (sp_->Decode(run, &text).ok()) out += text;
-    run.clear();
-  };
-  for (int32_t id : ids) {
-    if (id < 0 || id >= sp_->GetPieceSize()) continue;
-    if (sp_->IsControl(id)) {
-      flush();
-      out += sp_->IdToPiece(id);
-    } else {
-      run.push_back(id);
-    }
-  }
-  flush();
-  return out;
-}
-
-std::string SpmTokenizer::TokenText(int32_t id) const {
-  if (id < 0 || id >= sp_->GetPieceSize()) return "";
-  return sp_->IdToPiece(id);
-}
-
-size_t SpmTokenizer::vocab_size() const { return static_cast<size_t>(sp_->GetPieceSize()); }
-int32_t SpmTokenizer::bos_id() const { return sp_->bos_id(); }
-int32_t SpmTokenizer::eos_id() const { return sp_->eos_id(); }
-bool SpmTokenizer::add_bos_default() const { return sp_->bos_id() >= 0; }
-
-// ---- SpmVocabTokenizer (GGUF "llama")
-// ------------------------------------------------------------
 
 Result<std::unique_ptr<SpmVocabTokenizer>> SpmVocabTokenizer::Create(SpmVocab vocab,
                                                                      const std::string& source) {

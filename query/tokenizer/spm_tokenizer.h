@@ -1,15 +1,15 @@
-// SentencePiece tokenizers (Llama 2 family).
+// SentencePiece-BPE tokenizers (Llama 2 family).
 //
-// SpmTokenizer wraps libsentencepiece for a tokenizer.model file (any model type: BPE or unigram).
 // SpmVocabTokenizer implements SentencePiece-BPE encoding from a vocabulary of pieces and scores,
-// as stored in GGUF files whose tokenizer.ggml.model is "llama": spaces become "▁" (with one
-// prepended when add_space_prefix is set), the text starts as single characters, adjacent pairs
+// as stored in GGUF files whose tokenizer.ggml.model is "llama" and in SentencePiece
+// tokenizer.model files (read by spm_model_file.h): spaces become "▁" (with one prepended when
+// add_space_prefix is set), the text starts as single characters, adjacent pairs
 // whose concatenation is a piece are merged highest score first (leftmost first among equal
 // scores), and characters without a piece fall back to their UTF-8 bytes as "<0xXX>" pieces.
 //
 // Special tokens (control pieces such as "</s>") are split out first when parse_special is set;
 // each text fragment is then encoded on its own, with the dummy space prefix, as llama.cpp and the
-// Hugging Face "legacy" Llama tokenizer do. Both classes are immutable and thread-safe.
+// Hugging Face "legacy" Llama tokenizer do. Immutable and thread-safe.
 #ifndef SHOTDB_QUERY_TOKENIZER_SPM_TOKENIZER_H_
 #define SHOTDB_QUERY_TOKENIZER_SPM_TOKENIZER_H_
 
@@ -23,36 +23,7 @@
 #include "query/tokenizer/tokenizer.h"
 #include "util/status.h"
 
-namespace sentencepiece {
-class SentencePieceProcessor;
-}
-
 namespace shotdb {
-
-// A SentencePiece tokenizer.model, encoded by libsentencepiece.
-class SpmTokenizer final : public Tokenizer {
- public:
-  // Loads `path`. add_bos_default() is true when the model defines a BOS piece (as Llama does).
-  // Errors: IOError naming `path` when it cannot be read or parsed as a SentencePiece model.
-  static Result<std::unique_ptr<SpmTokenizer>> Load(const std::string& path);
-  ~SpmTokenizer() override;
-
-  Result<std::vector<int32_t>> Encode(std::string_view text, bool add_bos,
-                                      bool parse_special = true) const override;
-  std::string Decode(const std::vector<int32_t>& ids) const override;
-  std::string TokenText(int32_t id) const override;
-  size_t vocab_size() const override;
-  int32_t bos_id() const override;
-  int32_t eos_id() const override;
-  bool add_bos_default() const override;
-  std::string Fingerprint() const override { return fingerprint_; }
-
- private:
-  SpmTokenizer();
-  std::unique_ptr<sentencepiece::SentencePieceProcessor> sp_;
-  AddedTokenMatcher control_;
-  std::string fingerprint_;
-};
 
 // GGUF tokenizer.ggml.token_type values (llama.cpp's llama_token_type).
 enum class SpmTokenType : int32_t {

@@ -6,10 +6,12 @@
 
 #include <gtest/gtest.h>
 
+#include <cstring>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "query/tokenizer/spm_model_file.h"
 #include "query/tokenizer/tokenizer.h"
 
 namespace shotdb {
@@ -180,6 +182,77 @@ TEST(SpmTokenizerTest, UnreadableModel) {
   auto j = LoadTokenizer(junk);
   ASSERT_FALSE(j.ok());
   EXPECT_NE(j.status().message().find("junk.model"), std::string::npos) << j.status().ToString();
+}
+
+// Hand-assembled ModelProto bytes, following the protobuf encoding rules rather than our reader.
+std::string Varint(uint64_t v) {
+  std::string out;
+  do {
+    uint8_t byte = v & 0x7f;
+    v >>= 7;
+    out += static_cast<char>(v ? byte | 0x80 : byte);
+  } while (v);
+  return out;
+}
+std::string LengthDelimited(uint32_t field, const std::string& bytes) {
+  return Varint(field << 3 | 2) + Varint(bytes.size()) + bytes;
+}
+std::string VarintField(uint32_t field, uint64_t v) { return Varint(field << 3 | 0) + Varint(v); }
+std::string Piece(const std::string& text, float score, int type) {
+  std::string s = LengthDelimited(1, text);
+  char bits[4];
+  std::memcpy(bits, &score, 4);
+  s += Varint(2 << 3 | 5) + std::string(bits, 4);
+  return LengthDelimited(1, s + VarintField(3, type));
+}
+std::string Normalizer(bool remove_extra_whitespaces) {
+  return LengthDelimited(3, LengthDelimited(1, "identity") + VarintField(3, 1) +
+                                VarintField(4, remove_extra_whitespaces));
+}
+
+TEST(SpmModelFileTest, ParsesHandWrittenProto) {
+  // bos_id = 1, eos_id = -1 (sign-extended to ten bytes on the wire), model_type = BPE.
+  const std::string trainer =
+      LengthDelimited(2, VarintField(3, 2) + VarintField(41, 1) + VarintField(42, ~uint64_t{0}));
+  const std::string proto = Piece("<unk>", 0, 2) + Piece("<s>", 0, 3) + Piece("a", -1.5f, 1) +
+                            trainer + Normalizer(false);
+  auto vocab = ParseSentencePieceModel(proto, "hand.model");
+  ASSERT_TRUE(vocab.ok()) << vocab.status().ToString();
+  EXPECT_EQ(vocab->pieces, (std::vector<std::string>{"<unk>", "<s>", "a"}));
+  EXPECT_EQ(vocab->scores, (std::vector<float>{0, 0, -1.5f}));
+  EXPECT_EQ(vocab->types[1], SpmTokenType::kControl);
+  EXPECT_EQ(vocab->unk_id, 0);
+  EXPECT_EQ(vocab->bos_id, 1);
+  EXPECT_EQ(vocab->eos_id, -1);
+  EXPECT_TRUE(vocab->add_bos);
+  EXPECT_TRUE(vocab->add_space_prefix);
+}
+
+TEST(SpmModelFileTest, RefusesWhatItCannotEncodeExactly) {
+  const std::string pieces = Piece("<unk>", 0, 2) + Piece("a", 0, 1);
+  auto unigram = ParseSentencePieceModel(
+      pieces + LengthDelimited(2, VarintField(3, 1)) + Normalizer(false), "uni.model");
+  ASSERT_FALSE(unigram.ok());
+  EXPECT_TRUE(unigram.status().IsNotSupported());
+  EXPECT_NE(unigram.status().message().find("unigram"), std::string::npos);
+  auto collapse = ParseSentencePieceModel(
+      pieces + LengthDelimited(2, VarintField(3, 2)) + Normalizer(true), "ws.model");
+  ASSERT_FALSE(collapse.ok());
+  EXPECT_NE(collapse.status().message().find("remove_extra_whitespaces"), std::string::npos);
+}
+
+TEST(SpmModelFileTest, TruncationIsCorruption) {
+  std::ifstream in(kFixtures + "tiny_spm.model", std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  const std::string bytes = ss.str();
+  ASSERT_GT(bytes.size(), 100u);
+  for (size_t cut : {bytes.size() - 1, bytes.size() / 2, size_t{3}}) {
+    auto vocab = ParseSentencePieceModel(std::string_view(bytes).substr(0, cut), "cut.model");
+    ASSERT_FALSE(vocab.ok()) << "cut at " << cut;
+    EXPECT_TRUE(vocab.status().IsCorruption()) << vocab.status().ToString();
+    EXPECT_NE(vocab.status().message().find("cut.model"), std::string::npos);
+  }
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 
 #include "format/gguf.h"
 #include "query/tokenizer/bpe_tokenizer.h"
+#include "query/tokenizer/spm_model_file.h"
 #include "query/tokenizer/spm_tokenizer.h"
 
 namespace shotdb {
@@ -154,6 +155,11 @@ Result<std::unique_ptr<Tokenizer>> LoadGgufTokenizer(const std::string& path) {
   return Upcast(SpmVocabTokenizer::Create(std::move(v), path));
 }
 
+Result<std::unique_ptr<Tokenizer>> LoadSpmModelFile(const std::string& path) {
+  SHOTDB_ASSIGN_OR_RETURN(SpmVocab vocab, ReadSentencePieceModel(path));
+  return Upcast(SpmVocabTokenizer::Create(std::move(vocab), path));
+}
+
 }  // namespace
 
 Result<std::unique_ptr<Tokenizer>> LoadTokenizer(const std::string& path) {
@@ -162,8 +168,7 @@ Result<std::unique_ptr<Tokenizer>> LoadTokenizer(const std::string& path) {
       return Upcast(
           BpeTokenizer::FromHfJson(path + "/tokenizer.json", path + "/tokenizer_config.json"));
     }
-    if (Exists(path + "/tokenizer.model"))
-      return Upcast(SpmTokenizer::Load(path + "/tokenizer.model"));
+    if (Exists(path + "/tokenizer.model")) return LoadSpmModelFile(path + "/tokenizer.model");
     return Status::NotFound(path + ": directory holds neither tokenizer.json nor tokenizer.model");
   }
   std::ifstream in(path, std::ios::binary);
@@ -181,7 +186,7 @@ Result<std::unique_ptr<Tokenizer>> LoadTokenizer(const std::string& path) {
   if (first != std::string::npos && head[first] == '{') {
     return Upcast(BpeTokenizer::FromHfJson(path, Dirname(path) + "/tokenizer_config.json"));
   }
-  return Upcast(SpmTokenizer::Load(path));
+  return LoadSpmModelFile(path);
 }
 
 }  // namespace shotdb

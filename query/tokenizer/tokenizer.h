@@ -3,8 +3,8 @@
 // Two families are implemented (docs/tokenizer.md):
 //   - byte-level BPE (GPT-2 style; SmolLM2, Llama 3, Qwen 2): BpeTokenizer, from a GGUF file whose
 //     tokenizer.ggml.model is "gpt2" or from a Hugging Face tokenizer.json;
-//   - SentencePiece: SpmTokenizer wraps libsentencepiece for tokenizer.model files, and
-//     SpmVocabTokenizer encodes from a GGUF "llama" vocabulary (tokens + scores).
+//   - SentencePiece BPE (Llama 2, Mistral): SpmVocabTokenizer, from a GGUF "llama" vocabulary
+//     (tokens + scores) or a SentencePiece tokenizer.model file.
 // Every implementation is immutable after loading and safe to call from many threads at once.
 #ifndef SHOTDB_QUERY_TOKENIZER_TOKENIZER_H_
 #define SHOTDB_QUERY_TOKENIZER_TOKENIZER_H_
