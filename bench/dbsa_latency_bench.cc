@@ -16,7 +16,6 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
-#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <nlohmann/json.hpp>
@@ -29,6 +28,7 @@
 #include "query/dbsa/pool_encoder.h"
 #include "query/model/llama.h"
 #include "query/tokenizer/tokenizer.h"
+#include "util/file_util.h"
 
 namespace shotdb {
 namespace {
@@ -41,7 +41,8 @@ class WordTokenizer : public Tokenizer {
     std::vector<int32_t> ids;
     std::string word;
     auto flush = [&] {
-      if (!word.empty()) ids.push_back(static_cast<int32_t>(std::hash<std::string>()(word) % vocab_));
+      if (!word.empty())
+        ids.push_back(static_cast<int32_t>(std::hash<std::string>()(word) % vocab_));
       word.clear();
     };
     for (char c : text) {
@@ -160,7 +161,12 @@ int Run(int argc, char** argv) {
               device_name.c_str(), static_cast<long long>(layers));
   for (int64_t pool_tokens : pools) {
     const std::string dir = store_root + "/pool" + std::to_string(pool_tokens);
-    std::filesystem::remove_all(dir);
+    Status fresh = RemoveAll(dir);
+    if (fresh.ok()) fresh = CreateDirectories(store_root);
+    if (!fresh.ok()) {
+      std::fprintf(stderr, "store directory: %s\n", fresh.ToString().c_str());
+      return 1;
+    }
     Store::Options store_options;
     store_options.sync = false;  // a benchmark pool; durability is measured in store_bench
     auto store = Store::Open(dir, store_options);
@@ -170,8 +176,10 @@ int Run(int argc, char** argv) {
     }
     std::mt19937 rng(static_cast<uint32_t>(pool_tokens));
     std::vector<LabeledText> demos;
-    // Each demonstration is 12 words + "utterance : intent : label" + the "==" separator: 18 tokens.
-    for (int64_t t = 0; t < pool_tokens; t += 18) demos.push_back({Words(rng, 12), labels[rng() % 50]});
+    // Each demonstration is 12 words + "utterance : intent : label" + the "==" separator: 18
+    // tokens.
+    for (int64_t t = 0; t < pool_tokens; t += 18)
+      demos.push_back({Words(rng, 12), labels[rng() % 50]});
     PoolTaskOptions task_options;
     task_options.labels = labels;
     PoolEncoder encoder(store->get(), pool);
@@ -251,19 +259,25 @@ int Run(int argc, char** argv) {
       std::printf("%-10s %10.2f %12.2f %9.4fx | %8.2f %8.2f %8.2f %9.2f %9.2f\n", r.name.c_str(),
                   r.setup, med, med / reticl, r.sum.select, r.sum.load, r.sum.gather, r.sum.encode,
                   r.sum.decode);
-      report.push_back({{"pool_tokens", info.num_tokens}, {"method", r.name}, {"setup_s", r.setup},
-                        {"query_ms_median", med}, {"ratio_vs_reticl", med / reticl},
+      report.push_back({{"pool_tokens", info.num_tokens},
+                        {"method", r.name},
+                        {"setup_s", r.setup},
+                        {"query_ms_median", med},
+                        {"ratio_vs_reticl", med / reticl},
                         {"context_tokens", r.ctx},
-                        {"split_ms", {{"bm25", r.sum.select}, {"load", r.sum.load},
-                                      {"gather", r.sum.gather}, {"encode", r.sum.encode},
-                                      {"decode", r.sum.decode}}}});
+                        {"split_ms",
+                         {{"bm25", r.sum.select},
+                          {"load", r.sum.load},
+                          {"gather", r.sum.gather},
+                          {"encode", r.sum.encode},
+                          {"decode", r.sum.decode}}}});
     }
     const auto cs = (*session)->cache_stats();
     std::printf("device cache: %llu hits, %llu misses, %.2f GB resident\n",
-                static_cast<unsigned long long>(cs.hits), static_cast<unsigned long long>(cs.misses),
-                cs.bytes_resident / 1e9);
+                static_cast<unsigned long long>(cs.hits),
+                static_cast<unsigned long long>(cs.misses), cs.bytes_resident / 1e9);
     session->reset();
-    std::filesystem::remove_all(dir);
+    (void)RemoveAll(dir);  // best effort: a leftover benchmark pool is harmless
   }
   if (!json_path.empty()) std::ofstream(json_path) << report.dump(2) << "\n";
   return 0;

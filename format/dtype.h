@@ -1,6 +1,7 @@
 // Element types of stored tensors, and exact conversions between the 16-bit floats and float32.
 //
-// The numeric values of DType are part of the on-disk block format (docs/format.md): never renumber.
+// The numeric values of DType are part of the on-disk block format (docs/format.md): never
+// renumber.
 #ifndef SHOTDB_FORMAT_DTYPE_H_
 #define SHOTDB_FORMAT_DTYPE_H_
 
@@ -20,9 +21,7 @@ enum class DType : uint8_t {
 };
 
 // Bytes per element: 8 for kF64, 4 for kF32, 2 for the 16-bit types.
-inline size_t DTypeSize(DType t) {
-  return t == DType::kF64 ? 8 : t == DType::kF32 ? 4 : 2;
-}
+inline size_t DTypeSize(DType t) { return t == DType::kF64 ? 8 : t == DType::kF32 ? 4 : 2; }
 // "f64", "f32", "f16", "bf16".
 std::string_view DTypeName(DType t);
 // Parses "f64"/"float64", "f32"/"float32", "f16"/"float16", "bf16"/"bfloat16"; nullopt otherwise.
@@ -46,6 +45,7 @@ inline float BFloat16ToFloat(uint16_t b) {
 uint16_t FloatToBFloat16(float f);
 
 // Converts `n` elements of type `from` at `src` to float32 at `dst` (kF64 rounds to nearest).
+// `src` may have any alignment (e.g. a record inside a memory-mapped file).
 void ConvertToFloat(DType from, const void* src, float* dst, size_t n);
 // Converts `n` float32 values to type `to` at `dst` (rounding to nearest even for 16-bit types).
 void ConvertFromFloat(DType to, const float* src, void* dst, size_t n);

@@ -2,11 +2,11 @@
 
 #include <algorithm>
 #include <cstring>
-#include <filesystem>
 #include <nlohmann/json.hpp>
 
 #include "format/dtype.h"
 #include "util/csv.h"
+#include "util/file_util.h"
 
 namespace shotdb {
 
@@ -109,40 +109,35 @@ const SafetensorsTensor* SafetensorsFile::Find(std::string_view name) const {
 }
 
 Result<SafetensorsCheckpoint> SafetensorsCheckpoint::OpenDir(const std::string& dir_or_file) {
-  namespace fs = std::filesystem;
-  std::error_code ec;
-  fs::path dir = dir_or_file;
-  if (!fs::is_directory(dir, ec)) dir = dir.parent_path();
-  if (dir.empty()) dir = ".";
+  const std::string dir = IsDirectory(dir_or_file) ? dir_or_file : DirName(dir_or_file);
   SafetensorsCheckpoint c;
-  c.dir_ = dir.string();
+  c.dir_ = dir;
   std::vector<std::string> shards;
-  const fs::path index = dir / "model.safetensors.index.json";
-  if (fs::exists(index, ec)) {
-    SHOTDB_ASSIGN_OR_RETURN(std::string text, ReadFileToString(index.string()));
+  const std::string index = JoinPath(dir, "model.safetensors.index.json");
+  if (PathExists(index)) {
+    SHOTDB_ASSIGN_OR_RETURN(std::string text, ReadFileToString(index));
     nlohmann::json j = nlohmann::json::parse(text, nullptr, false);
     if (j.is_discarded() || !j.contains("weight_map") || !j["weight_map"].is_object()) {
-      return Status::Corruption(index.string() + ": expected a JSON object with weight_map");
+      return Status::Corruption(index + ": expected a JSON object with weight_map");
     }
     for (auto it = j["weight_map"].begin(); it != j["weight_map"].end(); ++it) {
       if (!it->is_string())
-        return Status::Corruption(index.string() + ": weight_map['" + it.key() +
-                                  "'] is not a file name");
+        return Status::Corruption(index + ": weight_map['" + it.key() + "'] is not a file name");
       const std::string shard = it->get<std::string>();
       if (std::find(shards.begin(), shards.end(), shard) == shards.end()) shards.push_back(shard);
     }
     std::sort(shards.begin(), shards.end());
-  } else if (fs::exists(dir / "model.safetensors", ec)) {
+  } else if (PathExists(JoinPath(dir, "model.safetensors"))) {
     shards.push_back("model.safetensors");
   } else {
-    for (const auto& e : fs::directory_iterator(dir, ec)) {
-      if (e.path().extension() == ".safetensors") shards.push_back(e.path().filename().string());
+    SHOTDB_ASSIGN_OR_RETURN(std::vector<std::string> names, ListDirectory(dir));
+    for (const auto& name : names) {
+      if (Extension(name) == ".safetensors") shards.push_back(name);
     }
-    std::sort(shards.begin(), shards.end());
   }
   if (shards.empty()) return Status::NotFound(c.dir_ + ": no .safetensors files");
   for (const auto& shard : shards) {
-    SHOTDB_ASSIGN_OR_RETURN(SafetensorsFile f, SafetensorsFile::Open((dir / shard).string()));
+    SHOTDB_ASSIGN_OR_RETURN(SafetensorsFile f, SafetensorsFile::Open(JoinPath(dir, shard)));
     for (const auto& t : f.tensors()) {
       if (!c.owner_.emplace(t.name, c.files_.size()).second) {
         return Status::Corruption(c.dir_ + ": tensor '" + t.name +

@@ -10,12 +10,12 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
-#include <filesystem>
 #include <random>
 #include <set>
 
 #include "engine/bm25.h"
 #include "query/dbsa/pool_encoder.h"
+#include "util/file_util.h"
 
 namespace shotdb {
 namespace {
@@ -46,7 +46,7 @@ class TempDir {
     char tmpl[] = "/tmp/shotdb_dbsa_test_XXXXXX";
     path_ = mkdtemp(tmpl);
   }
-  ~TempDir() { std::filesystem::remove_all(path_); }
+  ~TempDir() { EXPECT_TRUE(RemoveAll(path_).ok()); }
   std::string Sub(const std::string& name) const { return path_ + "/" + name; }
 
  private:
@@ -74,8 +74,8 @@ class DbsaExactnessTest : public ::testing::Test {
   void SetUp() override {
     LoadOptions options;
     options.dtype = torch::kFloat64;
-    auto model = LlamaModel::Load(std::string(SHOTDB_SOURCE_DIR) + "/tests/fixtures/model/tiny_llama",
-                                  options);
+    auto model = LlamaModel::Load(
+        std::string(SHOTDB_SOURCE_DIR) + "/tests/fixtures/model/tiny_llama", options);
     ASSERT_TRUE(model.ok()) << model.status().ToString();
     model_ = std::move(*model);
     pool_ = {model_.get(), &tokenizer_, "tiny-llama-fixture"};
@@ -360,7 +360,8 @@ TEST_F(DbsaExactnessTest, AddDemonstrationsIsResumableAndChecksLabelsAndModel) {
   EXPECT_TRUE(encoder.AddDemonstrations("t", options, bad, 7).IsInvalidArgument());
   PoolModel other = pool_;
   other.weights_digest = "another-checkpoint";
-  EXPECT_TRUE(PoolEncoder(store->get(), other).AddDemonstrations("t", options, demos, 7)
+  EXPECT_TRUE(PoolEncoder(store->get(), other)
+                  .AddDemonstrations("t", options, demos, 7)
                   .IsFailedPrecondition());
   EXPECT_TRUE(DbsaSession::Open(store->get(), "t", other).status().IsFailedPrecondition());
 }
@@ -399,6 +400,71 @@ TEST_F(DbsaExactnessTest, DeviceCacheAndChunkedPrefillChangeNothing) {
   EXPECT_EQ(stats.misses + stats.hits, 9u);  // three DBSA queries of three blocks each
   EXPECT_EQ(stats.evictions, 0u);
   EXPECT_EQ((*a)->cache_stats().misses, 0u);
+}
+
+// GPU: the same pipeline on CUDA tensors. A pool encoded on the GPU matches the CPU pool, and
+// DBSA/RetICL/FixedICL answers on the GPU (float32 and bfloat16) pick the CPU's labels. Skips
+// cleanly without a CUDA device (CI).
+TEST_F(DbsaExactnessTest, CudaEncodeAndDecodeMatchCpu) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  BlockConfig cfg;
+  cfg.demos_per_block = 3;
+  const auto groups = MakeGroups(6, 3);
+  auto cpu_store = MakeTask(dir_.Sub("cpu"), DType::kF64, cfg);
+  ASSERT_TRUE(PoolEncoder(cpu_store.get(), pool_).EncodeBlocks("t", groups).ok());
+
+  for (torch::Dtype dtype : {torch::kFloat32, torch::kBFloat16}) {
+    const bool bf16 = dtype == torch::kBFloat16;
+    LoadOptions options;
+    options.device = torch::Device("cuda");
+    options.dtype = dtype;
+    auto gpu_model = LlamaModel::Load(
+        std::string(SHOTDB_SOURCE_DIR) + "/tests/fixtures/model/tiny_llama", options);
+    ASSERT_TRUE(gpu_model.ok()) << gpu_model.status().ToString();
+    const PoolModel gpu_pool{gpu_model->get(), &tokenizer_, pool_.weights_digest};
+
+    // Encoding on the GPU: K/V equal the CPU float64 encoding within the compute dtype's precision.
+    auto gpu_store = MakeTask(dir_.Sub(bf16 ? "gpu_bf16" : "gpu_f32"), DType::kF64, cfg);
+    ASSERT_TRUE(PoolEncoder(gpu_store.get(), gpu_pool).EncodeBlocks("t", groups).ok());
+    for (uint32_t block : {0u, 5u}) {
+      for (TensorKind kind : {TensorKind::kKey, TensorKind::kValue}) {
+        const auto want = Stored(cpu_store.get(), block, 1, kind);
+        const auto got = Stored(gpu_store.get(), block, 1, kind);
+        EXPECT_LT(MaxRelError(got, want), bf16 ? 3e-2 : 1e-4) << "block " << block;
+      }
+    }
+
+    // Decoding on the GPU over the CPU-built pool picks the CPU's labels.
+    auto cpu_session = DbsaSession::Open(cpu_store.get(), "t", pool_);
+    SessionOptions gpu_options;
+    gpu_options.cache_bytes = 1 << 26;
+    auto gpu_session = DbsaSession::Open(cpu_store.get(), "t", gpu_pool, gpu_options);
+    ASSERT_TRUE(cpu_session.ok() && gpu_session.ok()) << gpu_session.status().ToString();
+    int agree = 0, total = 0;
+    for (Method method : {Method::kDbsa, Method::kRetIcl, Method::kFixedIcl}) {
+      for (const char* query : {"sky fire", "rose", "grass sea leaf", "apple"}) {
+        AnswerOptions answer;
+        answer.method = method;
+        answer.selection.count = 3;
+        auto x = (*cpu_session)->Ask(query, answer);
+        auto y = (*gpu_session)->Ask(query, answer);
+        ASSERT_TRUE(x.ok() && y.ok()) << y.status().ToString();
+        EXPECT_EQ(x->blocks, y->blocks);
+        ++total;
+        agree += x->label == y->label;
+        if (!bf16) {
+          EXPECT_EQ(x->label, y->label) << MethodName(method) << " " << query;
+          for (size_t i = 0; i < x->label_scores.size(); ++i) {
+            EXPECT_NEAR(x->label_scores[i], y->label_scores[i],
+                        1e-4 * std::max(1.0, std::abs(x->label_scores[i])));
+          }
+        }
+      }
+    }
+    // bfloat16 rounds K/V and activations to 8 bits of mantissa: near-ties between labels of the
+    // untrained model may flip, but the decisions must overwhelmingly agree.
+    EXPECT_GE(agree, bf16 ? total - 2 : total) << (bf16 ? "bf16" : "f32");
+  }
 }
 
 TEST(PromptFormatTest, FormatsDemosQueriesAndLabels) {

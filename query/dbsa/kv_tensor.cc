@@ -4,10 +4,10 @@
 
 #include <algorithm>
 #include <cstdio>
-#include <filesystem>
 #include <vector>
 
 #include "format/mapped_file.h"
+#include "util/file_util.h"
 
 namespace shotdb {
 
@@ -42,17 +42,14 @@ Result<DType> StoredType(torch::ScalarType type) {
 }
 
 Result<std::string> WeightsDigest(const std::string& model_path) {
-  namespace fs = std::filesystem;
   std::vector<std::string> files;
-  std::error_code ec;
-  if (fs::is_directory(model_path, ec)) {
-    for (const auto& entry : fs::directory_iterator(model_path, ec)) {
-      const std::string name = entry.path().filename().string();
-      if (name == "config.json" || entry.path().extension() == ".safetensors") {
-        files.push_back(entry.path().string());
+  if (IsDirectory(model_path)) {
+    SHOTDB_ASSIGN_OR_RETURN(std::vector<std::string> names, ListDirectory(model_path));
+    for (const auto& name : names) {
+      if (name == "config.json" || Extension(name) == ".safetensors") {
+        files.push_back(JoinPath(model_path, name));
       }
     }
-    std::sort(files.begin(), files.end());
   } else {
     files.push_back(model_path);
   }

