@@ -1,0 +1,36 @@
+#!/usr/bin/env python3
+"""Plots per-query latency against pool size from dbsa_latency_bench --json output.
+
+Usage: python3 bench/plot_latency.py latency.json docs/latency.png  (needs matplotlib)
+"""
+import json
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def main(src, dst):
+    rows = json.load(open(src))
+    methods = []
+    for r in rows:
+        if r["method"] not in methods:
+            methods.append(r["method"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in methods:
+        pts = sorted((r["pool_tokens"], r["query_ms_median"]) for r in rows if r["method"] == m)
+        ax.plot([p[0] / 1000 for p in pts], [p[1] for p in pts], marker="o", label=m)
+    ax.set_xlabel("pool size (thousand tokens)")
+    ax.set_ylabel("per-query latency, median (ms)")
+    ax.set_yscale("log")
+    ax.set_title("DBSA vs RetICL vs FixedICL, Llama-3.1-8B shape, bf16")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(dst, dpi=120)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

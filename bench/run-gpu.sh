@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One run on the GPU machine: build with CUDA and the machine's libtorch, run the tests (GPU tests
+# included), then the benchmarks. Output goes to stdout and, when $OUT is set, to files under it.
+# Prepare on the development machine first: bash ../shared/device/fetch-deps.sh (see docs/gpu.md).
+# Usage (from the repository root, on the GPU machine):
+#   source .device/setup.sh && bash bench/run-gpu.sh [--quick]
+# CMAKE_EXTRA adds configure options (e.g. -DSHOTDB_WITH_CUDA=OFF to skip gpu/).
+set -uo pipefail
+out=${OUT:-/tmp/shotdb-gpu-out}
+mkdir -p "$out"
+quick=0; [ "${1:-}" = "--quick" ] && quick=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+
+cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DSHOTDB_BUILD_TESTS=ON \
+  -DSHOTDB_BUILD_BENCH=ON -DCMAKE_CUDA_ARCHITECTURES=90 ${CMAKE_EXTRA:-} > "$out/cmake.log" 2>&1 \
+  || { tail -40 "$out/cmake.log"; exit 1; }
+ninja -C build-gpu -j16 > "$out/build.log" 2>&1 || { grep -E "error|Error" -A5 "$out/build.log" | head -60; exit 1; }
+echo "== build ok"
+
+ctest --test-dir build-gpu -j8 --output-on-failure > "$out/ctest.log" 2>&1
+grep -E "tests passed|tests failed|Failed|\*\*\*|Cuda" "$out/ctest.log" | tail -30
+build-gpu/query/query_dbsa_test --gtest_filter='*Cuda*' 2>&1 | tail -8
+
+for b in build-gpu/bench/h2d_bench build-gpu/gpu/h2d_bench; do
+  [ -x "$b" ] && "$b" 2>&1 | tee "$out/h2d_bench.txt"
+done
+
+if [ "$quick" = 1 ]; then
+  build-gpu/bench/dbsa_latency_bench --layers 4 --pools 30000 --queries 4 --json "$out/latency.json"
+else
+  build-gpu/bench/dbsa_latency_bench --pools 30000,90000 --queries 8 --json "$out/latency.json" \
+    2>&1 | tee "$out/latency.txt"
+fi

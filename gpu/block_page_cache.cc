@@ -1,0 +1,245 @@
+#include "gpu/block_page_cache.h"
+
+#include <cassert>
+#include <cstdint>
+#include <utility>
+
+#include "gpu/cuda_util.h"
+
+namespace shotdb {
+namespace gpu {
+namespace {
+
+constexpr size_t kAlign = 256;
+size_t AlignUp(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+
+std::string KeyName(const PageKey& k) {
+  return "page (task " + std::to_string(k.task) + ", block " + std::to_string(k.block) +
+         ", layer " + std::to_string(k.layer) + ")";
+}
+
+class CudaPoolAllocator : public DeviceAllocator {
+ public:
+  CudaPoolAllocator(cudaMemPool_t pool, cudaStream_t stream) : pool_(pool), stream_(stream) {}
+  ~CudaPoolAllocator() override {
+    cudaStreamSynchronize(stream_);
+    cudaMemPoolDestroy(pool_);
+  }
+  Result<void*> Allocate(size_t bytes) override {
+    void* p = nullptr;
+    SHOTDB_CUDA_RETURN_IF_ERROR(cudaMallocFromPoolAsync(&p, bytes, pool_, stream_));
+    return p;
+  }
+  void Free(void* p) override { cudaFreeAsync(p, stream_); }
+
+ private:
+  cudaMemPool_t pool_;
+  cudaStream_t stream_;
+};
+
+}  // namespace
+
+Result<std::unique_ptr<DeviceAllocator>> NewCudaPoolAllocator(cudaStream_t stream) {
+  int device = 0;
+  SHOTDB_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+  cudaMemPoolProps props = {};
+  props.allocType = cudaMemAllocationTypePinned;
+  props.location.type = cudaMemLocationTypeDevice;
+  props.location.id = device;
+  cudaMemPool_t pool = nullptr;
+  SHOTDB_CUDA_RETURN_IF_ERROR(cudaMemPoolCreate(&pool, &props));
+  // Keep freed memory in the pool: the cache's budget bounds it, and returning it to the driver
+  // would make the next allocation synchronize.
+  uint64_t threshold = UINT64_MAX;
+  cudaError_t err = cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &threshold);
+  if (err != cudaSuccess) {
+    cudaMemPoolDestroy(pool);
+    return CudaStatus(err, "cudaMemPoolSetAttribute", "NewCudaPoolAllocator");
+  }
+  return std::unique_ptr<DeviceAllocator>(new CudaPoolAllocator(pool, stream));
+}
+
+PageHandle::PageHandle(PageHandle&& o) noexcept
+    : cache_(std::exchange(o.cache_, nullptr)),
+      key_(o.key_),
+      k_(o.k_),
+      v_(o.v_),
+      k_bytes_(o.k_bytes_),
+      v_bytes_(o.v_bytes_),
+      filled_(o.filled_) {}
+
+PageHandle& PageHandle::operator=(PageHandle&& o) noexcept {
+  if (this != &o) {
+    Reset();
+    cache_ = std::exchange(o.cache_, nullptr);
+    key_ = o.key_;
+    k_ = o.k_;
+    v_ = o.v_;
+    k_bytes_ = o.k_bytes_;
+    v_bytes_ = o.v_bytes_;
+    filled_ = o.filled_;
+  }
+  return *this;
+}
+
+void PageHandle::MarkFilled() {
+  if (cache_ == nullptr || filled_) return;
+  cache_->MarkFilled(key_);
+  filled_ = true;
+}
+
+void PageHandle::Reset() {
+  if (cache_ != nullptr) cache_->Unpin(key_);
+  cache_ = nullptr;
+  k_ = v_ = nullptr;
+}
+
+Result<std::unique_ptr<BlockPageCache>> BlockPageCache::Create(
+    const Options& options, std::unique_ptr<DeviceAllocator> allocator) {
+  if (options.budget_bytes == 0) {
+    return Status::InvalidArgument("BlockPageCache: budget_bytes must be > 0");
+  }
+  if (allocator == nullptr) return Status::InvalidArgument("BlockPageCache: null allocator");
+  auto cache = std::unique_ptr<BlockPageCache>(new BlockPageCache(options, std::move(allocator)));
+  cache->stats_.budget_bytes = options.budget_bytes;
+  return cache;
+}
+
+BlockPageCache::~BlockPageCache() {
+  assert(stats_.pinned_pages == 0 && "BlockPageCache destroyed with pinned pages");
+  for (auto& kv : entries_) allocator_->Free(kv.second.ptr);
+}
+
+uint32_t BlockPageCache::InternTask(const std::string& name) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = task_ids_.emplace(name, static_cast<uint32_t>(task_ids_.size())).first;
+  return it->second;
+}
+
+Result<PageHandle> BlockPageCache::Acquire(const PageKey& key, size_t k_bytes, size_t v_bytes) {
+  if (k_bytes == 0 || v_bytes == 0) {
+    return Status::InvalidArgument(KeyName(key) + ": K and V sizes must be > 0, got " +
+                                   std::to_string(k_bytes) + " and " + std::to_string(v_bytes));
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  PageHandle h;
+  h.key_ = key;
+  h.k_bytes_ = k_bytes;
+  h.v_bytes_ = v_bytes;
+  auto it = entries_.find(key);
+  if (it != entries_.end()) {
+    Entry& e = it->second;
+    if (e.k_bytes != k_bytes || e.v_bytes != v_bytes) {
+      return Status::InvalidArgument(KeyName(key) + ": cached with K/V sizes " +
+                                     std::to_string(e.k_bytes) + "/" + std::to_string(e.v_bytes) +
+                                     ", requested " + std::to_string(k_bytes) + "/" +
+                                     std::to_string(v_bytes));
+    }
+    if (!e.filled) {
+      return Status::FailedPrecondition(KeyName(key) + " is being filled through another handle");
+    }
+    if (e.refs == 0) {
+      lru_.erase(e.lru);
+      lru_bytes_ -= e.bytes;
+      ++stats_.pinned_pages;
+    }
+    ++e.refs;
+    ++stats_.hits;
+    h.cache_ = this;
+    h.k_ = e.ptr;
+    h.v_ = static_cast<uint8_t*>(e.ptr) + AlignUp(k_bytes);
+    h.filled_ = true;
+    return h;
+  }
+
+  const size_t bytes = AlignUp(k_bytes) + AlignUp(v_bytes);
+  // Check before evicting anything, so that a refused Acquire leaves the cache as it was.
+  const uint64_t pinned_bytes = stats_.bytes_in_use - lru_bytes_;
+  if (bytes > options_.budget_bytes || pinned_bytes + bytes > options_.budget_bytes) {
+    ++stats_.exhausted;
+    return Status::FailedPrecondition("page cache exhausted: " + KeyName(key) + " needs " +
+                                      std::to_string(bytes) + " bytes; budget " +
+                                      std::to_string(options_.budget_bytes) + ", pinned " +
+                                      std::to_string(pinned_bytes) + " bytes in " +
+                                      std::to_string(stats_.pinned_pages) + " pages");
+  }
+  while (stats_.bytes_in_use + bytes > options_.budget_bytes) {
+    auto victim = entries_.find(lru_.back());
+    lru_.pop_back();
+    lru_bytes_ -= victim->second.bytes;
+    EraseLocked(victim);
+    ++stats_.evictions;
+  }
+  SHOTDB_ASSIGN_OR_RETURN(void* ptr, allocator_->Allocate(bytes));
+  Entry e;
+  e.ptr = ptr;
+  e.k_bytes = k_bytes;
+  e.v_bytes = v_bytes;
+  e.bytes = bytes;
+  e.refs = 1;
+  entries_.emplace(key, e);
+  stats_.bytes_in_use += bytes;
+  ++stats_.pages;
+  ++stats_.pinned_pages;
+  ++stats_.misses;
+  h.cache_ = this;
+  h.k_ = ptr;
+  h.v_ = static_cast<uint8_t*>(ptr) + AlignUp(k_bytes);
+  h.filled_ = false;
+  return h;
+}
+
+bool BlockPageCache::Contains(const PageKey& key) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = entries_.find(key);
+  return it != entries_.end() && it->second.filled;
+}
+
+size_t BlockPageCache::Clear() {
+  std::lock_guard<std::mutex> lock(mu_);
+  size_t n = 0;
+  for (const PageKey& k : lru_) {
+    EraseLocked(entries_.find(k));
+    ++n;
+  }
+  lru_.clear();
+  lru_bytes_ = 0;
+  return n;
+}
+
+BlockPageCache::Stats BlockPageCache::stats() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return stats_;
+}
+
+void BlockPageCache::MarkFilled(const PageKey& key) {
+  std::lock_guard<std::mutex> lock(mu_);
+  entries_.at(key).filled = true;
+}
+
+void BlockPageCache::Unpin(const PageKey& key) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = entries_.find(key);
+  assert(it != entries_.end() && it->second.refs > 0);
+  Entry& e = it->second;
+  if (--e.refs > 0) return;
+  --stats_.pinned_pages;
+  if (!e.filled) {
+    EraseLocked(it);
+    ++stats_.discarded;
+    return;
+  }
+  lru_.push_front(key);
+  e.lru = lru_.begin();
+  lru_bytes_ += e.bytes;
+}
+
+void BlockPageCache::EraseLocked(std::unordered_map<PageKey, Entry, PageKeyHash>::iterator it) {
+  allocator_->Free(it->second.ptr);
+  stats_.bytes_in_use -= it->second.bytes;
+  --stats_.pages;
+  entries_.erase(it);
+}
+
+}  // namespace gpu
+}  // namespace shotdb

@@ -1,0 +1,192 @@
+// BlockPageCache: device-resident copies of stored K/V, one page per (task, block, layer) holding
+// that layer's K and V of the block, kept under a byte budget with LRU eviction.
+//
+// A query stages the blocks BM25 selected; popular blocks (sink blocks, frequent demonstrations)
+// recur across queries, and a hit saves the whole store -> host -> device path for them.
+//
+// Pinning. Acquire returns a PageHandle that pins the page: a pinned page is never evicted, so its
+// device pointers stay valid while the handle lives. When a new page does not fit in the budget,
+// unpinned pages are evicted least recently released first; if the budget cannot be met because
+// the rest is pinned, Acquire fails (FailedPrecondition "page cache exhausted", the closest code
+// util/status.h has to "resource exhausted") and changes nothing.
+//
+// Filling. On a miss Acquire allocates the page and returns a handle with filled() == false: the
+// caller enqueues the copies of K and V into k() and v() and then calls MarkFilled(). A handle
+// destroyed before MarkFilled discards the page (e.g. the read failed), so a later Acquire misses
+// again instead of returning garbage. The cache does not track when the device copies complete:
+// pages are "filled" in stream order, so consumers must order their work after the copies (the
+// Stager's per-layer events do this for everything staged through one Stager).
+//
+// The policy is pure C++; device memory comes from a DeviceAllocator, so that the policy is tested
+// on machines without a GPU with a fake allocator.
+//
+// Thread-safety: BlockPageCache is thread-safe. A PageHandle is a plain handle (one owner at a
+// time); the cache must outlive every handle.
+#ifndef SHOTDB_GPU_BLOCK_PAGE_CACHE_H_
+#define SHOTDB_GPU_BLOCK_PAGE_CACHE_H_
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <list>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+
+#include "util/status.h"
+
+namespace shotdb {
+namespace gpu {
+
+// Which page: `task` is an id from BlockPageCache::InternTask.
+struct PageKey {
+  uint32_t task = 0;
+  uint32_t block = 0;
+  uint32_t layer = 0;
+  bool operator==(const PageKey& o) const {
+    return task == o.task && block == o.block && layer == o.layer;
+  }
+};
+
+struct PageKeyHash {
+  size_t operator()(const PageKey& k) const {
+    uint64_t h =
+        (static_cast<uint64_t>(k.task) << 40) ^ (static_cast<uint64_t>(k.layer) << 32) ^ k.block;
+    h ^= h >> 33;
+    h *= 0xff51afd7ed558ccdull;
+    h ^= h >> 33;
+    return static_cast<size_t>(h);
+  }
+};
+
+// Where pages live. Implementations must be thread-safe.
+class DeviceAllocator {
+ public:
+  virtual ~DeviceAllocator() = default;
+  // `bytes` (> 0) bytes aligned to at least 256, or an error (IOError when out of memory).
+  virtual Result<void*> Allocate(size_t bytes) = 0;
+  // Releases memory from Allocate.
+  virtual void Free(void* p) = 0;
+};
+
+// Stream-ordered allocations (cudaMallocFromPoolAsync / cudaFreeAsync on `stream`, which must
+// outlive the allocator) from a private memory pool on the current device that keeps freed
+// memory for reuse instead of returning it to the driver: after warm-up an allocation costs
+// microseconds and never synchronizes. Memory is usable on `stream` at once, on other streams
+// after an event recorded on `stream`. IOError if the pool cannot be created.
+Result<std::unique_ptr<DeviceAllocator>> NewCudaPoolAllocator(cudaStream_t stream);
+
+class BlockPageCache;
+
+// Pins one page while it lives. Move-only.
+class PageHandle {
+ public:
+  PageHandle() = default;
+  ~PageHandle() { Reset(); }
+  PageHandle(PageHandle&& o) noexcept;
+  PageHandle& operator=(PageHandle&& o) noexcept;
+  PageHandle(const PageHandle&) = delete;
+  PageHandle& operator=(const PageHandle&) = delete;
+
+  bool valid() const { return cache_ != nullptr; }
+  const PageKey& key() const { return key_; }
+  // Device pointers to the page's K (k_bytes) and V (v_bytes); V starts 256-byte aligned.
+  void* k() const { return k_; }
+  void* v() const { return v_; }
+  size_t k_bytes() const { return k_bytes_; }
+  size_t v_bytes() const { return v_bytes_; }
+  // False for a page this handle must fill (a miss).
+  bool filled() const { return filled_; }
+  // Declares the page's contents written (in stream order); later Acquires hit it.
+  void MarkFilled();
+  // Unpins now (an unfilled page is discarded); the handle becomes invalid.
+  void Reset();
+
+ private:
+  friend class BlockPageCache;
+  BlockPageCache* cache_ = nullptr;
+  PageKey key_;
+  void* k_ = nullptr;
+  void* v_ = nullptr;
+  size_t k_bytes_ = 0, v_bytes_ = 0;
+  bool filled_ = false;
+};
+
+class BlockPageCache {
+ public:
+  struct Options {
+    size_t budget_bytes = size_t(4) << 30;
+  };
+  struct Stats {
+    uint64_t hits = 0;
+    uint64_t misses = 0;        // Acquires that allocated a page
+    uint64_t evictions = 0;     // pages evicted to make room (Clear not counted)
+    uint64_t exhausted = 0;     // Acquires refused because pinned pages fill the budget
+    uint64_t discarded = 0;     // pages dropped unfilled
+    uint64_t bytes_in_use = 0;  // allocated page bytes (K and V, alignment included)
+    uint64_t pages = 0;
+    uint64_t pinned_pages = 0;
+    uint64_t budget_bytes = 0;
+  };
+
+  // InvalidArgument if the budget is 0 or the allocator is null.
+  static Result<std::unique_ptr<BlockPageCache>> Create(const Options& options,
+                                                        std::unique_ptr<DeviceAllocator> allocator);
+  // Frees every page. No handle may be alive (a programming error otherwise).
+  ~BlockPageCache();
+  BlockPageCache(const BlockPageCache&) = delete;
+  BlockPageCache& operator=(const BlockPageCache&) = delete;
+
+  // A small id for the task `name` (the same name gives the same id for the cache's lifetime).
+  // Callers that delete and recreate a task must include something that changes, e.g. its
+  // created_unix, in `name` (the Stager does), or Clear() the cache.
+  uint32_t InternTask(const std::string& name);
+
+  // Pins the page `key` and returns its handle:
+  //   hit:  filled() == true; the page becomes most recently used.
+  //   miss: a new page of k_bytes + v_bytes (each rounded up to 256) is allocated after evicting
+  //         unpinned pages, least recently used first, until it fits the budget; filled() == false.
+  // Errors (nothing changes): InvalidArgument if k_bytes or v_bytes is 0, or a hit's sizes differ
+  // from the request; FailedPrecondition if the page is being filled through another handle, or
+  // "page cache exhausted" if the page cannot fit because pinned pages hold the rest of the budget
+  // (also when it is larger than the whole budget); the allocator's error (IOError) otherwise.
+  Result<PageHandle> Acquire(const PageKey& key, size_t k_bytes, size_t v_bytes);
+
+  // True if `key` is cached and filled (does not count as a hit, does not touch the LRU order).
+  bool Contains(const PageKey& key) const;
+  // Frees every unpinned page; pinned pages stay. Returns the number freed.
+  size_t Clear();
+  Stats stats() const;
+
+ private:
+  friend class PageHandle;
+  struct Entry {
+    void* ptr = nullptr;
+    size_t k_bytes = 0, v_bytes = 0, bytes = 0;
+    int refs = 0;
+    bool filled = false;
+    std::list<PageKey>::iterator lru;  // valid iff refs == 0
+  };
+  BlockPageCache(const Options& options, std::unique_ptr<DeviceAllocator> allocator)
+      : options_(options), allocator_(std::move(allocator)) {}
+  void Unpin(const PageKey& key);
+  void MarkFilled(const PageKey& key);
+  // Frees the entry (which must be unpinned and out of the LRU list).
+  void EraseLocked(std::unordered_map<PageKey, Entry, PageKeyHash>::iterator it);
+
+  const Options options_;
+  std::unique_ptr<DeviceAllocator> allocator_;
+  mutable std::mutex mu_;
+  std::unordered_map<PageKey, Entry, PageKeyHash> entries_;
+  std::list<PageKey> lru_;  // unpinned pages, most recently released first
+  uint64_t lru_bytes_ = 0;  // their bytes: what eviction can free
+  std::unordered_map<std::string, uint32_t> task_ids_;
+  Stats stats_;
+};
+
+}  // namespace gpu
+}  // namespace shotdb
+
+#endif  // SHOTDB_GPU_BLOCK_PAGE_CACHE_H_

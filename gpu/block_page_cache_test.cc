@@ -1,0 +1,230 @@
+#include "gpu/block_page_cache.h"
+
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <random>
+
+namespace shotdb {
+namespace gpu {
+namespace {
+
+// Host memory standing in for device memory: tracks every live allocation and its size.
+class FakeDeviceAllocator : public DeviceAllocator {
+ public:
+  explicit FakeDeviceAllocator(std::map<void*, size_t>* live) : live_(live) {}
+  Result<void*> Allocate(size_t bytes) override {
+    void* p = std::aligned_alloc(256, bytes);
+    (*live_)[p] = bytes;
+    return p;
+  }
+  void Free(void* p) override {
+    EXPECT_EQ(live_->erase(p), 1u) << "freed twice or never allocated";
+    std::free(p);
+  }
+
+ private:
+  std::map<void*, size_t>* live_;
+};
+
+class BlockPageCacheTest : public ::testing::Test {
+ protected:
+  void Make(size_t budget) {
+    auto c = BlockPageCache::Create({budget}, std::make_unique<FakeDeviceAllocator>(&live_));
+    ASSERT_TRUE(c.ok()) << c.status().ToString();
+    cache_ = std::move(*c);
+  }
+  // Acquires a 256+256-byte page and fills it.
+  PageHandle Fill(uint32_t block) {
+    auto h = cache_->Acquire({0, block, 0}, 256, 256);
+    EXPECT_TRUE(h.ok()) << h.status().ToString();
+    EXPECT_FALSE(h->filled());
+    h->MarkFilled();
+    return std::move(*h);
+  }
+  size_t LiveBytes() const {
+    size_t n = 0;
+    for (const auto& kv : live_) n += kv.second;
+    return n;
+  }
+  std::map<void*, size_t> live_;
+  std::unique_ptr<BlockPageCache> cache_;
+};
+
+TEST_F(BlockPageCacheTest, MissThenHitSamePointers) {
+  Make(4096);
+  void *k, *v;
+  {
+    auto h = cache_->Acquire({1, 2, 3}, 100, 300);
+    ASSERT_TRUE(h.ok());
+    EXPECT_FALSE(h->filled());
+    k = h->k();
+    v = h->v();
+    EXPECT_EQ(static_cast<uint8_t*>(v) - static_cast<uint8_t*>(k), 256);  // V 256-aligned after K
+    h->MarkFilled();
+  }
+  EXPECT_TRUE(cache_->Contains({1, 2, 3}));
+  auto h = cache_->Acquire({1, 2, 3}, 100, 300);
+  ASSERT_TRUE(h.ok());
+  EXPECT_TRUE(h->filled());
+  EXPECT_EQ(h->k(), k);
+  EXPECT_EQ(h->v(), v);
+  BlockPageCache::Stats s = cache_->stats();
+  EXPECT_EQ(s.hits, 1u);
+  EXPECT_EQ(s.misses, 1u);
+  EXPECT_EQ(s.bytes_in_use, 256u + 512u);
+  EXPECT_EQ(s.bytes_in_use, LiveBytes());
+  EXPECT_EQ(s.pinned_pages, 1u);
+}
+
+TEST_F(BlockPageCacheTest, UnfilledPageIsDiscarded) {
+  Make(4096);
+  {
+    auto h = cache_->Acquire({0, 1, 0}, 256, 256);
+    ASSERT_TRUE(h.ok());
+    auto again = cache_->Acquire({0, 1, 0}, 256, 256);
+    EXPECT_TRUE(again.status().IsFailedPrecondition()) << again.status().ToString();
+  }
+  EXPECT_FALSE(cache_->Contains({0, 1, 0}));
+  EXPECT_TRUE(live_.empty());
+  EXPECT_EQ(cache_->stats().discarded, 1u);
+  auto h = cache_->Acquire({0, 1, 0}, 256, 256);
+  ASSERT_TRUE(h.ok());
+  EXPECT_FALSE(h->filled());
+}
+
+TEST_F(BlockPageCacheTest, EvictsLeastRecentlyUsedUnpinned) {
+  Make(3 * 512);
+  Fill(0).Reset();
+  Fill(1).Reset();
+  Fill(2).Reset();
+  // Touch 0: order by recency is now 0, 2, 1 (most recent first).
+  {
+    auto h = cache_->Acquire({0, 0, 0}, 256, 256);
+    ASSERT_TRUE(h.ok() && h->filled());
+  }
+  Fill(3).Reset();  // evicts 1
+  EXPECT_TRUE(cache_->Contains({0, 0, 0}));
+  EXPECT_FALSE(cache_->Contains({0, 1, 0}));
+  EXPECT_TRUE(cache_->Contains({0, 2, 0}));
+  EXPECT_TRUE(cache_->Contains({0, 3, 0}));
+  Fill(4).Reset();  // evicts 2
+  EXPECT_FALSE(cache_->Contains({0, 2, 0}));
+  EXPECT_TRUE(cache_->Contains({0, 0, 0}));
+  EXPECT_EQ(cache_->stats().evictions, 2u);
+  EXPECT_EQ(cache_->stats().bytes_in_use, LiveBytes());
+}
+
+TEST_F(BlockPageCacheTest, PinnedPagesAreNeverEvictedAndExhaustionChangesNothing) {
+  Make(2 * 512);
+  PageHandle a = Fill(0);
+  PageHandle b = Fill(1);
+  std::memset(a.k(), 0xAB, 256);
+  auto c = cache_->Acquire({0, 2, 0}, 256, 256);
+  ASSERT_FALSE(c.ok());
+  EXPECT_TRUE(c.status().IsFailedPrecondition()) << c.status().ToString();
+  EXPECT_NE(c.status().message().find("exhausted"), std::string::npos);
+  EXPECT_EQ(cache_->stats().exhausted, 1u);
+  EXPECT_EQ(cache_->stats().pages, 2u);
+  EXPECT_EQ(static_cast<uint8_t*>(a.k())[255], 0xAB);  // still allocated, untouched
+  b.Reset();
+  auto d = cache_->Acquire({0, 2, 0}, 256, 256);  // evicts b, not the pinned a
+  ASSERT_TRUE(d.ok());
+  EXPECT_TRUE(cache_->Contains({0, 0, 0}));
+  EXPECT_FALSE(cache_->Contains({0, 1, 0}));
+  EXPECT_EQ(live_.count(a.k()), 1u);
+}
+
+TEST_F(BlockPageCacheTest, RejectsOversizeAndMismatchedRequests) {
+  Make(1024);
+  EXPECT_TRUE(cache_->Acquire({0, 0, 0}, 1024, 1).status().IsFailedPrecondition());
+  EXPECT_TRUE(cache_->Acquire({0, 0, 0}, 0, 1).status().IsInvalidArgument());
+  Fill(5).Reset();
+  EXPECT_TRUE(cache_->Acquire({0, 5, 0}, 256, 128).status().IsInvalidArgument());
+  EXPECT_TRUE(BlockPageCache::Create({0}, std::make_unique<FakeDeviceAllocator>(&live_))
+                  .status()
+                  .IsInvalidArgument());
+}
+
+TEST_F(BlockPageCacheTest, ClearKeepsPinnedPages) {
+  Make(4096);
+  PageHandle a = Fill(0);
+  Fill(1).Reset();
+  Fill(2).Reset();
+  EXPECT_EQ(cache_->Clear(), 2u);
+  EXPECT_TRUE(cache_->Contains({0, 0, 0}));
+  EXPECT_EQ(cache_->stats().pages, 1u);
+  EXPECT_EQ(live_.size(), 1u);
+}
+
+TEST_F(BlockPageCacheTest, InternTaskIsStable) {
+  Make(1024);
+  const uint32_t a = cache_->InternTask("nlu@1"), b = cache_->InternTask("other@1");
+  EXPECT_NE(a, b);
+  EXPECT_EQ(cache_->InternTask("nlu@1"), a);
+}
+
+// Random operations against an independent model of the policy: a recency list of unpinned
+// pages and a set of pinned ones, with byte accounting.
+TEST_F(BlockPageCacheTest, RandomOperationsMatchModel) {
+  const size_t kBudget = 8 * 1024;
+  Make(kBudget);
+  std::mt19937 rng(7);
+  std::map<uint32_t, PageHandle> held;     // pinned by the test
+  std::vector<uint32_t> recency;           // model: unpinned cached blocks, most recent first
+  std::map<uint32_t, size_t> model_bytes;  // model: every cached block's bytes
+  auto bytes_of = [](uint32_t block) { return size_t(256) * (1 + block % 4) + 256; };
+  auto model_total = [&] {
+    size_t n = 0;
+    for (auto& kv : model_bytes) n += kv.second;
+    return n;
+  };
+  for (int step = 0; step < 3000; ++step) {
+    const uint32_t block = rng() % 40;
+    if (held.count(block) != 0 && rng() % 2 == 0) {
+      held.erase(block);  // unpin
+      recency.insert(recency.begin(), block);
+      continue;
+    }
+    if (held.count(block) != 0) continue;
+    auto h = cache_->Acquire({0, block, 0}, 256 * (1 + block % 4), 256);
+    const bool cached = model_bytes.count(block) != 0;
+    if (cached) {
+      ASSERT_TRUE(h.ok());
+      EXPECT_TRUE(h->filled());
+      recency.erase(std::find(recency.begin(), recency.end(), block));
+    } else {
+      size_t pinned = model_total();
+      for (uint32_t r : recency) pinned -= model_bytes[r];
+      if (pinned + bytes_of(block) > kBudget) {
+        EXPECT_TRUE(h.status().IsFailedPrecondition());
+        continue;
+      }
+      ASSERT_TRUE(h.ok()) << h.status().ToString();
+      EXPECT_FALSE(h->filled());
+      while (model_total() + bytes_of(block) > kBudget) {
+        model_bytes.erase(recency.back());
+        recency.pop_back();
+      }
+      model_bytes[block] = bytes_of(block);
+      h->MarkFilled();
+    }
+    held.emplace(block, std::move(*h));
+    if (held.size() > 6) {  // keep some pages unpinned
+      auto it = held.begin();
+      std::advance(it, rng() % held.size());
+      recency.insert(recency.begin(), it->first);
+      held.erase(it);
+    }
+    ASSERT_EQ(cache_->stats().bytes_in_use, model_total());
+    ASSERT_EQ(LiveBytes(), model_total());
+    ASSERT_LE(model_total(), kBudget);
+  }
+  for (auto& kv : model_bytes) EXPECT_TRUE(cache_->Contains({0, kv.first, 0})) << kv.first;
+}
+
+}  // namespace
+}  // namespace gpu
+}  // namespace shotdb

@@ -1,0 +1,46 @@
+// Float64 reference implementations of the kernels in rope_gather.h, for tests.
+//
+// Straightforward loops in double precision over tensors already converted to double; the kernels
+// are checked against these with bf16/f16 tolerances. Plain C++, pure, thread-safe.
+#ifndef SHOTDB_GPU_ROPE_REFERENCE_H_
+#define SHOTDB_GPU_ROPE_REFERENCE_H_
+
+#include <cstdint>
+#include <vector>
+
+namespace shotdb {
+namespace gpu {
+
+// Rotates one head_dim vector `x` to position `pos` with the rotate-half convention of HF Llama
+// (i < d/2): out[i] = x[i] cos(pos f_i) - x[i + d/2] sin(pos f_i),
+//            out[i + d/2] = x[i + d/2] cos(pos f_i) + x[i] sin(pos f_i).
+// `inv_freq` holds d/2 frequencies f_i (RopeInvFreq); x and out hold d values and may alias.
+void RotateHalfReference(const double* x, double* out, int64_t pos,
+                         const std::vector<double>& inv_freq);
+
+// One selected block: K and V as [kv_heads, tokens, head_dim], pre-RoPE.
+struct ReferenceBlock {
+  std::vector<double> k, v;
+  uint32_t tokens = 0;
+};
+
+// Concatenates the blocks along tokens into k_out/v_out [kv_heads, total_tokens, head_dim],
+// rotating K to positions first_position, first_position + 1, ... in concatenated order; V is
+// copied unrotated. The outputs are resized.
+void GatherRopeReference(const std::vector<ReferenceBlock>& blocks, uint32_t kv_heads,
+                         uint32_t head_dim, const std::vector<double>& inv_freq,
+                         int64_t first_position, std::vector<double>* k_out,
+                         std::vector<double>* v_out);
+
+// Single-token attention with grouped queries: q is [q_heads, head_dim] (already rotated), k and
+// v are [kv_heads, tokens, head_dim] (k already rotated); query head h uses kv head
+// h / (q_heads / kv_heads). out[h] = softmax(q[h] . k^T / sqrt(head_dim)) v. Resizes out to
+// [q_heads, head_dim]. q_heads must be a multiple of kv_heads.
+void DecodeAttentionReference(const std::vector<double>& q, const std::vector<double>& k,
+                              const std::vector<double>& v, uint32_t q_heads, uint32_t kv_heads,
+                              uint32_t tokens, uint32_t head_dim, std::vector<double>* out);
+
+}  // namespace gpu
+}  // namespace shotdb
+
+#endif  // SHOTDB_GPU_ROPE_REFERENCE_H_

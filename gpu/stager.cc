@@ -1,0 +1,306 @@
+#include "gpu/stager.h"
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstring>
+#include <mutex>
+#include <thread>
+#include <unordered_set>
+#include <utility>
+
+#include "gpu/cuda_util.h"
+
+namespace shotdb {
+namespace gpu {
+
+// A fixed set of threads running one ParallelFor at a time (the caller's thread takes part).
+class Stager::Workers {
+ public:
+  explicit Workers(int n) {
+    for (int i = 0; i < n - 1; ++i) threads_.emplace_back([this] { Loop(); });
+  }
+  ~Workers() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    for (std::thread& t : threads_) t.join();
+  }
+
+  // Runs fn(0..n-1) across the threads; returns when all calls have returned.
+  void ParallelFor(size_t n, const std::function<void(size_t)>& fn) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      fn_ = &fn;
+      n_ = n;
+      next_.store(0);
+      active_ = threads_.size();
+      ++generation_;
+    }
+    cv_.notify_all();
+    Drain();
+    std::unique_lock<std::mutex> lock(mu_);
+    done_cv_.wait(lock, [this] { return active_ == 0; });
+    fn_ = nullptr;
+  }
+
+ private:
+  void Drain() {
+    for (size_t i = next_.fetch_add(1); i < n_; i = next_.fetch_add(1)) (*fn_)(i);
+  }
+  void Loop() {
+    uint64_t seen = 0;
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return stop_ || generation_ != seen; });
+        if (stop_) return;
+        seen = generation_;
+      }
+      Drain();
+      std::lock_guard<std::mutex> lock(mu_);
+      if (--active_ == 0) done_cv_.notify_one();
+    }
+  }
+
+  std::vector<std::thread> threads_;
+  std::mutex mu_;
+  std::condition_variable cv_, done_cv_;
+  const std::function<void(size_t)>* fn_ = nullptr;
+  size_t n_ = 0;
+  std::atomic<size_t> next_{0};
+  size_t active_ = 0;
+  uint64_t generation_ = 0;
+  bool stop_ = false;
+};
+
+namespace {
+
+std::string RecordWhat(const std::string& task, uint32_t block, uint32_t layer, TensorKind kind) {
+  return "task " + task + " block " + std::to_string(block) + " layer " + std::to_string(layer) +
+         " " + std::string(TensorKindName(kind));
+}
+
+// The store checks these in GetPayload; GetRecord (used here for zero-copy views that worker
+// threads can read) checks only the header itself.
+Status CheckRecord(const BlockRecordView& view, const TaskInfo& task, uint32_t layer,
+                   TensorKind kind, uint32_t tokens, const std::string& what) {
+  const BlockRecordMeta& m = view.header.meta;
+  if (m.layer != layer || m.kind != kind || m.dtype != task.model.dtype ||
+      m.kv_heads != task.model.kv_heads || m.tokens != tokens ||
+      m.head_dim != task.model.head_dim) {
+    return Status::Corruption(
+        what + ": record header says layer " + std::to_string(m.layer) + " " +
+        std::string(TensorKindName(m.kind)) + " " + std::string(DTypeName(m.dtype)) + " [" +
+        std::to_string(m.kv_heads) + ", " + std::to_string(m.tokens) + ", " +
+        std::to_string(m.head_dim) + "], expected layer " + std::to_string(layer) + " " +
+        std::string(TensorKindName(kind)) + " " + std::string(DTypeName(task.model.dtype)) + " [" +
+        std::to_string(task.model.kv_heads) + ", " + std::to_string(tokens) + ", " +
+        std::to_string(task.model.head_dim) + "]");
+  }
+  return Status::OK();
+}
+
+}  // namespace
+
+Stager::Stager(const Options& options) : options_(options) {}
+
+Result<std::unique_ptr<Stager>> Stager::Create(const Options& options) {
+  if (options.threads < 1 || options.num_slabs == 0 || options.slab_bytes == 0) {
+    return Status::InvalidArgument("Stager: threads, num_slabs and slab_bytes must be > 0");
+  }
+  std::unique_ptr<Stager> s(new Stager(options));
+  SHOTDB_ASSIGN_OR_RETURN(s->stream_, CudaStream::Create());
+  PinnedPool::Options po;
+  po.slab_bytes = options.slab_bytes;
+  po.max_slabs = options.num_slabs;
+  SHOTDB_ASSIGN_OR_RETURN(s->pool_, PinnedPool::Create(po));
+  s->workers_ = std::make_unique<Workers>(options.threads);
+  return s;
+}
+
+Stager::~Stager() {
+  // Slabs go back to the pool only after the copies reading them are done.
+  if (stream_.get() != nullptr) cudaStreamSynchronize(stream_.get());
+  in_flight_.clear();
+}
+
+Result<std::unique_ptr<BlockPageCache>> Stager::CreateCache(size_t budget_bytes) {
+  SHOTDB_ASSIGN_OR_RETURN(std::unique_ptr<DeviceAllocator> alloc,
+                          NewCudaPoolAllocator(stream_.get()));
+  BlockPageCache::Options o;
+  o.budget_bytes = budget_bytes;
+  return BlockPageCache::Create(o, std::move(alloc));
+}
+
+Status Stager::WaitInFlight() {
+  InFlight f = std::move(in_flight_.front());
+  in_flight_.pop_front();
+  SHOTDB_RETURN_IF_ERROR(f.done.Synchronize());
+  f.slab.Release();
+  spare_events_.push_back(std::move(f.done));
+  return Status::OK();
+}
+
+Result<PinnedSlab> Stager::AcquireSlab() {
+  // Reclaim finished slabs first, so the pool's most recently used (warm) slabs are reused.
+  while (!in_flight_.empty()) {
+    SHOTDB_ASSIGN_OR_RETURN(bool done, in_flight_.front().done.Query());
+    if (!done) break;
+    SHOTDB_RETURN_IF_ERROR(WaitInFlight());
+  }
+  if (in_flight_.size() >= options_.num_slabs) {
+    ++stats_.slab_waits;
+    SHOTDB_RETURN_IF_ERROR(WaitInFlight());
+  }
+  return pool_->Acquire();
+}
+
+Status Stager::Flush(PinnedSlab slab, std::vector<CopyJob>* jobs) {
+  if (jobs->empty()) return Status::OK();
+  std::vector<Status> results(jobs->size());
+  const bool verify = options_.verify_checksums;
+  uint8_t* base = slab.data();
+  workers_->ParallelFor(jobs->size(), [&](size_t i) {
+    const CopyJob& j = (*jobs)[i];
+    uint8_t* dst = base + j.slab_offset;
+    if (j.view.header.codec == Codec::kRaw && !verify) {
+      std::memcpy(dst, j.view.payload, j.size);
+    } else {
+      results[i] = DecodeBlockRecord(j.view, dst, j.size, j.what);
+    }
+  });
+  for (const Status& s : results) SHOTDB_RETURN_IF_ERROR(s);
+  for (const CopyJob& j : *jobs) {
+    cudaError_t err =
+        cudaMemcpyAsync(j.dst, base + j.slab_offset, j.size, cudaMemcpyHostToDevice, stream_.get());
+    if (err != cudaSuccess) {
+      // Copies enqueued before this one may still read the slab, which goes back to the pool on
+      // return.
+      cudaStreamSynchronize(stream_.get());
+      return CudaStatus(err, "cudaMemcpyAsync", "Stager::Flush");
+    }
+    stats_.bytes_copied += j.size;
+  }
+  CudaEvent done;
+  if (!spare_events_.empty()) {
+    done = std::move(spare_events_.back());
+    spare_events_.pop_back();
+  } else {
+    SHOTDB_ASSIGN_OR_RETURN(done, CudaEvent::Create());
+  }
+  SHOTDB_RETURN_IF_ERROR(done.Record(stream_.get()));
+  in_flight_.push_back(InFlight{std::move(slab), std::move(done)});
+  ++stats_.slabs_flushed;
+  jobs->clear();
+  return Status::OK();
+}
+
+Result<StagedBatch> Stager::StageLayers(Snapshot* snapshot, const std::string& task,
+                                        const std::vector<uint32_t>& blocks,
+                                        const std::vector<uint32_t>& layers, BlockPageCache* cache,
+                                        const LayerCallback& on_layer) {
+  SHOTDB_ASSIGN_OR_RETURN(TaskInfo info, snapshot->GetTask(task));
+  if (blocks.empty()) return Status::InvalidArgument("StageLayers: task " + task + ": no blocks");
+  if (info.model.dtype != DType::kBF16 && info.model.dtype != DType::kF16) {
+    return Status::InvalidArgument("StageLayers: task " + task + " stores " +
+                                   std::string(DTypeName(info.model.dtype)) +
+                                   "; the kernels take bf16 or f16");
+  }
+  std::unordered_set<uint32_t> seen;
+  for (uint32_t b : blocks) {
+    if (!seen.insert(b).second) {
+      return Status::InvalidArgument("StageLayers: task " + task + ": block " + std::to_string(b) +
+                                     " requested twice");
+    }
+  }
+  for (uint32_t l : layers) {
+    if (l >= info.model.num_layers) {
+      return Status::InvalidArgument("StageLayers: task " + task + ": layer " + std::to_string(l) +
+                                     " >= its " + std::to_string(info.model.num_layers) +
+                                     " layers");
+    }
+  }
+  StagedBatch batch;
+  batch.dtype = info.model.dtype;
+  batch.kv_heads = info.model.kv_heads;
+  batch.head_dim = info.model.head_dim;
+  for (uint32_t b : blocks) {
+    SHOTDB_ASSIGN_OR_RETURN(BlockInfo bi, snapshot->GetBlock(task, b));
+    const uint64_t bytes = static_cast<uint64_t>(info.model.kv_heads) * bi.token_count *
+                           info.model.head_dim * DTypeSize(info.model.dtype);
+    if (bytes > options_.slab_bytes) {
+      return Status::InvalidArgument("StageLayers: task " + task + " block " + std::to_string(b) +
+                                     ": a " + std::to_string(bytes) +
+                                     "-byte tensor does not fit a " +
+                                     std::to_string(options_.slab_bytes) + "-byte pinned slab");
+    }
+    batch.block_tokens.push_back(bi.token_count);
+    batch.total_tokens += bi.token_count;
+  }
+  const uint64_t bytes_before = stats_.bytes_copied;
+  const uint32_t task_id = cache->InternTask(task + "@" + std::to_string(info.created_unix));
+
+  std::vector<CopyJob> jobs;
+  PinnedSlab slab;
+  size_t slab_used = 0;
+  for (size_t li = 0; li < layers.size(); ++li) {
+    const uint32_t layer = layers[li];
+    StagedLayer staged;
+    staged.layer = layer;
+    for (size_t bi = 0; bi < blocks.size(); ++bi) {
+      const uint32_t block = blocks[bi];
+      const size_t bytes = static_cast<size_t>(info.model.kv_heads) * batch.block_tokens[bi] *
+                           info.model.head_dim * DTypeSize(info.model.dtype);
+      SHOTDB_ASSIGN_OR_RETURN(PageHandle page,
+                              cache->Acquire(PageKey{task_id, block, layer}, bytes, bytes));
+      staged.blocks.push_back(KvBlockRef{page.k(), page.v(), batch.block_tokens[bi]});
+      if (page.filled()) {
+        ++batch.pages_hit;
+        staged.pages.push_back(std::move(page));
+        continue;
+      }
+      ++batch.pages_filled;
+      for (TensorKind kind : {TensorKind::kKey, TensorKind::kValue}) {
+        std::string what = RecordWhat(task, block, layer, kind);
+        SHOTDB_ASSIGN_OR_RETURN(BlockRecordView view,
+                                snapshot->GetRecord(task, block, layer, kind));
+        SHOTDB_RETURN_IF_ERROR(CheckRecord(view, info, layer, kind, batch.block_tokens[bi], what));
+        if (!slab.valid() || slab_used + bytes > slab.size()) {
+          if (slab.valid()) SHOTDB_RETURN_IF_ERROR(Flush(std::move(slab), &jobs));
+          SHOTDB_ASSIGN_OR_RETURN(slab, AcquireSlab());
+          slab_used = 0;
+        }
+        CopyJob job;
+        job.view = view;
+        job.what = std::move(what);
+        job.dst = kind == TensorKind::kKey ? page.k() : page.v();
+        job.size = bytes;
+        job.slab_offset = slab_used;
+        // 256-byte alignment keeps each job's destination in the slab on its own cache lines.
+        slab_used += (bytes + 255) / 256 * 256;
+        jobs.push_back(std::move(job));
+      }
+      staged.pages.push_back(std::move(page));
+    }
+    // The layer's last copies must be enqueued before its event.
+    if (slab.valid()) {
+      SHOTDB_RETURN_IF_ERROR(Flush(std::move(slab), &jobs));
+      slab_used = 0;
+    }
+    for (PageHandle& p : staged.pages) p.MarkFilled();
+    SHOTDB_ASSIGN_OR_RETURN(staged.ready, CudaEvent::Create());
+    SHOTDB_RETURN_IF_ERROR(staged.ready.Record(stream_.get()));
+    if (on_layer) SHOTDB_RETURN_IF_ERROR(on_layer(li, staged));
+    batch.layers.push_back(std::move(staged));
+  }
+  stats_.pages_hit += batch.pages_hit;
+  stats_.pages_filled += batch.pages_filled;
+  batch.bytes_copied = stats_.bytes_copied - bytes_before;
+  return batch;
+}
+
+}  // namespace gpu
+}  // namespace shotdb

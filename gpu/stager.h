@@ -1,0 +1,142 @@
+// Stager: the read path from the store to device memory, layer by layer.
+//
+//   store (LMDB map) --decode / copy, parallel threads--> pinned slab --cudaMemcpyAsync--> page
+//
+// For each requested layer, the selected blocks' K and V pages are looked up in a BlockPageCache;
+// the misses are read from the Snapshot (zero-copy record views into the memory map), decoded by a
+// pool of threads straight into pinned slabs (Codec::kRaw: a copy, plus the checksum check when
+// verify_checksums; LZ4 codecs: decompression), and copied to their pages on the Stager's copy
+// stream. While the threads fill slab i, the copy engine drains slab i - 1. After the last copy of
+// a layer an event is recorded: a consumer waits for layer l (on the device, with
+// StagedLayer::ready.WaitOn(its stream)) while later layers are still being read and copied.
+//
+// Cache pages are filled in stream order: every page staged through one Stager is ready once any
+// event recorded on its stream afterwards has completed, including pages that hit because an
+// earlier StageLayers filled them. Use one Stager per cache (CreateCache), or order other streams
+// after the Stager's events.
+//
+// Thread-safety: a Stager is not thread-safe (one StageLayers at a time); the Snapshot is used only
+// from the calling thread (the worker threads read record views, which the Snapshot keeps valid).
+#ifndef SHOTDB_GPU_STAGER_H_
+#define SHOTDB_GPU_STAGER_H_
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "engine/store.h"
+#include "gpu/block_page_cache.h"
+#include "gpu/pinned_pool.h"
+#include "gpu/rope_gather.h"
+#include "gpu/stream.h"
+#include "util/status.h"
+
+namespace shotdb {
+namespace gpu {
+
+// One staged layer: the selected blocks' pages, in request order, and the event after which they
+// hold the data (on the device timeline).
+struct StagedLayer {
+  uint32_t layer = 0;
+  CudaEvent ready;
+  std::vector<PageHandle> pages;   // pins the pages while the batch lives
+  std::vector<KvBlockRef> blocks;  // pages[i].k()/v() and the block's token count: kernel input
+};
+
+struct StagedBatch {
+  DType dtype = DType::kBF16;
+  uint32_t kv_heads = 0, head_dim = 0;
+  std::vector<uint32_t> block_tokens;  // per requested block
+  uint64_t total_tokens = 0;
+  std::vector<StagedLayer> layers;  // in request order
+  uint64_t pages_hit = 0, pages_filled = 0;
+  uint64_t bytes_copied = 0;  // host -> device bytes this call enqueued
+};
+
+class Stager {
+ public:
+  struct Options {
+    size_t slab_bytes = size_t(32) << 20;  // must hold the largest single K or V tensor
+    size_t num_slabs = 4;                  // pinned slabs in flight
+    int threads = 8;                       // decode / copy threads (>= 1)
+    // Recompute record checksums while reading (raw codec; the LZ4 codecs always verify).
+    bool verify_checksums = true;
+  };
+  struct Stats {
+    uint64_t pages_hit = 0, pages_filled = 0;
+    uint64_t bytes_copied = 0;  // host -> device
+    uint64_t slabs_flushed = 0;
+    uint64_t slab_waits = 0;  // times a slab had to wait for its earlier copies to finish
+  };
+  // Called after layer `index` (of the request) has been enqueued, e.g. to launch its consumer.
+  using LayerCallback = std::function<Status(size_t index, const StagedLayer& layer)>;
+
+  // Creates the copy stream, the pinned pool and the threads on the current device.
+  // InvalidArgument for 0 slabs, slab bytes or threads; IOError from CUDA.
+  static Result<std::unique_ptr<Stager>> Create(const Options& options);
+  // Waits for the copies still in flight.
+  ~Stager();
+  Stager(const Stager&) = delete;
+  Stager& operator=(const Stager&) = delete;
+
+  // A cache whose pages are allocated stream-ordered on this Stager's stream. The Stager must
+  // outlive it.
+  Result<std::unique_ptr<BlockPageCache>> CreateCache(size_t budget_bytes);
+
+  // Stages `layers` of `blocks` of `task` (both in the given order) into `cache`.
+  // Returns the batch (events recorded; copies may still be running), or:
+  //   NotFound           unknown task or block, or a missing record;
+  //   InvalidArgument    empty or duplicate blocks, a layer >= the task's layer count, a tensor
+  //                      larger than slab_bytes, or a task dtype the kernels do not take;
+  //   Corruption         a record fails its checks (names task, block, layer and K/V);
+  //   FailedPrecondition the cache is exhausted by pinned pages;
+  //   IOError            CUDA failures;
+  //   or the callback's error. On error nothing of the failed layer stays cached.
+  Result<StagedBatch> StageLayers(Snapshot* snapshot, const std::string& task,
+                                  const std::vector<uint32_t>& blocks,
+                                  const std::vector<uint32_t>& layers, BlockPageCache* cache,
+                                  const LayerCallback& on_layer = {});
+
+  cudaStream_t stream() const { return stream_.get(); }
+  Stats stats() const { return stats_; }
+  const PinnedPool& pinned_pool() const { return *pool_; }
+
+ private:
+  class Workers;
+  struct CopyJob {
+    BlockRecordView view;
+    std::string what;
+    void* dst = nullptr;  // device
+    size_t size = 0;
+    size_t slab_offset = 0;
+  };
+  struct InFlight {
+    PinnedSlab slab;
+    CudaEvent done;
+  };
+  explicit Stager(const Options& options);
+  // Reads the jobs into `slab` in parallel, enqueues their copies and records the slab in flight.
+  Status Flush(PinnedSlab slab, std::vector<CopyJob>* jobs);
+  // A free slab, waiting for the oldest in-flight copies if the pool is exhausted.
+  Result<PinnedSlab> AcquireSlab();
+  Status WaitInFlight();
+
+  const Options options_;
+  CudaStream stream_;
+  std::unique_ptr<PinnedPool> pool_;
+  std::unique_ptr<Workers> workers_;
+  std::deque<InFlight> in_flight_;
+  std::vector<CudaEvent> spare_events_;
+  Stats stats_;
+};
+
+}  // namespace gpu
+}  // namespace shotdb
+
+#endif  // SHOTDB_GPU_STAGER_H_
