@@ -174,6 +174,7 @@ int RunEncode(const char* command, const GlobalOptions& global, const ModelOptio
 struct SelectionFlags {
   SelectionOptions selection;
   std::string order = "encoding";
+  double cache_gb = 4;
 };
 
 void AddSelectionOptions(CLI::App* sub, SelectionFlags* f) {
@@ -184,6 +185,17 @@ void AddSelectionOptions(CLI::App* sub, SelectionFlags* f) {
   sub->add_option("--order", f->order, "order of selected blocks: encoding or score (ascending)")
       ->capture_default_str()
       ->check(CLI::IsMember({"encoding", "score"}));
+  sub->add_option("--cache-gb", f->cache_gb,
+                  "block cache in GiB, on the model's device: K/V of recently used blocks, "
+                  "converted to the model dtype (0 = read every block from the store)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+}
+
+SessionOptions SessionFor(const SelectionFlags& f) {
+  SessionOptions options;
+  options.cache_bytes = static_cast<size_t>(f.cache_gb * (1ull << 30));
+  return options;
 }
 
 }  // namespace
@@ -208,6 +220,9 @@ void RegisterModelCommands(CLI::App& app, const GlobalOptions& global) {
                     "demonstrations per block")
         ->capture_default_str();
     sub->add_option("--window,-j", opts->blocks.window, "previous blocks each block attends to")
+        ->capture_default_str();
+    sub->add_option("--sink-blocks", opts->blocks.sink_blocks,
+                    "leading blocks every block attends to (the attention sink)")
         ->capture_default_str();
     sub->add_option("--template", opts->demo_template,
                     "demonstration template ({text}, {label}; \\n allowed)")
@@ -298,7 +313,7 @@ void RegisterModelCommands(CLI::App& app, const GlobalOptions& global) {
       so.read_only = true;
       auto store = Store::Open(global.store_dir, so);
       if (!store.ok()) return Fail("query", store.status());
-      auto session = DbsaSession::Open(store->get(), *task, loaded->pool());
+      auto session = DbsaSession::Open(store->get(), *task, loaded->pool(), SessionFor(*sel));
       if (!session.ok()) return Fail("query", session.status());
       AnswerOptions o;
       o.method = *ParseMethod(*method);
@@ -370,7 +385,7 @@ void RegisterModelCommands(CLI::App& app, const GlobalOptions& global) {
       so.read_only = true;
       auto store = Store::Open(global.store_dir, so);
       if (!store.ok()) return Fail("eval", store.status());
-      auto session = DbsaSession::Open(store->get(), *task, loaded->pool());
+      auto session = DbsaSession::Open(store->get(), *task, loaded->pool(), SessionFor(*sel));
       if (!session.ok()) return Fail("eval", session.status());
       EvalOptions o;
       o.methods.clear();
