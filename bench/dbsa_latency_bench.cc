@@ -193,7 +193,7 @@ int Run(int argc, char** argv) {
       return 1;
     }
     SessionOptions so;
-    so.cache_bytes = size_t(40) << 30;
+    so.cache_bytes = size_t(16) << 30;  // the 90k pool takes 11.5 GB; the model 16 GB
     auto session = DbsaSession::Open(store->get(), "bench", pool, so);
     if (!session.ok()) {
       std::fprintf(stderr, "session: %s\n", session.status().ToString().c_str());

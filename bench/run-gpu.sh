@@ -3,12 +3,12 @@
 # included), then the benchmarks. Output goes to stdout and, when $OUT is set, to files under it.
 # Prepare on the development machine first: bash ../shared/device/fetch-deps.sh (see docs/gpu.md).
 # Usage (from the repository root, on the GPU machine):
-#   source .device/setup.sh && bash bench/run-gpu.sh [--quick]
+#   source .device/setup.sh && bash bench/run-gpu.sh [--quick | --no-latency]
 # CMAKE_EXTRA adds configure options (e.g. -DSHOTDB_WITH_CUDA=OFF to skip gpu/).
 set -uo pipefail
 out=${OUT:-/tmp/shotdb-gpu-out}
 mkdir -p "$out"
-quick=0; [ "${1:-}" = "--quick" ] && quick=1
+mode=${1:-full}  # full | --quick (small latency run) | --no-latency (build, tests, h2d only)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 
 cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DSHOTDB_BUILD_TESTS=ON \
@@ -20,14 +20,14 @@ echo "== build ok"
 ctest --test-dir build-gpu -j8 --output-on-failure > "$out/ctest.log" 2>&1
 grep -E "tests passed|tests failed|Failed|\*\*\*|Cuda" "$out/ctest.log" | tail -30
 build-gpu/query/query_dbsa_test --gtest_filter='*Cuda*' 2>&1 | tail -8
+build-gpu/gpu/gpu_device_test 2>&1 | tail -4
 
-for b in build-gpu/bench/h2d_bench build-gpu/gpu/h2d_bench; do
-  [ -x "$b" ] && "$b" 2>&1 | tee "$out/h2d_bench.txt"
-done
+build-gpu/bench/h2d_bench --mb 1024 --json "$out/h2d.json" 2>&1 | tee "$out/h2d_bench.txt"
 
-if [ "$quick" = 1 ]; then
-  build-gpu/bench/dbsa_latency_bench --layers 4 --pools 30000 --queries 4 --json "$out/latency.json"
-else
-  build-gpu/bench/dbsa_latency_bench --pools 30000,90000 --queries 8 --json "$out/latency.json" \
-    2>&1 | tee "$out/latency.txt"
-fi
+case "$mode" in
+  --no-latency) ;;
+  --quick) build-gpu/bench/dbsa_latency_bench --layers 4 --pools 30000 --queries 4 \
+             --json "$out/latency.json" ;;
+  *) build-gpu/bench/dbsa_latency_bench --pools 30000,60000,90000 --queries 8 \
+       --json "$out/latency.json" 2>&1 | tee "$out/latency.txt" ;;
+esac

@@ -87,9 +87,16 @@ Result<std::unique_ptr<DbsaSession>> DbsaSession::Open(const Store* store,
   }
   std::unique_ptr<DbsaSession> session(
       new DbsaSession(store, std::move(task), std::move(model), std::move(format), options));
-  if (options.cache_bytes > 0) {
-    session->cache_ =
-        std::make_unique<BlockCache>(options.cache_bytes, session->model_.model->device());
+  const torch::Device device = session->model_.model->device();
+#ifdef SHOTDB_HAVE_GPU
+  if (options.cache_bytes > 0 && device.is_cuda() &&
+      StagedKvSourceSupports(session->task_.model.dtype)) {
+    SHOTDB_ASSIGN_OR_RETURN(session->staged_, MakeStagedKvSource(options.cache_bytes,
+                                                                 std::max(0, int(device.index()))));
+  }
+#endif
+  if (options.cache_bytes > 0 && !session->staged_) {
+    session->cache_ = std::make_unique<BlockCache>(options.cache_bytes, device);
   }
   for (const auto& label : session->task_.labels) {
     SHOTDB_ASSIGN_OR_RETURN(
@@ -136,6 +143,17 @@ Result<std::vector<LayerKV>> DbsaSession::LoadStoredContext(Snapshot* snapshot,
                                                             uint64_t* tokens, Timing* timing) {
   const LlamaModel& model = *model_.model;
   const uint32_t layers = task_.model.num_layers;
+  if (staged_) {
+    uint64_t total = 0;
+    for (uint32_t b : blocks) {
+      SHOTDB_ASSIGN_OR_RETURN(BlockInfo info, snapshot->GetBlock(task_.name, b));
+      total += info.token_count;
+    }
+    *tokens = total;
+    return staged_->Gather(snapshot, task_, blocks,
+                           torch::TensorOptions().dtype(model.dtype()).device(model.device()),
+                           &timing->load, &timing->gather);
+  }
   Stopwatch lap(model.device());
   // Each selected block's K/V, per layer: device-resident from the cache, or views of the store's
   // map (zero-copy for raw payloads) while the snapshot lives.
@@ -163,8 +181,8 @@ Result<std::vector<LayerKV>> DbsaSession::LoadStoredContext(Snapshot* snapshot,
   }
   timing->load = lap.LapMs();
 
-  const auto shape = std::vector<int64_t>{task_.model.kv_heads, static_cast<int64_t>(total),
-                                          task_.model.head_dim};
+  const auto shape =
+      std::vector<int64_t>{task_.model.kv_heads, static_cast<int64_t>(total), task_.model.head_dim};
   const auto options = torch::TensorOptions().dtype(model.dtype()).device(model.device());
   const auto stored = torch::TensorOptions().dtype(TorchType(task_.model.dtype));
   std::vector<LayerKV> context(layers);

@@ -1,12 +1,12 @@
 // DbsaSession: answers queries from an encoded pool, with DBSA or one of the baselines.
 //
 // DBSA (the product): BM25 selects the top m blocks of the task (block 0 always, first); their
-// stored pre-RoPE K/V are concatenated in encoding order (or by ascending score), RoPE is applied at
-// new contiguous positions 0..L-1, the query tokens run with full attention over them, and decoding
-// is constrained to the task's labels (or free greedy text).
-// RetICL (baseline): the same selected blocks' TEXT is re-encoded with full causal attention for
-// every query, then decoded the same way. FixedICL (baseline): the first m blocks' text is encoded
-// once with full attention and that cached prefix serves every query.
+// stored pre-RoPE K/V are concatenated in encoding order (or by ascending score), RoPE is applied
+// at new contiguous positions 0..L-1, the query tokens run with full attention over them, and
+// decoding is constrained to the task's labels (or free greedy text). RetICL (baseline): the same
+// selected blocks' TEXT is re-encoded with full causal attention for every query, then decoded the
+// same way. FixedICL (baseline): the first m blocks' text is encoded once with full attention and
+// that cached prefix serves every query.
 //
 // Thread-safety: one session serves one query at a time; open several for concurrent queries (the
 // store and the model may be shared).
@@ -23,6 +23,7 @@
 #include "query/dbsa/block_cache.h"
 #include "query/dbsa/pool_encoder.h"
 #include "query/dbsa/prompt.h"
+#include "query/dbsa/staged_kv_source.h"
 
 namespace shotdb {
 
@@ -31,8 +32,8 @@ std::string_view MethodName(Method method);  // "dbsa", "reticl", "fixedicl"
 std::optional<Method> ParseMethod(std::string_view name);
 
 struct SelectionOptions {
-  double ratio = 0.3;   // fraction of the task's blocks to select (block 0 included)
-  uint32_t count = 0;   // if > 0, select this many blocks instead of `ratio`
+  double ratio = 0.3;            // fraction of the task's blocks to select (block 0 included)
+  uint32_t count = 0;            // if > 0, select this many blocks instead of `ratio`
   bool ascending_score = false;  // order: false = encoding order; true = lowest to highest score
 };
 // How many blocks a query uses: count, or round(ratio * num_blocks), clamped to [1, num_blocks].
@@ -45,7 +46,7 @@ struct AnswerOptions {
   int64_t max_new_tokens = 32;  // for free_text
 };
 
-struct Timing {  // milliseconds
+struct Timing {       // milliseconds
   double select = 0;  // BM25
   double load = 0;    // DBSA: reading blocks' K/V from the store onto the device (cache misses)
   double gather = 0;  // DBSA: concatenating the selected blocks' K/V in the model's dtype
@@ -55,11 +56,11 @@ struct Timing {  // milliseconds
 };
 
 struct Answer {
-  std::string label;             // the winning label (empty with free_text)
-  double score = 0;              // its summed log-probability
+  std::string label;                 // the winning label (empty with free_text)
+  double score = 0;                  // its summed log-probability
   std::vector<double> label_scores;  // summed log-probability of every label, in task order
-  std::string text;              // free_text output
-  std::vector<uint32_t> blocks;  // blocks in the order their K/V were placed
+  std::string text;                  // free_text output
+  std::vector<uint32_t> blocks;      // blocks in the order their K/V were placed
   std::vector<double> block_scores;  // BM25 score of each (block 0: its own score)
   uint64_t context_tokens = 0;
   Timing timing;
@@ -67,7 +68,8 @@ struct Answer {
 
 struct SessionOptions {
   // Bytes of blocks' K/V kept on the model's device between queries (0 = read every query's
-  // blocks from the store).
+  // blocks from the store). On CUDA, for bf16/f16 tasks, in a build with gpu/, the blocks are
+  // staged by gpu::Stager into a gpu::BlockPageCache (StagedKvSource), else held by BlockCache.
   size_t cache_bytes = 0;
   // RetICL/FixedICL re-encode their context in chunks of this many tokens (each chunk attends to
   // the K/V of the chunks before it), which bounds attention memory to chunk x context.
@@ -88,9 +90,12 @@ class DbsaSession {
   // Seconds spent encoding FixedICL's prefix (0 until a FixedICL query ran).
   double fixed_prefix_seconds() const { return fixed_seconds_; }
   // Device block cache statistics (all zero without a cache).
-  BlockCache::Stats cache_stats() const { return cache_ ? cache_->stats() : BlockCache::Stats{}; }
+  BlockCache::Stats cache_stats() const {
+    return staged_ ? staged_->stats() : cache_ ? cache_->stats() : BlockCache::Stats{};
+  }
   void ClearCache() {
     if (cache_) cache_->Clear();
+    if (staged_) staged_->Clear();
   }
 
  private:
@@ -121,6 +126,7 @@ class DbsaSession {
   PromptFormat format_;
   SessionOptions options_;
   std::unique_ptr<BlockCache> cache_;
+  std::unique_ptr<StagedKvSource> staged_;  // replaces cache_ on CUDA where gpu/ is built
   std::vector<std::vector<int32_t>> label_tokens_;
   // FixedICL's cached prefix, for the block count it was built for.
   uint32_t fixed_blocks_ = 0;

@@ -465,6 +465,38 @@ TEST_F(DbsaExactnessTest, CudaEncodeAndDecodeMatchCpu) {
     // untrained model may flip, but the decisions must overwhelmingly agree.
     EXPECT_GE(agree, bf16 ? total - 2 : total) << (bf16 ? "bf16" : "f32");
   }
+
+  // A bf16-stored pool through the device cache (on CUDA builds with gpu/: gpu::Stager and its page
+  // cache): the same label scores as the CPU reading the same bf16 K/V, cold and then hot.
+  auto bf16_store = MakeTask(dir_.Sub("bf16"), DType::kBF16, cfg);
+  ASSERT_TRUE(PoolEncoder(bf16_store.get(), pool_).EncodeBlocks("t", groups).ok());
+  LoadOptions options;
+  options.device = torch::Device("cuda");
+  options.dtype = torch::kFloat32;
+  auto gpu_model = LlamaModel::Load(
+      std::string(SHOTDB_SOURCE_DIR) + "/tests/fixtures/model/tiny_llama", options);
+  ASSERT_TRUE(gpu_model.ok());
+  const PoolModel gpu_pool{gpu_model->get(), &tokenizer_, pool_.weights_digest};
+  SessionOptions cached;
+  cached.cache_bytes = 1 << 26;
+  auto cpu_session = DbsaSession::Open(bf16_store.get(), "t", pool_);
+  auto gpu_session = DbsaSession::Open(bf16_store.get(), "t", gpu_pool, cached);
+  ASSERT_TRUE(cpu_session.ok() && gpu_session.ok()) << gpu_session.status().ToString();
+  for (int round = 0; round < 2; ++round) {
+    for (const char* query : {"sky fire", "rose", "grass sea leaf", "apple"}) {
+      AnswerOptions answer;
+      answer.selection.count = 3;
+      auto x = (*cpu_session)->Ask(query, answer);
+      auto y = (*gpu_session)->Ask(query, answer);
+      ASSERT_TRUE(x.ok() && y.ok()) << y.status().ToString();
+      EXPECT_EQ(x->label, y->label) << query;
+      for (size_t i = 0; i < x->label_scores.size(); ++i) {
+        EXPECT_NEAR(x->label_scores[i], y->label_scores[i],
+                    1e-4 * std::max(1.0, std::abs(x->label_scores[i])));
+      }
+    }
+  }
+  EXPECT_GT((*gpu_session)->cache_stats().hits, 0u);
 }
 
 TEST(PromptFormatTest, FormatsDemosQueriesAndLabels) {

@@ -4,6 +4,7 @@
 #include "query/tokenizer/bpe_tokenizer.h"
 
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <cstdlib>
@@ -260,7 +261,10 @@ class BpeMalformedTest : public ::testing::Test {
   }
   static Status LoadStatus(const Json& j) { return LoadStatus(j.dump()); }
   static Status LoadStatus(const std::string& text) {
-    const std::string path = ::testing::TempDir() + "/malformed_tokenizer.json";
+    // One file per test and process: ctest runs the cases of this fixture in parallel.
+    const std::string path = ::testing::TempDir() + "/" +
+                             ::testing::UnitTest::GetInstance()->current_test_info()->name() + "_" +
+                             std::to_string(getpid()) + "_malformed_tokenizer.json";
     WriteFile(path, text);
     auto t = LoadTokenizer(path);
     return t.ok() ? Status::OK() : t.status();
