@@ -170,7 +170,18 @@ Result<PageHandle> BlockPageCache::Acquire(const PageKey& key, size_t k_bytes, s
     EraseLocked(victim);
     ++stats_.evictions;
   }
-  SHOTDB_ASSIGN_OR_RETURN(void* ptr, allocator_->Allocate(bytes));
+  Result<void*> allocated = allocator_->Allocate(bytes);
+  // The device can run out before the budget does (other allocators share it, e.g. libtorch's
+  // caching allocator): give back unpinned pages, oldest first, until the allocation fits.
+  while (!allocated.ok() && !lru_.empty()) {
+    auto victim = entries_.find(lru_.back());
+    lru_.pop_back();
+    lru_bytes_ -= victim->second.bytes;
+    EraseLocked(victim);
+    ++stats_.evictions;
+    allocated = allocator_->Allocate(bytes);
+  }
+  SHOTDB_ASSIGN_OR_RETURN(void* ptr, std::move(allocated));
   Entry e;
   e.ptr = ptr;
   e.k_bytes = k_bytes;

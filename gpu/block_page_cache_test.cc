@@ -4,6 +4,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <cstdint>
 #include <map>
 #include <random>
 
@@ -14,8 +15,13 @@ namespace {
 // Host memory standing in for device memory: tracks every live allocation and its size.
 class FakeDeviceAllocator : public DeviceAllocator {
  public:
-  explicit FakeDeviceAllocator(std::map<void*, size_t>* live) : live_(live) {}
+  // `capacity` plays the device's free memory: allocations beyond it fail like cudaMalloc.
+  explicit FakeDeviceAllocator(std::map<void*, size_t>* live, size_t capacity = SIZE_MAX)
+      : live_(live), capacity_(capacity) {}
   Result<void*> Allocate(size_t bytes) override {
+    size_t used = 0;
+    for (const auto& kv : *live_) used += kv.second;
+    if (used + bytes > capacity_) return Status::IOError("fake device: out of memory");
     void* p = std::aligned_alloc(256, bytes);
     (*live_)[p] = bytes;
     return p;
@@ -27,12 +33,14 @@ class FakeDeviceAllocator : public DeviceAllocator {
 
  private:
   std::map<void*, size_t>* live_;
+  size_t capacity_;
 };
 
 class BlockPageCacheTest : public ::testing::Test {
  protected:
-  void Make(size_t budget) {
-    auto c = BlockPageCache::Create({budget}, std::make_unique<FakeDeviceAllocator>(&live_));
+  void Make(size_t budget, size_t device_capacity = SIZE_MAX) {
+    auto c = BlockPageCache::Create({budget},
+                                    std::make_unique<FakeDeviceAllocator>(&live_, device_capacity));
     ASSERT_TRUE(c.ok()) << c.status().ToString();
     cache_ = std::move(*c);
   }
@@ -114,6 +122,27 @@ TEST_F(BlockPageCacheTest, EvictsLeastRecentlyUsedUnpinned) {
   EXPECT_FALSE(cache_->Contains({0, 2, 0}));
   EXPECT_TRUE(cache_->Contains({0, 0, 0}));
   EXPECT_EQ(cache_->stats().evictions, 2u);
+  EXPECT_EQ(cache_->stats().bytes_in_use, LiveBytes());
+}
+
+// The device fills up before the budget: the cache gives back least recently used unpinned pages
+// until the allocation succeeds, and reports the device's error when only pinned pages remain.
+TEST_F(BlockPageCacheTest, DeviceOutOfMemoryEvictsUnpinnedPages) {
+  Make(/*budget=*/10 * 512, /*device_capacity=*/3 * 512);
+  Fill(0).Reset();
+  Fill(1).Reset();
+  PageHandle pinned = Fill(2);
+  Fill(3).Reset();  // the device is full: evicts 0, the least recently used
+  EXPECT_FALSE(cache_->Contains({0, 0, 0}));
+  EXPECT_TRUE(cache_->Contains({0, 1, 0}));
+  EXPECT_TRUE(cache_->Contains({0, 3, 0}));
+  EXPECT_EQ(cache_->stats().evictions, 1u);
+  PageHandle pinned2 = Fill(4);  // evicts 1
+  PageHandle pinned3 = Fill(5);  // evicts 3
+  auto refused = cache_->Acquire({0, 6, 0}, 256, 256);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_NE(refused.status().message().find("out of memory"), std::string::npos);
+  EXPECT_TRUE(cache_->Contains({0, 2, 0}));
   EXPECT_EQ(cache_->stats().bytes_in_use, LiveBytes());
 }
 
