@@ -17,6 +17,7 @@
 namespace shotdb {
 namespace {
 
+using testing_util::FlipInFile;
 using testing_util::MakeBlock;
 using testing_util::MakeTask;
 using testing_util::SmallModel;
@@ -236,25 +237,6 @@ TEST(StoreTest, RefusesMismatchedBlocks) {
   snap->reset();
   EXPECT_TRUE(store->AppendBlock("t", MakeBlock(model, 3, 2, next_offset, 7).block).ok());
   EXPECT_TRUE(store->Verify("t", nullptr).ok());
-}
-
-// Flips one byte, at offset `at` of every occurrence of `needle` in the file (a record in a leaf
-// page can also survive in an older, freed copy of that page). Returns false if there is none.
-bool FlipInFile(const std::string& path, const std::vector<uint8_t>& needle, size_t at) {
-  std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
-  std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  bool found = false;
-  for (auto it = std::search(bytes.begin(), bytes.end(), needle.begin(), needle.end());
-       it != bytes.end(); it = std::search(it + 1, bytes.end(), needle.begin(), needle.end())) {
-    const size_t pos = static_cast<size_t>(it - bytes.begin()) + at;
-    f.clear();
-    f.seekp(static_cast<std::streamoff>(pos));
-    const char flipped = static_cast<char>(bytes[pos] ^ 0x10);
-    f.write(&flipped, 1);
-    found = static_cast<bool>(f);
-  }
-  if (!found) ADD_FAILURE() << "pattern not found in " << path;
-  return found;
 }
 
 class StoreCorruptionTest : public ::testing::TestWithParam<Codec> {};

@@ -5,8 +5,11 @@
 
 #include <stdlib.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <string>
 #include <vector>
 
@@ -38,6 +41,24 @@ class TempDir {
  private:
   std::string path_;
 };
+
+// Flips one byte, at offset `at` of every occurrence of `needle` in the file (a record in a leaf
+// page can also survive in an older, freed copy of that page). Returns false if there is none.
+inline bool FlipInFile(const std::string& path, const std::vector<uint8_t>& needle, size_t at) {
+  std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
+  std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  bool found = false;
+  for (auto it = std::search(bytes.begin(), bytes.end(), needle.begin(), needle.end());
+       it != bytes.end(); it = std::search(it + 1, bytes.end(), needle.begin(), needle.end())) {
+    const size_t pos = static_cast<size_t>(it - bytes.begin()) + at;
+    f.clear();
+    f.seekp(static_cast<std::streamoff>(pos));
+    const char flipped = static_cast<char>(bytes[pos] ^ 0x10);
+    f.write(&flipped, 1);
+    found = static_cast<bool>(f);
+  }
+  return found;
+}
 
 inline uint64_t SplitMix64(uint64_t x) {
   x += 0x9E3779B97F4A7C15ull;

@@ -25,6 +25,7 @@ namespace shotdb {
 namespace {
 
 using nlohmann::json;
+using testing_util::FlipInFile;
 using testing_util::MakeBlock;
 using testing_util::MakeTask;
 using testing_util::SmallModel;
@@ -79,24 +80,6 @@ json ParseJson(const RunResult& r) {
   json j = json::parse(r.out, nullptr, /*allow_exceptions=*/false);
   EXPECT_FALSE(j.is_discarded()) << "not JSON: " << r.out;
   return j;
-}
-
-// Flips one byte at offset `at` of every occurrence of `needle` in the file (an older copy of a
-// page can hold the record too). Returns false if there is none.
-bool FlipInFile(const std::string& path, const std::vector<uint8_t>& needle, size_t at) {
-  std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
-  std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  bool found = false;
-  for (auto it = std::search(bytes.begin(), bytes.end(), needle.begin(), needle.end());
-       it != bytes.end(); it = std::search(it + 1, bytes.end(), needle.begin(), needle.end())) {
-    const size_t pos = static_cast<size_t>(it - bytes.begin()) + at;
-    f.clear();
-    f.seekp(static_cast<std::streamoff>(pos));
-    const char flipped = static_cast<char>(bytes[pos] ^ 0x10);
-    f.write(&flipped, 1);
-    found = static_cast<bool>(f);
-  }
-  return found;
 }
 
 std::unique_ptr<Store> OpenStore(const std::string& dir) {
