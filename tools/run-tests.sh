@@ -13,9 +13,9 @@ cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
 ninja -C build -j"$jobs"
 ctest --test-dir build --output-on-failure -j"$jobs"
 
-echo "== ASan+UBSan build (format, engine, tools) =="
+echo "== ASan+UBSan build (format, engine, tools, and gpu/ host code where nvcc is found) =="
 cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DSHOTDB_SANITIZE=ON \
-  -DSHOTDB_WITH_TORCH=OFF -DSHOTDB_WITH_CUDA=OFF -DSHOTDB_BUILD_BENCH=OFF >/dev/null
+  -DSHOTDB_WITH_TORCH=OFF -DSHOTDB_BUILD_BENCH=OFF >/dev/null
 ninja -C build-asan -j"$jobs"
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
   ctest --test-dir build-asan --output-on-failure -j"$jobs"
