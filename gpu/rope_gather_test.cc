@@ -20,6 +20,12 @@ struct Case {
   int64_t first_position;
   uint32_t head_dim;
 };
+std::string CaseName(const Case& c) {
+  return std::string(DTypeName(c.dtype)) + (c.llama3 ? "_llama3" : "") + "_pos" +
+         std::to_string(c.first_position) + "_d" + std::to_string(c.head_dim);
+}
+// GoogleTest prints parameters with this instead of dumping the struct's bytes (padding included).
+void PrintTo(const Case& c, std::ostream* os) { *os << CaseName(c); }
 
 // Random values rounded to the dtype: the host copy (as double) is exactly what the kernel reads.
 struct HostTensor {
@@ -151,11 +157,11 @@ TEST_P(RopeGatherTest, GatherAndAttentionMatchReference) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Shapes, RopeGatherTest,
-                         ::testing::Values(Case{DType::kBF16, true, 0, 128},
-                                           Case{DType::kBF16, false, 100000, 128},
-                                           Case{DType::kF16, true, 7, 64},
-                                           Case{DType::kF16, false, 0, 128}));
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, RopeGatherTest,
+    ::testing::Values(Case{DType::kBF16, true, 0, 128}, Case{DType::kBF16, false, 100000, 128},
+                      Case{DType::kF16, true, 7, 64}, Case{DType::kF16, false, 0, 128}),
+    [](const ::testing::TestParamInfo<Case>& info) { return CaseName(info.param); });
 
 TEST(RopeGatherArgsTest, RejectsBadArguments) {
   GatherRopeArgs g;
