@@ -218,12 +218,14 @@ void RegisterModelCommands(CLI::App& app, const GlobalOptions& global) {
     sub->add_option("--sample", in->sample, "use a random sample of N rows (seeded by --seed)");
     sub->add_option("--demos-per-block,-k", opts->blocks.demos_per_block,
                     "demonstrations per block")
-        ->capture_default_str();
+        ->capture_default_str()
+        ->check(CLI::Range(1, 1 << 20));
     sub->add_option("--window,-j", opts->blocks.window, "previous blocks each block attends to")
         ->capture_default_str();
     sub->add_option("--sink-blocks", opts->blocks.sink_blocks,
-                    "leading blocks every block attends to (the attention sink)")
-        ->capture_default_str();
+                    "leading blocks every block attends to (the attention sink, >= 1)")
+        ->capture_default_str()
+        ->check(CLI::Range(1, 1 << 20));
     sub->add_option("--template", opts->demo_template,
                     "demonstration template ({text}, {label}; \\n allowed)")
         ->capture_default_str();
