@@ -83,7 +83,9 @@ Layout FindLayout(const std::string& bytes, const GgufFile& g) {
   return l;
 }
 
-Status OpenBytes(const std::string& bytes) { return GgufFile::Open(TempFile(bytes).path()).status(); }
+Status OpenBytes(const std::string& bytes) {
+  return GgufFile::Open(TempFile(bytes).path()).status();
+}
 
 TEST(GgufTest, MalformedFilesGiveClearErrors) {
   const std::string good = ReadAll(WeightsFixture("tiny.gguf"));

@@ -74,7 +74,8 @@ Result<CsvTable> ParseCsv(std::string_view text, std::string_view source) {
                                    ": unterminated quoted field");
   }
   if (field_started || !record.empty() || !field.empty()) end_record();
-  if (records.empty()) return Status::InvalidArgument(std::string(source) + ": empty CSV, no header");
+  if (records.empty())
+    return Status::InvalidArgument(std::string(source) + ": empty CSV, no header");
 
   CsvTable table;
   table.header = std::move(records[0]);

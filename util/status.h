@@ -18,12 +18,12 @@ class Status {
  public:
   enum class Code {
     kOk = 0,
-    kNotFound,         // the named object does not exist
-    kCorruption,       // stored bytes fail a checksum or structural check
-    kInvalidArgument,  // the caller's input is malformed or inconsistent
-    kIOError,          // the OS or LMDB refused an operation
-    kAlreadyExists,    // a create would overwrite an existing object
-    kNotSupported,     // a valid but unimplemented variant (e.g. an unknown dtype)
+    kNotFound,            // the named object does not exist
+    kCorruption,          // stored bytes fail a checksum or structural check
+    kInvalidArgument,     // the caller's input is malformed or inconsistent
+    kIOError,             // the OS or LMDB refused an operation
+    kAlreadyExists,       // a create would overwrite an existing object
+    kNotSupported,        // a valid but unimplemented variant (e.g. an unknown dtype)
     kFailedPrecondition,  // the object is in the wrong state (e.g. shape differs from the task's)
   };
 

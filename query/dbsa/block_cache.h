@@ -4,8 +4,8 @@
 // Entries are keyed by (task name, task creation time, block index): a task's blocks never change
 // once committed (appends add new indices), and a task deleted and re-created under the same name
 // has another creation time. Eviction is least-recently-used by bytes. Misses are read from the
-// store snapshot (zero-copy for raw payloads, verified), copied into one pinned host buffer per block
-// and uploaded with asynchronous copies; on the CPU the tensors are simply kept in memory.
+// store snapshot (zero-copy for raw payloads, verified), copied into one pinned host buffer per
+// block and uploaded with asynchronous copies; on the CPU the tensors are simply kept in memory.
 //
 // Not thread-safe: one cache per session.
 #ifndef SHOTDB_QUERY_DBSA_BLOCK_CACHE_H_
@@ -59,7 +59,7 @@ class BlockCache {
   size_t capacity_;
   torch::Device device_;
   std::map<Key, Entry> entries_;
-  std::list<Key> lru_;  // front = most recent
+  std::list<Key> lru_;     // front = most recent
   torch::Tensor staging_;  // pinned host bytes, reused across misses (CUDA only)
   Stats stats_;
 };

@@ -13,11 +13,11 @@ std::string Where(const std::string& path, size_t row) {
 }
 
 bool EndsWith(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+  return s.size() >= suffix.size() &&
+         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
-Result<std::vector<LabeledText>> ReadJsonLines(const std::string& path,
-                                               const DemoFileOptions& o) {
+Result<std::vector<LabeledText>> ReadJsonLines(const std::string& path, const DemoFileOptions& o) {
   SHOTDB_ASSIGN_OR_RETURN(std::string text, ReadFileToString(path));
   std::vector<LabeledText> out;
   std::istringstream in(text);
@@ -82,8 +82,8 @@ Result<std::vector<LabeledText>> ReadLabeledTexts(const std::string& path,
   if (format.empty()) {
     format = EndsWith(path, ".jsonl") || EndsWith(path, ".json") ? "jsonl" : "csv";
   }
-  Result<std::vector<LabeledText>> rows = Status::InvalidArgument(
-      path + ": unknown format '" + format + "' (expected csv or jsonl)");
+  Result<std::vector<LabeledText>> rows =
+      Status::InvalidArgument(path + ": unknown format '" + format + "' (expected csv or jsonl)");
   if (format == "csv") rows = ReadCsvRows(path, options);
   if (format == "jsonl") rows = ReadJsonLines(path, options);
   if (!rows.ok()) return rows;

@@ -44,7 +44,8 @@ Result<EvalReport> RunEval(DbsaSession* session, const std::vector<LabeledText>&
                                            std::to_string(i + 1));
       }
       // FixedICL's one-time prefix encoding is setup, not per-query latency.
-      const double latency = answer->timing.total - (method == Method::kFixedIcl ? answer->timing.encode : 0);
+      const double latency =
+          answer->timing.total - (method == Method::kFixedIcl ? answer->timing.encode : 0);
       latencies.push_back(latency);
       context_tokens += static_cast<double>(answer->context_tokens);
       Timing& t = result.mean_timing;
@@ -109,19 +110,28 @@ std::string EvalReport::ToJson() const {
         {"queries", r.queries},
         {"correct", r.correct},
         {"accuracy", r.accuracy},
-        {"latency_ms", {{"mean", r.latency.mean}, {"p50", r.latency.p50}, {"p90", r.latency.p90},
-                        {"p99", r.latency.p99}, {"max", r.latency.max}}},
-        {"mean_timing_ms", {{"select", r.mean_timing.select}, {"load", r.mean_timing.load},
-                            {"encode", r.mean_timing.encode}, {"decode", r.mean_timing.decode},
-                            {"total", r.mean_timing.total}}},
+        {"latency_ms",
+         {{"mean", r.latency.mean},
+          {"p50", r.latency.p50},
+          {"p90", r.latency.p90},
+          {"p99", r.latency.p99},
+          {"max", r.latency.max}}},
+        {"mean_timing_ms",
+         {{"select", r.mean_timing.select},
+          {"load", r.mean_timing.load},
+          {"encode", r.mean_timing.encode},
+          {"decode", r.mean_timing.decode},
+          {"total", r.mean_timing.total}}},
         {"setup_seconds", r.setup_seconds},
         {"mean_context_tokens", r.mean_context_tokens},
     });
   }
   j["records"] = nlohmann::json::array();
   for (const auto& rec : records) {
-    j["records"].push_back({{"index", rec.index}, {"method", MethodName(rec.method)},
-                            {"expected", rec.expected}, {"predicted", rec.predicted},
+    j["records"].push_back({{"index", rec.index},
+                            {"method", MethodName(rec.method)},
+                            {"expected", rec.expected},
+                            {"predicted", rec.predicted},
                             {"latency_ms", rec.latency_ms}});
   }
   return j.dump(2);

@@ -28,9 +28,9 @@ struct MethodResult {
   Method method = Method::kDbsa;
   size_t queries = 0, correct = 0;
   double accuracy = 0;
-  LatencySummary latency;   // per query, total
-  Timing mean_timing;       // mean of each part
-  double setup_seconds = 0; // FixedICL: prefix encoding; 0 otherwise (the pool build is separate)
+  LatencySummary latency;    // per query, total
+  Timing mean_timing;        // mean of each part
+  double setup_seconds = 0;  // FixedICL: prefix encoding; 0 otherwise (the pool build is separate)
   double mean_context_tokens = 0;
 };
 

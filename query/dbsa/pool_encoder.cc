@@ -51,8 +51,7 @@ Result<std::vector<int32_t>> TokenizeBlock(const Tokenizer& tokenizer, const std
   return ids;
 }
 
-Status PoolEncoder::AddDemonstrations(const std::string& task_name,
-                                      const PoolTaskOptions& options,
+Status PoolEncoder::AddDemonstrations(const std::string& task_name, const PoolTaskOptions& options,
                                       const std::vector<LabeledText>& demos, uint64_t seed,
                                       const EncodeProgressFn& progress) {
   TaskInfo task;
@@ -115,7 +114,8 @@ Status PoolEncoder::AddDemonstrations(const std::string& task_name,
   // Mixing in the block count gives each append its own shuffle while keeping a re-run identical.
   const uint64_t group_seed = seed ^ (task.num_blocks * 0x9e3779b97f4a7c15ull);
   std::vector<std::vector<Demonstration>> groups;
-  for (const auto& members : GroupIntoBlocks(fresh.size(), task.blocks.demos_per_block, group_seed)) {
+  for (const auto& members :
+       GroupIntoBlocks(fresh.size(), task.blocks.demos_per_block, group_seed)) {
     std::vector<Demonstration> group;
     for (size_t m : members) group.push_back(fresh[m]);
     groups.push_back(std::move(group));
@@ -134,10 +134,9 @@ Result<PoolEncoder::BlockKV> PoolEncoder::ContextBlock(Snapshot* snapshot, const
     for (TensorKind kind : {TensorKind::kKey, TensorKind::kValue}) {
       torch::Tensor t = torch::empty({task.model.kv_heads, info.token_count, task.model.head_dim},
                                      torch::TensorOptions().dtype(TorchType(task.model.dtype)));
-      SHOTDB_RETURN_IF_ERROR(snapshot->DecodePayloadInto(task.name, index, layer, kind,
-                                                         t.data_ptr(), t.nbytes()));
-      (kind == TensorKind::kKey ? kv[layer].k : kv[layer].v) =
-          t.to(model.device(), model.dtype());
+      SHOTDB_RETURN_IF_ERROR(
+          snapshot->DecodePayloadInto(task.name, index, layer, kind, t.data_ptr(), t.nbytes()));
+      (kind == TensorKind::kKey ? kv[layer].k : kv[layer].v) = t.to(model.device(), model.dtype());
     }
   }
   window_[index] = kv;
@@ -206,7 +205,8 @@ Status PoolEncoder::EncodeBlocks(const std::string& task_name,
 
     ForwardRequest request;
     request.tokens = torch::tensor(std::vector<int64_t>(ids.begin(), ids.end()),
-                                   torch::TensorOptions().dtype(torch::kInt64)).to(device);
+                                   torch::TensorOptions().dtype(torch::kInt64))
+                         .to(device);
     request.positions = Positions(block.info.position_offset, request.tokens.size(0), device);
     if (!context_positions.empty()) {
       request.context = &context;
@@ -223,10 +223,12 @@ Status PoolEncoder::EncodeBlocks(const std::string& task_name,
       host[2 * l + 1] = result.kv[l].v.to(torch::kCPU, stored).contiguous();
       block.keys.push_back(host[2 * l].data_ptr());
       block.values.push_back(host[2 * l + 1].data_ptr());
-      as_stored[l] = {host[2 * l].to(device, model.dtype()), host[2 * l + 1].to(device, model.dtype())};
+      as_stored[l] = {host[2 * l].to(device, model.dtype()),
+                      host[2 * l + 1].to(device, model.dtype())};
     }
-    SHOTDB_RETURN_IF_ERROR(store_->AppendBlock(task_name, block).WithContext(
-        "task '" + task_name + "' block " + std::to_string(index)));
+    SHOTDB_RETURN_IF_ERROR(
+        store_->AppendBlock(task_name, block)
+            .WithContext("task '" + task_name + "' block " + std::to_string(index)));
 
     window_[index] = std::move(as_stored);
     for (auto it = window_.begin(); it != window_.end();) {

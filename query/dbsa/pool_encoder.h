@@ -2,12 +2,12 @@
 // block-sparse attention, and appends to it later at the cost of the new blocks only.
 //
 // Block i (tokens at sequential pool positions) attends at every layer to the sink block(s) 0..s-1,
-// the previous j blocks i-j..i-1, and itself causally; nothing else. The context blocks' K/V are the
-// values as stored (in the task's K/V dtype), so encoding a block gives the same result whether its
-// predecessors were encoded in this run, an earlier interrupted run, or an earlier append.
-// Each block (every layer's pre-RoPE K and V, its texts, its BM25 postings) is one store
-// transaction: an interrupted build leaves a readable store, and re-running continues after the
-// last committed block.
+// the previous j blocks i-j..i-1, and itself causally; nothing else. The context blocks' K/V are
+// the values as stored (in the task's K/V dtype), so encoding a block gives the same result whether
+// its predecessors were encoded in this run, an earlier interrupted run, or an earlier append. Each
+// block (every layer's pre-RoPE K and V, its texts, its BM25 postings) is one store transaction: an
+// interrupted build leaves a readable store, and re-running continues after the last committed
+// block.
 #ifndef SHOTDB_QUERY_DBSA_POOL_ENCODER_H_
 #define SHOTDB_QUERY_DBSA_POOL_ENCODER_H_
 
@@ -39,7 +39,7 @@ ModelFingerprint MakeFingerprint(const PoolModel& model, DType kv_dtype);
 struct PoolTaskOptions {
   std::string demo_template = std::string(PromptFormat::kDefaultTemplate);
   std::string separator = std::string(PromptFormat::kDefaultSeparator);
-  BlockConfig blocks;           // k (demos per block), j (window), sink blocks
+  BlockConfig blocks;  // k (demos per block), j (window), sink blocks
   DType kv_dtype = DType::kBF16;
   Codec codec = Codec::kRaw;
   TextTokenizerOptions bm25_tokenizer;
@@ -71,7 +71,8 @@ class PoolEncoder {
 
   // Appends one block per group, in order, after the task's existing blocks (the task must
   // exist). The building block of AddDemonstrations, public so that tests can fix the grouping.
-  Status EncodeBlocks(const std::string& task, const std::vector<std::vector<Demonstration>>& groups,
+  Status EncodeBlocks(const std::string& task,
+                      const std::vector<std::vector<Demonstration>>& groups,
                       const EncodeProgressFn& progress = {});
 
  private:

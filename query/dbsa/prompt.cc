@@ -22,8 +22,8 @@ uint64_t SplitMix64(uint64_t* state) {
 Result<PromptFormat> PromptFormat::Create(std::string demo_template, std::string separator) {
   if (CountOccurrences(demo_template, "{text}") != 1 ||
       CountOccurrences(demo_template, "{label}") != 1) {
-    return Status::InvalidArgument("prompt template must contain exactly one {text} and one {label}: '" +
-                                   demo_template + "'");
+    return Status::InvalidArgument(
+        "prompt template must contain exactly one {text} and one {label}: '" + demo_template + "'");
   }
   const size_t t = demo_template.find("{text}");
   const size_t l = demo_template.find("{label}");
@@ -77,7 +77,8 @@ std::vector<std::vector<size_t>> GroupIntoBlocks(size_t count, size_t per_block,
   uint64_t state = seed;
   for (size_t i = count; i > 1; --i) {
     // Multiply-shift maps a 64-bit draw onto [0, i) with negligible bias for i << 2^32.
-    const size_t j = static_cast<size_t>((static_cast<unsigned __int128>(SplitMix64(&state)) * i) >> 64);
+    const size_t j =
+        static_cast<size_t>((static_cast<unsigned __int128>(SplitMix64(&state)) * i) >> 64);
     std::swap(order[i - 1], order[j]);
   }
   std::vector<std::vector<size_t>> blocks;
