@@ -1,6 +1,5 @@
 // ls, info, blocks, show, search, verify, stats, rm, export, import, compact: the commands that
 // read or manage a store without running a model (docs/cli.md).
-#include <sys/stat.h>
 
 #include <algorithm>
 #include <charconv>
@@ -21,6 +20,7 @@
 #include "engine/store.h"
 #include "tools/cli_util.h"
 #include "tools/commands.h"
+#include "util/file_util.h"
 
 namespace shotdb::cli {
 
@@ -63,6 +63,13 @@ Result<TaskInfo> FindTask(Snapshot& snapshot, const std::string& name) {
   Result<std::vector<TaskInfo>> all = snapshot.ListTasks();
   if (!all.ok()) return all.status();
   return Status::NotFound("no task '" + name + "' (" + JoinTaskNames(*all) + ")");
+}
+
+// The same, in a snapshot of its own, for commands that need nothing else from the store's
+// contents.
+Result<TaskInfo> FindTask(const Store& store, const std::string& name) {
+  SHOTDB_ASSIGN_OR_RETURN(std::unique_ptr<Snapshot> snapshot, store.BeginSnapshot());
+  return FindTask(*snapshot, name);
 }
 
 Result<BlockInfo> FindBlock(Snapshot& snapshot, const TaskInfo& task, uint32_t index) {
@@ -515,9 +522,7 @@ int RunVerify(const GlobalOptions& global, const std::string& name, bool as_json
   if (!store.ok()) return Fail(kCmd, store.status());
   if (!name.empty()) {
     // Resolve the name first so that a typo gets the list of tasks, not a bare NotFound.
-    auto snapshot = (*store)->BeginSnapshot();
-    if (!snapshot.ok()) return Fail(kCmd, snapshot.status());
-    auto task = FindTask(**snapshot, name);
+    auto task = FindTask(**store, name);
     if (!task.ok()) return Fail(kCmd, task.status());
   }
   VerifyReport report;
@@ -640,16 +645,10 @@ int RunRm(const GlobalOptions& global, const std::string& name, bool yes) {
   constexpr const char* kCmd = "rm";
   auto store = OpenStore(global, OpenMode::kWriteExisting);
   if (!store.ok()) return Fail(kCmd, store.status());
-  TaskInfo task;
-  {
-    auto snapshot = (*store)->BeginSnapshot();
-    if (!snapshot.ok()) return Fail(kCmd, snapshot.status());
-    auto found = FindTask(**snapshot, name);
-    if (!found.ok()) return Fail(kCmd, found.status());
-    task = std::move(found).value();
-  }
-  const std::string what = "task '" + name + "' (" + std::to_string(task.num_blocks) + " blocks, " +
-                           HumanBytes(task.payload_stored_bytes) + ")";
+  auto task = FindTask(**store, name);
+  if (!task.ok()) return Fail(kCmd, task.status());
+  const std::string what = "task '" + name + "' (" + std::to_string(task->num_blocks) +
+                           " blocks, " + HumanBytes(task->payload_stored_bytes) + ")";
   if (!yes) return Fail(kCmd, "refusing to delete " + what + " without --yes");
   Status s = (*store)->DeleteTask(name);
   if (!s.ok()) return Fail(kCmd, s);
@@ -661,28 +660,20 @@ int RunExport(const GlobalOptions& global, const std::string& name, const std::s
   constexpr const char* kCmd = "export";
   auto store = OpenStore(global, OpenMode::kReadOnly);
   if (!store.ok()) return Fail(kCmd, store.status());
-  uint64_t blocks = 0;
-  {
-    auto snapshot = (*store)->BeginSnapshot();
-    if (!snapshot.ok()) return Fail(kCmd, snapshot.status());
-    auto task = FindTask(**snapshot, name);
-    if (!task.ok()) return Fail(kCmd, task.status());
-    blocks = task->num_blocks;
-  }
+  auto task = FindTask(**store, name);
+  if (!task.ok()) return Fail(kCmd, task.status());
   Status s = ExportTask(**store, name, path);
   if (!s.ok()) return Fail(kCmd, s);
-  struct stat st;
-  const uint64_t size = ::stat(path.c_str(), &st) == 0 ? static_cast<uint64_t>(st.st_size) : 0;
-  std::cout << "exported task '" << name << "' (" << blocks << " blocks) to " << path << " ("
-            << HumanBytes(size) << ")\n";
+  const uint64_t size = FileSizeOrZero(path);
+  std::cout << "exported task '" << name << "' (" << task->num_blocks << " blocks) to " << path
+            << " (" << HumanBytes(size) << ")\n";
   return 0;
 }
 
 int RunImport(const GlobalOptions& global, const std::string& path) {
   constexpr const char* kCmd = "import";
   // Check the file before opening the store, so that a wrong path does not create an empty store.
-  struct stat st;
-  if (::stat(path.c_str(), &st) != 0) return Fail(kCmd, path + ": no such file");
+  if (!PathExists(path)) return Fail(kCmd, path + ": no such file");
   auto store = OpenStore(global, OpenMode::kCreate);
   if (!store.ok()) return Fail(kCmd, store.status());
   std::string name;
@@ -705,10 +696,7 @@ int RunCompact(const GlobalOptions& global, const std::string& dest) {
   if (!before.ok()) return Fail(kCmd, before.status());
   Status s = (*store)->Compact(dest);
   if (!s.ok()) return Fail(kCmd, s);
-  struct stat st;
-  const std::string dest_file = dest + "/data.mdb";
-  const uint64_t after =
-      ::stat(dest_file.c_str(), &st) == 0 ? static_cast<uint64_t>(st.st_size) : 0;
+  const uint64_t after = FileSizeOrZero(JoinPath(dest, "data.mdb"));
   std::cout << "compacted " << global.store_dir << " (" << HumanBytes(before->file_size)
             << ") into " << dest << " (" << HumanBytes(after) << ")\n";
   return 0;

@@ -7,6 +7,7 @@
 #ifndef SHOTDB_UTIL_FILE_UTIL_H_
 #define SHOTDB_UTIL_FILE_UTIL_H_
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -16,6 +17,8 @@ namespace shotdb {
 
 bool PathExists(const std::string& path);
 bool IsDirectory(const std::string& path);
+// Size in bytes of the file at `path`; 0 if it cannot be read (absent, no permission).
+uint64_t FileSizeOrZero(const std::string& path);
 
 // "a/b/c.txt" -> "a/b"; "c.txt" -> "."; "/c" -> "/".
 std::string DirName(const std::string& path);

@@ -41,6 +41,8 @@ TEST(FileUtilTest, CreateListAndRemoveTree) {
   EXPECT_EQ(*names, (std::vector<std::string>{"b.txt", "link", "x"}));
   EXPECT_TRUE(IsDirectory(root + "/tree/x"));
   EXPECT_FALSE(IsDirectory(root + "/tree/b.txt"));
+  EXPECT_EQ(FileSizeOrZero(root + "/tree/b.txt"), 1u);
+  EXPECT_EQ(FileSizeOrZero(root + "/tree/missing"), 0u);
 
   ASSERT_TRUE(RemoveAll(root).ok());
   EXPECT_FALSE(PathExists(root));
