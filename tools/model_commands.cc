@@ -333,12 +333,7 @@ void RegisterModelCommands(CLI::App& app, const GlobalOptions& global) {
                             {"blocks", a->blocks},
                             {"block_scores", a->block_scores},
                             {"context_tokens", a->context_tokens},
-                            {"timing_ms",
-                             {{"select", t.select},
-                              {"load", t.load},
-                              {"encode", t.encode},
-                              {"decode", t.decode},
-                              {"total", t.total}}}};
+                            {"timing_ms", TimingToJson(t)}};
         std::cout << j.dump(2) << "\n";
         return 0;
       }
@@ -355,8 +350,8 @@ void RegisterModelCommands(CLI::App& app, const GlobalOptions& global) {
       }
       std::printf("blocks: %s\ncontext: %llu tokens\n", blocks.c_str(),
                   static_cast<unsigned long long>(a->context_tokens));
-      std::printf("time: %.1f ms (bm25 %.1f, load %.1f, encode %.1f, decode %.1f)\n", t.total,
-                  t.select, t.load, t.encode, t.decode);
+      std::printf("time: %.1f ms (bm25 %.1f, load %.1f, gather %.1f, encode %.1f, decode %.1f)\n",
+                  t.total, t.select, t.load, t.gather, t.encode, t.decode);
       return 0;
     });
   }

@@ -51,6 +51,7 @@ Result<EvalReport> RunEval(DbsaSession* session, const std::vector<LabeledText>&
       Timing& t = result.mean_timing;
       t.select += answer->timing.select;
       t.load += answer->timing.load;
+      t.gather += answer->timing.gather;
       t.encode += method == Method::kFixedIcl ? 0 : answer->timing.encode;
       t.decode += answer->timing.decode;
       t.total += latency;
@@ -67,6 +68,7 @@ Result<EvalReport> RunEval(DbsaSession* session, const std::vector<LabeledText>&
       Timing& t = result.mean_timing;
       t.select /= n;
       t.load /= n;
+      t.gather /= n;
       t.encode /= n;
       t.decode /= n;
       t.total /= n;
@@ -101,6 +103,11 @@ std::string EvalReport::ToTable() const {
   return out;
 }
 
+nlohmann::json TimingToJson(const Timing& t) {
+  return {{"select", t.select}, {"load", t.load},     {"gather", t.gather},
+          {"encode", t.encode}, {"decode", t.decode}, {"total", t.total}};
+}
+
 std::string EvalReport::ToJson() const {
   nlohmann::json j;
   j["results"] = nlohmann::json::array();
@@ -116,12 +123,7 @@ std::string EvalReport::ToJson() const {
           {"p90", r.latency.p90},
           {"p99", r.latency.p99},
           {"max", r.latency.max}}},
-        {"mean_timing_ms",
-         {{"select", r.mean_timing.select},
-          {"load", r.mean_timing.load},
-          {"encode", r.mean_timing.encode},
-          {"decode", r.mean_timing.decode},
-          {"total", r.mean_timing.total}}},
+        {"mean_timing_ms", TimingToJson(r.mean_timing)},
         {"setup_seconds", r.setup_seconds},
         {"mean_context_tokens", r.mean_context_tokens},
     });

@@ -3,6 +3,7 @@
 #define SHOTDB_QUERY_DBSA_EVAL_H_
 
 #include <functional>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
@@ -23,6 +24,9 @@ struct LatencySummary {  // milliseconds
 };
 // Percentiles by linear interpolation between closest ranks (numpy's default).
 LatencySummary Summarize(std::vector<double> samples_ms);
+
+// {"select", "load", "gather", "encode", "decode", "total"} in milliseconds.
+nlohmann::json TimingToJson(const Timing& timing);
 
 struct MethodResult {
   Method method = Method::kDbsa;
