@@ -181,32 +181,16 @@ Result<std::vector<LayerKV>> DbsaSession::LoadStoredContext(Snapshot* snapshot,
   }
   timing->load = lap.LapMs();
 
-  const auto shape =
-      std::vector<int64_t>{task_.model.kv_heads, static_cast<int64_t>(total), task_.model.head_dim};
-  const auto options = torch::TensorOptions().dtype(model.dtype()).device(model.device());
   const auto stored = torch::TensorOptions().dtype(TorchType(task_.model.dtype));
-  std::vector<LayerKV> context(layers);
-  for (uint32_t l = 0; l < layers; ++l) {
-    context[l] = {torch::empty(shape, options), torch::empty(shape, options)};
-    int64_t offset = 0;
-    for (size_t i = 0; i < blocks.size(); ++i) {
-      const int64_t n = lengths[i];
-      for (int kv = 0; kv < 2; ++kv) {
-        torch::Tensor& dst = kv == 0 ? context[l].k : context[l].v;
-        torch::Tensor src;
-        if (cache_) {
-          src = kv == 0 ? (*cached[i])[l].k : (*cached[i])[l].v;
-        } else {
-          const PayloadRef& ref = payloads[i][2 * l + kv];
-          src = torch::from_blob(const_cast<void*>(ref.data),
-                                 {task_.model.kv_heads, n, task_.model.head_dim}, stored);
-        }
-        // One pass converts to the model's dtype and device.
-        dst.narrow(1, offset, n).copy_(src);
-      }
-      offset += n;
-    }
-  }
+  std::vector<LayerKV> context = ConcatenateBlocks(
+      layers, task_.model.kv_heads, task_.model.head_dim, lengths,
+      torch::TensorOptions().dtype(model.dtype()).device(model.device()),
+      [&](size_t i, uint32_t l, int kv) {
+        if (cache_) return kv == 0 ? (*cached[i])[l].k : (*cached[i])[l].v;
+        const PayloadRef& ref = payloads[i][2 * l + kv];
+        return torch::from_blob(const_cast<void*>(ref.data),
+                                {task_.model.kv_heads, lengths[i], task_.model.head_dim}, stored);
+      });
   timing->gather = lap.LapMs();
   *tokens = total;
   return context;

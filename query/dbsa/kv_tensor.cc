@@ -41,6 +41,28 @@ Result<DType> StoredType(torch::ScalarType type) {
   }
 }
 
+std::vector<LayerKV> ConcatenateBlocks(uint32_t layers, int64_t kv_heads, int64_t head_dim,
+                                       const std::vector<int64_t>& lengths,
+                                       const torch::TensorOptions& options,
+                                       const BlockKvFn& block_kv) {
+  int64_t total = 0;
+  for (int64_t n : lengths) total += n;
+  std::vector<LayerKV> context(layers);
+  for (uint32_t l = 0; l < layers; ++l) {
+    context[l] = {torch::empty({kv_heads, total, head_dim}, options),
+                  torch::empty({kv_heads, total, head_dim}, options)};
+    int64_t offset = 0;
+    for (size_t i = 0; i < lengths.size(); ++i) {
+      for (int kv = 0; kv < 2; ++kv) {
+        torch::Tensor& dst = kv == 0 ? context[l].k : context[l].v;
+        dst.narrow(1, offset, lengths[i]).copy_(block_kv(i, l, kv));
+      }
+      offset += lengths[i];
+    }
+  }
+  return context;
+}
+
 Result<std::string> WeightsDigest(const std::string& model_path) {
   std::vector<std::string> files;
   if (IsDirectory(model_path)) {

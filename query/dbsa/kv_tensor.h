@@ -4,9 +4,12 @@
 
 #include <torch/torch.h>
 
+#include <functional>
 #include <string>
+#include <vector>
 
 #include "format/dtype.h"
+#include "query/model/llama.h"
 #include "util/status.h"
 
 namespace shotdb {
@@ -14,6 +17,16 @@ namespace shotdb {
 torch::ScalarType TorchType(DType dtype);
 // NotSupported for a torch type with no stored equivalent.
 Result<DType> StoredType(torch::ScalarType type);
+
+// Concatenates, per layer, the K and V of consecutive blocks along the token axis into
+// [kv_heads, sum(lengths), head_dim] tensors with `options`; block_kv(i, layer, kv) gives block i's
+// K (kv = 0) or V (kv = 1) of `lengths[i]` tokens, in any dtype and on any device (one copy_
+// converts and moves it).
+using BlockKvFn = std::function<torch::Tensor(size_t block, uint32_t layer, int kv)>;
+std::vector<LayerKV> ConcatenateBlocks(uint32_t layers, int64_t kv_heads, int64_t head_dim,
+                                       const std::vector<int64_t>& lengths,
+                                       const torch::TensorOptions& options,
+                                       const BlockKvFn& block_kv);
 
 // A stable hex digest identifying the model's weights: xxh3-64 over the GGUF file, or over
 // config.json and every *.safetensors file of an HF directory. Part of a task's fingerprint, so a

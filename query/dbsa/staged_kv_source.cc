@@ -5,6 +5,7 @@
 
 #include "gpu/cuda_util.h"
 #include "gpu/stager.h"
+#include "query/dbsa/kv_tensor.h"
 
 namespace shotdb {
 
@@ -43,25 +44,15 @@ class StagerKvSource final : public StagedKvSource {
 
     start = std::chrono::steady_clock::now();
     const int64_t heads = batch.kv_heads, dim = batch.head_dim;
-    const auto total = static_cast<int64_t>(batch.total_tokens);
-    const auto stored = torch::TensorOptions()
-                            .dtype(batch.dtype == DType::kF16 ? torch::kFloat16 : torch::kBFloat16)
-                            .device(torch::kCUDA, device_);
-    std::vector<LayerKV> context(layers.size());
-    for (size_t l = 0; l < layers.size(); ++l) {
-      context[l] = {torch::empty({heads, total, dim}, options),
-                    torch::empty({heads, total, dim}, options)};
-      int64_t offset = 0;
-      for (const gpu::KvBlockRef& ref : batch.layers[l].blocks) {
-        const int64_t n = ref.tokens;
-        for (int kv = 0; kv < 2; ++kv) {
-          void* page = const_cast<void*>(kv == 0 ? ref.k : ref.v);
-          torch::Tensor dst = (kv == 0 ? context[l].k : context[l].v).narrow(1, offset, n);
-          dst.copy_(torch::from_blob(page, {heads, n, dim}, stored));
-        }
-        offset += n;
-      }
-    }
+    const auto stored =
+        torch::TensorOptions().dtype(TorchType(batch.dtype)).device(torch::kCUDA, device_);
+    const std::vector<int64_t> lengths(batch.block_tokens.begin(), batch.block_tokens.end());
+    std::vector<LayerKV> context = ConcatenateBlocks(
+        task.model.num_layers, heads, dim, lengths, options, [&](size_t i, uint32_t l, int kv) {
+          const gpu::KvBlockRef& ref = batch.layers[l].blocks[i];
+          return torch::from_blob(const_cast<void*>(kv == 0 ? ref.k : ref.v),
+                                  {heads, lengths[i], dim}, stored);
+        });
     // The batch unpins its pages when it goes out of scope; the copies above must be done by then.
     torch::cuda::synchronize();
     *gather_ms = MsSince(start);
