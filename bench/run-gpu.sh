@@ -23,6 +23,9 @@ build-gpu/query/query_dbsa_test --gtest_filter='*Cuda*' 2>&1 | tail -8
 build-gpu/gpu/gpu_device_test 2>&1 | tail -4
 
 build-gpu/bench/h2d_bench --mb 1024 --json "$out/h2d.json" 2>&1 | tee "$out/h2d_bench.txt"
+# Blocks of 256 tokens (512 KiB records): the shape of the earlier runs, and more, smaller copies.
+build-gpu/bench/h2d_bench --mb 1024 --block-tokens 256 --json "$out/h2d_256.json" 2>&1 \
+  | tee "$out/h2d_bench_256.txt" | grep -E "stager|pinned"
 
 case "$mode" in
   --no-latency) ;;

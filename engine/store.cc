@@ -2,7 +2,9 @@
 
 #include <errno.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 
+#include <cstdio>
 #include <cstring>
 #include <ctime>
 
@@ -178,6 +180,59 @@ Result<BlockRecordView> Snapshot::GetRecord(const std::string& task, uint32_t bl
   int rc = mdb_get(txn_, store_->dbs_.payloads, &k, &v);
   if (rc != MDB_SUCCESS) return lmdb::ToStatus(rc, what);
   return ParseBlockRecord(v.mv_data, v.mv_size, what);
+}
+
+namespace {
+
+// The start of the mapping of `path` at file offset 0 in this process, from /proc/self/maps
+// (matched by device and inode, so any path spelling works).
+Result<const uint8_t*> FindFileMapping(const std::string& path) {
+  struct stat st;
+  if (::stat(path.c_str(), &st) != 0) {
+    return Status::IOError(path + ": stat: " + std::strerror(errno));
+  }
+  std::FILE* maps = std::fopen("/proc/self/maps", "r");
+  if (maps == nullptr) {
+    return Status::NotSupported("/proc/self/maps is not readable, so the map of " + path +
+                                " cannot be found: " + std::strerror(errno));
+  }
+  const uint8_t* found = nullptr;
+  char line[4096];
+  while (found == nullptr && std::fgets(line, sizeof(line), maps) != nullptr) {
+    unsigned long long begin, end, offset, inode;
+    unsigned dev_major, dev_minor;
+    if (std::sscanf(line, "%llx-%llx %*s %llx %x:%x %llu", &begin, &end, &offset, &dev_major,
+                    &dev_minor, &inode) == 6 &&
+        offset == 0 && inode == st.st_ino && dev_major == major(st.st_dev) &&
+        dev_minor == minor(st.st_dev)) {
+      found = reinterpret_cast<const uint8_t*>(static_cast<uintptr_t>(begin));
+    }
+  }
+  std::fclose(maps);
+  if (found == nullptr) {
+    return Status::NotSupported(path + ": no mapping of it in /proc/self/maps");
+  }
+  return found;
+}
+
+}  // namespace
+
+Result<Snapshot::MappedRange> Snapshot::Mapped() const {
+  MDB_envinfo info;
+  MDB_stat env_stat;
+  mdb_env_info(store_->env_, &info);
+  mdb_env_stat(store_->env_, &env_stat);
+  MappedRange range;
+  range.bytes = (static_cast<size_t>(info.me_last_pgno) + 1) * env_stat.ms_psize;
+  range.reserved = info.me_mapsize;
+  // mdb_env_info's me_mapaddr is only set for MDB_FIXEDMAP environments.
+  std::lock_guard<std::mutex> lock(store_->txn_mu_);
+  if (store_->map_base_size_ != info.me_mapsize) {
+    SHOTDB_ASSIGN_OR_RETURN(store_->map_base_, FindFileMapping(store_->dir_ + "/data.mdb"));
+    store_->map_base_size_ = info.me_mapsize;
+  }
+  range.base = store_->map_base_;
+  return range;
 }
 
 Result<PayloadRef> Snapshot::GetPayload(const std::string& task, uint32_t block, uint32_t layer,

@@ -150,6 +150,20 @@ class Snapshot {
   // by index ascending; min(k, num_blocks) entries.
   Result<std::vector<ScoredDoc>> Search(const std::string& task, std::string_view query, size_t k);
 
+  // The part of the memory map that holds this view's records: [base, base + bytes), page aligned
+  // (bytes = the file's live high-water mark, StoreStats::used_bytes). Every GetRecord view and
+  // zero-copy payload lies inside. For registering the map with a DMA engine (gpu::Stager copies
+  // raw records straight from it). Stable while this Snapshot lives: LMDB moves the map only when
+  // it grows, which Store does only while no Snapshot of this process is open.
+  // LMDB does not tell where it mapped the file, so the mapping is looked up in /proc/self/maps
+  // (once per map size); NotSupported if it cannot be found there (no procfs).
+  struct MappedRange {
+    const uint8_t* base = nullptr;
+    size_t bytes = 0;
+    size_t reserved = 0;  // address space reserved at base (Options::map_size, or grown)
+  };
+  Result<MappedRange> Mapped() const;
+
  private:
   friend class Store;
   Snapshot(const Store* store, MDB_txn* txn) : store_(store), txn_(txn) {}
@@ -246,8 +260,10 @@ class Store {
   MDB_env* env_;
   Dbs dbs_{};
   mutable std::mutex write_mu_;  // one writer at a time in this process
-  mutable std::mutex txn_mu_;    // guards open_txns_ and map resizing
+  mutable std::mutex txn_mu_;    // guards open_txns_, map resizing and the two below
   mutable int open_txns_ = 0;
+  mutable const uint8_t* map_base_ = nullptr;  // where data.mdb is mapped, for map size
+  mutable size_t map_base_size_ = 0;           // the map size it was found for (0: not yet)
 };
 
 }  // namespace shotdb

@@ -339,6 +339,54 @@ TEST(StoreTest, SnapshotIsStableWhileWriterAppends) {
   ExpectTaskContents(store.get(), "t", model, 5, 8);
 }
 
+// The mapped range is the data file mapped at `base`: every record view lies inside, and its bytes
+// are the file's bytes at the same offset (read back with ordinary file I/O).
+TEST(StoreTest, MappedRangeIsTheDataFile) {
+  TempDir dir;
+  auto store = OpenOrDie(dir.path());
+  ASSERT_NE(store, nullptr);
+  ModelFingerprint model = SmallModel();
+  model.num_layers = 2;
+  TaskInfo task = MakeTask("t", model);
+  task.codec = Codec::kRaw;
+  ASSERT_TRUE(store->CreateTask(task).ok());
+  AppendBlocks(store.get(), "t", model, 9, 0, 4, 0);
+  // A large block: its records live on overflow pages.
+  TestBlock big = MakeBlock(model, 9, 4, 100, 3000);
+  ASSERT_TRUE(store->AppendBlock("t", big.block).ok());
+
+  auto snap = store->BeginSnapshot();
+  ASSERT_TRUE(snap.ok());
+  Result<Snapshot::MappedRange> mapped = (*snap)->Mapped();
+  ASSERT_TRUE(mapped.ok()) << mapped.status().ToString();
+  const Snapshot::MappedRange range = *mapped;
+  ASSERT_NE(range.base, nullptr);
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(range.base) % 4096, 0u);
+  EXPECT_EQ(range.bytes % 4096, 0u);
+  Result<StoreStats> stats = store->Stats();
+  ASSERT_TRUE(stats.ok());
+  EXPECT_EQ(range.bytes, stats->used_bytes);
+  EXPECT_LE(range.bytes, stats->file_size);
+
+  std::ifstream file(dir.path() + "/data.mdb", std::ios::binary);
+  ASSERT_TRUE(file.good());
+  for (uint32_t block = 0; block < 5; ++block) {
+    for (uint32_t layer = 0; layer < model.num_layers; ++layer) {
+      Result<BlockRecordView> view = (*snap)->GetRecord("t", block, layer, TensorKind::kValue);
+      ASSERT_TRUE(view.ok()) << view.status().ToString();
+      const uint8_t* p = static_cast<const uint8_t*>(view->payload);
+      ASSERT_GE(p, range.base);
+      ASSERT_LE(p + view->payload_size, range.base + range.bytes);
+      std::vector<char> from_file(view->payload_size);
+      file.seekg(static_cast<std::streamoff>(p - range.base));
+      file.read(from_file.data(), static_cast<std::streamsize>(from_file.size()));
+      ASSERT_TRUE(file.good());
+      EXPECT_EQ(std::memcmp(from_file.data(), p, from_file.size()), 0)
+          << "block " << block << " layer " << layer;
+    }
+  }
+}
+
 TEST(StoreTest, ManyReaderThreadsOneWriter) {
   TempDir dir;
   auto store = OpenOrDie(dir.path());

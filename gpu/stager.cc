@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstring>
 #include <mutex>
@@ -118,13 +119,20 @@ Result<std::unique_ptr<Stager>> Stager::Create(const Options& options) {
   po.max_slabs = options.num_slabs;
   SHOTDB_ASSIGN_OR_RETURN(s->pool_, PinnedPool::Create(po));
   s->workers_ = std::make_unique<Workers>(options.threads);
+  if (options.direct_from_map) {
+    s->map_ = std::make_unique<MapRegistry>(NewCudaHostRegistrar());
+  } else {
+    s->map_status_ = Status::NotSupported("Stager: direct_from_map is off");
+  }
   return s;
 }
 
 Stager::~Stager() {
-  // Slabs go back to the pool only after the copies reading them are done.
+  // Slabs go back to the pool, and the map is unregistered, only after the copies reading them
+  // are done.
   if (stream_.get() != nullptr) cudaStreamSynchronize(stream_.get());
   in_flight_.clear();
+  map_.reset();
 }
 
 Result<std::unique_ptr<BlockPageCache>> Stager::CreateCache(size_t budget_bytes) {
@@ -198,10 +206,53 @@ Status Stager::Flush(PinnedSlab slab, std::vector<CopyJob>* jobs) {
   return Status::OK();
 }
 
+bool Stager::CoverMap(Snapshot* snapshot) {
+  if (!map_status_.ok()) return false;
+  const auto start = std::chrono::steady_clock::now();
+  Result<Snapshot::MappedRange> range = snapshot->Mapped();
+  Status s = range.ok() ? map_->Cover(range->base, range->bytes, range->reserved) : range.status();
+  stats_.map_register_ms +=
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  if (s.ok()) return true;
+  // Fall back to the slabs for good; earlier copies may still read the registered part.
+  cudaStreamSynchronize(stream_.get());
+  map_.reset();
+  map_status_ = std::move(s);
+  return false;
+}
+
+Status Stager::CopyFromMap(const CopyJob& job) {
+  SHOTDB_CUDA_RETURN_IF_ERROR(
+      cudaMemcpyAsync(job.dst, job.view.payload, job.size, cudaMemcpyHostToDevice, stream_.get()));
+  stats_.bytes_copied += job.size;
+  stats_.bytes_from_map += job.size;
+  return Status::OK();
+}
+
+Status Stager::VerifyDirect(const std::vector<CopyJob>& jobs) {
+  if (!options_.verify_checksums || jobs.empty()) return Status::OK();
+  std::vector<Status> results(jobs.size());
+  workers_->ParallelFor(
+      jobs.size(), [&](size_t i) { results[i] = VerifyBlockRecord(jobs[i].view, jobs[i].what); });
+  for (const Status& s : results) SHOTDB_RETURN_IF_ERROR(s);
+  return Status::OK();
+}
+
 Result<StagedBatch> Stager::StageLayers(Snapshot* snapshot, const std::string& task,
                                         const std::vector<uint32_t>& blocks,
                                         const std::vector<uint32_t>& layers, BlockPageCache* cache,
                                         const LayerCallback& on_layer) {
+  Result<StagedBatch> batch = Stage(snapshot, task, blocks, layers, cache, on_layer);
+  // Copies already enqueued may read the map (and fill pages being discarded): let them finish
+  // before the caller may end the snapshot.
+  if (!batch.ok()) cudaStreamSynchronize(stream_.get());
+  return batch;
+}
+
+Result<StagedBatch> Stager::Stage(Snapshot* snapshot, const std::string& task,
+                                  const std::vector<uint32_t>& blocks,
+                                  const std::vector<uint32_t>& layers, BlockPageCache* cache,
+                                  const LayerCallback& on_layer) {
   SHOTDB_ASSIGN_OR_RETURN(TaskInfo info, snapshot->GetTask(task));
   if (blocks.empty()) return Status::InvalidArgument("StageLayers: task " + task + ": no blocks");
   if (info.model.dtype != DType::kBF16 && info.model.dtype != DType::kF16) {
@@ -242,8 +293,9 @@ Result<StagedBatch> Stager::StageLayers(Snapshot* snapshot, const std::string& t
   }
   const uint64_t bytes_before = stats_.bytes_copied;
   const uint32_t task_id = cache->InternTask(task + "@" + std::to_string(info.created_unix));
+  const bool direct = info.codec == Codec::kRaw && CoverMap(snapshot);
 
-  std::vector<CopyJob> jobs;
+  std::vector<CopyJob> jobs, direct_jobs;
   PinnedSlab slab;
   size_t slab_used = 0;
   for (size_t li = 0; li < layers.size(); ++li) {
@@ -268,6 +320,12 @@ Result<StagedBatch> Stager::StageLayers(Snapshot* snapshot, const std::string& t
         SHOTDB_ASSIGN_OR_RETURN(BlockRecordView view,
                                 snapshot->GetRecord(task, block, layer, kind));
         SHOTDB_RETURN_IF_ERROR(CheckRecord(view, info, layer, kind, batch.block_tokens[bi], what));
+        void* dst = kind == TensorKind::kKey ? page.k() : page.v();
+        if (direct && view.header.codec == Codec::kRaw && map_->Contains(view.payload, bytes)) {
+          direct_jobs.push_back(CopyJob{view, std::move(what), dst, bytes, 0});
+          SHOTDB_RETURN_IF_ERROR(CopyFromMap(direct_jobs.back()));
+          continue;
+        }
         if (!slab.valid() || slab_used + bytes > slab.size()) {
           if (slab.valid()) SHOTDB_RETURN_IF_ERROR(Flush(std::move(slab), &jobs));
           SHOTDB_ASSIGN_OR_RETURN(slab, AcquireSlab());
@@ -276,7 +334,7 @@ Result<StagedBatch> Stager::StageLayers(Snapshot* snapshot, const std::string& t
         CopyJob job;
         job.view = view;
         job.what = std::move(what);
-        job.dst = kind == TensorKind::kKey ? page.k() : page.v();
+        job.dst = dst;
         job.size = bytes;
         job.slab_offset = slab_used;
         // 256-byte alignment keeps each job's destination in the slab on its own cache lines.
@@ -285,11 +343,14 @@ Result<StagedBatch> Stager::StageLayers(Snapshot* snapshot, const std::string& t
       }
       staged.pages.push_back(std::move(page));
     }
-    // The layer's last copies must be enqueued before its event.
+    // The layer's last copies must be enqueued, and its direct copies verified (while their DMA
+    // runs), before its event.
     if (slab.valid()) {
       SHOTDB_RETURN_IF_ERROR(Flush(std::move(slab), &jobs));
       slab_used = 0;
     }
+    SHOTDB_RETURN_IF_ERROR(VerifyDirect(direct_jobs));
+    direct_jobs.clear();
     for (PageHandle& p : staged.pages) p.MarkFilled();
     SHOTDB_ASSIGN_OR_RETURN(staged.ready, CudaEvent::Create());
     SHOTDB_RETURN_IF_ERROR(staged.ready.Record(stream_.get()));

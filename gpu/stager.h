@@ -1,14 +1,23 @@
 // Stager: the read path from the store to device memory, layer by layer.
 //
-//   store (LMDB map) --decode / copy, parallel threads--> pinned slab --cudaMemcpyAsync--> page
+//   raw records:   store (LMDB map, page-locked) --cudaMemcpyAsync--> page
+//                  (threads verify checksums on the host while the DMA runs)
+//   LZ4 records,   store (LMDB map) --decode / copy, parallel threads--> pinned slab
+//   or no direct:      --cudaMemcpyAsync--> page
 //
 // For each requested layer, the selected blocks' K and V pages are looked up in a BlockPageCache;
-// the misses are read from the Snapshot (zero-copy record views into the memory map), decoded by a
-// pool of threads straight into pinned slabs (Codec::kRaw: a copy, plus the checksum check when
-// verify_checksums; LZ4 codecs: decompression), and copied to their pages on the Stager's copy
-// stream. While the threads fill slab i, the copy engine drains slab i - 1. After the last copy of
-// a layer an event is recorded: a consumer waits for layer l (on the device, with
+// the misses are read from the Snapshot (zero-copy record views into the memory map). Codec::kRaw
+// records are copied straight from the map, which a MapRegistry page-locks on first use
+// (direct_from_map; see map_registry.h for why and when the device refuses). The others, or all
+// records where registering is refused, are decoded by a pool of threads into pinned slabs
+// (kRaw: a copy, plus the checksum check when verify_checksums; LZ4 codecs: decompression) and
+// copied from there; while the threads fill slab i, the copy engine drains slab i - 1. Every copy
+// runs on the Stager's copy stream. After the last copy of a layer, and after its checksums were
+// verified, an event is recorded: a consumer waits for layer l (on the device, with
 // StagedLayer::ready.WaitOn(its stream)) while later layers are still being read and copied.
+//
+// Direct copies read the map asynchronously: keep the Snapshot open until the last layer's event
+// has completed (StageLayers itself waits for its copies when it fails).
 //
 // Cache pages are filled in stream order: every page staged through one Stager is ready once any
 // event recorded on its stream afterwards has completed, including pages that hit because an
@@ -32,6 +41,7 @@
 
 #include "engine/store.h"
 #include "gpu/block_page_cache.h"
+#include "gpu/map_registry.h"
 #include "gpu/pinned_pool.h"
 #include "gpu/rope_gather.h"
 #include "gpu/stream.h"
@@ -67,10 +77,15 @@ class Stager {
     int threads = 8;                       // decode / copy threads (>= 1)
     // Recompute record checksums while reading (raw codec; the LZ4 codecs always verify).
     bool verify_checksums = true;
+    // Copy raw records straight from the page-locked store map (no slab, no CPU copy). Falls
+    // back to the slabs, for good, if the map cannot be registered (see map_status()).
+    bool direct_from_map = true;
   };
   struct Stats {
     uint64_t pages_hit = 0, pages_filled = 0;
-    uint64_t bytes_copied = 0;  // host -> device
+    uint64_t bytes_copied = 0;    // host -> device
+    uint64_t bytes_from_map = 0;  // of which copied straight from the registered map
+    double map_register_ms = 0;   // time spent page-locking the map
     uint64_t slabs_flushed = 0;
     uint64_t slab_waits = 0;  // times a slab had to wait for its earlier copies to finish
   };
@@ -105,6 +120,10 @@ class Stager {
 
   cudaStream_t stream() const { return stream_.get(); }
   Stats stats() const { return stats_; }
+  // OK while raw records may be copied straight from the map; otherwise why not (the
+  // option is off, or the registration's error, e.g. NotSupported on devices without read-only
+  // host registration).
+  const Status& map_status() const { return map_status_; }
   const PinnedPool& pinned_pool() const { return *pool_; }
 
  private:
@@ -121,6 +140,16 @@ class Stager {
     CudaEvent done;
   };
   explicit Stager(const Options& options);
+  Result<StagedBatch> Stage(Snapshot* snapshot, const std::string& task,
+                            const std::vector<uint32_t>& blocks,
+                            const std::vector<uint32_t>& layers, BlockPageCache* cache,
+                            const LayerCallback& on_layer);
+  // Registers the part of the snapshot's map not yet registered; false if direct copies are off.
+  bool CoverMap(Snapshot* snapshot);
+  // Enqueues a copy straight from the registered map.
+  Status CopyFromMap(const CopyJob& job);
+  // Verifies the checksums of the layer's direct copies (in parallel).
+  Status VerifyDirect(const std::vector<CopyJob>& jobs);
   // Reads the jobs into `slab` in parallel, enqueues their copies and records the slab in flight.
   Status Flush(PinnedSlab slab, std::vector<CopyJob>* jobs);
   // A free slab, waiting for the oldest in-flight copies if the pool is exhausted.
@@ -131,6 +160,8 @@ class Stager {
   CudaStream stream_;
   std::unique_ptr<PinnedPool> pool_;
   std::unique_ptr<Workers> workers_;
+  std::unique_ptr<MapRegistry> map_;
+  Status map_status_;
   std::deque<InFlight> in_flight_;
   std::vector<CudaEvent> spare_events_;
   Stats stats_;

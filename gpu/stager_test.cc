@@ -1,8 +1,13 @@
-// Stages blocks of a real store to the device and compares every page, copied back, with the
-// store's own DecodePayloadInto. Needs a GPU: skips otherwise.
+// Stages blocks of a real store to the device, through the pinned slabs and straight from the
+// registered map, and compares every page, copied back, with the store's own DecodePayloadInto.
+// Needs a GPU: skips otherwise.
 #include "gpu/stager.h"
 
 #include <gtest/gtest.h>
+
+#include <algorithm>
+#include <string>
+#include <tuple>
 
 #include "engine/store_test_util.h"
 #include "gpu/cuda_util.h"
@@ -11,12 +16,14 @@ namespace shotdb {
 namespace gpu {
 namespace {
 
+using testing_util::FlipInFile;
 using testing_util::MakeBlock;
 using testing_util::MakeTask;
 using testing_util::SmallModel;
 using testing_util::TempDir;
 
-class StagerTest : public ::testing::TestWithParam<Codec> {
+// Parameters: the task's codec, and whether raw records may be copied straight from the map.
+class StagerTest : public ::testing::TestWithParam<std::tuple<Codec, bool>> {
  protected:
   void SetUp() override {
     if (CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device";
@@ -24,13 +31,39 @@ class StagerTest : public ::testing::TestWithParam<Codec> {
     auto store = Store::Open(dir_.path());
     ASSERT_TRUE(store.ok()) << store.status().ToString();
     store_ = std::move(*store);
-    ASSERT_TRUE(store_->CreateTask(MakeTask("t", model_, GetParam())).ok());
+    ASSERT_TRUE(store_->CreateTask(MakeTask("t", model_, codec())).ok());
     uint64_t pos = 0;
     for (uint32_t b = 0; b < 6; ++b) {
-      const uint32_t tokens = 3 + 5 * b;  // tensors of 96..736 bytes
+      // Tensors of 96..736 bytes (inside LMDB pages), and block 6 of 96 KiB (overflow pages).
+      const uint32_t tokens = 3 + 5 * b;
       auto tb = MakeBlock(model_, 42, b, pos, tokens);
+      blocks_.push_back(tb);
       ASSERT_TRUE(store_->AppendBlock("t", tb.block).ok());
       pos += tokens;
+    }
+    auto big = MakeBlock(model_, 42, 6, pos, 3000);
+    blocks_.push_back(big);
+    ASSERT_TRUE(store_->AppendBlock("t", big.block).ok());
+  }
+
+  Codec codec() const { return std::get<0>(GetParam()); }
+  Stager::Options StagerOptions() const {
+    Stager::Options o;
+    o.direct_from_map = std::get<1>(GetParam());
+    return o;
+  }
+  // Raw records come from the map exactly when direct copies are on and the device registered it.
+  void ExpectCopyPath(const Stager& stager) {
+    const Stager::Stats s = stager.stats();
+    if (codec() == Codec::kRaw && std::get<1>(GetParam()) && stager.map_status().ok()) {
+      EXPECT_EQ(s.bytes_from_map, s.bytes_copied);
+      EXPECT_EQ(s.slabs_flushed, 0u);
+    } else {
+      EXPECT_EQ(s.bytes_from_map, 0u);
+    }
+    if (std::get<1>(GetParam()) && !stager.map_status().ok()) {
+      // The only acceptable reason: the device refuses read-only registration.
+      EXPECT_TRUE(stager.map_status().IsNotSupported()) << stager.map_status().ToString();
     }
   }
 
@@ -61,20 +94,21 @@ class StagerTest : public ::testing::TestWithParam<Codec> {
   TempDir dir_;
   ModelFingerprint model_;
   std::unique_ptr<Store> store_;
+  std::vector<testing_util::TestBlock> blocks_;
 };
 
 TEST_P(StagerTest, StagesLayersAndHitsTheCacheTheSecondTime) {
-  Stager::Options o;
-  o.slab_bytes = 2048;  // a few tensors per slab: many flushes and slab reuse
+  Stager::Options o = StagerOptions();
+  o.slab_bytes = 200 * 1024;  // a few tensors per slab: many flushes and slab reuse
   o.num_slabs = 2;
   o.threads = 3;
   auto stager = Stager::Create(o);
   ASSERT_TRUE(stager.ok()) << stager.status().ToString();
-  auto cache = (*stager)->CreateCache(1 << 20);
+  auto cache = (*stager)->CreateCache(4 << 20);
   ASSERT_TRUE(cache.ok()) << cache.status().ToString();
   auto snap = store_->BeginSnapshot();
   ASSERT_TRUE(snap.ok());
-  const std::vector<uint32_t> blocks = {4, 1, 5, 0};
+  const std::vector<uint32_t> blocks = {4, 6, 1, 5, 0};
   const std::vector<uint32_t> layers = {2, 0};
   std::vector<size_t> seen_layers;
   {
@@ -85,9 +119,12 @@ TEST_P(StagerTest, StagesLayersAndHitsTheCacheTheSecondTime) {
                                         });
     ASSERT_TRUE(batch.ok()) << batch.status().ToString();
     EXPECT_EQ(seen_layers, (std::vector<size_t>{0, 1}));
-    EXPECT_EQ(batch->pages_filled, 8u);
+    EXPECT_EQ(batch->pages_filled, 10u);
     EXPECT_EQ(batch->pages_hit, 0u);
-    EXPECT_GT((*stager)->stats().slabs_flushed, 2u);
+    ExpectCopyPath(**stager);
+    if ((*stager)->stats().bytes_from_map == 0) {
+      EXPECT_GT((*stager)->stats().slabs_flushed, 2u);
+    }
     ExpectPagesMatch(snap->get(), *batch, blocks, (*stager)->stream());
   }
   auto again = (*stager)->StageLayers(snap->get(), "t", {0, 2}, {0}, cache->get());
@@ -95,6 +132,53 @@ TEST_P(StagerTest, StagesLayersAndHitsTheCacheTheSecondTime) {
   EXPECT_EQ(again->pages_hit, 1u);  // block 0 layer 0
   EXPECT_EQ(again->pages_filled, 1u);
   ExpectPagesMatch(snap->get(), *again, {0, 2}, (*stager)->stream());
+}
+
+// A damaged payload byte is reported with the record's name, whichever path copies it, and the
+// damaged page is not cached: staging it again reports it again.
+TEST_P(StagerTest, CorruptRecordIsReportedAndNotCached) {
+  store_.reset();
+  const std::vector<uint8_t>& v = blocks_[6].tensors[2 * 1 + 1];  // block 6 layer 1 V
+  if (codec() == Codec::kRaw) {
+    ASSERT_TRUE(FlipInFile(dir_.path() + "/data.mdb",
+                           std::vector<uint8_t>(v.begin() + 4096, v.begin() + 4096 + 64), 10));
+  } else {
+    // Compressed payloads: find the stored bytes through the record view.
+    auto store = Store::Open(dir_.path());
+    ASSERT_TRUE(store.ok());
+    auto snap = (*store)->BeginSnapshot();
+    ASSERT_TRUE(snap.ok());
+    auto view = (*snap)->GetRecord("t", 6, 1, TensorKind::kValue);
+    ASSERT_TRUE(view.ok());
+    const std::vector<uint8_t> stored(view->payload + view->payload_size / 2,
+                                      view->payload + view->payload_size / 2 + 32);
+    snap->reset();
+    store->reset();
+    ASSERT_TRUE(FlipInFile(dir_.path() + "/data.mdb", stored, 5));
+  }
+  auto store = Store::Open(dir_.path());
+  ASSERT_TRUE(store.ok());
+  store_ = std::move(*store);
+
+  auto stager = Stager::Create(StagerOptions());
+  ASSERT_TRUE(stager.ok());
+  auto cache = (*stager)->CreateCache(4 << 20);
+  ASSERT_TRUE(cache.ok());
+  auto snap = store_->BeginSnapshot();
+  ASSERT_TRUE(snap.ok());
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    auto batch = (*stager)->StageLayers(snap->get(), "t", {0, 6}, {0, 1, 2}, cache->get());
+    ASSERT_FALSE(batch.ok());
+    EXPECT_TRUE(batch.status().IsCorruption()) << batch.status().ToString();
+    EXPECT_NE(batch.status().message().find("block 6 layer 1 V"), std::string::npos)
+        << batch.status().ToString();
+  }
+  // Layer 0 staged fine and stays cached; layer 1 of block 6 does not.
+  auto layer0 = (*stager)->StageLayers(snap->get(), "t", {0, 6}, {0}, cache->get());
+  ASSERT_TRUE(layer0.ok()) << layer0.status().ToString();
+  EXPECT_EQ(layer0->pages_hit, 2u);
+  ExpectPagesMatch(snap->get(), *layer0, {0, 6}, (*stager)->stream());
+  ExpectCopyPath(**stager);
 }
 
 TEST_P(StagerTest, RejectsBadRequests) {
@@ -122,8 +206,15 @@ TEST_P(StagerTest, RejectsBadRequests) {
   EXPECT_TRUE(r.status().IsFailedPrecondition()) << r.status().ToString();
 }
 
-INSTANTIATE_TEST_SUITE_P(Codecs, StagerTest,
-                         ::testing::Values(Codec::kRaw, Codec::kLz4, Codec::kShuffleLz4));
+INSTANTIATE_TEST_SUITE_P(CodecsAndPaths, StagerTest,
+                         ::testing::Combine(::testing::Values(Codec::kRaw, Codec::kLz4,
+                                                              Codec::kShuffleLz4),
+                                            ::testing::Bool()),
+                         [](const ::testing::TestParamInfo<std::tuple<Codec, bool>>& info) {
+                           std::string name(CodecName(std::get<0>(info.param)));
+                           name.erase(std::remove(name.begin(), name.end(), '-'), name.end());
+                           return name + (std::get<1>(info.param) ? "Direct" : "Slabs");
+                         });
 
 }  // namespace
 }  // namespace gpu
