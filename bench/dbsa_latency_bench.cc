@@ -10,7 +10,10 @@
 // token per word, so a pool of N tokens holds about N / 17 demonstrations (k = 50, j = 2, block 0
 // always selected, 30% of the blocks per query). DBSA is timed cold (device block cache emptied
 // before each query: K/V read from the store and uploaded) and hot (every selected block already
-// on the device).
+// on the device). After the timed queries of a pool, one more query per method runs in a separate
+// session with SessionOptions::profile (device synchronisations at every part boundary) to split
+// its time into attention / MLP / sampling; those numbers are printed apart and never enter the
+// timed medians.
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -22,6 +25,7 @@
 #include <random>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "query/dbsa/dbsa.h"
@@ -209,33 +213,43 @@ int Run(int argc, char** argv) {
       double setup = 0;
       uint64_t ctx = 0;
     };
-    auto measure = [&](const std::string& name, Method method, bool cold) -> Result<Row> {
+    // Warm-up (FixedICL: its setup), then `n` timed queries (n = 0: all of `texts`).
+    auto measure = [&](DbsaSession* sess, const std::string& name, Method method, bool cold,
+                       size_t n) -> Result<Row> {
       Row row{name, {}, {}, 0, 0};
       AnswerOptions o;
       o.method = method;
-      SHOTDB_RETURN_IF_ERROR((*session)->Ask(texts[0], o).status());  // warm-up (FixedICL: setup)
+      SHOTDB_RETURN_IF_ERROR(sess->Ask(texts[0], o).status());
       if (method == Method::kDbsa && !cold) {
-        for (const auto& t : texts) SHOTDB_RETURN_IF_ERROR((*session)->Ask(t, o).status());
+        for (const auto& t : texts) SHOTDB_RETURN_IF_ERROR(sess->Ask(t, o).status());
       }
-      for (const auto& t : texts) {
-        if (cold) (*session)->ClearCache();
-        SHOTDB_ASSIGN_OR_RETURN(Answer a, (*session)->Ask(t, o));
+      const size_t count = n == 0 ? texts.size() : std::min(n, texts.size());
+      for (size_t i = 0; i < count; ++i) {
+        if (cold) sess->ClearCache();
+        SHOTDB_ASSIGN_OR_RETURN(Answer a, sess->Ask(texts[i], o));
         row.ms.push_back(a.timing.total);
         row.ctx = a.context_tokens;
-        row.sum.select += a.timing.select / texts.size();
-        row.sum.load += a.timing.load / texts.size();
-        row.sum.gather += a.timing.gather / texts.size();
-        row.sum.encode += a.timing.encode / texts.size();
-        row.sum.decode += a.timing.decode / texts.size();
+        const Timing& t = a.timing;
+        row.sum.select += t.select / count;
+        row.sum.load += t.load / count;
+        row.sum.gather += t.gather / count;
+        row.sum.encode += t.encode / count;
+        row.sum.decode += t.decode / count;
+        row.sum.attention += t.attention / count;
+        row.sum.mlp += t.mlp / count;
+        row.sum.sampling += t.sampling / count;
+        row.sum.total += t.total / count;
       }
       return row;
     };
+    const std::vector<std::tuple<const char*, Method, bool>> methods = {
+        {"RetICL", Method::kRetIcl, false},
+        {"FixedICL", Method::kFixedIcl, false},
+        {"DBSA cold", Method::kDbsa, true},
+        {"DBSA hot", Method::kDbsa, false}};
     std::vector<Row> rows;
-    for (auto [name, method, cold] : {std::tuple{"RetICL", Method::kRetIcl, false},
-                                      std::tuple{"FixedICL", Method::kFixedIcl, false},
-                                      std::tuple{"DBSA cold", Method::kDbsa, true},
-                                      std::tuple{"DBSA hot", Method::kDbsa, false}}) {
-      auto row = measure(name, method, cold);
+    for (auto [name, method, cold] : methods) {
+      auto row = measure(session->get(), name, method, cold, 0);
       if (!row.ok()) {
         std::fprintf(stderr, "%s: %s\n", name, row.status().ToString().c_str());
         return 1;
@@ -277,6 +291,35 @@ int Run(int argc, char** argv) {
                 static_cast<unsigned long long>(cs.hits),
                 static_cast<unsigned long long>(cs.misses), cs.bytes_resident / 1e9);
     session->reset();
+
+    // The split of one query per method, in a fresh profiled session (same cache size; the timed
+    // session is closed first so that the two caches are never resident together).
+    so.profile = true;
+    auto profiled = DbsaSession::Open(store->get(), "bench", pool, so);
+    if (!profiled.ok()) {
+      std::fprintf(stderr, "profiled session: %s\n", profiled.status().ToString().c_str());
+      return 1;
+    }
+    std::printf(
+        "profiled (1 query each, device-synchronised; not part of the timings above), ms\n");
+    std::printf("%-10s %8s %8s %8s %9s %8s %9s %9s %9s\n", "method", "bm25", "load", "gather",
+                "attention", "mlp", "sampling", "encode", "total");
+    for (size_t i = 0; i < methods.size(); ++i) {
+      const auto& [name, method, cold] = methods[i];
+      auto row = measure(profiled->get(), name, method, cold, 1);
+      if (!row.ok()) {
+        std::fprintf(stderr, "%s (profiled): %s\n", name, row.status().ToString().c_str());
+        return 1;
+      }
+      const Timing& t = row->sum;
+      std::printf("%-10s %8.2f %8.2f %8.2f %9.2f %8.2f %9.2f %9.2f %9.2f\n", name, t.select, t.load,
+                  t.gather, t.attention, t.mlp, t.sampling, t.encode, t.total);
+      report[report.size() - methods.size() + i]["profile_ms"] = {
+          {"bm25", t.select},         {"load", t.load},  {"gather", t.gather},
+          {"attention", t.attention}, {"mlp", t.mlp},    {"sampling", t.sampling},
+          {"encode", t.encode},       {"total", t.total}};
+    }
+    profiled->reset();
     (void)RemoveAll(dir);  // best effort: a leftover benchmark pool is harmless
   }
   if (!json_path.empty()) std::ofstream(json_path) << report.dump(2) << "\n";

@@ -99,7 +99,7 @@ class StagerTest : public ::testing::TestWithParam<std::tuple<Codec, bool>> {
 
 TEST_P(StagerTest, StagesLayersAndHitsTheCacheTheSecondTime) {
   Stager::Options o = StagerOptions();
-  o.slab_bytes = 200 * 1024;  // a few tensors per slab: many flushes and slab reuse
+  o.slab_bytes = 100 * 1024;  // block 6's tensors fill a slab each: many flushes, slabs reused
   o.num_slabs = 2;
   o.threads = 3;
   auto stager = Stager::Create(o);

@@ -140,7 +140,8 @@ Status DbsaSession::Select(Snapshot* snapshot, std::string_view query,
 
 Result<std::vector<LayerKV>> DbsaSession::LoadStoredContext(Snapshot* snapshot,
                                                             const std::vector<uint32_t>& blocks,
-                                                            uint64_t* tokens, Timing* timing) {
+                                                            uint64_t* tokens, bool* rotated,
+                                                            Timing* timing) {
   const LlamaModel& model = *model_.model;
   const uint32_t layers = task_.model.num_layers;
   if (staged_) {
@@ -150,9 +151,13 @@ Result<std::vector<LayerKV>> DbsaSession::LoadStoredContext(Snapshot* snapshot,
       total += info.token_count;
     }
     *tokens = total;
-    return staged_->Gather(snapshot, task_, blocks,
-                           torch::TensorOptions().dtype(model.dtype()).device(model.device()),
-                           &timing->load, &timing->gather);
+    SHOTDB_ASSIGN_OR_RETURN(
+        StagedContext staged,
+        staged_->Gather(snapshot, task_, blocks, model.config(),
+                        torch::TensorOptions().dtype(model.dtype()).device(model.device()),
+                        &timing->load, &timing->gather));
+    *rotated = staged.rotated;
+    return std::move(staged.kv);
   }
   Stopwatch lap(model.device());
   // Each selected block's K/V, per layer: device-resident from the cache, or views of the store's
@@ -221,6 +226,7 @@ Result<std::vector<LayerKV>> DbsaSession::EncodeTextContext(Snapshot* snapshot,
       request.context_positions = torch::arange(start, int64);
     }
     request.return_kv = true;
+    request.profile = profile();
     SHOTDB_ASSIGN_OR_RETURN(ForwardResult result, model.Forward(request));
     if (start == 0) {
       kv = std::move(result.kv);
@@ -236,7 +242,8 @@ Result<std::vector<LayerKV>> DbsaSession::EncodeTextContext(Snapshot* snapshot,
 }
 
 Status DbsaSession::Decode(const std::vector<LayerKV>* context, uint64_t context_tokens,
-                           std::string_view query, const AnswerOptions& options, Answer* answer) {
+                           bool context_rotated, std::string_view query,
+                           const AnswerOptions& options, Answer* answer) {
   const LlamaModel& model = *model_.model;
   SHOTDB_ASSIGN_OR_RETURN(std::vector<int32_t> prompt,
                           model_.tokenizer->Encode(format_.FormatQuery(query), /*add_bos=*/false,
@@ -245,6 +252,9 @@ Status DbsaSession::Decode(const std::vector<LayerKV>* context, uint64_t context
   ctx.kv = context;
   ctx.positions = torch::arange(static_cast<int64_t>(context_tokens),
                                 torch::TensorOptions().dtype(torch::kInt64).device(model.device()));
+  ctx.rotated = context_rotated;
+  ctx.profile = profile();
+  ctx.sampling_ms = &sampling_ms_;
   answer->context_tokens = context_tokens;
   if (options.free_text) {
     GenerateOptions g;
@@ -267,16 +277,19 @@ Status DbsaSession::Decode(const std::vector<LayerKV>* context, uint64_t context
 Result<Answer> DbsaSession::Ask(std::string_view query, const AnswerOptions& options) {
   Stopwatch total(model_.model->device()), lap(model_.model->device());
   Answer answer;
+  profile_ = ForwardProfile();
+  sampling_ms_ = 0;
   SHOTDB_ASSIGN_OR_RETURN(auto snapshot, store_->BeginSnapshot());
   std::vector<LayerKV> context;
   const std::vector<LayerKV>* use = &context;
   uint64_t tokens = 0;
+  bool rotated = false;  // DBSA on the GPU path: K arrives with RoPE applied
   switch (options.method) {
     case Method::kDbsa: {
       SHOTDB_RETURN_IF_ERROR(Select(snapshot.get(), query, options.selection, &answer));
       answer.timing.select = lap.LapMs();
-      SHOTDB_ASSIGN_OR_RETURN(
-          context, LoadStoredContext(snapshot.get(), answer.blocks, &tokens, &answer.timing));
+      SHOTDB_ASSIGN_OR_RETURN(context, LoadStoredContext(snapshot.get(), answer.blocks, &tokens,
+                                                         &rotated, &answer.timing));
       lap.Restart();
       break;
     }
@@ -306,9 +319,14 @@ Result<Answer> DbsaSession::Ask(std::string_view query, const AnswerOptions& opt
     }
   }
   snapshot.reset();  // DBSA's context was copied out of the map; release the read transaction
-  SHOTDB_RETURN_IF_ERROR(Decode(use, tokens, query, options, &answer));
+  SHOTDB_RETURN_IF_ERROR(Decode(use, tokens, rotated, query, options, &answer));
   answer.timing.decode = lap.LapMs();
   answer.timing.total = total.LapMs();
+  if (options_.profile) {
+    answer.timing.attention = profile_.attention_ms;
+    answer.timing.mlp = profile_.mlp_ms;
+    answer.timing.sampling = profile_.other_ms + sampling_ms_;
+  }
   return answer;
 }
 

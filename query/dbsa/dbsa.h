@@ -53,6 +53,14 @@ struct Timing {       // milliseconds
   double encode = 0;  // re-encoding context text (RetICL; FixedICL's first query)
   double decode = 0;  // query tokens + label scoring or generation
   double total = 0;
+  // Only with SessionOptions::profile (else 0): the model's work in encode + decode split by part
+  // (ForwardProfile). attention: norms, QKV/output projections, RoPE (also of the context when the
+  // decode cache takes it in), attention, and the decode K/V cache's copies; mlp: norms and the
+  // MLP; sampling: embedding, final norm and LM head, plus choosing the answer (log-softmax and
+  // label scoring, or argmax for free text).
+  double attention = 0;
+  double mlp = 0;
+  double sampling = 0;
 };
 
 struct Answer {
@@ -74,6 +82,9 @@ struct SessionOptions {
   // RetICL/FixedICL re-encode their context in chunks of this many tokens (each chunk attends to
   // the K/V of the chunks before it), which bounds attention memory to chunk x context.
   int64_t prefill_chunk = 2048;
+  // Fill Timing::attention/mlp/sampling. Waits for the device at every part boundary of every
+  // forward, which slows queries down: for measurement, not for serving or latency numbers.
+  bool profile = false;
 };
 
 class DbsaSession {
@@ -110,15 +121,22 @@ class DbsaSession {
   Status Select(Snapshot* snapshot, std::string_view query, const SelectionOptions& options,
                 Answer* answer);
   // DBSA: stored K/V of `blocks`, concatenated in that order, in the model's dtype and device.
+  // *rotated: K already carries RoPE at positions 0..tokens-1 (the GPU gather kernel applied it);
+  // else it is pre-RoPE.
   Result<std::vector<LayerKV>> LoadStoredContext(Snapshot* snapshot,
                                                  const std::vector<uint32_t>& blocks,
-                                                 uint64_t* tokens, Timing* timing);
+                                                 uint64_t* tokens, bool* rotated, Timing* timing);
   // Baselines: the blocks' text re-encoded with full causal attention from position 0.
   Result<std::vector<LayerKV>> EncodeTextContext(Snapshot* snapshot,
                                                  const std::vector<uint32_t>& blocks,
                                                  uint64_t* tokens);
-  Status Decode(const std::vector<LayerKV>* context, uint64_t context_tokens,
+  // Answers `query` after `context` (K rotated at positions 0..context_tokens-1 if
+  // context_rotated, else pre-RoPE).
+  Status Decode(const std::vector<LayerKV>* context, uint64_t context_tokens, bool context_rotated,
                 std::string_view query, const AnswerOptions& options, Answer* answer);
+
+  // With options_.profile: the current query's split (reset by Ask), else null.
+  ForwardProfile* profile() { return options_.profile ? &profile_ : nullptr; }
 
   const Store* store_;
   TaskInfo task_;
@@ -133,6 +151,8 @@ class DbsaSession {
   uint64_t fixed_tokens_ = 0;
   std::vector<LayerKV> fixed_context_;
   double fixed_seconds_ = 0;
+  ForwardProfile profile_;
+  double sampling_ms_ = 0;
 };
 
 }  // namespace shotdb

@@ -497,6 +497,35 @@ TEST_F(DbsaExactnessTest, CudaEncodeAndDecodeMatchCpu) {
     }
   }
   EXPECT_GT((*gpu_session)->cache_stats().hits, 0u);
+
+  // A bf16 model on the bf16 pool: the staged path gathers with gpu::LaunchGatherRope, so the
+  // model receives K already rotated (on CUDA builds with gpu/; else BlockCache). bf16 activations
+  // may flip near-ties of the untrained model, but the decisions must agree, and the scores stay
+  // close to the CPU's float64 reading of the same K/V.
+  options.dtype = torch::kBFloat16;
+  auto bf16_model = LlamaModel::Load(
+      std::string(SHOTDB_SOURCE_DIR) + "/tests/fixtures/model/tiny_llama", options);
+  ASSERT_TRUE(bf16_model.ok());
+  const PoolModel bf16_pool{bf16_model->get(), &tokenizer_, pool_.weights_digest};
+  auto bf16_session = DbsaSession::Open(bf16_store.get(), "t", bf16_pool, cached);
+  ASSERT_TRUE(bf16_session.ok()) << bf16_session.status().ToString();
+  int agree = 0, total = 0;
+  for (int round = 0; round < 2; ++round) {
+    for (const char* query : {"sky fire", "rose", "grass sea leaf", "apple"}) {
+      AnswerOptions answer;
+      answer.selection.count = 3;
+      auto x = (*cpu_session)->Ask(query, answer);
+      auto y = (*bf16_session)->Ask(query, answer);
+      ASSERT_TRUE(x.ok() && y.ok()) << y.status().ToString();
+      ++total;
+      agree += x->label == y->label;
+      for (size_t i = 0; i < x->label_scores.size(); ++i) {
+        EXPECT_NEAR(x->label_scores[i], y->label_scores[i],
+                    5e-2 * std::max(1.0, std::abs(x->label_scores[i])));
+      }
+    }
+  }
+  EXPECT_GE(agree, total - 2);
 }
 
 TEST(PromptFormatTest, FormatsDemosQueriesAndLabels) {

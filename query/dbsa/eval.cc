@@ -104,8 +104,9 @@ std::string EvalReport::ToTable() const {
 }
 
 nlohmann::json TimingToJson(const Timing& t) {
-  return {{"select", t.select}, {"load", t.load},     {"gather", t.gather},
-          {"encode", t.encode}, {"decode", t.decode}, {"total", t.total}};
+  return {{"select", t.select},       {"load", t.load},     {"gather", t.gather},
+          {"encode", t.encode},       {"decode", t.decode}, {"total", t.total},
+          {"attention", t.attention}, {"mlp", t.mlp},       {"sampling", t.sampling}};
 }
 
 std::string EvalReport::ToJson() const {

@@ -3,6 +3,8 @@
 #include <map>
 #include <utility>
 
+#include "query/model/phase_clock.h"
+
 namespace shotdb {
 namespace {
 
@@ -51,11 +53,12 @@ Result<int64_t> ContextLength(const LlamaModel& model, const DecodeContext& ctx)
   return n;
 }
 
-// Preallocated per-layer pre-RoPE K/V and positions; the filled prefix is passed to Forward as
-// narrowed views, so appending a token copies only that token's K/V.
+// Preallocated per-layer K (RoPE applied) / V and positions; the filled prefix is passed to Forward
+// as narrowed views with context_rotated, so appending a token copies only that token's K/V and a
+// step never re-rotates or copies the context.
 class KvCache {
  public:
-  KvCache(const LlamaModel& model, int64_t capacity) {
+  KvCache(const LlamaModel& model, int64_t capacity) : model_(model) {
     const ModelConfig& c = model.config();
     auto opts = torch::TensorOptions().dtype(model.dtype()).device(model.device());
     for (int64_t l = 0; l < c.num_layers; ++l) {
@@ -65,14 +68,23 @@ class KvCache {
     positions_ = torch::empty({capacity}, opts.dtype(torch::kInt64));
   }
 
-  void Append(const std::vector<LayerKV>& kv, const torch::Tensor& positions) {
+  // Appends K/V of positions.size(0) tokens at `positions` (int64 on the model's device); K is
+  // rotated at those positions first unless `rotated`. RotateKeys' errors for malformed K.
+  Status Append(const std::vector<LayerKV>& kv, const torch::Tensor& positions, bool rotated) {
     const int64_t n = positions.size(0);
     for (size_t l = 0; l < layers_.size(); ++l) {
-      layers_[l].k.narrow(1, size_, n).copy_(kv[l].k);
+      torch::Tensor k = kv[l].k;
+      if (!rotated) {
+        Result<torch::Tensor> r = model_.RotateKeys(k, positions);
+        if (!r.ok()) return r.status().WithContext("K/V cache layer " + std::to_string(l));
+        k = std::move(r).value();
+      }
+      layers_[l].k.narrow(1, size_, n).copy_(k);
       layers_[l].v.narrow(1, size_, n).copy_(kv[l].v);
     }
     positions_.narrow(0, size_, n).copy_(positions);
     size_ += n;
+    return Status::OK();
   }
 
   // Points `r` at the filled prefix (views stay valid until the next Append).
@@ -83,29 +95,60 @@ class KvCache {
     }
     r->context = &views_;
     r->context_positions = positions_.narrow(0, 0, size_);
+    r->context_rotated = true;
   }
 
   int64_t size() const { return size_; }
 
  private:
+  const LlamaModel& model_;
   std::vector<LayerKV> layers_, views_;
   torch::Tensor positions_;
   int64_t size_ = 0;
 };
 
+// Charges the decode loops' phases to DecodeContext's profile counters; inert without a profile.
+class DecodeClock {
+ public:
+  DecodeClock(const LlamaModel& model, const DecodeContext& ctx)
+      : model_(model), ctx_(ctx), clock_(model.device(), ctx.profile != nullptr) {}
+
+  // The interval since the last mark was cache work (allocation, rotation, appends).
+  void Cache() { clock_.Charge(ctx_.profile != nullptr ? &ctx_.profile->attention_ms : nullptr); }
+  // The interval since the last mark was choosing tokens / scoring labels.
+  void Sampling() { clock_.Charge(ctx_.sampling_ms); }
+  // Runs `r` with the context's profile; Forward charges its own parts, so the clock skips them.
+  Result<ForwardResult> Forward(ForwardRequest* r) {
+    r->profile = ctx_.profile;
+    Result<ForwardResult> out = model_.Forward(*r);
+    clock_.Charge(nullptr);
+    return out;
+  }
+
+ private:
+  const LlamaModel& model_;
+  const DecodeContext& ctx_;
+  PhaseClock clock_;
+};
+
 // Runs the prompt after the (optional) context, leaving context + prompt K/V in `cache`.
 Result<ForwardResult> RunPrompt(const LlamaModel& model, const std::vector<int32_t>& prompt,
                                 const DecodeContext& ctx, int64_t context_len, KvCache* cache,
-                                int64_t* next_position) {
-  if (ctx.kv != nullptr) cache->Append(*ctx.kv, ctx.positions.to(model.device()));
+                                DecodeClock* clock, int64_t* next_position) {
+  if (ctx.kv != nullptr) {
+    SHOTDB_RETURN_IF_ERROR(cache->Append(*ctx.kv, ctx.positions.to(model.device()), ctx.rotated)
+                               .WithContext("DecodeContext"));
+  }
+  clock->Cache();
   const int64_t start = ctx.prompt_position >= 0 ? ctx.prompt_position : context_len;
   ForwardRequest r;
   r.tokens = IdsTensor(prompt, model.device());
   r.positions = Range(start, static_cast<int64_t>(prompt.size()), model.device());
   if (cache->size() > 0) cache->Attach(&r);
   r.return_kv = true;
-  SHOTDB_ASSIGN_OR_RETURN(ForwardResult out, model.Forward(r));
-  cache->Append(out.kv, r.positions);
+  SHOTDB_ASSIGN_OR_RETURN(ForwardResult out, clock->Forward(&r));
+  SHOTDB_RETURN_IF_ERROR(cache->Append(out.kv, r.positions, /*rotated=*/false));
+  clock->Cache();
   *next_position = start + static_cast<int64_t>(prompt.size());
   return out;
 }
@@ -127,11 +170,12 @@ Result<GenerateResult> GenerateGreedy(const LlamaModel& model, const std::vector
   GenerateResult result;
   try {
     c10::InferenceMode guard;
+    DecodeClock clock(model, context);
     KvCache cache(model,
                   context_len + static_cast<int64_t>(prompt.size()) + options.max_new_tokens);
     int64_t position = 0;
-    SHOTDB_ASSIGN_OR_RETURN(ForwardResult out,
-                            RunPrompt(model, prompt, context, context_len, &cache, &position));
+    SHOTDB_ASSIGN_OR_RETURN(ForwardResult out, RunPrompt(model, prompt, context, context_len,
+                                                         &cache, &clock, &position));
     result.forward_calls = 1;
     while (true) {
       const int32_t next = static_cast<int32_t>(out.logits[0].argmax().item<int64_t>());
@@ -139,6 +183,7 @@ Result<GenerateResult> GenerateGreedy(const LlamaModel& model, const std::vector
       for (int32_t e : options.eos_ids) eos = eos || e == next;
       if (eos) {
         result.stop = GenerateResult::Stop::kEos;
+        clock.Sampling();
         break;
       }
       result.tokens.push_back(next);
@@ -149,21 +194,25 @@ Result<GenerateResult> GenerateGreedy(const LlamaModel& model, const std::vector
         if (cut != std::string::npos) {
           result.text.resize(cut);
           result.stop = GenerateResult::Stop::kStopString;
+          clock.Sampling();
           break;
         }
       }
       if (static_cast<int64_t>(result.tokens.size()) >= options.max_new_tokens) {
         result.stop = GenerateResult::Stop::kMaxTokens;
+        clock.Sampling();
         break;
       }
       ForwardRequest r;
       r.tokens = IdsTensor({next}, model.device());
       r.positions = Range(position++, 1, model.device());
+      clock.Sampling();
       cache.Attach(&r);
       r.return_kv = true;
-      SHOTDB_ASSIGN_OR_RETURN(out, model.Forward(r));
+      SHOTDB_ASSIGN_OR_RETURN(out, clock.Forward(&r));
       ++result.forward_calls;
-      cache.Append(out.kv, r.positions);
+      SHOTDB_RETURN_IF_ERROR(cache.Append(out.kv, r.positions, /*rotated=*/false));
+      clock.Cache();
     }
   } catch (const c10::Error& e) {
     return Status::IOError(std::string("GenerateGreedy: libtorch failed: ") +
@@ -219,10 +268,11 @@ Result<LabelDecodeResult> DecodeLabel(const LlamaModel& model, const std::vector
   result.trie_nodes = static_cast<int64_t>(nodes.size()) - 1;
   try {
     c10::InferenceMode guard;
+    DecodeClock clock(model, context);
     KvCache cache(model, context_len + static_cast<int64_t>(prompt.size()));
     int64_t next_position = 0;
-    SHOTDB_ASSIGN_OR_RETURN(ForwardResult out,
-                            RunPrompt(model, prompt, context, context_len, &cache, &next_position));
+    SHOTDB_ASSIGN_OR_RETURN(ForwardResult out, RunPrompt(model, prompt, context, context_len,
+                                                         &cache, &clock, &next_position));
     result.forward_calls = 1;
     // Log-probabilities of each scored position on the host: row 0 = after the prompt, row 1 + r
     // = after internal node `internal[r]`.
@@ -246,8 +296,9 @@ Result<LabelDecodeResult> DecodeLabel(const LlamaModel& model, const std::vector
       tree.positions = torch::tensor(positions, torch::kInt64).to(model.device());
       tree.mask = mask.to(model.device());
       tree.all_logits = true;
+      clock.Sampling();
       cache.Attach(&tree);
-      SHOTDB_ASSIGN_OR_RETURN(ForwardResult tree_out, model.Forward(tree));
+      SHOTDB_ASSIGN_OR_RETURN(ForwardResult tree_out, clock.Forward(&tree));
       ++result.forward_calls;
       logp = torch::cat({logp, torch::log_softmax(tree_out.logits.to(torch::kFloat64), -1)}, 0);
     }
@@ -262,6 +313,7 @@ Result<LabelDecodeResult> DecodeLabel(const LlamaModel& model, const std::vector
       result.sum_logprob.push_back(sum);
       result.mean_logprob.push_back(sum / static_cast<double>(labels[i].size()));
     }
+    clock.Sampling();
   } catch (const c10::Error& e) {
     return Status::IOError(std::string("DecodeLabel: libtorch failed: ") +
                            e.what_without_backtrace());

@@ -1,10 +1,12 @@
 // Decoding on top of LlamaModel::Forward: greedy generation with stop conditions, and
 // constrained decoding to a fixed set of label token sequences (DBSA answers are labels).
 //
-// Both take an optional DecodeContext: pre-RoPE K/V of tokens that precede the prompt (for DBSA,
-// the selected demonstration blocks) with the positions at which RoPE is applied to them. The
-// prompt's and the generated tokens' K/V are appended after it in a preallocated cache, so every
-// step is one Forward of one token over the cached context (no re-encoding).
+// Both take an optional DecodeContext: K/V of tokens that precede the prompt (for DBSA, the
+// selected demonstration blocks) with the positions at which RoPE is applied to them. The context
+// K is rotated once (unless the caller already did) into a preallocated cache that holds ROTATED
+// keys; the prompt's and the generated tokens' K/V are rotated and appended after it, so every
+// step is one Forward of the new token(s) over the cached context with
+// ForwardRequest::context_rotated (no re-encoding, no per-step RoPE or copy of the context).
 //
 // Thread-safety: the functions are re-entrant; they only read the model.
 #ifndef SHOTDB_QUERY_MODEL_GENERATE_H_
@@ -29,6 +31,17 @@ struct DecodeContext {
   // Position of the first prompt token; the following tokens take consecutive positions.
   // -1 = C (directly after the context), i.e. 0 without context.
   int64_t prompt_position = -1;
+  // kv's K already has RoPE applied at `positions` (LlamaModel::RotateKeys or the GPU gather+RoPE
+  // kernel); otherwise it is pre-RoPE and is rotated once when it enters the cache.
+  bool rotated = false;
+  // Optional, not owned, for measurement only (adds a device synchronisation at every phase
+  // boundary): every Forward adds its split to *profile, and the cache work (allocating it,
+  // rotating and appending K/V) is added to profile->attention_ms.
+  ForwardProfile* profile = nullptr;
+  // Optional, not owned, measured only together with `profile`: adds the milliseconds spent
+  // outside Forward and the cache choosing the answer (argmax and stop checks for generation;
+  // building the label trie's tokens and mask, log-softmax and label scoring for DecodeLabel).
+  double* sampling_ms = nullptr;
 };
 
 struct GenerateOptions {

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <thread>
@@ -161,6 +162,94 @@ TEST(DecodeLabelTest, ContextAndSingleTokenLabels) {
   }
   EXPECT_TRUE(DecodeLabel(*m, kPrompt, {{}}).status().IsInvalidArgument());
   EXPECT_TRUE(DecodeLabel(*m, kPrompt, {{256}}).status().IsInvalidArgument());
+}
+
+TEST(DecodeLabelTest, PreRotatedContextMatchesPreRopeContext) {
+  for (const char* name : {"tiny_llama", "tiny_qwen2"}) {
+    auto m = TinyModel(name);
+    ASSERT_NE(m, nullptr);
+    ForwardRequest r;
+    r.tokens =
+        torch::tensor(std::vector<int64_t>(kPrompt.begin(), kPrompt.begin() + 5), torch::kInt64);
+    r.positions = torch::arange(5, torch::kInt64);
+    r.return_kv = true;
+    auto ctx = m->Forward(r);
+    ASSERT_TRUE(ctx.ok());
+    // The context sits at positions 20, 22, ..., 28 and the prompt follows at 40.
+    const torch::Tensor positions = torch::arange(5, torch::kInt64) * 2 + 20;
+    std::vector<LayerKV> rotated;
+    for (const LayerKV& kv : ctx->kv) {
+      auto k = m->RotateKeys(kv.k, positions);
+      ASSERT_TRUE(k.ok()) << k.status().ToString();
+      rotated.push_back({*k, kv.v});
+    }
+    DecodeContext pre_rope;
+    pre_rope.kv = &ctx->kv;
+    pre_rope.positions = positions;
+    pre_rope.prompt_position = 40;
+    DecodeContext pre_rotated = pre_rope;
+    pre_rotated.kv = &rotated;
+    pre_rotated.rotated = true;
+    const std::vector<int32_t> prompt(kPrompt.begin() + 5, kPrompt.end());
+    const std::vector<std::vector<int32_t>> labels = {{10, 20}, {10, 21}, {11}, {250, 3, 4}};
+    auto a = DecodeLabel(*m, prompt, labels, pre_rope);
+    auto b = DecodeLabel(*m, prompt, labels, pre_rotated);
+    ASSERT_TRUE(a.ok() && b.ok());
+    EXPECT_EQ(a->label, b->label);
+    for (size_t i = 0; i < labels.size(); ++i) {
+      EXPECT_NEAR(a->sum_logprob[i], b->sum_logprob[i], 1e-5) << name << " label " << i;
+    }
+    // Marking a pre-RoPE context as rotated places it wrongly: the scores move.
+    DecodeContext wrong = pre_rope;
+    wrong.rotated = true;
+    auto c = DecodeLabel(*m, prompt, labels, wrong);
+    ASSERT_TRUE(c.ok());
+    double moved = 0;
+    for (size_t i = 0; i < labels.size(); ++i) {
+      moved = std::max(moved, std::abs(c->sum_logprob[i] - a->sum_logprob[i]));
+    }
+    EXPECT_GT(moved, 1e-3) << name;
+
+    GenerateOptions opts;
+    opts.max_new_tokens = 6;
+    auto ga = GenerateGreedy(*m, prompt, opts, pre_rope);
+    auto gb = GenerateGreedy(*m, prompt, opts, pre_rotated);
+    ASSERT_TRUE(ga.ok() && gb.ok());
+    EXPECT_EQ(ga->tokens, gb->tokens) << name;
+  }
+}
+
+TEST(DecodeLabelTest, ProfileFillsEveryPhase) {
+  auto m = TinyModel();
+  ASSERT_NE(m, nullptr);
+  ForwardRequest r;
+  r.tokens =
+      torch::tensor(std::vector<int64_t>(kPrompt.begin(), kPrompt.begin() + 4), torch::kInt64);
+  r.positions = torch::arange(4, torch::kInt64);
+  r.return_kv = true;
+  auto ctx = m->Forward(r);
+  ASSERT_TRUE(ctx.ok());
+  DecodeContext dc;
+  dc.kv = &ctx->kv;
+  dc.positions = r.positions;
+  const std::vector<int32_t> prompt(kPrompt.begin() + 4, kPrompt.end());
+  const std::vector<std::vector<int32_t>> labels = {{10, 20}, {10, 21}, {11}};
+  auto plain = DecodeLabel(*m, prompt, labels, dc);
+  ForwardProfile profile;
+  double sampling = 0;
+  dc.profile = &profile;
+  dc.sampling_ms = &sampling;
+  const auto start = std::chrono::steady_clock::now();
+  auto profiled = DecodeLabel(*m, prompt, labels, dc);
+  const double wall_ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  ASSERT_TRUE(plain.ok() && profiled.ok());
+  EXPECT_EQ(profiled->sum_logprob, plain->sum_logprob);
+  EXPECT_GT(profile.attention_ms, 0);
+  EXPECT_GT(profile.mlp_ms, 0);
+  EXPECT_GT(profile.other_ms, 0);
+  EXPECT_GT(sampling, 0);
+  EXPECT_LE(profile.attention_ms + profile.mlp_ms + profile.other_ms + sampling, wall_ms + 1e-3);
 }
 
 // The default model: a short chat reply and the perplexity of a fixed paragraph (printed).

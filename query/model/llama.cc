@@ -1,11 +1,26 @@
 #include "query/model/llama.h"
 
+#include <torch/version.h>
+
 #include <cmath>
 #include <limits>
 #include <utility>
 
+#include "query/model/phase_clock.h"
+
+// at::scaled_dot_product_attention (with its `scale` argument) exists from libtorch 2.1; Debian's
+// libtorch 1.13, which the CPU-only builds use, has neither.
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 1)
+#define SHOTDB_HAVE_SDPA 1
+#else
+#define SHOTDB_HAVE_SDPA 0
+#endif
+
 namespace shotdb {
 namespace {
+
+// New tokens from which CUDA attention uses the fused kernel (see LlamaModel::Attend).
+constexpr int64_t kFusedMinTokens = 64;
 
 std::string SizesString(const torch::Tensor& t) {
   std::string s = "[";
@@ -206,32 +221,89 @@ std::pair<torch::Tensor, torch::Tensor> LlamaModel::RopeTables(
   return {emb.cos().to(dtype_), emb.sin().to(dtype_)};
 }
 
+torch::Tensor LlamaModel::Attend(const torch::Tensor& q, const torch::Tensor& ctx_k,
+                                 const torch::Tensor& ctx_v, const torch::Tensor& k,
+                                 const torch::Tensor& v, const torch::Tensor& allowed,
+                                 const torch::Tensor& bias) const {
+  const int64_t nh = config_.num_heads, kvh = config_.num_kv_heads, hd = config_.head_dim;
+  const int64_t group = nh / kvh, t = q.size(1);
+  const int64_t c = ctx_k.defined() ? ctx_k.size(1) : 0;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
+#if SHOTDB_HAVE_SDPA
+  // Prefill on CUDA: the fused kernel never materialises the [heads, T, C+T] scores (the eager
+  // path's float32 scores take several GB per layer for a 2048-token chunk over a long context).
+  // Concatenating the context K/V and repeating its heads costs about 2 x group copies of it per
+  // layer, which only pays off for many queries: the eager path writes and reads its float32
+  // scores (T x group x C x 4 bytes per KV head) several times, more traffic than the copies from
+  // roughly T = 64 on (kFusedMinTokens). Query head h reads K/V head h / group, as in the eager
+  // path. Below that (decode, a query prompt, a label tree) the eager split reads the context once
+  // without any copy: with the threshold at 16, the copies made a DBSA query's decode over 28k
+  // context tokens 3-4x slower on the H100 (docs/results.md).
+  if (!bias.defined()) {
+    torch::Tensor keys = c > 0 ? torch::cat({ctx_k, k}, 1) : k;  // [kvh, C+T, hd]
+    torch::Tensor values = c > 0 ? torch::cat({ctx_v, v}, 1) : v;
+    if (group > 1) {
+      keys = keys.repeat_interleave(group, 0);  // [nh, C+T, hd]
+      values = values.repeat_interleave(group, 0);
+    }
+    // Bool attn_mask: true = may attend; [T, C+T] broadcasts over [1, nh, T, C+T].
+    return at::scaled_dot_product_attention(q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
+                                            allowed, /*dropout_p=*/0.0,
+                                            /*is_causal=*/false, scale)
+        .squeeze(0);
+  }
+#else
+  (void)allowed;  // only the fused path reads the bool mask
+#endif
+  // Eager grouped-query attention without repeating K/V: each KV head's query group is folded
+  // into rows. The context and the new tokens are scored by separate matmuls and only the scores
+  // are concatenated, so the context K/V (C can be ~100k tokens) is never copied.
+  torch::Tensor qg = q.reshape({kvh, group * t, hd});
+  torch::Tensor scores = torch::matmul(qg, k.transpose(1, 2));  // [kvh, g*T, T]
+  if (c > 0) scores = torch::cat({torch::matmul(qg, ctx_k.transpose(1, 2)), scores}, -1);
+  scores = scores.to(bias.scalar_type()) * scale;
+  scores = scores.view({kvh, group, t, c + t}) + bias;
+  torch::Tensor probs =
+      torch::softmax(scores, -1).to(q.scalar_type()).view({kvh, group * t, c + t});
+  torch::Tensor attn = torch::matmul(probs.narrow(-1, c, t), v);  // [kvh, g*T, hd]
+  if (c > 0) attn = attn + torch::matmul(probs.narrow(-1, 0, c), ctx_v);
+  return attn.view({nh, t, hd});
+}
+
 ForwardResult LlamaModel::Run(const ForwardRequest& r) const {
   const ModelConfig& cf = config_;
   const int64_t t = r.tokens.size(0);
   const int64_t c = r.context != nullptr ? r.context_positions.size(0) : 0;
   const int64_t nh = cf.num_heads, kvh = cf.num_kv_heads, hd = cf.head_dim;
-  const int64_t group = nh / kvh;
   const int64_t q_width = nh * hd, kv_width = kvh * hd;
+  ForwardProfile unused;
+  ForwardProfile& prof = r.profile != nullptr ? *r.profile : unused;
+  PhaseClock clock(device_, r.profile != nullptr);
+
+  ForwardResult result;
+  torch::Tensor x = torch::embedding(embed_, r.tokens.to(device_));  // [T, H]
+  clock.Charge(&prof.other_ms);
 
   auto [cos, sin] = RopeTables(r.positions);  // [T, hd]
   torch::Tensor ctx_cos, ctx_sin;
-  if (c > 0) std::tie(ctx_cos, ctx_sin) = RopeTables(r.context_positions);
+  if (c > 0 && !r.context_rotated) std::tie(ctx_cos, ctx_sin) = RopeTables(r.context_positions);
 
-  // Additive mask [T, C+T] in the score dtype: 0 where allowed, -inf elsewhere.
-  const torch::ScalarType score_type = AccumulationType(dtype_);
   torch::Tensor allowed = r.mask.defined() ? r.mask.to(device_) : torch::Tensor();
   if (!allowed.defined()) {
     auto opts = torch::TensorOptions().dtype(torch::kBool).device(device_);
     allowed = torch::cat({torch::ones({t, c}, opts), torch::ones({t, t}, opts).tril()}, 1);
   }
-  torch::Tensor bias =
-      torch::zeros({t, c + t}, torch::TensorOptions().dtype(score_type).device(device_))
-          .masked_fill(allowed.logical_not(), -std::numeric_limits<double>::infinity());
-  const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
+  // Eager attention takes an additive mask [T, C+T] in the score dtype (0 where allowed, -inf
+  // elsewhere); the fused kernel (see Attend) takes `allowed` itself and needs no bias.
+  torch::Tensor bias;
+  const bool fused = SHOTDB_HAVE_SDPA && device_.is_cuda() && t >= kFusedMinTokens;
+  if (!fused) {
+    bias = torch::zeros({t, c + t},
+                        torch::TensorOptions().dtype(AccumulationType(dtype_)).device(device_))
+               .masked_fill(allowed.logical_not(), -std::numeric_limits<double>::infinity());
+  }
+  clock.Charge(&prof.attention_ms);
 
-  ForwardResult result;
-  torch::Tensor x = torch::embedding(embed_, r.tokens.to(device_));  // [T, H]
   for (int64_t l = 0; l < cf.num_layers; ++l) {
     const Layer& L = layers_[l];
     torch::Tensor h = RmsNorm(x, L.attn_norm);
@@ -244,31 +316,27 @@ ForwardResult LlamaModel::Run(const ForwardRequest& r) const {
         qkv.narrow(1, q_width + kv_width, kv_width).view({t, kvh, hd}).transpose(0, 1);
     if (r.return_kv) result.kv.push_back({k.contiguous(), v.contiguous()});
 
-    q = ApplyRope(q, cos, sin);
-    torch::Tensor keys = ApplyRope(k, cos, sin);
-    torch::Tensor values = v;
+    torch::Tensor ctx_k, ctx_v;
     if (c > 0) {
       const LayerKV& ctx = (*r.context)[l];
-      keys = torch::cat({ApplyRope(ctx.k, ctx_cos, ctx_sin), keys}, 1);  // [kvh, C+T, hd]
-      values = torch::cat({ctx.v, values}, 1);
+      ctx_k = r.context_rotated ? ctx.k : ApplyRope(ctx.k, ctx_cos, ctx_sin);
+      ctx_v = ctx.v;
     }
-    // Grouped-query attention without repeating K/V: fold each KV head's query group into rows.
-    torch::Tensor qg = q.reshape({kvh, group * t, hd});
-    torch::Tensor scores = torch::matmul(qg, keys.transpose(1, 2)).to(score_type) * scale;
-    scores = scores.view({kvh, group, t, c + t}) + bias;
-    torch::Tensor probs = torch::softmax(scores, -1).to(dtype_);
-    torch::Tensor attn =
-        torch::matmul(probs.view({kvh, group * t, c + t}), values);  // [kvh, g*T, hd]
-    attn = attn.view({nh, t, hd}).transpose(0, 1).reshape({t, q_width});
+    torch::Tensor attn = Attend(ApplyRope(q, cos, sin), ctx_k, ctx_v, ApplyRope(k, cos, sin), v,
+                                allowed, bias);  // [nh, T, hd]
+    attn = attn.transpose(0, 1).reshape({t, q_width});
     x = x + torch::matmul(attn, L.wo.t());
+    clock.Charge(&prof.attention_ms);
 
     h = RmsNorm(x, L.ffn_norm);
     auto gate_up = torch::matmul(h, L.w_gate_up.t()).chunk(2, -1);
     x = x + torch::matmul(torch::silu(gate_up[0]) * gate_up[1], L.w_down.t());
+    clock.Charge(&prof.mlp_ms);
   }
   if (!r.all_logits) x = x.narrow(0, t - 1, 1);
   x = RmsNorm(x, final_norm_);
-  result.logits = torch::matmul(x, lm_head_.t()).to(score_type);
+  result.logits = torch::matmul(x, lm_head_.t()).to(AccumulationType(dtype_));
+  clock.Charge(&prof.other_ms);
   return result;
 }
 
@@ -279,6 +347,34 @@ Result<ForwardResult> LlamaModel::Forward(const ForwardRequest& request) const {
     return Run(request);
   } catch (const c10::Error& e) {
     return Status::IOError(std::string("Forward: libtorch failed: ") + e.what_without_backtrace());
+  }
+}
+
+Result<torch::Tensor> LlamaModel::RotateKeys(const torch::Tensor& k,
+                                             const torch::Tensor& positions) const {
+  const int64_t kvh = config_.num_kv_heads, hd = config_.head_dim;
+  if (!k.defined() || k.dim() != 3 || k.size(0) != kvh || k.size(2) != hd ||
+      k.scalar_type() != dtype_ || k.device() != device_) {
+    return Status::InvalidArgument(
+        "RotateKeys: k is " +
+        (k.defined()
+             ? SizesString(k) + " " + c10::toString(k.scalar_type()) + " on " + k.device().str()
+             : std::string("undefined")) +
+        ", expected [" + std::to_string(kvh) + ", N, " + std::to_string(hd) + "] " +
+        c10::toString(dtype_) + " on " + device_.str());
+  }
+  if (!positions.defined() || positions.dim() != 1 || positions.size(0) != k.size(1) ||
+      positions.scalar_type() != torch::kInt64) {
+    return Status::InvalidArgument("RotateKeys: positions must be a 1-D int64 tensor of " +
+                                   std::to_string(k.size(1)) + " entries (one per key)");
+  }
+  try {
+    c10::InferenceMode guard;
+    auto [cos, sin] = RopeTables(positions);
+    return ApplyRope(k, cos, sin);
+  } catch (const c10::Error& e) {
+    return Status::IOError(std::string("RotateKeys: libtorch failed: ") +
+                           e.what_without_backtrace());
   }
 }
 

@@ -7,9 +7,11 @@
 //     key/value head h / (num_heads / num_kv_heads)), softmax in at least float32;
 //   - rotate-half RoPE: x * cos + rotate_half(x) * sin with angles position * inv_freq, where
 //     inv_freq is theta^(-2i/head_dim), optionally llama3-scaled;
-//   - K is exchanged **before RoPE**: LayerKV::k never has RoPE applied. The forward pass applies
-//     RoPE to the context K at ForwardRequest::context_positions, so one stored K can be placed at
-//     any position ("re-RoPE"). V has no position dependence.
+//   - K is exchanged **before RoPE**: LayerKV::k as stored and as returned by Forward never has
+//     RoPE applied, so one stored K can be placed at any position ("re-RoPE"). Forward applies
+//     RoPE to the context K at ForwardRequest::context_positions, unless the caller has already
+//     done so (ForwardRequest::context_rotated, e.g. with RotateKeys once for many decode steps).
+//     V has no position dependence.
 //
 // Thread-safety: a loaded LlamaModel is immutable; Forward is const and may be called from several
 // threads at once (each call allocates its own activations).
@@ -28,6 +30,18 @@
 
 namespace shotdb {
 
+// Wall-clock milliseconds of one or more Forward calls, split by part and accumulated (Forward adds
+// to the fields; it never resets them):
+//   attention: attention RMSNorm, QKV projection, RoPE (including the RoPE tables and the mask),
+//              attention itself and the output projection, summed over layers;
+//   mlp:       MLP RMSNorm, gate/up projection, SiLU and down projection, summed over layers;
+//   other:     token embedding, final RMSNorm and the LM head.
+// Measuring waits for the device at every part boundary (torch::cuda::synchronize() on CUDA),
+// which serialises the host with the GPU and makes the call slower: for measurement only.
+struct ForwardProfile {
+  double attention_ms = 0, mlp_ms = 0, other_ms = 0;
+};
+
 // One layer's keys (pre-RoPE) and values for T tokens, each [num_kv_heads, T, head_dim], in the
 // model's dtype and on the model's device.
 struct LayerKV {
@@ -45,6 +59,11 @@ struct ForwardRequest {
   const std::vector<LayerKV>* context = nullptr;
   // [C] int64, required with `context`: positions at which RoPE is applied to the context K.
   torch::Tensor context_positions;
+  // The context K already has RoPE applied at context_positions (from RotateKeys, or the GPU
+  // gather+RoPE kernel), so Forward uses it as is instead of rotating it again. A decode loop over
+  // a fixed context rotates it once rather than once per step. context_positions is still
+  // required (its length is C).
+  bool context_rotated = false;
   // Optional [T, C + T] bool on the model's device, true = query row may attend to key column
   // (columns: the C context tokens, then the T new tokens). Every row must allow at least one
   // column. Default: every context token plus the causal prefix of the new tokens.
@@ -53,6 +72,9 @@ struct ForwardRequest {
   bool return_kv = false;
   // Return logits for every new token; otherwise only for the last one.
   bool all_logits = false;
+  // Optional, not owned: Forward adds its per-part wall time here (see ForwardProfile; adds device
+  // synchronisations, so leave it null outside measurements).
+  ForwardProfile* profile = nullptr;
 };
 
 struct ForwardResult {
@@ -86,6 +108,13 @@ class LlamaModel {
   // (e.g. out of device memory). Runs without autograd.
   Result<ForwardResult> Forward(const ForwardRequest& request) const;
 
+  // RoPE applied to keys, exactly as Forward applies it to a pre-RoPE context K: `k` is
+  // [num_kv_heads, N, head_dim] pre-RoPE in the model's dtype and on its device, `positions` [N]
+  // int64 (any device). Returns a new [num_kv_heads, N, head_dim] tensor (k is not modified); pass
+  // it as context with ForwardRequest::context_rotated. InvalidArgument (naming the argument and
+  // the expected shape) for malformed input; IOError when libtorch fails.
+  Result<torch::Tensor> RotateKeys(const torch::Tensor& k, const torch::Tensor& positions) const;
+
  private:
   struct Layer {
     torch::Tensor attn_norm, wqkv, bqkv, wo, ffn_norm, w_gate_up, w_down;
@@ -94,6 +123,13 @@ class LlamaModel {
 
   Status Validate(const ForwardRequest& r) const;
   ForwardResult Run(const ForwardRequest& r) const;
+  // Attention output [num_heads, T, head_dim] of rotated q [num_heads, T, hd] over the context
+  // (rotated K, V of C tokens, or undefined for C = 0) and the new tokens' rotated K and V.
+  // `allowed` is the bool mask [T, C+T]; `bias` its additive form in the score dtype for the eager
+  // path. An undefined bias selects the fused kernel (libtorch >= 2.1 on CUDA, see Run).
+  torch::Tensor Attend(const torch::Tensor& q, const torch::Tensor& ctx_k,
+                       const torch::Tensor& ctx_v, const torch::Tensor& k, const torch::Tensor& v,
+                       const torch::Tensor& allowed, const torch::Tensor& bias) const;
   torch::Tensor RmsNorm(const torch::Tensor& x, const torch::Tensor& w) const;
   // cos and sin, each [N, head_dim] in the model dtype, for positions [N].
   std::pair<torch::Tensor, torch::Tensor> RopeTables(const torch::Tensor& positions) const;
