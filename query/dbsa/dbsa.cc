@@ -145,17 +145,12 @@ Result<std::vector<LayerKV>> DbsaSession::LoadStoredContext(Snapshot* snapshot,
   const LlamaModel& model = *model_.model;
   const uint32_t layers = task_.model.num_layers;
   if (staged_) {
-    uint64_t total = 0;
-    for (uint32_t b : blocks) {
-      SHOTDB_ASSIGN_OR_RETURN(BlockInfo info, snapshot->GetBlock(task_.name, b));
-      total += info.token_count;
-    }
-    *tokens = total;
     SHOTDB_ASSIGN_OR_RETURN(
         StagedContext staged,
         staged_->Gather(snapshot, task_, blocks, model.config(),
                         torch::TensorOptions().dtype(model.dtype()).device(model.device()),
                         &timing->load, &timing->gather));
+    *tokens = static_cast<uint64_t>(staged.kv.front().k.size(1));  // a task has >= 1 layer
     *rotated = staged.rotated;
     return std::move(staged.kv);
   }

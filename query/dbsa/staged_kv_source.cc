@@ -70,19 +70,18 @@ class StagerKvSource final : public StagedKvSource {
 
     gpu::Stager::LayerCallback gather_layer;
     if (context.rotated) {
-      int64_t total = 0;
-      for (uint32_t b : blocks) {
-        SHOTDB_ASSIGN_OR_RETURN(BlockInfo info, snapshot->GetBlock(task.name, b));
-        total += info.token_count;
-      }
-      for (uint32_t l = 0; l < num_layers; ++l) {
-        context.kv.push_back({torch::empty({heads, total, dim}, options),
-                              torch::empty({heads, total, dim}, options)});
-      }
       // libtorch runs its kernels on the device's default stream (shotdb sets no other current
       // stream): the gather goes there too, after the layer's copies, so later model kernels are
       // ordered after it without a host wait.
       gather_layer = [&](size_t index, const gpu::StagedLayer& layer) -> Status {
+        if (context.kv.empty()) {  // the first layer: the Stager has read the blocks' lengths
+          int64_t total = 0;
+          for (const gpu::KvBlockRef& b : layer.blocks) total += b.tokens;
+          for (uint32_t l = 0; l < num_layers; ++l) {
+            context.kv.push_back({torch::empty({heads, total, dim}, options),
+                                  torch::empty({heads, total, dim}, options)});
+          }
+        }
         SHOTDB_RETURN_IF_ERROR(layer.ready.WaitOn(kTorchStream));
         gpu::GatherRopeArgs args;
         args.dtype = task.model.dtype;
