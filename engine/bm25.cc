@@ -86,6 +86,10 @@ Bm25Scorer::Bm25Scorer(const Bm25CorpusStats& stats, const Bm25Params& params)
 double Bm25Scorer::Idf(uint32_t df) const {
   if (df == 0) return 0;
   assert(df <= num_docs_);
+  if (params_.idf == Bm25Idf::kLucene) {
+    const double n = static_cast<double>(num_docs_), d = static_cast<double>(df);
+    return std::log(1.0 + ((n - d) + 0.5) / (d + 0.5));
+  }
   const double idf = RawIdf(num_docs_, df);
   return idf < 0 ? idf_floor_ : idf;
 }

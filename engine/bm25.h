@@ -33,11 +33,28 @@
 
 namespace shotdb {
 
+// How a term's idf is computed.
+enum class Bm25Idf : uint8_t {
+  // rank_bm25's BM25Okapi: log(N - df + 0.5) - log(df + 0.5), negative values replaced by
+  // epsilon * average_idf (see the file comment).
+  kOkapi = 0,
+  // Lucene's and retriv's: log(1 + (N - df + 0.5) / (df + 0.5)), never negative; epsilon unused.
+  kLucene = 1,
+};
+
 // rank_bm25's BM25Okapi defaults, which are also the DBSA paper's.
 struct Bm25Params {
   double k1 = 1.5;
   double b = 0.75;
   double epsilon = 0.25;
+  Bm25Idf idf = Bm25Idf::kOkapi;
+
+  // retriv's SparseRetriever defaults (k1 = 1.2, b = 0.75, Lucene idf): the DBSA reference code's
+  // retriever.
+  static Bm25Params Retriv() { return {1.2, 0.75, 0.25, Bm25Idf::kLucene}; }
+  bool operator==(const Bm25Params& o) const {
+    return k1 == o.k1 && b == o.b && epsilon == o.epsilon && idf == o.idf;
+  }
 };
 
 // Everything corpus-wide that BM25 needs, small enough to persist as one record and update in the
@@ -76,9 +93,10 @@ class Bm25Scorer {
   // its denominator is 0 (rank_bm25 raises ZeroDivisionError there instead).
   explicit Bm25Scorer(const Bm25CorpusStats& stats, const Bm25Params& params = {});
 
-  // The idf of a term with document frequency `df`, with rank_bm25's epsilon floor: raw idf if it
-  // is >= 0, else epsilon * average_idf(). Returns 0 for df == 0 (a term in no document; rank_bm25
-  // adds 0 for it). Precondition: df <= num_docs (a larger df yields NaN).
+  // The idf of a term with document frequency `df`. kOkapi: with rank_bm25's epsilon floor, raw idf
+  // if it is >= 0, else epsilon * average_idf(). kLucene: log(1 + (N - df + 0.5) / (df + 0.5)).
+  // Returns 0 for df == 0 (a term in no document; rank_bm25 adds 0 for it, retriv drops it).
+  // Precondition: df <= num_docs (a larger df yields NaN).
   double Idf(uint32_t df) const;
 
   // One query token's contribution to a document of `doc_length` tokens in which it occurs `tf`

@@ -54,7 +54,7 @@ TEST_P(Bm25IndexTest, SearchEqualsMemoryIndexAfterEveryAppendAndReopen) {
   TempDir dir;
   const ModelFingerprint model = SmallModel(DType::kBF16, 1);
   TaskInfo task = MakeTask("t", model);
-  task.bm25_tokenizer.split = GetParam();
+  task.analyzer.tokenizer.split = GetParam();
   Bm25MemoryIndex ref;
   constexpr uint32_t kBlocks = 60;
   {
@@ -65,11 +65,12 @@ TEST_P(Bm25IndexTest, SearchEqualsMemoryIndexAfterEveryAppendAndReopen) {
       TestBlock tb = MakeBlock(model, 1, i, i * 5, 5, 0);
       tb.block.info.text = RandomText(i);
       ASSERT_TRUE((*store)->AppendBlock("t", tb.block).ok());
-      ref.Add(TokenizeText(tb.block.info.text, task.bm25_tokenizer));
+      ref.Add(TokenizeText(tb.block.info.text, task.analyzer.tokenizer));
       auto snap = (*store)->BeginSnapshot();
       ASSERT_TRUE(snap.ok());
       for (uint64_t q = 0; q < 5; ++q) {
-        ExpectSameTopK(snap->get(), "t", ref, task.bm25_tokenizer, 1000 + i * 10 + q, 1 + q * 7);
+        ExpectSameTopK(snap->get(), "t", ref, task.analyzer.tokenizer, 1000 + i * 10 + q,
+                       1 + q * 7);
       }
     }
   }
@@ -80,7 +81,8 @@ TEST_P(Bm25IndexTest, SearchEqualsMemoryIndexAfterEveryAppendAndReopen) {
   auto snap = (*store)->BeginSnapshot();
   ASSERT_TRUE(snap.ok());
   for (uint64_t q = 0; q < 50; ++q) {
-    ExpectSameTopK(snap->get(), "t", ref, task.bm25_tokenizer, 5000 + q, q % 2 ? 10 : kBlocks + 5);
+    ExpectSameTopK(snap->get(), "t", ref, task.analyzer.tokenizer, 5000 + q,
+                   q % 2 ? 10 : kBlocks + 5);
   }
   // A query of no known term: every block scores 0, the lowest indices first.
   Result<std::vector<ScoredDoc>> none = (*snap)->Search("t", "zzz qqq", 3);

@@ -298,9 +298,9 @@ Status ImportTask(Store* store, const std::string& path, std::string* task_name)
   r.U64(&magic);
   r.U32(&version);
   r.U32(&reserved);
-  if (r.status().ok() && version != kExportFormatVersion) {
+  if (r.status().ok() && (version < 1 || version > kExportFormatVersion)) {
     return Status::NotSupported(path + ": export format version " + std::to_string(version) +
-                                ", this build reads " + std::to_string(kExportFormatVersion));
+                                ", this build reads 1 to " + std::to_string(kExportFormatVersion));
   }
   r.Bytes32(&task_bytes);
   r.U64(&num_blocks);

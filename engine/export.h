@@ -17,9 +17,12 @@
 
 namespace shotdb {
 
-// The first 8 bytes of an export file, and the only layout version written and read.
+// The first 8 bytes of an export file, and the layout version written. Version 2 files carry
+// the task record of store format 2 (position scheme, analyzer, idf); version 1 files (whose task
+// record lacks them: sequential positions, the simple analyzer, Okapi idf) are still read, which
+// is how a format-1 store's tasks move into a format-2 store.
 constexpr char kExportMagic[8] = {'S', 'H', 'O', 'T', 'D', 'B', 'X', '\0'};
-constexpr uint32_t kExportFormatVersion = 1;
+constexpr uint32_t kExportFormatVersion = 2;
 
 // Writes task `task` of `store`, as seen by one snapshot, to `path` (written as `path`.tmp, fsynced
 // and renamed, so `path` is either absent or complete). Every payload checksum is verified on the
@@ -32,8 +35,8 @@ Status ExportTask(const Store& store, const std::string& task, const std::string
 // checksum, the structure, every record's header against the task and every payload checksum.
 // Then the task is created and its blocks appended one by one with AppendBlock's checks; if an
 // append fails the task is deleted again. Returns OK; Corruption if the file is damaged or
-// truncated; NotSupported for another export format version; AlreadyExists if the store has a task
-// of that name; IOError if the file cannot be read or the store cannot be written.
+// truncated; NotSupported for an export format version other than 1 or 2; AlreadyExists if the
+// store has a task of that name; IOError if the file cannot be read or the store cannot be written.
 // A crash during the append phase can leave the task with a prefix of its blocks (each block is
 // still atomic); delete it and import again.
 Status ImportTask(Store* store, const std::string& path, std::string* task_name);

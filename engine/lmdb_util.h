@@ -100,6 +100,8 @@ class ByteReader {
   // OK if every read succeeded and all bytes were consumed, else Corruption.
   Status Finish() const;
   bool failed() const { return failed_; }
+  // True when every byte has been read (or a read failed).
+  bool AtEnd() const { return failed_ || pos_ == data_.size(); }
 
  private:
   bool Take(size_t n, const char** p);

@@ -8,7 +8,8 @@
 #include <cstring>
 #include <ctime>
 
-#include "engine/text_tokenizer.h"
+#include "engine/analyzer.h"
+#include "engine/prompt_format.h"
 
 namespace shotdb {
 namespace {
@@ -46,6 +47,12 @@ std::string PayloadKey(uint32_t task_id, uint32_t block, uint32_t layer, TensorK
   std::string key = BlockKey(task_id, block);
   AppendBE32(&key, layer);
   key.push_back(static_cast<char>(kind));
+  return key;
+}
+
+std::string DemoDocKey(uint32_t task_id, uint32_t doc) {
+  std::string key = TaskKey(task_id);
+  AppendBE32(&key, doc);
   return key;
 }
 
@@ -283,9 +290,47 @@ Result<std::vector<ScoredDoc>> Snapshot::Search(const std::string& task, std::st
     return Status::Corruption("task " + task + ": block count " + std::to_string(info.num_blocks) +
                               " exceeds 32 bits");
   }
+  SHOTDB_ASSIGN_OR_RETURN(Analyzer analyzer, Analyzer::Create(info.analyzer));
   Bm25LmdbIndex index(store_->dbs_.bm25);
-  return index.Search(txn_, id, static_cast<uint32_t>(info.num_blocks),
-                      TokenizeText(query, info.bm25_tokenizer), k, info.bm25);
+  return index.Search(txn_, id, static_cast<uint32_t>(info.num_blocks), analyzer.Terms(query), k,
+                      info.bm25);
+}
+
+Result<std::vector<ScoredDoc>> Snapshot::SearchDemos(const std::string& task,
+                                                     std::string_view query, size_t k) {
+  if (store_->format_version_ < 2) {
+    return Status::NotSupported("task " + task + ": a format-" +
+                                std::to_string(store_->format_version_) +
+                                " store has no per-demonstration index; export the task and "
+                                "import it into a new store to add one");
+  }
+  SHOTDB_ASSIGN_OR_RETURN(uint32_t id, TaskId(task));
+  SHOTDB_ASSIGN_OR_RETURN(TaskInfo info, TaskById(id, task));
+  if (info.num_demos > UINT32_MAX) {
+    return Status::Corruption("task " + task + ": demonstration count " +
+                              std::to_string(info.num_demos) + " exceeds 32 bits");
+  }
+  SHOTDB_ASSIGN_OR_RETURN(Analyzer analyzer, Analyzer::Create(info.analyzer));
+  Bm25LmdbIndex index(store_->dbs_.demo_bm25);
+  return index.Search(txn_, id, static_cast<uint32_t>(info.num_demos), analyzer.Terms(query), k,
+                      info.bm25);
+}
+
+Result<Demonstration> Snapshot::DemoAt(const std::string& task, uint32_t doc) {
+  const std::string what = "task " + task + " demonstration #" + std::to_string(doc);
+  if (store_->format_version_ < 2) {
+    return Status::NotSupported(what + ": a format-1 store does not number demonstrations");
+  }
+  SHOTDB_ASSIGN_OR_RETURN(uint32_t task_id, TaskId(task));
+  std::string key = DemoDocKey(task_id, doc);
+  MDB_val k = Val(key), v;
+  int rc = mdb_get(txn_, store_->dbs_.demo_docs, &k, &v);
+  if (rc != MDB_SUCCESS) return lmdb::ToStatus(rc, what);
+  lmdb::ByteReader r(View(v), what);
+  uint64_t demo_id = 0;
+  r.U64(&demo_id);
+  SHOTDB_RETURN_IF_ERROR(r.Finish());
+  return GetDemonstration(task, demo_id);
 }
 
 // ---- Store ------------------------------------------------------------------------------------
@@ -342,20 +387,25 @@ Status Store::OpenDbs() {
     const char* name;
     unsigned flags;
     MDB_dbi* dbi;
+    uint32_t since;  // the format version that added it
   };
   const Named named[] = {
-      {"meta", 0, &dbs_.meta},
-      {"task_names", 0, &dbs_.task_names},
-      {"tasks", 0, &dbs_.tasks},
-      {"blocks", 0, &dbs_.blocks},
-      {"demos", 0, &dbs_.demos},
-      {"payloads", 0, &dbs_.payloads},
-      {"postings", MDB_DUPSORT | MDB_DUPFIXED, &dbs_.bm25.postings},
-      {"doc_lengths", 0, &dbs_.bm25.doc_lengths},
-      {"bm25_stats", 0, &dbs_.bm25.stats},
+      {"meta", 0, &dbs_.meta, 1},
+      {"task_names", 0, &dbs_.task_names, 1},
+      {"tasks", 0, &dbs_.tasks, 1},
+      {"blocks", 0, &dbs_.blocks, 1},
+      {"demos", 0, &dbs_.demos, 1},
+      {"payloads", 0, &dbs_.payloads, 1},
+      {"postings", MDB_DUPSORT | MDB_DUPFIXED, &dbs_.bm25.postings, 1},
+      {"doc_lengths", 0, &dbs_.bm25.doc_lengths, 1},
+      {"bm25_stats", 0, &dbs_.bm25.stats, 1},
+      {"demo_postings", MDB_DUPSORT | MDB_DUPFIXED, &dbs_.demo_bm25.postings, 2},
+      {"demo_doc_lengths", 0, &dbs_.demo_bm25.doc_lengths, 2},
+      {"demo_bm25_stats", 0, &dbs_.demo_bm25.stats, 2},
+      {"demo_docs", 0, &dbs_.demo_docs, 2},
   };
-  // A store's first transaction creates all of them, so a missing one means another LMDB file.
-  auto open_all = [&](MDB_txn* txn, unsigned extra) -> Status {
+  // Whether the file is a shotdb store at all: a store's first transaction creates "meta".
+  auto probe = [&](MDB_txn* txn, bool creating) -> Status {
     MDB_dbi meta_probe;
     int rc = mdb_dbi_open(txn, "meta", 0, &meta_probe);
     if (rc == MDB_NOTFOUND) {
@@ -365,14 +415,18 @@ Status Store::OpenDbs() {
           (rc = mdb_stat(txn, main, &ms)) != MDB_SUCCESS) {
         return lmdb::ToStatus(rc, dir_ + ": main database");
       }
-      if (ms.ms_entries != 0 || extra == 0) {
+      if (ms.ms_entries != 0 || !creating) {
         return Status::InvalidArgument(dir_ + ": not a shotdb store (no 'meta' database)");
       }
-    } else if (rc != MDB_SUCCESS) {
-      return lmdb::ToStatus(rc, dir_ + ": open database 'meta'");
+      return Status::OK();
     }
+    return rc == MDB_SUCCESS ? Status::OK() : lmdb::ToStatus(rc, dir_ + ": open database 'meta'");
+  };
+  // Opens every database of format `version` (a missing one means another LMDB file).
+  auto open_all = [&](MDB_txn* txn, unsigned extra, uint32_t version) -> Status {
     for (const Named& n : named) {
-      rc = mdb_dbi_open(txn, n.name, n.flags | extra, n.dbi);
+      if (n.since > version) continue;
+      int rc = mdb_dbi_open(txn, n.name, n.flags | extra, n.dbi);
       if (rc == MDB_INCOMPATIBLE || rc == MDB_NOTFOUND) {
         return Status::InvalidArgument(dir_ + ": not a shotdb store (database '" + n.name +
                                        "' missing or of another kind)");
@@ -383,40 +437,54 @@ Status Store::OpenDbs() {
     }
     return Status::OK();
   };
-  auto check_version = [&](MDB_txn* txn) -> Status {
-    Result<uint32_t> version = GetMetaU32(txn, dbs_.meta, kMetaFormatVersion);
-    if (!version.ok()) return version.status().WithContext(dir_);
-    if (*version != kStoreFormatVersion) {
-      return Status::NotSupported(dir_ + ": store format version " + std::to_string(*version) +
-                                  ", this build reads version " +
-                                  std::to_string(kStoreFormatVersion));
+  auto check_version = [&](uint32_t version, bool read_only) -> Status {
+    if (version == kStoreFormatVersion || (version == 1 && read_only)) return Status::OK();
+    if (version == 1) {
+      return Status::NotSupported(
+          dir_ +
+          ": store format version 1 (written by an older shotdb) can only be opened "
+          "read-only by this build, which writes version " +
+          std::to_string(kStoreFormatVersion) + ". Export each task (`shotdb --store " + dir_ +
+          " export TASK FILE`, which reads it) and import it into a new store "
+          "(`shotdb --store NEW import FILE`); the import adds what version 2 keeps.");
     }
-    return Status::OK();
+    return Status::NotSupported(dir_ + ": store format version " + std::to_string(version) +
+                                ", this build reads versions 1 (read-only) and " +
+                                std::to_string(kStoreFormatVersion));
   };
 
   if (options_.read_only) {
     MDB_txn* txn = nullptr;
     int rc = mdb_txn_begin(env_, nullptr, MDB_RDONLY, &txn);
     if (rc != MDB_SUCCESS) return lmdb::ToStatus(rc, dir_ + ": begin read transaction");
-    Status s = open_all(txn, 0);
-    if (s.ok()) s = check_version(txn);
+    Status s = probe(txn, false);
+    if (s.ok()) s = open_all(txn, 0, 1);  // meta first, to read the version
+    Result<uint32_t> version =
+        s.ok() ? GetMetaU32(txn, dbs_.meta, kMetaFormatVersion) : Result<uint32_t>(s);
+    if (!version.ok()) s = version.status().WithContext(dir_);
+    if (s.ok()) s = check_version(*version, true);
+    if (s.ok()) s = open_all(txn, 0, *version);
     if (!s.ok()) {
       mdb_txn_abort(txn);
       return s;
     }
+    format_version_ = *version;
     // Committing keeps the database handles open for later transactions.
     rc = mdb_txn_commit(txn);
     return rc == MDB_SUCCESS ? Status::OK() : lmdb::ToStatus(rc, dir_ + ": open databases");
   }
+  // A refused version aborts the transaction, so nothing (not even a database) is created.
   return Write([&](lmdb::WriteTxn* txn) -> Status {
-    SHOTDB_RETURN_IF_ERROR(open_all(txn->txn, MDB_CREATE));
+    SHOTDB_RETURN_IF_ERROR(probe(txn->txn, true));
+    SHOTDB_RETURN_IF_ERROR(open_all(txn->txn, MDB_CREATE, kStoreFormatVersion));
     Result<uint32_t> version = GetMetaU32(txn->txn, dbs_.meta, kMetaFormatVersion);
     if (version.status().IsNotFound()) {
       std::string v = U32Value(kStoreFormatVersion);
       MDB_val k = Val(kMetaFormatVersion, std::strlen(kMetaFormatVersion)), d = Val(v);
       return txn->Check(mdb_put(txn->txn, dbs_.meta, &k, &d, 0), dir_ + ": write meta");
     }
-    return check_version(txn->txn);
+    if (!version.ok()) return version.status().WithContext(dir_);
+    return check_version(*version, false);
   });
 }
 
@@ -496,6 +564,16 @@ Status Store::CreateTask(const TaskInfo& task) {
     return Status::InvalidArgument(
         what + ": codec " + std::to_string(static_cast<int>(task.codec)) + " is not a Codec");
   }
+  if (Result<PromptFormat> f = PromptFormat::Create(task.prompt_template, task.separator);
+      !f.ok()) {
+    return f.status().WithContext(what);
+  }
+  if (Result<Analyzer> a = Analyzer::Create(task.analyzer); !a.ok()) {
+    return a.status().WithContext(what);
+  }
+  if (task.blocks.demos_per_block == 0 || task.blocks.sink_blocks == 0) {
+    return Status::InvalidArgument(what + ": demos per block and sink blocks must be at least 1");
+  }
   TaskInfo stored = task;
   stored.num_blocks = stored.num_demos = stored.num_tokens = 0;
   stored.payload_raw_bytes = stored.payload_stored_bytes = stored.version = 0;
@@ -535,9 +613,10 @@ Status Store::DeleteTask(const std::string& name) {
     SHOTDB_RETURN_IF_ERROR(
         txn->Check(mdb_del(txn->txn, dbs_.task_names, &nk, nullptr), what + ": delete name"));
     const std::string prefix = TaskKey(id);
-    for (MDB_dbi dbi : {dbs_.tasks, dbs_.blocks, dbs_.demos, dbs_.payloads}) {
+    for (MDB_dbi dbi : {dbs_.tasks, dbs_.blocks, dbs_.demos, dbs_.payloads, dbs_.demo_docs}) {
       SHOTDB_RETURN_IF_ERROR(lmdb::DeletePrefix(txn, dbi, prefix, what + ": delete"));
     }
+    SHOTDB_RETURN_IF_ERROR(Bm25LmdbIndex(dbs_.demo_bm25).DeleteTask(txn, id));
     return Bm25LmdbIndex(dbs_.bm25).DeleteTask(txn, id);
   });
 }
@@ -643,8 +722,30 @@ Status Store::AppendBlock(const std::string& task, const NewBlock& block) {
       }
     }
 
-    SHOTDB_RETURN_IF_ERROR(Bm25LmdbIndex(dbs_.bm25).AddDocument(
-        txn, id, info.index, TokenizeText(info.text, t.bm25_tokenizer)));
+    SHOTDB_ASSIGN_OR_RETURN(Analyzer analyzer, Analyzer::Create(t.analyzer));
+    SHOTDB_ASSIGN_OR_RETURN(PromptFormat format,
+                            PromptFormat::Create(t.prompt_template, t.separator));
+    SHOTDB_RETURN_IF_ERROR(
+        Bm25LmdbIndex(dbs_.bm25).AddDocument(txn, id, info.index, analyzer.Terms(info.text)));
+    // Each demonstration, as the model sees it, is also a document of the demonstration index.
+    if (t.num_demos + block.demos.size() > UINT32_MAX) {
+      return Status::InvalidArgument(what + ": a task holds at most 2^32-1 demonstrations");
+    }
+    for (size_t i = 0; i < block.demos.size(); ++i) {
+      const Demonstration& demo = block.demos[i];
+      const uint32_t doc = static_cast<uint32_t>(t.num_demos + i);
+      SHOTDB_RETURN_IF_ERROR(
+          Bm25LmdbIndex(dbs_.demo_bm25)
+              .AddDocument(txn, id, doc, analyzer.Terms(format.FormatDemo(demo.text, demo.label))));
+      std::string doc_key = DemoDocKey(id, doc);
+      lmdb::ByteWriter w;
+      w.U64(demo.id);
+      std::string doc_value = w.Take();
+      MDB_val dk = Val(doc_key), dv = Val(doc_value);
+      SHOTDB_RETURN_IF_ERROR(
+          txn->Check(mdb_put(txn->txn, dbs_.demo_docs, &dk, &dv, MDB_NOOVERWRITE),
+                     what + ": put demonstration number"));
+    }
 
     t.num_blocks += 1;
     t.num_demos += block.demos.size();
@@ -762,7 +863,22 @@ Status Store::Verify(const std::string& task, VerifyReport* report,
       problem(id.status());
     } else {
       Status s = index.Verify(snap->txn_, *id, static_cast<uint32_t>(t.num_blocks));
-      if (!s.ok()) problem(s.WithContext(what));
+      if (!s.ok()) problem(s.WithContext(what + " block index"));
+      if (format_version_ >= 2) {
+        s = Bm25LmdbIndex(dbs_.demo_bm25)
+                .Verify(snap->txn_, *id, static_cast<uint32_t>(t.num_demos));
+        if (!s.ok()) problem(s.WithContext(what + " demonstration index"));
+        // Every demonstration number maps to a stored demonstration, none beyond num_demos.
+        for (uint64_t d = 0; d <= t.num_demos && d <= UINT32_MAX; ++d) {
+          Result<Demonstration> demo = snap->DemoAt(t.name, static_cast<uint32_t>(d));
+          if (d < t.num_demos && !demo.ok()) {
+            problem(demo.status());
+          } else if (d == t.num_demos && !demo.status().IsNotFound()) {
+            problem(Status::Corruption(what + ": demonstration #" + std::to_string(d) +
+                                       " exists beyond num_demos"));
+          }
+        }
+      }
     }
   }
   if (r.problems.empty()) return Status::OK();
@@ -800,8 +916,13 @@ Result<StoreStats> Store::Stats() const {
       {"postings", dbs_.bm25.postings},
       {"doc_lengths", dbs_.bm25.doc_lengths},
       {"bm25_stats", dbs_.bm25.stats},
+      {"demo_postings", dbs_.demo_bm25.postings},
+      {"demo_doc_lengths", dbs_.demo_bm25.doc_lengths},
+      {"demo_bm25_stats", dbs_.demo_bm25.stats},
+      {"demo_docs", dbs_.demo_docs},
   };
   for (const auto& [name, dbi] : dbs) {
+    if (format_version_ < 2 && std::strncmp(name, "demo_", 5) == 0) continue;
     MDB_stat ms;
     int rc = mdb_stat(snap->txn_, dbi, &ms);
     if (rc != MDB_SUCCESS) return lmdb::ToStatus(rc, dir_ + ": stat of database " + name);

@@ -8,6 +8,11 @@
 //     ONE LMDB write transaction. The commit makes it visible; a crash (process kill, power loss
 //     with sync on) at any moment before the commit returns leaves no trace of the block, and after
 //     the commit returns the block is durable (sync on) and visible to every new snapshot.
+//   - Two BM25 indexes per task, updated in the block's transaction: one over block texts
+//     (Search, DBSA's block selection) and one over single demonstrations, each formatted with the
+//     task's template (SearchDemos, the example-level RetICL baseline), both with the task's
+//     analyzer and BM25 parameters. Demonstration documents are numbered 0, 1, 2, ... in pool
+//     order (block by block, in each block's order).
 //   - One writer, many readers, in one process and across processes (LMDB's lock file). Writes are
 //     serialized; readers never block the writer nor each other, and never see a partial block.
 //   - Snapshots. A Snapshot is a consistent read view fixed when it begins: blocks appended later
@@ -46,8 +51,11 @@
 
 namespace shotdb {
 
-// The on-disk layout version of a store (meta DB key "format_version"); Open refuses others.
-constexpr uint32_t kStoreFormatVersion = 1;
+// The on-disk layout version of a store (meta DB key "format_version"). Version 2 added the
+// per-demonstration BM25 index and the task record's position scheme, analyzer and idf. Open
+// refuses other versions, except that a version-1 store opens read-only (every read works but
+// SearchDemos), so that its tasks can be exported and imported into a version-2 store.
+constexpr uint32_t kStoreFormatVersion = 2;
 
 struct NewBlock {
   // The model that produced keys/values; must equal the task's fingerprint.
@@ -145,10 +153,18 @@ class Snapshot {
   Status DecodePayloadInto(const std::string& task, uint32_t block, uint32_t layer, TensorKind kind,
                            void* dst, size_t size);
 
-  // The k best blocks of the task for `query` under BM25 (the task's tokenizer options and
-  // parameters), as Bm25TopK: ScoredDoc::doc is the block index; ordered by score descending, then
-  // by index ascending; min(k, num_blocks) entries.
+  // The k best blocks of the task for `query` under BM25 (the task's analyzer and parameters), as
+  // Bm25TopK: ScoredDoc::doc is the block index; ordered by score descending, then by index
+  // ascending; min(k, num_blocks) entries.
   Result<std::vector<ScoredDoc>> Search(const std::string& task, std::string_view query, size_t k);
+
+  // The same over the task's single demonstrations: ScoredDoc::doc is the demonstration's number
+  // in pool order (DemoAt maps it to the demonstration); min(k, num_demos) entries. NotSupported
+  // in a format-1 store (it has no such index).
+  Result<std::vector<ScoredDoc>> SearchDemos(const std::string& task, std::string_view query,
+                                             size_t k);
+  // The demonstration numbered `doc` in pool order (0 <= doc < num_demos).
+  Result<Demonstration> DemoAt(const std::string& task, uint32_t doc);
 
   // The part of the memory map that holds this view's records: [base, base + bytes), page aligned
   // (bytes = the file's live high-water mark, StoreStats::used_bytes). Every GetRecord view and
@@ -192,6 +208,7 @@ class Store {
   // another store format version; InvalidArgument if `dir` holds an LMDB file that is not a
   // shotdb store; Corruption if LMDB finds the file damaged; IOError for OS failures.
   static Result<std::unique_ptr<Store>> Open(const std::string& dir, const Options& options);
+  // (A version-1 store opened without read_only is refused with NotSupported, naming the way out.)
   static Result<std::unique_ptr<Store>> Open(const std::string& dir) { return Open(dir, {}); }
   ~Store();
   Store(const Store&) = delete;
@@ -199,7 +216,9 @@ class Store {
 
   // Creates an empty task. The store-maintained fields of `task` are ignored. Returns OK;
   // AlreadyExists if the name is taken; InvalidArgument for an empty name or one over 255 bytes, a
-  // zero layer/head/head_dim count or an unknown dtype/codec; IOError if read-only or LMDB fails.
+  // zero layer/head/head_dim count, an unknown dtype/codec, a prompt template PromptFormat
+  // rejects, analyzer options Analyzer rejects, or a block config with zero demos per block or
+  // sink blocks; IOError if read-only or LMDB fails.
   Status CreateTask(const TaskInfo& task);
 
   // Removes the task and everything of it (blocks, demonstrations, payloads, index) in one
@@ -244,7 +263,9 @@ class Store {
   friend class Snapshot;
   struct Dbs {
     MDB_dbi meta, task_names, tasks, blocks, demos, payloads;
-    Bm25LmdbIndex::Dbs bm25;
+    Bm25LmdbIndex::Dbs bm25;       // over block texts
+    Bm25LmdbIndex::Dbs demo_bm25;  // over single demonstrations (format 2)
+    MDB_dbi demo_docs;             // task | doc number (BE32) -> demonstration id (format 2)
   };
   Store(std::string dir, Options options, MDB_env* env)
       : dir_(std::move(dir)), options_(options), env_(env) {}
@@ -259,8 +280,9 @@ class Store {
   Options options_;
   MDB_env* env_;
   Dbs dbs_{};
-  mutable std::mutex write_mu_;  // one writer at a time in this process
-  mutable std::mutex txn_mu_;    // guards open_txns_, map resizing and the two below
+  uint32_t format_version_ = kStoreFormatVersion;  // of the opened store (1 only read-only)
+  mutable std::mutex write_mu_;                    // one writer at a time in this process
+  mutable std::mutex txn_mu_;  // guards open_txns_, map resizing and the two below
   mutable int open_txns_ = 0;
   mutable const uint8_t* map_base_ = nullptr;  // where data.mdb is mapped, for map size
   mutable size_t map_base_size_ = 0;           // the map size it was found for (0: not yet)

@@ -131,7 +131,9 @@ TEST(StoreTest, RoundTripEveryCodecAndDType) {
     EXPECT_EQ(t.separator, want.separator);
     EXPECT_EQ(t.labels, want.labels);
     EXPECT_EQ(t.metadata_json, want.metadata_json);
-    EXPECT_EQ(t.bm25_tokenizer, want.bm25_tokenizer);
+    EXPECT_EQ(t.analyzer, want.analyzer);
+    EXPECT_EQ(t.bm25, want.bm25);
+    EXPECT_EQ(t.blocks, want.blocks);
     EXPECT_GT(t.created_unix, 0);
     ExpectTaskContents(store.get(), t.name, t.model, 7, 4);
   }
@@ -607,12 +609,15 @@ TEST(StoreTest, DeleteTaskRemovesEverythingAndCompactReclaims) {
   // Every per-record database now holds exactly what "keep" needs.
   for (const DbStats& db : after->dbs) {
     uint64_t want = 0;
-    if (db.name == "tasks" || db.name == "task_names" || db.name == "bm25_stats") want = 1;
+    if (db.name == "tasks" || db.name == "task_names" || db.name == "bm25_stats" ||
+        db.name == "demo_bm25_stats") {
+      want = 1;
+    }
     if (db.name == "blocks" || db.name == "doc_lengths") want = 5;
-    if (db.name == "demos") want = 10;
+    if (db.name == "demos" || db.name == "demo_docs" || db.name == "demo_doc_lengths") want = 10;
     if (db.name == "payloads") want = 5 * 4 * 2;
     if (db.name == "meta") want = 2;
-    if (db.name != "postings") {
+    if (db.name != "postings" && db.name != "demo_postings") {
       EXPECT_EQ(db.entries, want) << db.name;
     }
   }
@@ -647,7 +652,7 @@ TEST(StoreTest, ExportImportRoundTripAndRefusesDamage) {
     auto store = OpenOrDie(dir.Sub("a"));
     ASSERT_NE(store, nullptr);
     TaskInfo task = MakeTask("t", model, Codec::kShuffleLz4);
-    task.bm25_tokenizer.split = TextTokenizerOptions::Split::kWhitespace;
+    task.analyzer.tokenizer.split = TextTokenizerOptions::Split::kWhitespace;
     ASSERT_TRUE(store->CreateTask(task).ok());
     AppendBlocks(store.get(), "t", model, 8, 0, 7, 0);
     ASSERT_TRUE(ExportTask(*store, "t", file).ok());
@@ -718,6 +723,168 @@ TEST(StoreTest, OpenErrors) {
   EXPECT_TRUE(s.status().IsCorruption()) << s.status().ToString();
   // A regular file is not a store directory.
   EXPECT_TRUE(Store::Open(junk + "/data.mdb").status().IsInvalidArgument());
+}
+
+}  // namespace
+}  // namespace shotdb
+
+namespace shotdb {
+namespace {
+
+TEST(StoreTest, TaskRecordKeepsPositionsAnalyzerAndIdf) {
+  TempDir dir;
+  auto store = OpenOrDie(dir.path());
+  ASSERT_NE(store, nullptr);
+  TaskInfo task = MakeTask("r", SmallModel());
+  task.blocks.positions = PositionScheme::kSequential;
+  task.blocks.sink_blocks = 2;
+  task.analyzer = AnalyzerOptions::Retriv({"the", "i'm", "caf\xc3\xa9"});
+  task.bm25 = Bm25Params::Retriv();
+  ASSERT_TRUE(store->CreateTask(task).ok());
+  AppendBlocks(store.get(), "r", task.model, 3, 0, 2, 0);
+  auto snap = store->BeginSnapshot();
+  ASSERT_TRUE(snap.ok());
+  Result<TaskInfo> got = (*snap)->GetTask("r");
+  ASSERT_TRUE(got.ok());
+  EXPECT_EQ(got->blocks, task.blocks);
+  EXPECT_EQ(got->analyzer, task.analyzer);
+  EXPECT_EQ(got->bm25, task.bm25);
+  // The per-demonstration index numbers the demonstrations in pool order.
+  for (uint32_t d = 0; d < got->num_demos; ++d) {
+    Result<Demonstration> demo = (*snap)->DemoAt("r", d);
+    ASSERT_TRUE(demo.ok()) << demo.status().ToString();
+    EXPECT_EQ(demo->id, (d / 2) * 1000 + d % 2);  // MakeBlock: 2 demos a block, ids block*1000+i
+  }
+  Result<std::vector<ScoredDoc>> hits = (*snap)->SearchDemos("r", "alarm", 100);
+  ASSERT_TRUE(hits.ok()) << hits.status().ToString();
+  EXPECT_EQ(hits->size(), got->num_demos);
+
+  // A record of store format 1 (no position scheme, analyzer kind, stop words or idf) decodes with
+  // what format 1 meant: sequential positions, the simple analyzer, Okapi idf.
+  TaskInfo old = task;
+  old.analyzer = AnalyzerOptions{};
+  const std::string v2 = EncodeTaskInfo(old);
+  const std::string v1 = v2.substr(0, v2.size() - (1 + 1 + 4 + 1));
+  Result<TaskInfo> decoded = DecodeTaskInfo(v1, "v1 record");
+  ASSERT_TRUE(decoded.ok()) << decoded.status().ToString();
+  EXPECT_EQ(decoded->blocks.positions, PositionScheme::kSequential);
+  EXPECT_EQ(decoded->analyzer, AnalyzerOptions{});
+  EXPECT_EQ(decoded->bm25.idf, Bm25Idf::kOkapi);
+  // A tail with an unknown scheme is corruption, not a silent default.
+  std::string bad = v2;
+  bad[v1.size()] = 7;
+  EXPECT_TRUE(DecodeTaskInfo(bad, "bad record").status().IsCorruption());
+  EXPECT_TRUE(DecodeTaskInfo(v2 + "x", "long record").status().IsCorruption());
+}
+
+TEST(StoreTest, CreateTaskRefusesUnusableOptionsAndWritesNothing) {
+  TempDir dir;
+  auto store = OpenOrDie(dir.path());
+  ASSERT_NE(store, nullptr);
+  TaskInfo no_label = MakeTask("a", SmallModel());
+  no_label.prompt_template = "utterance: {text}";
+  TaskInfo bad_analyzer = MakeTask("b", SmallModel());
+  bad_analyzer.analyzer.stopwords = {"the"};  // the simple analyzer takes none
+  TaskInfo no_sink = MakeTask("c", SmallModel());
+  no_sink.blocks.sink_blocks = 0;
+  for (const TaskInfo& t : {no_label, bad_analyzer, no_sink}) {
+    Status s = store->CreateTask(t);
+    EXPECT_TRUE(s.IsInvalidArgument()) << s.ToString();
+    EXPECT_NE(s.message().find("task " + t.name), std::string::npos) << s.ToString();
+  }
+  auto snap = store->BeginSnapshot();
+  ASSERT_TRUE(snap.ok());
+  EXPECT_TRUE((*snap)->ListTasks()->empty());
+}
+
+// Turns a store written by this build into what a format-1 store looks like: version 1 in meta,
+// no per-demonstration databases, task records without the format-2 tail.
+void MakeFormatOne(const std::string& dir) {
+  MDB_env* env = nullptr;
+  ASSERT_EQ(mdb_env_create(&env), MDB_SUCCESS);
+  ASSERT_EQ(mdb_env_set_maxdbs(env, 16), MDB_SUCCESS);
+  ASSERT_EQ(mdb_env_open(env, dir.c_str(), 0, 0644), MDB_SUCCESS);
+  MDB_txn* txn = nullptr;
+  ASSERT_EQ(mdb_txn_begin(env, nullptr, 0, &txn), MDB_SUCCESS);
+  for (const char* name : {"demo_postings", "demo_doc_lengths", "demo_bm25_stats", "demo_docs"}) {
+    MDB_dbi dbi;
+    ASSERT_EQ(mdb_dbi_open(txn, name, 0, &dbi), MDB_SUCCESS) << name;
+    ASSERT_EQ(mdb_drop(txn, dbi, 1), MDB_SUCCESS) << name;
+  }
+  MDB_dbi meta, tasks;
+  ASSERT_EQ(mdb_dbi_open(txn, "meta", 0, &meta), MDB_SUCCESS);
+  const char key[] = "format_version";
+  const uint8_t one[4] = {1, 0, 0, 0};
+  MDB_val k{sizeof key - 1, const_cast<char*>(key)}, v{4, const_cast<uint8_t*>(one)};
+  ASSERT_EQ(mdb_put(txn, meta, &k, &v, 0), MDB_SUCCESS);
+  ASSERT_EQ(mdb_dbi_open(txn, "tasks", 0, &tasks), MDB_SUCCESS);
+  MDB_cursor* c = nullptr;
+  ASSERT_EQ(mdb_cursor_open(txn, tasks, &c), MDB_SUCCESS);
+  std::vector<std::pair<std::string, std::string>> records;
+  for (int rc = mdb_cursor_get(c, &k, &v, MDB_FIRST); rc == MDB_SUCCESS;
+       rc = mdb_cursor_get(c, &k, &v, MDB_NEXT)) {
+    records.emplace_back(std::string(static_cast<char*>(k.mv_data), k.mv_size),
+                         std::string(static_cast<char*>(v.mv_data), v.mv_size));
+  }
+  mdb_cursor_close(c);
+  for (auto& [key_bytes, value] : records) {
+    Result<TaskInfo> t = DecodeTaskInfo(value, "record");
+    ASSERT_TRUE(t.ok());
+    ASSERT_TRUE(t->analyzer.stopwords.empty());
+    value.resize(value.size() - (1 + 1 + 4 + 1));
+    MDB_val rk{key_bytes.size(), key_bytes.data()}, rv{value.size(), value.data()};
+    ASSERT_EQ(mdb_put(txn, tasks, &rk, &rv, 0), MDB_SUCCESS);
+  }
+  ASSERT_EQ(mdb_txn_commit(txn), MDB_SUCCESS);
+  mdb_env_close(env);
+}
+
+TEST(StoreTest, FormatOneStoreOpensReadOnlyAndMovesByExportImport) {
+  TempDir dir;
+  const ModelFingerprint model = SmallModel(DType::kBF16, 2);
+  {
+    auto store = OpenOrDie(dir.Sub("old"));
+    ASSERT_NE(store, nullptr);
+    TaskInfo task = MakeTask("t", model);
+    task.blocks.positions = PositionScheme::kSequential;
+    ASSERT_TRUE(store->CreateTask(task).ok());
+    AppendBlocks(store.get(), "t", model, 4, 0, 3, 0);
+  }
+  MakeFormatOne(dir.Sub("old"));
+
+  Result<std::unique_ptr<Store>> writable = Store::Open(dir.Sub("old"));
+  ASSERT_FALSE(writable.ok());
+  EXPECT_TRUE(writable.status().IsNotSupported()) << writable.status().ToString();
+  EXPECT_NE(writable.status().message().find("export"), std::string::npos);
+
+  Store::Options ro;
+  ro.read_only = true;
+  auto old = OpenOrDie(dir.Sub("old"), ro);
+  ASSERT_NE(old, nullptr);
+  ExpectTaskContents(old.get(), "t", model, 4, 3);
+  EXPECT_TRUE(old->Verify("", nullptr).ok());
+  auto snap = old->BeginSnapshot();
+  ASSERT_TRUE(snap.ok());
+  EXPECT_EQ((*snap)->GetTask("t")->blocks.positions, PositionScheme::kSequential);
+  EXPECT_TRUE((*snap)->Search("t", "alarm", 2).ok());
+  EXPECT_TRUE((*snap)->SearchDemos("t", "alarm", 2).status().IsNotSupported());
+  snap->reset();
+  Result<StoreStats> stats = old->Stats();
+  ASSERT_TRUE(stats.ok()) << stats.status().ToString();
+
+  const std::string file = dir.Sub("t.shotdb");
+  ASSERT_TRUE(ExportTask(*old, "t", file).ok());
+  auto fresh = OpenOrDie(dir.Sub("new"));
+  ASSERT_NE(fresh, nullptr);
+  ASSERT_TRUE(ImportTask(fresh.get(), file, nullptr).ok());
+  ExpectTaskContents(fresh.get(), "t", model, 4, 3);
+  EXPECT_TRUE(fresh->Verify("", nullptr).ok());
+  auto fs = fresh->BeginSnapshot();
+  ASSERT_TRUE(fs.ok());
+  EXPECT_EQ((*fs)->GetTask("t")->blocks.positions, PositionScheme::kSequential);
+  Result<std::vector<ScoredDoc>> demos = (*fs)->SearchDemos("t", "alarm", 100);
+  ASSERT_TRUE(demos.ok()) << demos.status().ToString();
+  EXPECT_EQ(demos->size(), 6u);
 }
 
 }  // namespace

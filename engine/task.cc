@@ -10,6 +10,42 @@ std::string ModelFingerprint::ToString() const {
          " head_dim=" + std::to_string(head_dim) + " tokenizer=" + tokenizer_hash;
 }
 
+std::string_view PositionSchemeName(PositionScheme scheme) {
+  return scheme == PositionScheme::kWindowed ? "windowed" : "sequential";
+}
+
+std::optional<PositionScheme> ParsePositionScheme(std::string_view name) {
+  if (name == "sequential") return PositionScheme::kSequential;
+  if (name == "windowed") return PositionScheme::kWindowed;
+  return std::nullopt;
+}
+
+std::vector<uint32_t> ContextBlocks(const BlockConfig& config, uint32_t index) {
+  std::vector<uint32_t> blocks;
+  const uint32_t first_recent = index > config.window ? index - config.window : 0;
+  for (uint32_t b = 0; b < index; ++b) {
+    if (b < config.sink_blocks || b >= first_recent) blocks.push_back(b);
+  }
+  return blocks;
+}
+
+EncodingPositions PositionsForEncoding(PositionScheme scheme,
+                                       const std::vector<const BlockInfo*>& context,
+                                       const BlockInfo& block) {
+  EncodingPositions p;
+  if (scheme == PositionScheme::kSequential) {
+    for (const BlockInfo* c : context) p.context.push_back(c->position_offset);
+    p.block = block.position_offset;
+  } else {
+    for (const BlockInfo* c : context) {
+      p.context.push_back(p.block);
+      p.block += c->token_count;
+    }
+  }
+  p.end = p.block + block.token_count;
+  return p;
+}
+
 std::string EncodeTaskInfo(const TaskInfo& t) {
   lmdb::ByteWriter w;
   w.Str(t.name);
@@ -27,7 +63,7 @@ std::string EncodeTaskInfo(const TaskInfo& t) {
   w.Str(t.separator);
   w.U32(static_cast<uint32_t>(t.labels.size()));
   for (const std::string& label : t.labels) w.Str(label);
-  w.Str(t.bm25_tokenizer.Serialize());
+  w.Str(t.analyzer.tokenizer.Serialize());
   w.F64(t.bm25.k1);
   w.F64(t.bm25.b);
   w.F64(t.bm25.epsilon);
@@ -39,6 +75,13 @@ std::string EncodeTaskInfo(const TaskInfo& t) {
   w.U64(t.payload_stored_bytes);
   w.U64(t.version);
   w.I64(t.created_unix);
+  // Added in store format 2; a record without them (format 1) decodes with sequential positions,
+  // the simple analyzer and Okapi idf.
+  w.U8(static_cast<uint8_t>(t.blocks.positions));
+  w.U8(static_cast<uint8_t>(t.analyzer.kind));
+  w.U32(static_cast<uint32_t>(t.analyzer.stopwords.size()));
+  for (const std::string& word : t.analyzer.stopwords) w.Str(word);
+  w.U8(static_cast<uint8_t>(t.bm25.idf));
   return w.Take();
 }
 
@@ -78,19 +121,45 @@ Result<TaskInfo> DecodeTaskInfo(std::string_view bytes, const std::string& what)
   r.U64(&t.payload_stored_bytes);
   r.U64(&t.version);
   r.I64(&t.created_unix);
+  uint8_t positions = 0, analyzer = 0, idf = 0;
+  if (!r.AtEnd()) {
+    uint32_t num_stopwords = 0;
+    r.U8(&positions);
+    r.U8(&analyzer);
+    if (r.U32(&num_stopwords) && num_stopwords > bytes.size()) {
+      r.Fail("stop word count is implausible");
+    }
+    for (uint32_t i = 0; i < num_stopwords && !r.failed(); ++i) {
+      t.analyzer.stopwords.emplace_back();
+      r.Str(&t.analyzer.stopwords.back());
+    }
+    r.U8(&idf);
+  }
   if (!r.failed()) {
+    if (positions > static_cast<uint8_t>(PositionScheme::kWindowed)) {
+      r.Fail("position scheme byte " + std::to_string(positions) + " is not known");
+    }
+    if (analyzer > static_cast<uint8_t>(AnalyzerOptions::Kind::kRetriv)) {
+      r.Fail("analyzer byte " + std::to_string(analyzer) + " is not known");
+    }
+    if (idf > static_cast<uint8_t>(Bm25Idf::kLucene)) {
+      r.Fail("idf byte " + std::to_string(idf) + " is not known");
+    }
     if (!IsValidDType(dtype)) r.Fail("dtype byte " + std::to_string(dtype) + " is not a DType");
     if (!IsValidCodec(codec)) r.Fail("codec byte " + std::to_string(codec) + " is not a Codec");
     Result<TextTokenizerOptions> opts = TextTokenizerOptions::Parse(tokenizer);
     if (!opts.ok()) {
       r.Fail(opts.status().message());
     } else {
-      t.bm25_tokenizer = *opts;
+      t.analyzer.tokenizer = *opts;
     }
   }
   SHOTDB_RETURN_IF_ERROR(r.Finish());
   t.model.dtype = static_cast<DType>(dtype);
   t.codec = static_cast<Codec>(codec);
+  t.blocks.positions = static_cast<PositionScheme>(positions);
+  t.analyzer.kind = static_cast<AnalyzerOptions::Kind>(analyzer);
+  t.bm25.idf = static_cast<Bm25Idf>(idf);
   return t;
 }
 

@@ -6,12 +6,13 @@
 #define SHOTDB_ENGINE_TASK_H_
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
 
+#include "engine/analyzer.h"
 #include "engine/bm25.h"
-#include "engine/text_tokenizer.h"
 #include "format/codec.h"
 #include "format/dtype.h"
 #include "util/status.h"
@@ -38,16 +39,33 @@ struct ModelFingerprint {
   bool operator!=(const ModelFingerprint& o) const { return !(*this == o); }
 };
 
+// The RoPE positions a block's tokens, and the tokens it attends to, take while it is encoded.
+// (Stored K is pre-RoPE either way; queries re-apply RoPE at new contiguous positions.)
+enum class PositionScheme : uint8_t {
+  // The paper's: the whole pool at positions 0..N-1, each block at its BlockInfo::position_offset.
+  // Positions grow with the pool; past the model's trained context (max_position_embeddings) the
+  // stored K/V of late blocks degrade (docs/results.md).
+  kSequential = 0,
+  // While block b is encoded, what it sees is laid out contiguously from position 0: the sink
+  // block(s), then the previous `window` blocks, then block b, each in block order. The largest
+  // position is bounded by the tokens of sink + window + 1 blocks, whatever the pool size.
+  kWindowed = 1,
+};
+std::string_view PositionSchemeName(PositionScheme scheme);  // "sequential" / "windowed"
+std::optional<PositionScheme> ParsePositionScheme(std::string_view name);
+
 // How the pool was encoded (method.md): k demonstrations a block, each block attending to the sink
-// blocks and the previous `window` blocks.
+// blocks and the previous `window` blocks, at the positions `positions` says.
 struct BlockConfig {
   uint32_t demos_per_block = 50;  // k
   uint32_t window = 2;            // j
   uint32_t sink_blocks = 1;
+  PositionScheme positions = PositionScheme::kWindowed;
   bool operator==(const BlockConfig& o) const {
     return demos_per_block == o.demos_per_block && window == o.window &&
-           sink_blocks == o.sink_blocks;
+           sink_blocks == o.sink_blocks && positions == o.positions;
   }
+  bool operator!=(const BlockConfig& o) const { return !(*this == o); }
 };
 
 struct TaskInfo {
@@ -58,9 +76,10 @@ struct TaskInfo {
   std::string prompt_template;  // e.g. "utterance: {text}\nintent: {label}"
   std::string separator;        // e.g. "\n==\n"
   std::vector<std::string> labels;
-  TextTokenizerOptions bm25_tokenizer;  // applied to block texts and to queries
-  Bm25Params bm25;                      // scoring parameters of Search
-  std::string metadata_json;            // free-form, stored as given
+  // Turns block texts, demonstrations and queries into BM25 terms (both indexes of the task).
+  AnalyzerOptions analyzer;
+  Bm25Params bm25;            // scoring parameters of Search and SearchDemos
+  std::string metadata_json;  // free-form, stored as given
 
   // Maintained by the store (ignored by CreateTask).
   uint64_t num_blocks = 0;
@@ -82,9 +101,12 @@ struct Demonstration {
 };
 
 struct BlockInfo {
-  uint32_t index = 0;            // 0, 1, 2, ... in order of appending
-  uint64_t position_offset = 0;  // position of the block's first token in the pool encoding
-  uint32_t token_count = 0;      // tokens of the block = the `tokens` dim of its K/V
+  uint32_t index = 0;  // 0, 1, 2, ... in order of appending
+  // The block's first token in the pool (PoolEncoder: the sum of the token counts of the blocks
+  // before it). With PositionScheme::kSequential it is also that token's RoPE position while the
+  // block is encoded.
+  uint64_t position_offset = 0;
+  uint32_t token_count = 0;  // tokens of the block = the `tokens` dim of its K/V
   std::vector<uint64_t> demo_ids;
   std::string text;  // the block's text as encoded; the BM25 index counts its terms
   bool operator==(const BlockInfo& o) const {
@@ -92,6 +114,22 @@ struct BlockInfo {
            token_count == o.token_count && demo_ids == o.demo_ids && text == o.text;
   }
 };
+
+// The blocks block `index` attends to while it is encoded: the sink blocks 0..sink_blocks-1 and
+// the previous `window` blocks, each once, ascending (empty for block 0).
+std::vector<uint32_t> ContextBlocks(const BlockConfig& config, uint32_t index);
+
+// The first RoPE position of each context block (ContextBlocks order) and of the block itself while
+// `block` is encoded, and one past the last position used. `context` holds the context blocks'
+// infos in ContextBlocks order.
+struct EncodingPositions {
+  std::vector<uint64_t> context;
+  uint64_t block = 0;
+  uint64_t end = 0;
+};
+EncodingPositions PositionsForEncoding(PositionScheme scheme,
+                                       const std::vector<const BlockInfo*>& context,
+                                       const BlockInfo& block);
 
 // Serialized forms. Encode* never fails; Decode* returns Corruption naming `what` when the bytes
 // are truncated, have trailing bytes or hold an out-of-range enum.

@@ -58,6 +58,35 @@ inline Result<NluBlocks> LoadNluBlocks(const std::string& data_dir, size_t rows_
   return out;
 }
 
+// The training rows as (text, label text) pairs, in file order, with the labels mapped through
+// nlu_labels.txt ("id<TAB>label text"). NotFound when the data is absent.
+struct LabeledRow {
+  std::string text, label;
+};
+inline Result<std::vector<LabeledRow>> LoadNluTrainRows(const std::string& data_dir) {
+  const std::string train_path = data_dir + "/nlu_evaluation_data_train.csv";
+  if (!std::ifstream(train_path).good()) return Status::NotFound("no NLU data at " + train_path);
+  std::ifstream labels_file(data_dir + "/nlu_labels.txt");
+  if (!labels_file.good()) return Status::NotFound("no nlu_labels.txt in " + data_dir);
+  std::vector<std::pair<std::string, std::string>> label_map;
+  for (std::string line; std::getline(labels_file, line);) {
+    const size_t tab = line.find('\t');
+    if (tab != std::string::npos) label_map.emplace_back(line.substr(0, tab), line.substr(tab + 1));
+  }
+  SHOTDB_ASSIGN_OR_RETURN(CsvTable table, ReadCsvFile(train_path));
+  SHOTDB_ASSIGN_OR_RETURN(size_t text_col, table.Column("text"));
+  SHOTDB_ASSIGN_OR_RETURN(size_t label_col, table.Column("label"));
+  std::vector<LabeledRow> rows;
+  for (auto& row : table.rows) {
+    LabeledRow r{row[text_col], row[label_col]};
+    for (const auto& [id, text] : label_map) {
+      if (id == r.label) r.label = text;
+    }
+    rows.push_back(std::move(r));
+  }
+  return rows;
+}
+
 }  // namespace testing
 }  // namespace shotdb
 

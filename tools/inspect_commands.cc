@@ -181,12 +181,19 @@ int RunInfo(const GlobalOptions& global, const std::string& name, bool as_json) 
     json j = TaskSummaryJson(t);
     j["block_config"] = {{"demos_per_block", t.blocks.demos_per_block},
                          {"window", t.blocks.window},
-                         {"sink_blocks", t.blocks.sink_blocks}};
+                         {"sink_blocks", t.blocks.sink_blocks},
+                         {"positions", PositionSchemeName(t.blocks.positions)}};
     j["prompt_template"] = t.prompt_template;
     j["separator"] = t.separator;
     j["labels"] = t.labels;
-    j["bm25_tokenizer"] = t.bm25_tokenizer.Serialize();
-    j["bm25"] = {{"k1", t.bm25.k1}, {"b", t.bm25.b}, {"epsilon", t.bm25.epsilon}};
+    j["bm25_analyzer"] = {
+        {"kind", t.analyzer.kind == AnalyzerOptions::Kind::kRetriv ? "retriv" : "simple"},
+        {"tokenizer", t.analyzer.tokenizer.Serialize()},
+        {"stopwords", t.analyzer.stopwords}};
+    j["bm25"] = {{"k1", t.bm25.k1},
+                 {"b", t.bm25.b},
+                 {"epsilon", t.bm25.epsilon},
+                 {"idf", t.bm25.idf == Bm25Idf::kLucene ? "lucene" : "okapi"}};
     // Metadata is stored as given; embed it as JSON when it parses, else as a string.
     json metadata = json::parse(t.metadata_json, nullptr, /*allow_exceptions=*/false);
     j["metadata"] = metadata.is_discarded() ? json(t.metadata_json) : metadata;
@@ -209,14 +216,17 @@ int RunInfo(const GlobalOptions& global, const std::string& name, bool as_json) 
   table.AddRow({"demos_per_block (k)", std::to_string(t.blocks.demos_per_block)});
   table.AddRow({"window (j)", std::to_string(t.blocks.window)});
   table.AddRow({"sink_blocks", std::to_string(t.blocks.sink_blocks)});
+  table.AddRow({"positions", std::string(PositionSchemeName(t.blocks.positions))});
   table.AddRow({"codec", std::string(CodecName(t.codec))});
   table.AddRow({"prompt_template", Quoted(t.prompt_template)});
   table.AddRow({"separator", Quoted(t.separator)});
   table.AddRow({"labels", std::to_string(t.labels.size()) + (labels.empty() ? "" : ": ") +
                               Snippet(labels, 200)});
-  table.AddRow({"bm25_tokenizer", t.bm25_tokenizer.Serialize()});
+  table.AddRow({"bm25_analyzer", t.analyzer.Describe()});
   table.AddRow({"bm25", "k1=" + FormatDouble(t.bm25.k1) + " b=" + FormatDouble(t.bm25.b) +
-                            " epsilon=" + FormatDouble(t.bm25.epsilon)});
+                            (t.bm25.idf == Bm25Idf::kLucene
+                                 ? std::string(" idf=lucene")
+                                 : " idf=okapi epsilon=" + FormatDouble(t.bm25.epsilon))});
   table.AddRow({"metadata", Snippet(t.metadata_json, 200)});
   table.AddRow({"blocks", std::to_string(t.num_blocks)});
   table.AddRow({"demos", std::to_string(t.num_demos)});
@@ -263,26 +273,35 @@ int RunBlocks(const GlobalOptions& global, const std::string& name, bool as_json
   auto task = FindTask(**snapshot, name);
   if (!task.ok()) return Fail(kCmd, task.status());
   json j = json::array();
-  Table table({"BLOCK", "POSITION", "TOKENS", "DEMOS", "RAW", "STORED", "RATIO"});
-  for (size_t c = 0; c < 7; ++c) table.SetNumeric(c);
+  Table table({"BLOCK", "POSITION", "TOKENS", "ENCODED_AT", "DEMOS", "RAW", "STORED", "RATIO"});
+  for (size_t c = 0; c < 8; ++c) table.SetNumeric(c);
+  std::vector<BlockInfo> spans;  // every block's offset and size (texts dropped)
   for (uint32_t b = 0; b < task->num_blocks; ++b) {
     auto info = (*snapshot)->GetBlock(name, b);
     if (!info.ok()) return Fail(kCmd, info.status());
     auto sizes = SumBlockSizes(**snapshot, *task, b);
     if (!sizes.ok()) return Fail(kCmd, sizes.status());
+    // The RoPE positions the block was encoded at, by the task's scheme.
+    std::vector<const BlockInfo*> context;
+    for (uint32_t c : ContextBlocks(task->blocks, b)) context.push_back(&spans[c]);
+    const EncodingPositions at = PositionsForEncoding(task->blocks.positions, context, *info);
     if (as_json) {
       j.push_back({{"index", info->index},
                    {"position_offset", info->position_offset},
                    {"tokens", info->token_count},
+                   {"encoded_at", at.block},
                    {"demos", info->demo_ids.size()},
                    {"raw_bytes", sizes->raw},
                    {"stored_bytes", sizes->stored}});
     } else {
       table.AddRow({std::to_string(info->index), std::to_string(info->position_offset),
-                    std::to_string(info->token_count), std::to_string(info->demo_ids.size()),
-                    HumanBytes(sizes->raw), HumanBytes(sizes->stored),
-                    FormatRatio(Ratio(sizes->raw, sizes->stored))});
+                    std::to_string(info->token_count),
+                    std::to_string(at.block) + ".." + std::to_string(at.end - 1),
+                    std::to_string(info->demo_ids.size()), HumanBytes(sizes->raw),
+                    HumanBytes(sizes->stored), FormatRatio(Ratio(sizes->raw, sizes->stored))});
     }
+    info->text.clear();
+    spans.push_back(std::move(*info));
   }
   if (as_json) {
     PrintJson(j);
@@ -481,7 +500,7 @@ int RunShow(const GlobalOptions& global, const ShowOptions& o) {
 // --------------------------------------------------------------------------------------
 
 int RunSearch(const GlobalOptions& global, const std::string& name, const std::string& query,
-              size_t k, bool as_json) {
+              size_t k, bool demos, bool as_json) {
   constexpr const char* kCmd = "search";
   auto store = OpenStore(global, OpenMode::kReadOnly);
   if (!store.ok()) return Fail(kCmd, store.status());
@@ -489,21 +508,30 @@ int RunSearch(const GlobalOptions& global, const std::string& name, const std::s
   if (!snapshot.ok()) return Fail(kCmd, snapshot.status());
   auto task = FindTask(**snapshot, name);
   if (!task.ok()) return Fail(kCmd, task.status());
-  auto hits = (*snapshot)->Search(name, query, k);
+  auto hits =
+      demos ? (*snapshot)->SearchDemos(name, query, k) : (*snapshot)->Search(name, query, k);
   if (!hits.ok()) return Fail(kCmd, hits.status());
   json j = json::array();
-  Table table({"RANK", "BLOCK", "SCORE", "TEXT"});
+  Table table({"RANK", demos ? "DEMO" : "BLOCK", "SCORE", "TEXT"});
   for (size_t c = 0; c < 3; ++c) table.SetNumeric(c);
   for (size_t rank = 0; rank < hits->size(); ++rank) {
     const ScoredDoc& hit = (*hits)[rank];
-    auto block = (*snapshot)->GetBlock(name, hit.doc);
-    if (!block.ok()) return Fail(kCmd, block.status());
+    std::string text;
+    if (demos) {
+      auto demo = (*snapshot)->DemoAt(name, hit.doc);
+      if (!demo.ok()) return Fail(kCmd, demo.status());
+      text = demo->text + " -> " + demo->label;
+    } else {
+      auto block = (*snapshot)->GetBlock(name, hit.doc);
+      if (!block.ok()) return Fail(kCmd, block.status());
+      text = std::move(block->text);
+    }
     j.push_back({{"rank", rank + 1},
-                 {"block", hit.doc},
+                 {demos ? "demo" : "block", hit.doc},
                  {"score", hit.score},
-                 {"snippet", Snippet(block->text, 160)}});
+                 {"snippet", Snippet(text, 160)}});
     table.AddRow({std::to_string(rank + 1), std::to_string(hit.doc),
-                  FormatDouble(hit.score, "%.4f"), Snippet(block->text, 80)});
+                  FormatDouble(hit.score, "%.4f"), Snippet(text, 80)});
   }
   if (as_json) {
     PrintJson(j);
@@ -757,17 +785,23 @@ void RegisterInspectCommands(CLI::App& app, const GlobalOptions& global) {
     struct Opts {
       std::string task, query;
       size_t k = 5;
+      bool demos = false;
       bool json = false;
     };
     auto o = std::make_shared<Opts>();
-    CLI::App* sub = app.add_subcommand("search", "Rank a task's blocks for a query with BM25");
+    CLI::App* sub = app.add_subcommand(
+        "search", "Rank a task's blocks (or single demonstrations) for a query with BM25");
     sub->add_option("task", o->task, "Task name")->required();
     sub->add_option("query", o->query, "Query text")->required();
-    sub->add_option("-k,--top", o->k, "Number of blocks to return")
+    sub->add_option("-k,--top", o->k, "Number of results")
         ->capture_default_str()
         ->check(CLI::PositiveNumber);
+    sub->add_flag("--demos", o->demos,
+                  "Rank single demonstrations (the per-demonstration index RetICL uses)");
     sub->add_flag("--json", o->json, "Print JSON");
-    SetAction(sub, [&global, o] { return RunSearch(global, o->task, o->query, o->k, o->json); });
+    SetAction(sub, [&global, o] {
+      return RunSearch(global, o->task, o->query, o->k, o->demos, o->json);
+    });
   }
   {
     struct Opts {

@@ -6,6 +6,7 @@ pkgs=(cmake ninja-build g++ pkg-config
       libgtest-dev libgmock-dev libbenchmark-dev
       libtorch-dev libopenblas0-pthread
       libcli11-dev nlohmann-json3-dev libfmt-dev libpcre2-dev
+      libstemmer-dev liblingua-stopwords-perl
       python3 python3-pip unzip)
 missing=()
 for p in "${pkgs[@]}"; do

@@ -155,16 +155,27 @@ int RunEncode(const char* command, const GlobalOptions& global, const ModelOptio
   Status s = encoder.AddDemonstrations(task, task_options, *demos, seed, progress);
   bar.Finish();
   if (!s.ok()) return Fail(command, s);
+  const int64_t window = loaded->model->config().max_position_embeddings;
+  if (window > 0 && last.max_position > static_cast<uint64_t>(window)) {
+    std::fprintf(stderr,
+                 "%s: warning: blocks were encoded at RoPE positions up to %llu, beyond the "
+                 "model's trained context of %lld (max_position_embeddings); their K/V are "
+                 "degraded. Build with --positions windowed (docs/results.md).\n",
+                 command, static_cast<unsigned long long>(last.max_position),
+                 static_cast<long long>(window));
+  }
   auto snapshot = (*store)->BeginSnapshot();
   if (!snapshot.ok()) return Fail(command, snapshot.status());
   auto info = (*snapshot)->GetTask(task);
   if (!info.ok()) return Fail(command, info.status());
   std::printf(
-      "%s: task '%s': encoded %llu new blocks (%llu tokens) in %.1f s (%.0f tok/s); now %llu "
-      "blocks, %llu demonstrations, %llu tokens\n",
+      "%s: task '%s': encoded %llu new blocks (%llu tokens) in %.1f s (%.0f tok/s, %s positions, "
+      "largest %llu); now %llu blocks, %llu demonstrations, %llu tokens\n",
       command, task.c_str(), static_cast<unsigned long long>(last.blocks_done),
       static_cast<unsigned long long>(last.tokens_done), last.seconds,
       last.seconds > 0 ? last.tokens_done / last.seconds : 0.0,
+      std::string(PositionSchemeName(info->blocks.positions)).c_str(),
+      static_cast<unsigned long long>(last.max_position),
       static_cast<unsigned long long>(info->num_blocks),
       static_cast<unsigned long long>(info->num_demos),
       static_cast<unsigned long long>(info->num_tokens));
@@ -175,6 +186,7 @@ struct SelectionFlags {
   SelectionOptions selection;
   std::string order = "encoding";
   double cache_gb = 4;
+  int64_t max_context = 0;
 };
 
 void AddSelectionOptions(CLI::App* sub, SelectionFlags* f) {
@@ -190,12 +202,69 @@ void AddSelectionOptions(CLI::App* sub, SelectionFlags* f) {
                   "converted to the model dtype (0 = read every block from the store)")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
+  sub->add_option("--max-context", f->max_context,
+                  "longest sequence a query may form: context + prompt + longest label (default "
+                  "0: the model's max_position_embeddings)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
 }
 
 SessionOptions SessionFor(const SelectionFlags& f) {
   SessionOptions options;
   options.cache_bytes = static_cast<size_t>(f.cache_gb * (1ull << 30));
+  options.max_context = f.max_context;
   return options;
+}
+
+constexpr const char* kMethodNames[] = {"dbsa", "reticl", "reticl-blocks", "fixedicl"};
+
+// "blocks 0 12 40 (38 budget-bound)": what a query used, for `query`'s text output.
+std::string SelectionLine(const Answer& a) {
+  std::string out;
+  char b[64];
+  const bool demos = !a.demos.empty();
+  const auto& ids = demos ? a.demos : a.blocks;
+  const auto& scores = demos ? a.demo_scores : a.block_scores;
+  out = demos ? "demonstrations (" + std::to_string(ids.size()) + "):"
+              : "blocks (" + std::to_string(ids.size()) + "):";
+  for (size_t i = 0; i < ids.size() && i < 32; ++i) {
+    std::snprintf(b, sizeof b, " %u(%.2f)", ids[i], scores[i]);
+    out += b;
+  }
+  if (ids.size() > 32) out += " ...";
+  return out;
+}
+
+// Options of `build` a user gave explicitly that an existing task does not have: the task keeps
+// its own, so asking for others is an error rather than silently ignored.
+Status CheckExistingTask(const TaskInfo& t, const PoolTaskOptions& o, const CLI::App& sub) {
+  const auto given = [&](const char* flag) { return sub.count(flag) > 0; };
+  std::string diff;
+  const auto differ = [&](const char* flag, const std::string& have, const std::string& want) {
+    if (given(flag) && have != want) {
+      diff += std::string(diff.empty() ? "" : "; ") + flag + " " + want + " (the task has " + have +
+              ")";
+    }
+  };
+  differ("--positions", std::string(PositionSchemeName(t.blocks.positions)),
+         std::string(PositionSchemeName(o.blocks.positions)));
+  differ("--demos-per-block", std::to_string(t.blocks.demos_per_block),
+         std::to_string(o.blocks.demos_per_block));
+  differ("--window", std::to_string(t.blocks.window), std::to_string(o.blocks.window));
+  differ("--sink-blocks", std::to_string(t.blocks.sink_blocks),
+         std::to_string(o.blocks.sink_blocks));
+  differ("--kv-dtype", std::string(DTypeName(t.model.dtype)), std::string(DTypeName(o.kv_dtype)));
+  differ("--codec", std::string(CodecName(t.codec)), std::string(CodecName(o.codec)));
+  differ("--template", t.prompt_template, o.demo_template);
+  differ("--separator", t.separator, o.separator);
+  differ("--bm25", t.analyzer.Describe(), o.analyzer.Describe());
+  differ("--bm25-tokenizer", t.analyzer.tokenizer.Serialize(), o.analyzer.tokenizer.Serialize());
+  if (given("--stopwords") && t.analyzer.stopwords != o.analyzer.stopwords) {
+    diff += std::string(diff.empty() ? "" : "; ") + "--stopwords (another stop list)";
+  }
+  if (diff.empty()) return Status::OK();
+  return Status::FailedPrecondition("task '" + t.name + "' exists with other options: " + diff +
+                                    ". Build a task of another name, or `shotdb rm` this one.");
 }
 
 }  // namespace
@@ -210,7 +279,10 @@ void RegisterModelCommands(CLI::App& app, const GlobalOptions& global) {
     auto opts = std::make_shared<PoolTaskOptions>();
     auto kv_dtype = std::make_shared<std::string>("bf16");
     auto codec = std::make_shared<std::string>("raw");
-    auto bm25 = std::make_shared<std::string>(opts->bm25_tokenizer.Serialize());
+    auto bm25_tokenizer = std::make_shared<std::string>(opts->analyzer.tokenizer.Serialize());
+    auto bm25 = std::make_shared<std::string>("retriv");
+    auto stopwords = std::make_shared<std::string>();
+    auto positions = std::make_shared<std::string>("windowed");
     auto seed = std::make_shared<uint64_t>(0);
     AddModelOptions(sub, m.get());
     sub->add_option("--task", *task, "task name")->required();
@@ -226,6 +298,12 @@ void RegisterModelCommands(CLI::App& app, const GlobalOptions& global) {
                     "leading blocks every block attends to (the attention sink, >= 1)")
         ->capture_default_str()
         ->check(CLI::Range(1, 1 << 20));
+    sub->add_option("--positions", *positions,
+                    "RoPE positions while encoding: windowed (what a block sees laid out from 0; "
+                    "any pool size stays inside the model's context) or sequential (the whole "
+                    "pool at 0..N-1, the paper's)")
+        ->capture_default_str()
+        ->check(CLI::IsMember({"windowed", "sequential"}));
     sub->add_option("--template", opts->demo_template,
                     "demonstration template ({text}, {label}; \\n allowed)")
         ->capture_default_str();
@@ -235,8 +313,18 @@ void RegisterModelCommands(CLI::App& app, const GlobalOptions& global) {
         ->capture_default_str();
     sub->add_option("--codec", *codec, "payload codec: raw, lz4, shuffle-lz4")
         ->capture_default_str();
-    sub->add_option("--bm25-tokenizer", *bm25,
-                    "BM25 tokenization, e.g. lower,nonalnum or keepcase,whitespace")
+    sub->add_option("--bm25", *bm25,
+                    "BM25 retrieval: retriv (the DBSA reference's retriever: lowercasing, "
+                    "punctuation removal, English stop words, Snowball English stemmer, k1=1.2, "
+                    "Lucene idf) or rank_bm25 (plain tokens, BM25Okapi k1=1.5, epsilon floor)")
+        ->capture_default_str()
+        ->check(CLI::IsMember({"retriv", "rank_bm25"}));
+    sub->add_option("--stopwords", *stopwords,
+                    "stop list for --bm25 retriv, one word per line (default: the built-in "
+                    "English list)")
+        ->check(CLI::ExistingFile);
+    sub->add_option("--bm25-tokenizer", *bm25_tokenizer,
+                    "tokens for --bm25 rank_bm25, e.g. lower,nonalnum or keepcase,whitespace")
         ->capture_default_str();
     sub->add_option("--seed", *seed, "seed of the random grouping into blocks")
         ->capture_default_str();
@@ -244,6 +332,7 @@ void RegisterModelCommands(CLI::App& app, const GlobalOptions& global) {
       PoolTaskOptions o = *opts;
       o.demo_template = Unescape(o.demo_template);
       o.separator = Unescape(o.separator);
+      o.blocks.positions = *ParsePositionScheme(*positions);
       auto dt = ParseDType(*kv_dtype);
       if (!dt)
         return Fail("build", "--kv-dtype '" + *kv_dtype + "': expected bf16, f16, f32 or f64");
@@ -251,13 +340,45 @@ void RegisterModelCommands(CLI::App& app, const GlobalOptions& global) {
       auto c = ParseCodec(*codec);
       if (!c) return Fail("build", "--codec '" + *codec + "': expected raw, lz4 or shuffle-lz4");
       o.codec = *c;
-      auto t = TextTokenizerOptions::Parse(*bm25);
-      if (!t.ok()) return Fail("build", t.status());
-      o.bm25_tokenizer = *t;
+      if (*bm25 == "retriv") {
+        if (sub->count("--bm25-tokenizer")) {
+          return Fail("build", "--bm25-tokenizer applies to --bm25 rank_bm25 only");
+        }
+        std::vector<std::string> words = DefaultStopwords();
+        if (!stopwords->empty()) {
+          auto read = ReadStopwordFile(*stopwords);
+          if (!read.ok()) return Fail("build", read.status());
+          words = std::move(*read);
+        } else if (words.empty()) {
+          return Fail("build",
+                      "this shotdb was built without a default stop list "
+                      "(liblingua-stopwords-perl); pass --stopwords FILE");
+        }
+        o.analyzer = AnalyzerOptions::Retriv(std::move(words));
+        o.bm25 = Bm25Params::Retriv();
+      } else {
+        if (!stopwords->empty()) return Fail("build", "--stopwords applies to --bm25 retriv only");
+        auto t = TextTokenizerOptions::Parse(*bm25_tokenizer);
+        if (!t.ok()) return Fail("build", t.status());
+        o.analyzer = AnalyzerOptions{};
+        o.analyzer.tokenizer = *t;
+        o.bm25 = Bm25Params{};
+      }
       if (!in->file.label_map_path.empty()) {
         auto map = ReadLabelMap(in->file.label_map_path);
         if (!map.ok()) return Fail("build", map.status());
         for (const auto& [id, label] : *map) o.labels.push_back(label);
+      }
+      // An existing task keeps its options: refuse explicit flags that ask for others.
+      Store::Options read_only;
+      read_only.read_only = true;
+      if (auto store = Store::Open(global.store_dir, read_only); store.ok()) {
+        auto snapshot = (*store)->BeginSnapshot();
+        if (!snapshot.ok()) return Fail("build", snapshot.status());
+        if (auto t = (*snapshot)->GetTask(*task); t.ok()) {
+          Status same = CheckExistingTask(*t, o, *sub);
+          if (!same.ok()) return Fail("build", same);
+        }
       }
       return RunEncode("build", global, *m, *task, o, *in, *seed);
     });
@@ -302,9 +423,12 @@ void RegisterModelCommands(CLI::App& app, const GlobalOptions& global) {
     sub->add_option("--task", *task, "task name")->required();
     sub->add_option("text", *text, "the query")->required();
     AddSelectionOptions(sub, sel.get());
-    sub->add_option("--method", *method, "dbsa, reticl or fixedicl")
+    sub->add_option("--method", *method,
+                    "dbsa, reticl (single demonstrations re-encoded), reticl-blocks (DBSA's "
+                    "blocks re-encoded) or fixedicl")
         ->capture_default_str()
-        ->check(CLI::IsMember({"dbsa", "reticl", "fixedicl"}));
+        ->check(CLI::IsMember(
+            std::vector<std::string>(std::begin(kMethodNames), std::end(kMethodNames))));
     sub->add_flag("--free", *free_text, "greedy free text instead of a label");
     sub->add_option("--max-new-tokens", *max_new, "limit for --free")->capture_default_str();
     sub->add_flag("--json", *json, "print JSON");
@@ -332,7 +456,12 @@ void RegisterModelCommands(CLI::App& app, const GlobalOptions& global) {
                             {"text", a->text},
                             {"blocks", a->blocks},
                             {"block_scores", a->block_scores},
+                            {"demos", a->demos},
+                            {"demo_scores", a->demo_scores},
                             {"context_tokens", a->context_tokens},
+                            {"prompt_tokens", a->prompt_tokens},
+                            {"budget", a->budget},
+                            {"budget_bound", a->budget_bound},
                             {"timing_ms", TimingToJson(t)}};
         std::cout << j.dump(2) << "\n";
         return 0;
@@ -342,14 +471,20 @@ void RegisterModelCommands(CLI::App& app, const GlobalOptions& global) {
       } else {
         std::printf("label: %s   (log-prob %.3f)\n", a->label.c_str(), a->score);
       }
-      std::string blocks;
-      for (size_t i = 0; i < a->blocks.size(); ++i) {
-        char b[48];
-        std::snprintf(b, sizeof b, "%s%u(%.2f)", i ? " " : "", a->blocks[i], a->block_scores[i]);
-        blocks += b;
+      std::printf("%s\n", SelectionLine(*a).c_str());
+      if (a->budget > 0) {
+        std::printf(
+            "context: %llu tokens of a %llu-token budget (%lld max context - %llu prompt "
+            "- longest label)%s\n",
+            static_cast<unsigned long long>(a->context_tokens),
+            static_cast<unsigned long long>(a->budget),
+            static_cast<long long>((*session)->max_context()),
+            static_cast<unsigned long long>(a->prompt_tokens),
+            a->budget_bound ? "; the budget ended the selection" : "");
+      } else {
+        std::printf("context: %llu tokens (no context limit)\n",
+                    static_cast<unsigned long long>(a->context_tokens));
       }
-      std::printf("blocks: %s\ncontext: %llu tokens\n", blocks.c_str(),
-                  static_cast<unsigned long long>(a->context_tokens));
       std::printf("time: %.1f ms (bm25 %.1f, load %.1f, gather %.1f, encode %.1f, decode %.1f)\n",
                   t.total, t.select, t.load, t.gather, t.encode, t.decode);
       return 0;
@@ -369,9 +504,10 @@ void RegisterModelCommands(CLI::App& app, const GlobalOptions& global) {
     sub->add_option("--task", *task, "task name")->required();
     AddInputOptions(sub, in.get(), "--test", "test examples (CSV or JSON Lines)");
     AddSelectionOptions(sub, sel.get());
-    sub->add_flag("--baseline", *baseline, "also run RetICL and FixedICL");
-    sub->add_option("--methods", *methods, "methods to run (dbsa, reticl, fixedicl)")
-        ->check(CLI::IsMember({"dbsa", "reticl", "fixedicl"}));
+    sub->add_flag("--baseline", *baseline, "also run RetICL, reticl-blocks and FixedICL");
+    sub->add_option("--methods", *methods, "methods to run (dbsa, reticl, reticl-blocks, fixedicl)")
+        ->check(CLI::IsMember(
+            std::vector<std::string>(std::begin(kMethodNames), std::end(kMethodNames))));
     sub->add_option("--json-out", *json_out, "write the report (per-query records too) as JSON");
     SetAction(sub, [=, &global] {
       auto tests = ReadLabeledTexts(in->path, in->file);
@@ -389,7 +525,7 @@ void RegisterModelCommands(CLI::App& app, const GlobalOptions& global) {
       for (const auto& name : *methods) o.methods.push_back(*ParseMethod(name));
       if (o.methods.empty()) o.methods.push_back(Method::kDbsa);
       if (*baseline) {
-        for (Method b : {Method::kRetIcl, Method::kFixedIcl}) {
+        for (Method b : {Method::kRetIcl, Method::kRetIclBlocks, Method::kFixedIcl}) {
           if (std::find(o.methods.begin(), o.methods.end(), b) == o.methods.end())
             o.methods.push_back(b);
         }
@@ -408,11 +544,16 @@ void RegisterModelCommands(CLI::App& app, const GlobalOptions& global) {
       auto report = RunEval(session->get(), *tests, o);
       if (bar) bar->Finish();
       if (!report.ok()) return Fail("eval", report.status());
-      std::printf("task '%s', %zu test examples, %llu blocks, selection %s\n", task->c_str(),
-                  tests->size(), static_cast<unsigned long long>((*session)->task().num_blocks),
-                  sel->selection.count
-                      ? (std::to_string(sel->selection.count) + " blocks").c_str()
-                      : (std::to_string(sel->selection.ratio) + " of blocks").c_str());
+      const TaskInfo& ti = (*session)->task();
+      std::printf(
+          "task '%s' (%s positions, %s), %zu test examples, %llu blocks, selection %s, "
+          "max context %lld\n",
+          task->c_str(), std::string(PositionSchemeName(ti.blocks.positions)).c_str(),
+          ti.analyzer.Describe().c_str(), tests->size(),
+          static_cast<unsigned long long>(ti.num_blocks),
+          sel->selection.count ? (std::to_string(sel->selection.count) + " blocks").c_str()
+                               : (std::to_string(sel->selection.ratio) + " of blocks").c_str(),
+          static_cast<long long>((*session)->max_context()));
       std::fputs(report->ToTable().c_str(), stdout);
       if (!json_out->empty()) {
         std::ofstream out(*json_out);

@@ -44,6 +44,8 @@ std::string_view MethodName(Method method) {
       return "dbsa";
     case Method::kRetIcl:
       return "reticl";
+    case Method::kRetIclBlocks:
+      return "reticl-blocks";
     case Method::kFixedIcl:
       return "fixedicl";
   }
@@ -51,7 +53,7 @@ std::string_view MethodName(Method method) {
 }
 
 std::optional<Method> ParseMethod(std::string_view name) {
-  for (Method m : {Method::kDbsa, Method::kRetIcl, Method::kFixedIcl}) {
+  for (Method m : {Method::kDbsa, Method::kRetIcl, Method::kRetIclBlocks, Method::kFixedIcl}) {
     if (name == MethodName(m)) return m;
   }
   return std::nullopt;
@@ -85,8 +87,22 @@ Result<std::unique_ptr<DbsaSession>> DbsaSession::Open(const Store* store,
   if (options.prefill_chunk <= 0) {
     return Status::InvalidArgument("prefill chunk must be positive");
   }
+  if (options.max_context < 0) {
+    return Status::InvalidArgument("max context must be >= 0 (0: the model's), got " +
+                                   std::to_string(options.max_context));
+  }
+  std::vector<uint32_t> block_tokens;
+  for (uint64_t b = 0; b < task.num_blocks; ++b) {
+    SHOTDB_ASSIGN_OR_RETURN(BlockInfo info, snapshot->GetBlock(task.name, uint32_t(b)));
+    block_tokens.push_back(info.token_count);
+  }
+  snapshot.reset();
   std::unique_ptr<DbsaSession> session(
       new DbsaSession(store, std::move(task), std::move(model), std::move(format), options));
+  session->block_tokens_ = std::move(block_tokens);
+  session->max_context_ = options.max_context > 0
+                              ? options.max_context
+                              : session->model_.model->config().max_position_embeddings;
   const torch::Device device = session->model_.model->device();
 #ifdef SHOTDB_HAVE_GPU
   if (options.cache_bytes > 0 && device.is_cuda() &&
@@ -103,24 +119,43 @@ Result<std::unique_ptr<DbsaSession>> DbsaSession::Open(const Store* store,
         std::vector<int32_t> ids,
         session->model_.tokenizer->Encode(session->format_.LabelContinuation(label),
                                           /*add_bos=*/false, /*parse_special=*/false));
+    session->longest_label_ = std::max(session->longest_label_, ids.size());
     session->label_tokens_.push_back(std::move(ids));
   }
   return session;
 }
 
-Status DbsaSession::Select(Snapshot* snapshot, std::string_view query,
-                           const SelectionOptions& options, Answer* answer) {
-  const uint32_t m = SelectionSize(task_.num_blocks, options);
-  // Ask for m hits: block 0 may be among them, and is placed first regardless.
-  SHOTDB_ASSIGN_OR_RETURN(std::vector<ScoredDoc> hits, snapshot->Search(task_.name, query, m));
-  double block0_score = 0;
+Status DbsaSession::SelectBlocks(Snapshot* snapshot, std::string_view query,
+                                 const SelectionOptions& options, uint64_t budget, Answer* answer) {
+  const uint32_t num_blocks = static_cast<uint32_t>(task_.num_blocks);
+  const uint32_t sinks = std::min(task_.blocks.sink_blocks, num_blocks);
+  const uint32_t m = std::max(SelectionSize(num_blocks, options), sinks);
+  uint64_t used = 0;
+  for (uint32_t s = 0; s < sinks; ++s) used += block_tokens_[s];
+  if (budget > 0 && used > budget) {
+    return Status::InvalidArgument(
+        "the context budget of " + std::to_string(budget) + " tokens cannot hold the " +
+        std::to_string(sinks) + " sink block(s) of task '" + task_.name + "' (" +
+        std::to_string(used) + " tokens); raise --max-context or use smaller blocks");
+  }
+  // Ask for enough hits that m non-sink blocks remain when every sink block is among them.
+  SHOTDB_ASSIGN_OR_RETURN(std::vector<ScoredDoc> hits,
+                          snapshot->Search(task_.name, query, size_t{m} + sinks));
+  std::vector<double> sink_scores(sinks, 0.0);
   std::vector<ScoredDoc> chosen;
-  for (const auto& h : hits) {
-    if (h.doc == 0) {
-      block0_score = h.score;
-    } else if (chosen.size() + 1 < m) {
-      chosen.push_back(h);
+  answer->budget_bound = false;
+  for (const ScoredDoc& h : hits) {
+    if (h.doc < sinks) {
+      sink_scores[h.doc] = h.score;
+      continue;
     }
+    if (chosen.size() + sinks >= m || answer->budget_bound) continue;
+    if (budget > 0 && used + block_tokens_[h.doc] > budget) {
+      answer->budget_bound = true;
+      continue;
+    }
+    chosen.push_back(h);
+    used += block_tokens_[h.doc];
   }
   if (options.ascending_score) {
     std::stable_sort(chosen.begin(), chosen.end(),
@@ -129,13 +164,85 @@ Status DbsaSession::Select(Snapshot* snapshot, std::string_view query,
     std::sort(chosen.begin(), chosen.end(),
               [](const ScoredDoc& a, const ScoredDoc& b) { return a.doc < b.doc; });
   }
-  answer->blocks = {0};
-  answer->block_scores = {block0_score};
-  for (const auto& c : chosen) {
+  answer->blocks.clear();
+  answer->block_scores.clear();
+  for (uint32_t s = 0; s < sinks; ++s) {
+    answer->blocks.push_back(s);
+    answer->block_scores.push_back(sink_scores[s]);
+  }
+  for (const ScoredDoc& c : chosen) {
     answer->blocks.push_back(c.doc);
     answer->block_scores.push_back(c.score);
   }
+  answer->context_tokens = used;
   return Status::OK();
+}
+
+Result<std::vector<int32_t>> DbsaSession::SelectDemos(Snapshot* snapshot, std::string_view query,
+                                                      const SelectionOptions& options,
+                                                      uint64_t target, Answer* answer) {
+  const Tokenizer& tokenizer = *model_.tokenizer;
+  const uint64_t num_demos = task_.num_demos;
+  // Best-first while the demonstrations' estimated tokens (each with its separator) fit; the hits
+  // are fetched in growing batches, since how many fit is known only while counting.
+  struct Pick {
+    ScoredDoc hit;
+    std::string text;
+  };
+  std::vector<Pick> picks;
+  uint64_t estimate = tokenizer.add_bos_default() && tokenizer.bos_id() >= 0 ? 1 : 0;
+  bool full = false;
+  for (size_t k = 64, seen = 0; !full && seen < num_demos; k *= 4) {
+    SHOTDB_ASSIGN_OR_RETURN(std::vector<ScoredDoc> hits,
+                            snapshot->SearchDemos(task_.name, query, k));
+    for (; seen < hits.size() && !full; ++seen) {
+      SHOTDB_ASSIGN_OR_RETURN(Demonstration demo, snapshot->DemoAt(task_.name, hits[seen].doc));
+      std::string text = format_.FormatDemo(demo.text, demo.label);
+      SHOTDB_ASSIGN_OR_RETURN(std::vector<int32_t> ids,
+                              tokenizer.Encode(format_.separator() + text, false, false));
+      if (estimate + ids.size() > target) {
+        full = true;
+        break;
+      }
+      estimate += ids.size();
+      picks.push_back({hits[seen], std::move(text)});
+    }
+    if (hits.size() < k) break;  // every demonstration was ranked
+  }
+  answer->budget_bound = full;
+  // The text as placed; tokens merge differently at the joins than counted one by one, so drop
+  // the lowest-scoring demonstrations until the whole fits.
+  for (;;) {
+    std::vector<const Pick*> placed;
+    for (const Pick& p : picks) placed.push_back(&p);
+    if (options.ascending_score) {
+      std::stable_sort(placed.begin(), placed.end(),
+                       [](const Pick* a, const Pick* b) { return a->hit.score < b->hit.score; });
+    } else {
+      std::sort(placed.begin(), placed.end(),
+                [](const Pick* a, const Pick* b) { return a->hit.doc < b->hit.doc; });
+    }
+    std::string text;
+    for (size_t i = 0; i < placed.size(); ++i) {
+      if (i > 0) text += format_.separator();
+      text += placed[i]->text;
+    }
+    std::vector<int32_t> ids;
+    if (!placed.empty()) {
+      SHOTDB_ASSIGN_OR_RETURN(ids, TokenizeBlock(tokenizer, text, 0));
+    }
+    if (ids.size() <= target || picks.empty()) {
+      answer->demos.clear();
+      answer->demo_scores.clear();
+      for (const Pick* p : placed) {
+        answer->demos.push_back(p->hit.doc);
+        answer->demo_scores.push_back(p->hit.score);
+      }
+      return ids;
+    }
+    picks.pop_back();
+    answer->budget_bound = true;
+  }
 }
 
 Result<std::vector<LayerKV>> DbsaSession::LoadStoredContext(Snapshot* snapshot,
@@ -196,9 +303,8 @@ Result<std::vector<LayerKV>> DbsaSession::LoadStoredContext(Snapshot* snapshot,
   return context;
 }
 
-Result<std::vector<LayerKV>> DbsaSession::EncodeTextContext(Snapshot* snapshot,
-                                                            const std::vector<uint32_t>& blocks,
-                                                            uint64_t* tokens) {
+Result<std::vector<int32_t>> DbsaSession::BlockTokens(Snapshot* snapshot,
+                                                      const std::vector<uint32_t>& blocks) {
   std::vector<int32_t> ids;
   for (uint32_t b : blocks) {
     SHOTDB_ASSIGN_OR_RETURN(BlockInfo info, snapshot->GetBlock(task_.name, b));
@@ -206,6 +312,10 @@ Result<std::vector<LayerKV>> DbsaSession::EncodeTextContext(Snapshot* snapshot,
                             TokenizeBlock(*model_.tokenizer, info.text, b));
     ids.insert(ids.end(), block_ids.begin(), block_ids.end());
   }
+  return ids;
+}
+
+Result<std::vector<LayerKV>> DbsaSession::EncodeTokens(const std::vector<int32_t>& ids) {
   const LlamaModel& model = *model_.model;
   const int64_t n = static_cast<int64_t>(ids.size());
   const auto int64 = torch::TensorOptions().dtype(torch::kInt64).device(model.device());
@@ -232,25 +342,20 @@ Result<std::vector<LayerKV>> DbsaSession::EncodeTextContext(Snapshot* snapshot,
       }
     }
   }
-  *tokens = ids.size();
   return kv;
 }
 
 Status DbsaSession::Decode(const std::vector<LayerKV>* context, uint64_t context_tokens,
-                           bool context_rotated, std::string_view query,
+                           bool context_rotated, const std::vector<int32_t>& prompt,
                            const AnswerOptions& options, Answer* answer) {
   const LlamaModel& model = *model_.model;
-  SHOTDB_ASSIGN_OR_RETURN(std::vector<int32_t> prompt,
-                          model_.tokenizer->Encode(format_.FormatQuery(query), /*add_bos=*/false,
-                                                   /*parse_special=*/false));
   DecodeContext ctx;
-  ctx.kv = context;
+  ctx.kv = context->empty() ? nullptr : context;
   ctx.positions = torch::arange(static_cast<int64_t>(context_tokens),
                                 torch::TensorOptions().dtype(torch::kInt64).device(model.device()));
   ctx.rotated = context_rotated;
   ctx.profile = profile();
   ctx.sampling_ms = &sampling_ms_;
-  answer->context_tokens = context_tokens;
   if (options.free_text) {
     GenerateOptions g;
     g.max_new_tokens = options.max_new_tokens;
@@ -274,47 +379,102 @@ Result<Answer> DbsaSession::Ask(std::string_view query, const AnswerOptions& opt
   Answer answer;
   profile_ = ForwardProfile();
   sampling_ms_ = 0;
+  SHOTDB_ASSIGN_OR_RETURN(std::vector<int32_t> prompt,
+                          model_.tokenizer->Encode(format_.FormatQuery(query), /*add_bos=*/false,
+                                                   /*parse_special=*/false));
+  answer.prompt_tokens = prompt.size();
+  // What the context may take: the limit less the prompt and the longest label (generation may
+  // run up to max_new_tokens instead).
+  const uint64_t answer_tokens =
+      options.free_text ? static_cast<uint64_t>(std::max<int64_t>(options.max_new_tokens, 0))
+                        : longest_label_;
+  if (max_context_ > 0) {
+    const uint64_t limit = static_cast<uint64_t>(max_context_);
+    if (prompt.size() + answer_tokens >= limit) {
+      return Status::InvalidArgument(
+          "the query prompt (" + std::to_string(prompt.size()) + " tokens) and the longest " +
+          (options.free_text ? std::string("answer") : std::string("label")) + " (" +
+          std::to_string(answer_tokens) + ") leave no room for a context within the limit of " +
+          std::to_string(limit) + " tokens (--max-context)");
+    }
+    answer.budget = limit - prompt.size() - answer_tokens;
+  }
   SHOTDB_ASSIGN_OR_RETURN(auto snapshot, store_->BeginSnapshot());
   std::vector<LayerKV> context;
   const std::vector<LayerKV>* use = &context;
-  uint64_t tokens = 0;
   bool rotated = false;  // DBSA on the GPU path: K arrives with RoPE applied
   switch (options.method) {
     case Method::kDbsa: {
-      SHOTDB_RETURN_IF_ERROR(Select(snapshot.get(), query, options.selection, &answer));
+      SHOTDB_RETURN_IF_ERROR(
+          SelectBlocks(snapshot.get(), query, options.selection, answer.budget, &answer));
       answer.timing.select = lap.LapMs();
+      uint64_t tokens = 0;
       SHOTDB_ASSIGN_OR_RETURN(context, LoadStoredContext(snapshot.get(), answer.blocks, &tokens,
                                                          &rotated, &answer.timing));
+      answer.context_tokens = tokens;
       lap.Restart();
       break;
     }
     case Method::kRetIcl: {
-      SHOTDB_RETURN_IF_ERROR(Select(snapshot.get(), query, options.selection, &answer));
+      // As many tokens as DBSA's context for this query, spent on single demonstrations.
+      Answer dbsa;
+      SHOTDB_RETURN_IF_ERROR(
+          SelectBlocks(snapshot.get(), query, options.selection, answer.budget, &dbsa));
+      SHOTDB_ASSIGN_OR_RETURN(
+          std::vector<int32_t> ids,
+          SelectDemos(snapshot.get(), query, options.selection, dbsa.context_tokens, &answer));
+      answer.budget_bound = answer.budget_bound || dbsa.budget_bound;
       answer.timing.select = lap.LapMs();
-      SHOTDB_ASSIGN_OR_RETURN(context, EncodeTextContext(snapshot.get(), answer.blocks, &tokens));
+      answer.context_tokens = ids.size();
+      SHOTDB_ASSIGN_OR_RETURN(context, EncodeTokens(ids));
+      answer.timing.encode = lap.LapMs();
+      break;
+    }
+    case Method::kRetIclBlocks: {
+      SHOTDB_RETURN_IF_ERROR(
+          SelectBlocks(snapshot.get(), query, options.selection, answer.budget, &answer));
+      answer.timing.select = lap.LapMs();
+      SHOTDB_ASSIGN_OR_RETURN(std::vector<int32_t> ids, BlockTokens(snapshot.get(), answer.blocks));
+      answer.context_tokens = ids.size();
+      SHOTDB_ASSIGN_OR_RETURN(context, EncodeTokens(ids));
       answer.timing.encode = lap.LapMs();
       break;
     }
     case Method::kFixedIcl: {
+      // The first blocks, as many as the selection size and the budget allow.
       const uint32_t m = SelectionSize(task_.num_blocks, options.selection);
-      std::vector<uint32_t> prefix(m);
-      std::iota(prefix.begin(), prefix.end(), 0u);
-      if (fixed_blocks_ != m) {
-        SHOTDB_ASSIGN_OR_RETURN(fixed_context_,
-                                EncodeTextContext(snapshot.get(), prefix, &fixed_tokens_));
-        fixed_blocks_ = m;
+      std::vector<uint32_t> prefix;
+      uint64_t used = 0;
+      for (uint32_t b = 0; b < m; ++b) {
+        if (answer.budget > 0 && used + block_tokens_[b] > answer.budget) {
+          answer.budget_bound = true;
+          break;
+        }
+        used += block_tokens_[b];
+        prefix.push_back(b);
+      }
+      if (prefix.empty()) {
+        return Status::InvalidArgument("the context budget of " + std::to_string(answer.budget) +
+                                       " tokens cannot hold block 0 (" +
+                                       std::to_string(block_tokens_[0]) + " tokens)");
+      }
+      if (fixed_blocks_ != prefix.size()) {
+        SHOTDB_ASSIGN_OR_RETURN(std::vector<int32_t> ids, BlockTokens(snapshot.get(), prefix));
+        SHOTDB_ASSIGN_OR_RETURN(fixed_context_, EncodeTokens(ids));
+        fixed_tokens_ = ids.size();
+        fixed_blocks_ = static_cast<uint32_t>(prefix.size());
         answer.timing.encode = lap.LapMs();
         fixed_seconds_ = answer.timing.encode / 1000.0;
       }
       answer.blocks = prefix;
-      answer.block_scores.assign(m, 0.0);
+      answer.block_scores.assign(prefix.size(), 0.0);
       use = &fixed_context_;
-      tokens = fixed_tokens_;
+      answer.context_tokens = fixed_tokens_;
       break;
     }
   }
   snapshot.reset();  // DBSA's context was copied out of the map; release the read transaction
-  SHOTDB_RETURN_IF_ERROR(Decode(use, tokens, rotated, query, options, &answer));
+  SHOTDB_RETURN_IF_ERROR(Decode(use, answer.context_tokens, rotated, prompt, options, &answer));
   answer.timing.decode = lap.LapMs();
   answer.timing.total = total.LapMs();
   if (options_.profile) {

@@ -1,12 +1,22 @@
 // DbsaSession: answers queries from an encoded pool, with DBSA or one of the baselines.
 //
-// DBSA (the product): BM25 selects the top m blocks of the task (block 0 always, first); their
-// stored pre-RoPE K/V are concatenated in encoding order (or by ascending score), RoPE is applied
-// at new contiguous positions 0..L-1, the query tokens run with full attention over them, and
-// decoding is constrained to the task's labels (or free greedy text). RetICL (baseline): the same
-// selected blocks' TEXT is re-encoded with full causal attention for every query, then decoded the
-// same way. FixedICL (baseline): the first m blocks' text is encoded once with full attention and
-// that cached prefix serves every query.
+// DBSA (the product): BM25 selects the best blocks of the task (the sink blocks always, first);
+// their stored pre-RoPE K/V are concatenated in encoding order (or by ascending score), RoPE is
+// applied at new contiguous positions 0..L-1, the query tokens run with full attention over them,
+// and decoding is constrained to the task's labels (or free greedy text).
+// Baselines, all decoded the same way:
+//   RetICL (the paper's): BM25 over single demonstrations (the store's per-demonstration index),
+//     the best ones up to as many tokens as DBSA's context for the same query, re-encoded with
+//     full causal attention for every query, placed in pool order (or by ascending score).
+//   reticl-blocks (a control): DBSA's selected blocks, their TEXT re-encoded with full attention.
+//   FixedICL: the first blocks' text encoded once with full attention; that prefix serves every
+//     query.
+//
+// The context budget. A query's sequence (context + prompt + the longest label) never exceeds the
+// model's context, max_position_embeddings (SessionOptions::max_context overrides it): every
+// method takes its blocks or demonstrations best-first while they fit, and Answer says how many it
+// took and whether the budget, rather than --ratio/--count, stopped it. A budget that cannot hold
+// the sink blocks is an error, never a silent overrun.
 //
 // Thread-safety: one session serves one query at a time; open several for concurrent queries (the
 // store and the model may be shared).
@@ -27,16 +37,18 @@
 
 namespace shotdb {
 
-enum class Method { kDbsa, kRetIcl, kFixedIcl };
-std::string_view MethodName(Method method);  // "dbsa", "reticl", "fixedicl"
+enum class Method { kDbsa, kRetIcl, kRetIclBlocks, kFixedIcl };
+// "dbsa", "reticl", "reticl-blocks", "fixedicl"
+std::string_view MethodName(Method method);
 std::optional<Method> ParseMethod(std::string_view name);
 
 struct SelectionOptions {
-  double ratio = 0.3;            // fraction of the task's blocks to select (block 0 included)
+  double ratio = 0.3;            // fraction of the task's blocks to select (sink blocks included)
   uint32_t count = 0;            // if > 0, select this many blocks instead of `ratio`
-  bool ascending_score = false;  // order: false = encoding order; true = lowest to highest score
+  bool ascending_score = false;  // order: false = encoding (pool) order; true = lowest to highest
 };
-// How many blocks a query uses: count, or round(ratio * num_blocks), clamped to [1, num_blocks].
+// How many blocks a query may use before the budget: count, or round(ratio * num_blocks), clamped
+// to [1, num_blocks].
 uint32_t SelectionSize(uint64_t num_blocks, const SelectionOptions& options);
 
 struct AnswerOptions {
@@ -68,9 +80,20 @@ struct Answer {
   double score = 0;                  // its summed log-probability
   std::vector<double> label_scores;  // summed log-probability of every label, in task order
   std::string text;                  // free_text output
-  std::vector<uint32_t> blocks;      // blocks in the order their K/V were placed
-  std::vector<double> block_scores;  // BM25 score of each (block 0: its own score)
-  uint64_t context_tokens = 0;
+  // DBSA, reticl-blocks, FixedICL: the blocks in the order their K/V or text was placed, and the
+  // BM25 score of each (sink blocks: their own score; FixedICL: 0).
+  std::vector<uint32_t> blocks;
+  std::vector<double> block_scores;
+  // RetICL: the demonstrations (numbers in pool order, Snapshot::DemoAt) in placement order, and
+  // the BM25 score of each.
+  std::vector<uint32_t> demos;
+  std::vector<double> demo_scores;
+  uint64_t context_tokens = 0;  // tokens before the prompt
+  uint64_t prompt_tokens = 0;   // tokens of the query prompt
+  // Tokens the context could take: the limit minus the prompt and the longest label (0 when the
+  // model states no limit and none was given).
+  uint64_t budget = 0;
+  bool budget_bound = false;  // the budget, not --ratio/--count, ended the selection
   Timing timing;
 };
 
@@ -85,19 +108,28 @@ struct SessionOptions {
   // Fill Timing::attention/mlp/sampling. Waits for the device at every part boundary of every
   // forward, which slows queries down: for measurement, not for serving or latency numbers.
   bool profile = false;
+  // The longest sequence a query may form (context + prompt + longest label). 0 = the model's
+  // max_position_embeddings, or no limit when the model does not state one.
+  int64_t max_context = 0;
 };
 
 class DbsaSession {
  public:
   // Opens `task` for querying with `model`: FailedPrecondition if the model's fingerprint differs
-  // from the one the pool was encoded with; NotFound for an unknown task.
+  // from the one the pool was encoded with; NotFound for an unknown task; InvalidArgument for a
+  // negative max_context or a non-positive prefill chunk.
   static Result<std::unique_ptr<DbsaSession>> Open(const Store* store, const std::string& task,
                                                    PoolModel model,
                                                    const SessionOptions& options = {});
 
+  // Answers one query. Besides the model's and the store's errors: InvalidArgument when the budget
+  // cannot hold the prompt and the longest label, or the sink blocks on top of them (the message
+  // gives the numbers); NotSupported for RetICL on a task without a per-demonstration index.
   Result<Answer> Ask(std::string_view query, const AnswerOptions& options);
 
   const TaskInfo& task() const { return task_; }
+  // The limit Ask applies (0: none): SessionOptions::max_context or the model's.
+  int64_t max_context() const { return max_context_; }
   // Seconds spent encoding FixedICL's prefix (0 until a FixedICL query ran).
   double fixed_prefix_seconds() const { return fixed_seconds_; }
   // Device block cache statistics (all zero without a cache).
@@ -118,22 +150,30 @@ class DbsaSession {
         format_(std::move(format)),
         options_(options) {}
 
-  Status Select(Snapshot* snapshot, std::string_view query, const SelectionOptions& options,
-                Answer* answer);
+  // DBSA's blocks for `query`: the sink blocks, then the best-scoring others while the selection
+  // size and `budget` (0: none) allow, ordered as options say. Fills blocks, block_scores,
+  // budget_bound and context_tokens.
+  Status SelectBlocks(Snapshot* snapshot, std::string_view query, const SelectionOptions& options,
+                      uint64_t budget, Answer* answer);
+  // RetICL's demonstrations: the best-scoring ones while their text fits `target` tokens, ordered
+  // as options say. Returns the context's token ids and fills demos, demo_scores.
+  Result<std::vector<int32_t>> SelectDemos(Snapshot* snapshot, std::string_view query,
+                                           const SelectionOptions& options, uint64_t target,
+                                           Answer* answer);
   // DBSA: stored K/V of `blocks`, concatenated in that order, in the model's dtype and device.
   // *rotated: K already carries RoPE at positions 0..tokens-1 (the GPU gather kernel applied it);
   // else it is pre-RoPE.
   Result<std::vector<LayerKV>> LoadStoredContext(Snapshot* snapshot,
                                                  const std::vector<uint32_t>& blocks,
                                                  uint64_t* tokens, bool* rotated, Timing* timing);
-  // Baselines: the blocks' text re-encoded with full causal attention from position 0.
-  Result<std::vector<LayerKV>> EncodeTextContext(Snapshot* snapshot,
-                                                 const std::vector<uint32_t>& blocks,
-                                                 uint64_t* tokens);
-  // Answers `query` after `context` (K rotated at positions 0..context_tokens-1 if
-  // context_rotated, else pre-RoPE).
+  // The token ids of the blocks' texts, in order (what the baselines re-encode).
+  Result<std::vector<int32_t>> BlockTokens(Snapshot* snapshot, const std::vector<uint32_t>& blocks);
+  // Baselines: `ids` encoded with full causal attention from position 0.
+  Result<std::vector<LayerKV>> EncodeTokens(const std::vector<int32_t>& ids);
+  // Answers after `context` (K rotated at positions 0..context_tokens-1 if context_rotated, else
+  // pre-RoPE); `prompt` is the query's token ids.
   Status Decode(const std::vector<LayerKV>* context, uint64_t context_tokens, bool context_rotated,
-                std::string_view query, const AnswerOptions& options, Answer* answer);
+                const std::vector<int32_t>& prompt, const AnswerOptions& options, Answer* answer);
 
   // With options_.profile: the current query's split (reset by Ask), else null.
   ForwardProfile* profile() { return options_.profile ? &profile_ : nullptr; }
@@ -146,6 +186,9 @@ class DbsaSession {
   std::unique_ptr<BlockCache> cache_;
   std::unique_ptr<StagedKvSource> staged_;  // replaces cache_ on CUDA where gpu/ is built
   std::vector<std::vector<int32_t>> label_tokens_;
+  size_t longest_label_ = 0;            // tokens of the longest label continuation
+  int64_t max_context_ = 0;             // 0: no limit
+  std::vector<uint32_t> block_tokens_;  // token_count of every block, by index
   // FixedICL's cached prefix, for the block count it was built for.
   uint32_t fixed_blocks_ = 0;
   uint64_t fixed_tokens_ = 0;

@@ -48,6 +48,10 @@ Result<EvalReport> RunEval(DbsaSession* session, const std::vector<LabeledText>&
           answer->timing.total - (method == Method::kFixedIcl ? answer->timing.encode : 0);
       latencies.push_back(latency);
       context_tokens += static_cast<double>(answer->context_tokens);
+      const size_t selected =
+          method == Method::kRetIcl ? answer->demos.size() : answer->blocks.size();
+      result.mean_selected += static_cast<double>(selected);
+      result.budget_bound += answer->budget_bound ? 1.0 : 0.0;
       Timing& t = result.mean_timing;
       t.select += answer->timing.select;
       t.load += answer->timing.load;
@@ -57,7 +61,8 @@ Result<EvalReport> RunEval(DbsaSession* session, const std::vector<LabeledText>&
       t.total += latency;
       const bool correct = answer->label == tests[i].label;
       result.correct += correct;
-      report.records.push_back({i, method, tests[i].label, answer->label, latency});
+      report.records.push_back({i, method, tests[i].label, answer->label, latency,
+                                answer->context_tokens, selected, answer->budget_bound});
       if (options.progress) options.progress(method, i + 1, tests.size());
     }
     result.queries = tests.size();
@@ -65,6 +70,8 @@ Result<EvalReport> RunEval(DbsaSession* session, const std::vector<LabeledText>&
       const double n = static_cast<double>(tests.size());
       result.accuracy = static_cast<double>(result.correct) / n;
       result.mean_context_tokens = context_tokens / n;
+      result.mean_selected /= n;
+      result.budget_bound /= n;
       Timing& t = result.mean_timing;
       t.select /= n;
       t.load /= n;
@@ -87,19 +94,25 @@ std::string EvalReport::ToTable() const {
   }
   std::string out;
   char line[256];
-  std::snprintf(line, sizeof line, "%-9s %7s %9s %9s %9s %9s %10s %8s %10s\n", "method", "queries",
-                "accuracy", "p50 ms", "p90 ms", "mean ms", "vs RetICL", "ctx tok", "setup s");
+  std::snprintf(line, sizeof line, "%-13s %7s %9s %9s %9s %9s %10s %8s %8s %7s %8s\n", "method",
+                "queries", "accuracy", "p50 ms", "p90 ms", "mean ms", "vs RetICL", "ctx tok",
+                "selected", "bound", "setup s");
   out += line;
   for (const auto& r : results) {
     char ratio[32] = "-";
     if (reticl && reticl->latency.mean > 0) {
       std::snprintf(ratio, sizeof ratio, "%.3fx", r.latency.mean / reticl->latency.mean);
     }
-    std::snprintf(line, sizeof line, "%-9s %7zu %9.4f %9.1f %9.1f %9.1f %10s %8.0f %10.2f\n",
+    std::snprintf(line, sizeof line,
+                  "%-13s %7zu %9.4f %9.1f %9.1f %9.1f %10s %8.0f %8.1f %6.0f%% %8.2f\n",
                   std::string(MethodName(r.method)).c_str(), r.queries, r.accuracy, r.latency.p50,
-                  r.latency.p90, r.latency.mean, ratio, r.mean_context_tokens, r.setup_seconds);
+                  r.latency.p90, r.latency.mean, ratio, r.mean_context_tokens, r.mean_selected,
+                  100.0 * r.budget_bound, r.setup_seconds);
     out += line;
   }
+  out +=
+      "selected: blocks per query (reticl: demonstrations); bound: queries whose selection the "
+      "context budget ended\n";
   return out;
 }
 
@@ -127,6 +140,8 @@ std::string EvalReport::ToJson() const {
         {"mean_timing_ms", TimingToJson(r.mean_timing)},
         {"setup_seconds", r.setup_seconds},
         {"mean_context_tokens", r.mean_context_tokens},
+        {"mean_selected", r.mean_selected},
+        {"budget_bound_fraction", r.budget_bound},
     });
   }
   j["records"] = nlohmann::json::array();
@@ -135,7 +150,10 @@ std::string EvalReport::ToJson() const {
                             {"method", MethodName(rec.method)},
                             {"expected", rec.expected},
                             {"predicted", rec.predicted},
-                            {"latency_ms", rec.latency_ms}});
+                            {"latency_ms", rec.latency_ms},
+                            {"context_tokens", rec.context_tokens},
+                            {"selected", rec.selected},
+                            {"budget_bound", rec.budget_bound}});
   }
   return j.dump(2);
 }

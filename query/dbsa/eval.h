@@ -36,6 +36,8 @@ struct MethodResult {
   Timing mean_timing;        // mean of each part
   double setup_seconds = 0;  // FixedICL: prefix encoding; 0 otherwise (the pool build is separate)
   double mean_context_tokens = 0;
+  double mean_selected = 0;  // blocks (RetICL: demonstrations) per query
+  double budget_bound = 0;   // fraction of queries whose selection the context budget ended
 };
 
 struct EvalRecord {
@@ -43,6 +45,9 @@ struct EvalRecord {
   Method method = Method::kDbsa;
   std::string expected, predicted;
   double latency_ms = 0;
+  uint64_t context_tokens = 0;
+  size_t selected = 0;  // blocks (RetICL: demonstrations)
+  bool budget_bound = false;
 };
 
 struct EvalReport {

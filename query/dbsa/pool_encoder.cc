@@ -66,18 +66,14 @@ Status PoolEncoder::AddDemonstrations(const std::string& task_name, const PoolTa
                                           task.model.ToString() + ", not " + ours.ToString());
       }
     } else if (existing.status().IsNotFound()) {
-      SHOTDB_RETURN_IF_ERROR(
-          PromptFormat::Create(options.demo_template, options.separator).status());
-      if (options.blocks.demos_per_block == 0 || options.blocks.sink_blocks == 0) {
-        return Status::InvalidArgument("demos per block and sink blocks must be at least 1");
-      }
       task.name = task_name;
       task.model = MakeFingerprint(model_, options.kv_dtype);
       task.blocks = options.blocks;
       task.codec = options.codec;
       task.prompt_template = options.demo_template;
       task.separator = options.separator;
-      task.bm25_tokenizer = options.bm25_tokenizer;
+      task.analyzer = options.analyzer;
+      task.bm25 = options.bm25;
       task.labels = options.labels;
       if (task.labels.empty()) {
         std::set<std::string> distinct;
@@ -178,20 +174,24 @@ Status PoolEncoder::EncodeBlocks(const std::string& task_name,
                             TokenizeBlock(*model_.tokenizer, block.info.text, index));
     block.info.token_count = static_cast<uint32_t>(ids.size());
 
-    // Context: the sink blocks and the previous `window` blocks, in block order.
-    std::set<uint32_t> context_blocks;
-    for (uint32_t s = 0; s < task.blocks.sink_blocks && s < index; ++s) context_blocks.insert(s);
-    for (uint32_t b = index > task.blocks.window ? index - task.blocks.window : 0; b < index; ++b) {
-      context_blocks.insert(b);
+    // Context: the sink blocks and the previous `window` blocks, in block order, at the positions
+    // of the task's scheme.
+    const std::vector<uint32_t> context_blocks = ContextBlocks(task.blocks, index);
+    std::vector<BlockInfo> infos;
+    for (uint32_t c : context_blocks) {
+      SHOTDB_ASSIGN_OR_RETURN(BlockInfo info, snapshot->GetBlock(task_name, c));
+      infos.push_back(std::move(info));
     }
+    std::vector<const BlockInfo*> info_ptrs;
+    for (const BlockInfo& info : infos) info_ptrs.push_back(&info);
+    const EncodingPositions at = PositionsForEncoding(task.blocks.positions, info_ptrs, block.info);
     std::vector<LayerKV> context(task.model.num_layers);
     std::vector<torch::Tensor> context_positions;
     if (!context_blocks.empty()) {
       std::vector<std::vector<torch::Tensor>> ks(task.model.num_layers), vs(task.model.num_layers);
-      for (uint32_t c : context_blocks) {
-        SHOTDB_ASSIGN_OR_RETURN(BlockInfo info, snapshot->GetBlock(task_name, c));
-        SHOTDB_ASSIGN_OR_RETURN(BlockKV kv, ContextBlock(snapshot.get(), task, c));
-        context_positions.push_back(Positions(info.position_offset, info.token_count, device));
+      for (size_t i = 0; i < context_blocks.size(); ++i) {
+        SHOTDB_ASSIGN_OR_RETURN(BlockKV kv, ContextBlock(snapshot.get(), task, context_blocks[i]));
+        context_positions.push_back(Positions(at.context[i], infos[i].token_count, device));
         for (uint32_t l = 0; l < task.model.num_layers; ++l) {
           ks[l].push_back(kv[l].k);
           vs[l].push_back(kv[l].v);
@@ -207,7 +207,8 @@ Status PoolEncoder::EncodeBlocks(const std::string& task_name,
     request.tokens = torch::tensor(std::vector<int64_t>(ids.begin(), ids.end()),
                                    torch::TensorOptions().dtype(torch::kInt64))
                          .to(device);
-    request.positions = Positions(block.info.position_offset, request.tokens.size(0), device);
+    request.positions = Positions(at.block, request.tokens.size(0), device);
+    report.max_position = std::max(report.max_position, at.end);
     if (!context_positions.empty()) {
       request.context = &context;
       request.context_positions = torch::cat(context_positions);

@@ -1,13 +1,15 @@
 // PoolEncoder: encodes a demonstration pool into a store once, block by block, with DBSA's
 // block-sparse attention, and appends to it later at the cost of the new blocks only.
 //
-// Block i (tokens at sequential pool positions) attends at every layer to the sink block(s) 0..s-1,
-// the previous j blocks i-j..i-1, and itself causally; nothing else. The context blocks' K/V are
-// the values as stored (in the task's K/V dtype), so encoding a block gives the same result whether
-// its predecessors were encoded in this run, an earlier interrupted run, or an earlier append. Each
-// block (every layer's pre-RoPE K and V, its texts, its BM25 postings) is one store transaction: an
-// interrupted build leaves a readable store, and re-running continues after the last committed
-// block.
+// Block i attends at every layer to the sink block(s) 0..s-1, the previous j blocks i-j..i-1, and
+// itself causally; nothing else. Its tokens and theirs take RoPE positions by the task's
+// PositionScheme (engine/task.h): sequential over the pool, or windowed (what the block sees laid
+// out from position 0, so positions stay below the tokens of s + j + 1 blocks). The context blocks'
+// K/V are the values as stored (in the task's K/V dtype), so encoding a block gives the same result
+// whether its predecessors were encoded in this run, an earlier interrupted run, or an earlier
+// append. Each block (every layer's pre-RoPE K and V, its texts, its BM25 postings) is one store
+// transaction: an interrupted build leaves a readable store, and re-running continues after the
+// last committed block.
 #ifndef SHOTDB_QUERY_DBSA_POOL_ENCODER_H_
 #define SHOTDB_QUERY_DBSA_POOL_ENCODER_H_
 
@@ -39,10 +41,11 @@ ModelFingerprint MakeFingerprint(const PoolModel& model, DType kv_dtype);
 struct PoolTaskOptions {
   std::string demo_template = std::string(PromptFormat::kDefaultTemplate);
   std::string separator = std::string(PromptFormat::kDefaultSeparator);
-  BlockConfig blocks;  // k (demos per block), j (window), sink blocks
+  BlockConfig blocks;  // k (demos per block), j (window), sink blocks, position scheme
   DType kv_dtype = DType::kBF16;
   Codec codec = Codec::kRaw;
-  TextTokenizerOptions bm25_tokenizer;
+  AnalyzerOptions analyzer;  // BM25 terms of blocks, demonstrations and queries
+  Bm25Params bm25;
   // The label set decoding is constrained to; empty = the distinct labels of the first build's
   // demonstrations, sorted.
   std::vector<std::string> labels;
@@ -52,6 +55,9 @@ struct EncodeProgress {
   uint64_t blocks_done = 0, blocks_total = 0;  // of this call
   uint64_t tokens_done = 0;                    // of this call
   double seconds = 0;                          // since this call started
+  // One past the largest RoPE position any block of this call was encoded at (compare it with the
+  // model's max_position_embeddings: beyond it the model runs outside its trained range).
+  uint64_t max_position = 0;
 };
 using EncodeProgressFn = std::function<void(const EncodeProgress&)>;
 
@@ -60,7 +66,7 @@ class PoolEncoder {
   PoolEncoder(Store* store, PoolModel model) : store_(store), model_(std::move(model)) {}
 
   // Creates `task` if it does not exist (FailedPrecondition if it exists with another model
-  // fingerprint or block config), then adds every demonstration of `demos` that the task does not
+  // fingerprint), then adds every demonstration of `demos` that the task does not
   // hold yet: they are grouped at random (seeded by `seed` and the task's block count) into blocks
   // of k and encoded. A demonstration's id is derived from its text, label and occurrence number
   // in `demos`, so re-running after an interruption skips what was committed. Use it for both
