@@ -7,7 +7,6 @@
 #include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
-#include <random>
 #include <thread>
 
 #include "engine/store.h"
@@ -129,10 +128,14 @@ int RunEncode(const char* command, const GlobalOptions& global, const ModelOptio
   auto demos = ReadLabeledTexts(input.path, input.file);
   if (!demos.ok()) return Fail(command, demos.status());
   if (input.sample > 0 && input.sample < demos->size()) {
-    // Data files are often sorted by label; --limit would then keep a few labels only.
-    std::mt19937_64 rng(seed ^ 0x5eed5a3b1eULL);
-    std::shuffle(demos->begin(), demos->end(), rng);
-    demos->resize(input.sample);
+    // Data files are often sorted by label; --limit would then keep a few labels only. The shuffle
+    // is GroupIntoBlocks' (the same on every platform), so a sample of n is the first n rows of a
+    // larger sample with the same seed: pools of growing size are nested.
+    const std::vector<size_t> order =
+        GroupIntoBlocks(demos->size(), demos->size(), seed ^ 0x5eed5a3b1eULL).front();
+    std::vector<LabeledText> sample;
+    for (size_t i = 0; i < input.sample; ++i) sample.push_back((*demos)[order[i]]);
+    *demos = std::move(sample);
   }
   auto loaded = LoadModel(m);
   if (!loaded.ok()) return Fail(command, loaded.status());

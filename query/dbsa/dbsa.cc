@@ -209,7 +209,6 @@ Result<std::vector<int32_t>> DbsaSession::SelectDemos(Snapshot* snapshot, std::s
     }
     if (hits.size() < k) break;  // every demonstration was ranked
   }
-  answer->budget_bound = full;
   // The text as placed; tokens merge differently at the joins than counted one by one, so drop
   // the lowest-scoring demonstrations until the whole fits.
   for (;;) {
@@ -241,7 +240,6 @@ Result<std::vector<int32_t>> DbsaSession::SelectDemos(Snapshot* snapshot, std::s
       return ids;
     }
     picks.pop_back();
-    answer->budget_bound = true;
   }
 }
 
@@ -423,7 +421,9 @@ Result<Answer> DbsaSession::Ask(std::string_view query, const AnswerOptions& opt
       SHOTDB_ASSIGN_OR_RETURN(
           std::vector<int32_t> ids,
           SelectDemos(snapshot.get(), query, options.selection, dbsa.context_tokens, &answer));
-      answer.budget_bound = answer.budget_bound || dbsa.budget_bound;
+      // Running out of DBSA's token count is how RetICL's selection always ends; what the budget
+      // bound is DBSA's selection, which set that count.
+      answer.budget_bound = dbsa.budget_bound;
       answer.timing.select = lap.LapMs();
       answer.context_tokens = ids.size();
       SHOTDB_ASSIGN_OR_RETURN(context, EncodeTokens(ids));

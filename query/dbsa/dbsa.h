@@ -93,7 +93,9 @@ struct Answer {
   // Tokens the context could take: the limit minus the prompt and the longest label (0 when the
   // model states no limit and none was given).
   uint64_t budget = 0;
-  bool budget_bound = false;  // the budget, not --ratio/--count, ended the selection
+  // The budget, not --ratio/--count, ended the selection (RetICL: ended DBSA's selection, whose
+  // token count RetICL fills).
+  bool budget_bound = false;
   Timing timing;
 };
 
