@@ -61,7 +61,7 @@ build_pool() {  # POOL POSITIONS BM25 K SINKS WINDOW -> prints the store dir
     flock 9
     "$bin" --store "$work/stores/$name" build --task nlu --demos "$train" --label-map "$labels" \
       "${sample[@]}" --positions "$positions" --bm25 "$bm25" -k "$k" --sink-blocks "$sinks" -j "$window" \
-      "${common[@]}" > "$work/stores/$name.build.txt" 2>&1 \
+      "${common[@]}" >> "$work/stores/$name.build.txt" 2>&1 \
       || { echo "nlu_accuracy: build $name failed:" >&2; tail -5 "$work/stores/$name.build.txt" >&2; exit 1; }
   ) 9> "$work/locks/$name" || return 1
   echo "$work/stores/$name"

@@ -525,3 +525,117 @@ TEST_F(CliTest, MissingStoreTaskAndBlockAreNamed) {
 
 }  // namespace
 }  // namespace shotdb
+
+namespace shotdb {
+namespace {
+
+// The model commands on the real default model (SmolLM2-135M, fetched by tools/fetch-model.sh; the
+// test skips without it, or in a build without libtorch): the options issue 9 added and their
+// errors. A pool of 30 example demonstrations in blocks of 5 keeps it to seconds on two cores.
+class ModelCommandsTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    const char* env = std::getenv("SHOTDB_MODEL");
+    const char* home = std::getenv("HOME");
+    model_ = env != nullptr ? env
+                            : std::string(home != nullptr ? home : "") +
+                                  "/.cache/shotdb/models/SmolLM2-135M-Instruct.Q4_1.gguf";
+    if (!std::ifstream(model_).good()) GTEST_SKIP() << "no default model at " << model_;
+    if (RunShotdb(dir_, {"build", "--help"}).rc != 0) GTEST_SKIP() << "built without libtorch";
+    store_ = dir_.Sub("store");
+  }
+  RunResult Run(std::vector<std::string> args) {
+    args.insert(args.begin(), {"--store", store_});
+    args.insert(args.end(), {"--model", model_, "--threads", "2"});
+    return RunShotdb(dir_, args);
+  }
+  RunResult Inspect(std::vector<std::string> args) {
+    args.insert(args.begin(), {"--store", store_});
+    return RunShotdb(dir_, args);
+  }
+  std::vector<std::string> Build(std::vector<std::string> extra = {}) {
+    std::vector<std::string> args = {"build",
+                                     "--task",
+                                     "t",
+                                     "--demos",
+                                     std::string(SHOTDB_SOURCE_DIR) + "/examples/intents_demos.csv",
+                                     "--limit",
+                                     "30",
+                                     "-k",
+                                     "5"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    return args;
+  }
+
+  TempDir dir_;
+  std::string model_, store_;
+};
+
+TEST_F(ModelCommandsTest, WindowedRetrivTaskBudgetAndErrors) {
+  RunResult built = Run(Build());
+  ASSERT_EQ(built.rc, 0) << built.err;
+  EXPECT_NE(built.out.find("windowed positions"), std::string::npos) << built.out;
+
+  RunResult info = Inspect({"info", "t", "--json"});
+  ASSERT_EQ(info.rc, 0) << info.err;
+  const json j = ParseJson(info);
+  EXPECT_EQ(j["block_config"]["positions"], "windowed");
+  EXPECT_EQ(j["bm25_analyzer"]["kind"], "retriv");
+  EXPECT_EQ(j["bm25"]["idf"], "lucene");
+  EXPECT_EQ(j["bm25"]["k1"], 1.2);
+
+  // Every block was encoded within sink + window + itself: 4 blocks of ~5 short demonstrations.
+  RunResult blocks = Inspect({"blocks", "t", "--json"});
+  ASSERT_EQ(blocks.rc, 0) << blocks.err;
+  const json bj = ParseJson(blocks);
+  ASSERT_EQ(bj.size(), 6u);
+  EXPECT_EQ(bj[5]["encoded_at"].get<uint64_t>(), bj[0]["tokens"].get<uint64_t>() +
+                                                     bj[3]["tokens"].get<uint64_t>() +
+                                                     bj[4]["tokens"].get<uint64_t>());
+
+  // Resuming with the task's own options adds nothing; asking for other ones is refused, named.
+  RunResult again = Run(Build());
+  EXPECT_EQ(again.rc, 0) << again.err;
+  EXPECT_NE(again.out.find("encoded 0 new blocks"), std::string::npos) << again.out;
+  RunResult other = Run(Build({"--positions", "sequential", "--bm25", "rank_bm25"}));
+  EXPECT_EQ(other.rc, 1);
+  EXPECT_NE(other.err.find("--positions sequential (the task has windowed)"), std::string::npos)
+      << other.err;
+  EXPECT_NE(other.err.find("--bm25"), std::string::npos) << other.err;
+  EXPECT_EQ(Run(Build({"--positions", "diagonal"})).rc, 2);
+  EXPECT_EQ(Run(Build({"--stopwords", dir_.Sub("missing.txt")})).rc, 2);
+
+  // Queries report the budget; RetICL spends DBSA's tokens on single demonstrations.
+  RunResult dbsa = Run({"query", "--task", "t", "wake me up at seven", "--ratio", "1", "--json"});
+  ASSERT_EQ(dbsa.rc, 0) << dbsa.err;
+  const json dj = ParseJson(dbsa);
+  EXPECT_EQ(dj["blocks"].size(), 6u);
+  EXPECT_EQ(dj["budget"].get<uint64_t>() + dj["prompt_tokens"].get<uint64_t>() > 8000, true);
+  EXPECT_FALSE(dj["budget_bound"].get<bool>());
+  RunResult reticl = Run({"query", "--task", "t", "wake me up at seven", "--ratio", "1", "--method",
+                          "reticl", "--json"});
+  ASSERT_EQ(reticl.rc, 0) << reticl.err;
+  const json rj = ParseJson(reticl);
+  EXPECT_GT(rj["demos"].size(), 20u);
+  EXPECT_LE(rj["context_tokens"].get<uint64_t>(), dj["context_tokens"].get<uint64_t>());
+  // A budget of two blocks binds the selection.
+  const uint64_t two = bj[0]["tokens"].get<uint64_t>() + bj[1]["tokens"].get<uint64_t>();
+  RunResult bound = Run({"query", "--task", "t", "wake me up at seven", "--ratio", "1",
+                         "--max-context", std::to_string(two + 40), "--json"});
+  ASSERT_EQ(bound.rc, 0) << bound.err;
+  const json bdj = ParseJson(bound);
+  EXPECT_TRUE(bdj["budget_bound"].get<bool>());
+  EXPECT_LE(bdj["context_tokens"].get<uint64_t>() + bdj["prompt_tokens"].get<uint64_t>(), two + 40);
+  RunResult tiny = Run({"query", "--task", "t", "wake me up at seven", "--max-context", "12"});
+  EXPECT_EQ(tiny.rc, 1);
+  EXPECT_NE(tiny.err.find("no room"), std::string::npos) << tiny.err;
+
+  RunResult demos = Inspect({"search", "t", "wake me up", "--demos", "-k", "3", "--json"});
+  ASSERT_EQ(demos.rc, 0) << demos.err;
+  const json sj = ParseJson(demos);
+  ASSERT_EQ(sj.size(), 3u);
+  EXPECT_TRUE(sj[0].contains("demo"));
+}
+
+}  // namespace
+}  // namespace shotdb

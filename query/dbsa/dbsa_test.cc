@@ -732,7 +732,7 @@ TEST_F(DbsaExactnessTest, CudaEncodeAndDecodeMatchCpu) {
       for (TensorKind kind : {TensorKind::kKey, TensorKind::kValue}) {
         const auto want = Stored(cpu_store.get(), block, 1, kind);
         const auto got = Stored(gpu_store.get(), block, 1, kind);
-        EXPECT_LT(MaxRelError(got, want), bf16 ? 3e-2 : 1e-4) << "block " << block;
+        EXPECT_LT(MaxRelError(got, want), bf16 ? 5e-2 : 1e-4) << "block " << block;
       }
     }
 
