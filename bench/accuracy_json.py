@@ -9,7 +9,9 @@ block count), "mean_selected" (blocks, or demonstrations for reticl), "budget_bo
 and the "machine" and "date" given on the command line. The configuration comes from the file
 name that nlu_accuracy.sh gives each eval: <pool>-<positions>-<bm25>-k<K>-s<S>-j<J>-c<count>-<methods>.
 
-Usage: python3 bench/accuracy_json.py --machine "H200, f32" --date 2026-11-30 EVAL.json... > out.json
+Usage: python3 bench/accuracy_json.py --machine "H200, f32" --date 2026-11-30 [--merge OLD.json]
+           EVAL.json... > out.json
+(--merge keeps the rows of an earlier output, e.g. another machine's, and adds these.)
 """
 import argparse
 import json
@@ -27,9 +29,13 @@ def main():
     parser.add_argument("--date", required=True)
     parser.add_argument("--all-demos", type=int, default=19287,
                         help="pool size that the name 'all' stands for")
+    parser.add_argument("--merge", help="an earlier output whose rows are kept")
     parser.add_argument("files", nargs="+")
     args = parser.parse_args()
     rows = []
+    if args.merge:
+        with open(args.merge, encoding="utf-8") as f:
+            rows = json.load(f)
     for path in args.files:
         m = NAME.match(os.path.basename(path)[: -len(".json")])
         if not m:
