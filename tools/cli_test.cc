@@ -541,8 +541,8 @@ class ModelCommandsTest : public ::testing::Test {
                             : std::string(home != nullptr ? home : "") +
                                   "/.cache/shotdb/models/SmolLM2-135M-Instruct.Q4_1.gguf";
     if (!std::ifstream(model_).good()) GTEST_SKIP() << "no default model at " << model_;
-    if (RunShotdb(dir_, {"--help"}).out.find("\n  build ") == std::string::npos) {
-      GTEST_SKIP() << "shotdb was built without libtorch (no model commands)";
+    if (RunShotdb(dir_, {"build", "--help"}).out.find("--demos") == std::string::npos) {
+      GTEST_SKIP() << "shotdb was built without libtorch (no shotdb-model)";
     }
     store_ = dir_.Sub("store");
   }

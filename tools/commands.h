@@ -30,8 +30,9 @@ void SetAction(CLI::App* sub, std::function<int()> action);
 // ls, info, blocks, show, search, verify, stats, rm, export, import, compact (inspect_commands.cc).
 void RegisterInspectCommands(CLI::App& app, const GlobalOptions& global);
 
-#ifdef SHOTDB_HAVE_TORCH
-// build, append, query, eval (model_commands.cc, only built with libtorch).
+#ifdef SHOTDB_MODEL_COMMANDS
+// build, append, query, eval (model_commands.cc): only in `shotdb-model`, which links libtorch
+// (shotdb_main.cc says how `shotdb` reaches them).
 void RegisterModelCommands(CLI::App& app, const GlobalOptions& global);
 #endif
 

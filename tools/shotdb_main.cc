@@ -1,8 +1,21 @@
 // shotdb: the command-line interface to a shotdb store (docs/cli.md).
+//
+// Two executables are built from this file. `shotdb` holds the commands that run no model (ls,
+// info, blocks, show, search, verify, stats, rm, export, import, compact) and links no libtorch, so
+// it starts in milliseconds. The model commands (build, append, query, eval) live in
+// `shotdb-model` (SHOTDB_MODEL_COMMANDS, built only with libtorch), the same program with
+// libtorch: `shotdb` hands such a command line over to it unchanged (execv of the `shotdb-model`
+// next to its own executable), so users only ever type `shotdb`.
+#include <unistd.h>
+
 #include <CLI/CLI.hpp>
+#include <cerrno>
 #include <cstdlib>
+#include <cstring>
 #include <exception>
 #include <iostream>
+#include <string>
+#include <string_view>
 
 #include "tools/commands.h"
 
@@ -17,9 +30,63 @@ void SetAction(CLI::App* sub, std::function<int()> action) {
 
 }  // namespace shotdb::cli
 
+namespace {
+
+constexpr int kUsageError = 2;
+constexpr const char* kModelCommands[][2] = {
+    {"build", "Encode a demonstration pool into a task (resumable)"},
+    {"append", "Add demonstrations to a task as new blocks"},
+    {"query", "Answer a query from a task's pool"},
+    {"eval", "Accuracy and latency over a labelled test set"},
+};
+
+#ifndef SHOTDB_MODEL_COMMANDS
+// The model command that argv names, if any: the first argument that is not a global option.
+const char* ModelCommandIn(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) {
+    const std::string_view arg = argv[i];
+    if (arg == "--store") {
+      ++i;
+      continue;
+    }
+    if (arg.rfind("--store=", 0) == 0) continue;
+    for (const auto& command : kModelCommands) {
+      if (arg == command[0]) return command[0];
+    }
+    return nullptr;
+  }
+  return nullptr;
+}
+
+// The path of `shotdb-model` next to this executable ("" when /proc/self/exe is unreadable).
+std::string ModelHelperPath() {
+  char self[4096];
+  const ssize_t n = ::readlink("/proc/self/exe", self, sizeof(self) - 1);
+  if (n <= 0) return "";
+  std::string path(self, static_cast<size_t>(n));
+  return path.substr(0, path.rfind('/') + 1) + "shotdb-model";
+}
+#endif
+
+}  // namespace
+
 int main(int argc, char** argv) {
   using shotdb::cli::GlobalOptions;
-  constexpr int kUsageError = 2;
+#ifndef SHOTDB_MODEL_COMMANDS
+  if (const char* command = ModelCommandIn(argc, argv)) {
+    const std::string helper = ModelHelperPath();
+    if (!helper.empty() && ::access(helper.c_str(), X_OK) == 0) {
+      ::execv(helper.c_str(), argv);
+      std::cerr << "shotdb " << command << ": cannot run " << helper << ": " << std::strerror(errno)
+                << '\n';
+      return 1;
+    }
+    std::cerr << "shotdb " << command
+              << ": this shotdb was built without the model runtime (libtorch); the model "
+                 "commands need `shotdb-model` next to it (configure with SHOTDB_WITH_TORCH=ON)\n";
+    return kUsageError;
+  }
+#endif
 
   CLI::App app{"shotdb: a persistent KV-cache store for many-shot in-context learning"};
   app.name("shotdb");
@@ -34,8 +101,11 @@ int main(int argc, char** argv) {
       ->capture_default_str();
 
   shotdb::cli::RegisterInspectCommands(app, global);
-#ifdef SHOTDB_HAVE_TORCH
+#ifdef SHOTDB_MODEL_COMMANDS
   shotdb::cli::RegisterModelCommands(app, global);
+#else
+  // Listed in --help; a command line naming one never gets here (see above).
+  for (const auto& command : kModelCommands) app.add_subcommand(command[0], command[1]);
 #endif
 
   try {
