@@ -258,6 +258,7 @@ class Store {
   Status Compact(const std::string& dest_dir) const;
 
   const std::string& dir() const { return dir_; }
+  bool read_only() const { return options_.read_only; }
 
  private:
   friend class Snapshot;

@@ -7,7 +7,7 @@ pkgs=(cmake ninja-build g++ pkg-config
       libtorch-dev libopenblas0-pthread
       libcli11-dev nlohmann-json3-dev libfmt-dev libpcre2-dev
       libstemmer-dev liblingua-stopwords-perl
-      python3 python3-pip unzip)
+      python3 python3-pip python3-venv python3-numpy python3-torch python3-pytest unzip)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

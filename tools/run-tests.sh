@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up a fresh machine and runs every test: the normal (Release) build with libtorch and CUDA
-# compilation where available, then an ASan+UBSan build of the storage layers.
+# compilation where available, the Python package (pip install . and its pytest suite), then an
+# ASan+UBSan build of the storage layers.
 # Usage: bash tools/run-tests.sh            (from the repository root)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +13,15 @@ echo "== Release build =="
 cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
 ninja -C build -j"$jobs"
 ctest --test-dir build --output-on-failure -j"$jobs"
+
+echo "== Python package (pip install . into a venv over Debian's python3-numpy and python3-torch) =="
+# Debian's python3 (not a pyenv one) so that its numpy and torch are importable in the venv.
+py=/usr/bin/python3
+[ -x "$py" ] || py=python3
+rm -rf .venv-test
+"$py" -m venv --system-site-packages .venv-test
+.venv-test/bin/python -m pip install --quiet --disable-pip-version-check .
+SHOTDB_CLI=build/tools/shotdb .venv-test/bin/python -m pytest -q python/tests
 
 echo "== ASan+UBSan build (format, engine, tools, and gpu/ host code where nvcc is found) =="
 cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DSHOTDB_SANITIZE=ON \
