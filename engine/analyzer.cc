@@ -6,6 +6,8 @@
 #include <cstring>
 #include <fstream>
 
+#include "util/utf8.h"
+
 namespace shotdb {
 namespace {
 
@@ -127,15 +129,6 @@ std::string AsciiLower(std::string s) {
     if (c >= 'A' && c <= 'Z') c = static_cast<char>(c - 'A' + 'a');
   }
   return s;
-}
-
-bool IsValidUtf8(std::string_view s) {
-  for (size_t i = 0; i < s.size();) {
-    const Char c = DecodeAt(s, i);
-    if (c.invalid()) return false;
-    i += c.len;
-  }
-  return true;
 }
 
 }  // namespace

@@ -13,10 +13,13 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <cstdio>
+#include <cstring>
 #include <random>
 #include <set>
 
 #include "engine/bm25.h"
+#include "query/dbsa/demo_file.h"
 #include "query/dbsa/pool_encoder.h"
 #include "util/file_util.h"
 
@@ -665,6 +668,109 @@ TEST_F(DbsaExactnessTest, AddDemonstrationsIsResumableAndChecksLabelsAndModel) {
                   .AddDemonstrations("t", options, demos, 7)
                   .IsFailedPrecondition());
   EXPECT_TRUE(DbsaSession::Open(store->get(), "t", other).status().IsFailedPrecondition());
+}
+
+// Every block of two stores, info and payload bytes, compared.
+void ExpectSameBlocks(Store* a, Store* b, const std::string& task) {
+  auto sa = a->BeginSnapshot();
+  auto sb = b->BeginSnapshot();
+  ASSERT_TRUE(sa.ok() && sb.ok());
+  const TaskInfo ta = *(*sa)->GetTask(task), tb = *(*sb)->GetTask(task);
+  ASSERT_EQ(ta.num_blocks, tb.num_blocks);
+  EXPECT_EQ(ta.num_demos, tb.num_demos);
+  for (uint32_t i = 0; i < ta.num_blocks; ++i) {
+    EXPECT_EQ(*(*sa)->GetBlock(task, i), *(*sb)->GetBlock(task, i)) << "block " << i;
+    for (uint32_t l = 0; l < ta.model.num_layers; ++l) {
+      for (TensorKind kind : {TensorKind::kKey, TensorKind::kValue}) {
+        auto pa = (*sa)->GetPayload(task, i, l, kind);
+        auto pb = (*sb)->GetPayload(task, i, l, kind);
+        ASSERT_TRUE(pa.ok() && pb.ok());
+        ASSERT_EQ(pa->size, pb->size);
+        EXPECT_EQ(std::memcmp(pa->data, pb->data, pa->size), 0) << "block " << i << " layer " << l;
+      }
+    }
+  }
+}
+
+// An interrupted build resumes to exactly the uninterrupted result: the grouping comes from the
+// input and the seed alone, so the resumed run skips the committed blocks and encodes the rest as
+// they would have been. (tools/cli_test.cc does the same with a real SIGKILL of `shotdb build`.)
+TEST_F(DbsaExactnessTest, ResumedBuildEqualsUninterruptedBuild) {
+  PoolTaskOptions options;
+  options.blocks.demos_per_block = 3;
+  options.blocks.window = 1;
+  options.kv_dtype = DType::kF32;
+  options.labels = kLabels;
+  std::vector<LabeledText> demos;
+  for (const auto& g : MakeGroups(4, 5)) {
+    for (const auto& d : g) demos.push_back({d.text, d.label});
+  }
+  auto whole = Store::Open(dir_.Sub("whole"));
+  auto resumed = Store::Open(dir_.Sub("resumed"));
+  ASSERT_TRUE(whole.ok() && resumed.ok());
+  ASSERT_TRUE(PoolEncoder(whole->get(), pool_).AddDemonstrations("t", options, demos, 9).ok());
+  // The interrupted run: the task and the plan's first two blocks, as a killed build leaves them.
+  const auto plan = PlanBlocks(demos, 3, 9);
+  ASSERT_EQ(plan.size(), 7u);  // 20 demonstrations in blocks of 3
+  ASSERT_TRUE(PoolEncoder(resumed->get(), pool_).AddDemonstrations("t", options, {}, 9).ok());
+  ASSERT_TRUE(
+      PoolEncoder(resumed->get(), pool_).EncodeBlocks("t", {plan.begin(), plan.begin() + 2}).ok());
+  EncodeProgress last;
+  ASSERT_TRUE(
+      PoolEncoder(resumed->get(), pool_)
+          .AddDemonstrations("t", options, demos, 9, [&](const EncodeProgress& p) { last = p; })
+          .ok());
+  EXPECT_EQ(last.blocks_done, 5u);  // only the missing blocks were encoded
+  ExpectSameBlocks(whole->get(), resumed->get(), "t");
+}
+
+// Every row is checked before the task is created: a bad row leaves no trace.
+TEST_F(DbsaExactnessTest, BadRowsAreRefusedBeforeAnythingIsWritten) {
+  auto store = Store::Open(dir_.Sub("v"));
+  ASSERT_TRUE(store.ok());
+  PoolTaskOptions options;
+  options.labels = kLabels;
+  std::vector<LabeledText> demos = {{"sky", "red"}, {"sea", "blue"}, {"leaf", "purple"}};
+  Status s = PoolEncoder(store->get(), pool_).AddDemonstrations("t", options, demos, 1);
+  EXPECT_TRUE(s.IsInvalidArgument()) << s.ToString();
+  EXPECT_NE(s.message().find("demonstration 3: label 'purple'"), std::string::npos) << s.ToString();
+  // Blocks that could not fit the tiny model's 256 positions.
+  options.blocks.demos_per_block = 50;
+  std::vector<LabeledText> long_demos(60, {std::string(40, 'x'), "red"});
+  s = PoolEncoder(store->get(), pool_).AddDemonstrations("t", options, long_demos, 1);
+  EXPECT_TRUE(s.IsInvalidArgument()) << s.ToString();
+  EXPECT_NE(s.message().find("beyond the model's 256 positions"), std::string::npos)
+      << s.ToString();
+  auto snap = (*store)->BeginSnapshot();
+  ASSERT_TRUE(snap.ok());
+  EXPECT_TRUE((*snap)->ListTasks()->empty());
+}
+
+TEST(DemoFileTest, RowsAreCheckedNamingFileRowAndColumn) {
+  char tmpl[] = "/tmp/shotdb_demo_file_XXXXXX";
+  const std::string dir = mkdtemp(tmpl);
+  const std::string csv = dir + "/d.csv";
+  auto write = [&](const std::string& body) {
+    FILE* f = std::fopen(csv.c_str(), "wb");
+    std::fwrite(body.data(), 1, body.size(), f);
+    std::fclose(f);
+  };
+  write("text,label\nwake me up,alarm\nplay \xff jazz,music\n");
+  Status s = ReadLabeledTexts(csv, {}).status();
+  EXPECT_TRUE(s.IsInvalidArgument());
+  EXPECT_EQ(s.message(), csv + ": row 2, column 'text': not valid UTF-8 (byte 0xff at offset 5)");
+  write("text,label\nwake me up,alarm\nrain,\n");
+  s = ReadLabeledTexts(csv, {}).status();
+  EXPECT_EQ(s.message(), csv + ": row 2, column 'label': empty") << s.ToString();
+  write("text,label\n" + std::string(kMaxFieldBytes + 1, 'a') + ",alarm\n");
+  s = ReadLabeledTexts(csv, {}).status();
+  EXPECT_NE(s.message().find("row 1, column 'text': 65537 bytes"), std::string::npos)
+      << s.ToString();
+  write("text,label\nwake me up,alarm\ncaf\xc3\xa9 music,music\n");
+  auto rows = ReadLabeledTexts(csv, {});
+  ASSERT_TRUE(rows.ok()) << rows.status().ToString();
+  EXPECT_EQ((*rows)[1].text, "caf\xc3\xa9 music");
+  EXPECT_TRUE(RemoveAll(dir).ok());
 }
 
 TEST_F(DbsaExactnessTest, DeviceCacheAndChunkedPrefillChangeNothing) {

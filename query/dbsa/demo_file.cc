@@ -1,9 +1,11 @@
 #include "query/dbsa/demo_file.h"
 
+#include <cstdio>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
 #include "util/csv.h"
+#include "util/utf8.h"
 
 namespace shotdb {
 
@@ -94,8 +96,23 @@ Result<std::vector<LabeledText>> ReadLabeledTexts(const std::string& path,
   }
   for (size_t i = 0; i < rows->size(); ++i) {
     LabeledText& t = (*rows)[i];
-    if (t.text.empty()) return Status::InvalidArgument(Where(path, i + 1) + ": empty text");
-    if (t.label.empty()) return Status::InvalidArgument(Where(path, i + 1) + ": empty label");
+    for (const auto& [column, value] :
+         {std::pair{&options.text_column, &t.text}, {&options.label_column, &t.label}}) {
+      const std::string where = Where(path, i + 1) + ", column '" + *column + "'";
+      if (value->empty()) return Status::InvalidArgument(where + ": empty");
+      size_t bad = 0;
+      if (!IsValidUtf8(*value, &bad)) {
+        char byte[8];
+        std::snprintf(byte, sizeof byte, "0x%02x", static_cast<unsigned char>((*value)[bad]));
+        return Status::InvalidArgument(where + ": not valid UTF-8 (byte " + byte + " at offset " +
+                                       std::to_string(bad) + ")");
+      }
+      if (value->size() > kMaxFieldBytes) {
+        return Status::InvalidArgument(where + ": " + std::to_string(value->size()) +
+                                       " bytes, more than the " + std::to_string(kMaxFieldBytes) +
+                                       " a demonstration may have");
+      }
+    }
     if (!label_map.empty()) {
       auto it = label_map.find(t.label);
       if (it == label_map.end()) {

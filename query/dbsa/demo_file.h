@@ -27,8 +27,13 @@ struct DemoFileOptions {
   size_t limit = 0;
 };
 
-// Reads every row. InvalidArgument naming the file, row and field for a missing column, an empty
-// text or label, an unknown label id, or malformed JSON; IOError if the file cannot be read.
+// The longest text or label a row may hold (64 KiB; a demonstration is a sentence or a paragraph).
+constexpr size_t kMaxFieldBytes = 64 * 1024;
+
+// Reads every row and checks it before returning any. InvalidArgument naming the file, row (data
+// rows from 1) and column for a missing column, an empty text or label, one that is not valid
+// UTF-8 (with the offending byte and offset) or longer than kMaxFieldBytes, an unknown label id,
+// or malformed JSON; IOError if the file cannot be read.
 Result<std::vector<LabeledText>> ReadLabeledTexts(const std::string& path,
                                                   const DemoFileOptions& options);
 

@@ -51,15 +51,34 @@ Result<std::vector<int32_t>> TokenizeBlock(const Tokenizer& tokenizer, const std
   return ids;
 }
 
+std::vector<std::vector<Demonstration>> PlanBlocks(const std::vector<LabeledText>& demos,
+                                                   uint32_t demos_per_block, uint64_t seed) {
+  std::vector<Demonstration> all;
+  std::map<std::pair<std::string, std::string>, uint64_t> occurrences;
+  for (const LabeledText& d : demos) {
+    all.push_back({DemonstrationId(d, occurrences[{d.label, d.text}]++), d.text, d.label});
+  }
+  std::vector<std::vector<Demonstration>> groups;
+  for (const auto& members : GroupIntoBlocks(all.size(), demos_per_block, seed)) {
+    std::vector<Demonstration> group;
+    for (size_t m : members) group.push_back(all[m]);
+    groups.push_back(std::move(group));
+  }
+  return groups;
+}
+
 Status PoolEncoder::AddDemonstrations(const std::string& task_name, const PoolTaskOptions& options,
                                       const std::vector<LabeledText>& demos, uint64_t seed,
                                       const EncodeProgressFn& progress) {
+  // The task as it is, or as it will be created; nothing is written until every row checked out.
   TaskInfo task;
+  bool exists = false;
   {
     SHOTDB_ASSIGN_OR_RETURN(auto snapshot, store_->BeginSnapshot());
     auto existing = snapshot->GetTask(task_name);
     if (existing.ok()) {
       task = *existing;
+      exists = true;
       const ModelFingerprint ours = MakeFingerprint(model_, task.model.dtype);
       if (ours != task.model) {
         return Status::FailedPrecondition("task '" + task_name + "' was encoded with model " +
@@ -81,41 +100,70 @@ Status PoolEncoder::AddDemonstrations(const std::string& task_name, const PoolTa
         task.labels.assign(distinct.begin(), distinct.end());
       }
       task.metadata_json = "{\"weights_digest\":\"" + model_.weights_digest + "\"}";
-      SHOTDB_RETURN_IF_ERROR(store_->CreateTask(task));
     } else {
       return existing.status();
     }
   }
+  if (task.blocks.demos_per_block == 0) {
+    return Status::InvalidArgument("demonstrations per block must be at least 1");
+  }
+  SHOTDB_ASSIGN_OR_RETURN(PromptFormat format,
+                          PromptFormat::Create(task.prompt_template, task.separator));
 
+  // Every row before anything is written: its label is the task's, its text and label encode
+  // (valid UTF-8), and no block could exceed the model's context.
   const std::set<std::string> labels(task.labels.begin(), task.labels.end());
-  std::vector<Demonstration> fresh;
-  {
-    SHOTDB_ASSIGN_OR_RETURN(auto snapshot, store_->BeginSnapshot());
-    std::map<std::pair<std::string, std::string>, uint64_t> occurrences;
-    for (size_t i = 0; i < demos.size(); ++i) {
-      const LabeledText& d = demos[i];
-      if (!labels.count(d.label)) {
-        return Status::InvalidArgument("demonstration " + std::to_string(i + 1) + ": label '" +
-                                       d.label + "' is not one of task '" + task_name +
-                                       "''s labels");
-      }
-      const uint64_t id = DemonstrationId(d, occurrences[{d.label, d.text}]++);
-      auto stored = snapshot->GetDemonstration(task_name, id);
-      if (stored.ok()) continue;  // committed by an earlier (perhaps interrupted) run
-      if (!stored.status().IsNotFound()) return stored.status();
-      fresh.push_back({id, d.text, d.label});
+  std::vector<size_t> demo_tokens(demos.size());
+  for (size_t i = 0; i < demos.size(); ++i) {
+    const LabeledText& d = demos[i];
+    const std::string where = "demonstration " + std::to_string(i + 1);
+    if (!labels.count(d.label)) {
+      return Status::InvalidArgument(where + ": label '" + d.label + "' is not one of task '" +
+                                     task_name + "''s labels");
+    }
+    auto ids = model_.tokenizer->Encode(format.separator() + format.FormatDemo(d.text, d.label),
+                                        /*add_bos=*/false, /*parse_special=*/false);
+    if (!ids.ok()) return ids.status().WithContext(where);
+    demo_tokens[i] = ids->size();
+  }
+  const int64_t window = model_.model->config().max_position_embeddings;
+  if (window > 0 && !demos.empty()) {
+    // The longest possible block: the k longest demonstrations.
+    std::vector<size_t> sorted = demo_tokens;
+    std::sort(sorted.rbegin(), sorted.rend());
+    size_t longest = 0;
+    for (size_t i = 0; i < sorted.size() && i < task.blocks.demos_per_block; ++i) {
+      longest += sorted[i];
+    }
+    if (longest > static_cast<size_t>(window)) {
+      return Status::InvalidArgument("blocks of " + std::to_string(task.blocks.demos_per_block) +
+                                     " demonstrations can reach " + std::to_string(longest) +
+                                     " tokens, beyond the model's " + std::to_string(window) +
+                                     " positions; use fewer demonstrations per block");
     }
   }
 
-  // Mixing in the block count gives each append its own shuffle while keeping a re-run identical.
-  const uint64_t group_seed = seed ^ (task.num_blocks * 0x9e3779b97f4a7c15ull);
+  // The grouping of the whole input is fixed by the seed and the input alone, so a run that
+  // resumes an interrupted one encodes exactly the blocks it would have: groups whose
+  // demonstrations are all stored are skipped, the others encoded in plan order (a group only
+  // partly stored, possible when the input overlaps an earlier build's, keeps its new members).
   std::vector<std::vector<Demonstration>> groups;
-  for (const auto& members :
-       GroupIntoBlocks(fresh.size(), task.blocks.demos_per_block, group_seed)) {
-    std::vector<Demonstration> group;
-    for (size_t m : members) group.push_back(fresh[m]);
-    groups.push_back(std::move(group));
+  {
+    SHOTDB_ASSIGN_OR_RETURN(auto snapshot, store_->BeginSnapshot());
+    for (auto& group : PlanBlocks(demos, task.blocks.demos_per_block, seed)) {
+      std::vector<Demonstration> fresh;
+      for (Demonstration& d : group) {
+        if (exists) {
+          auto stored = snapshot->GetDemonstration(task_name, d.id);
+          if (stored.ok()) continue;  // committed by an earlier (perhaps interrupted) run
+          if (!stored.status().IsNotFound()) return stored.status();
+        }
+        fresh.push_back(std::move(d));
+      }
+      if (!fresh.empty()) groups.push_back(std::move(fresh));
+    }
   }
+  if (!exists) SHOTDB_RETURN_IF_ERROR(store_->CreateTask(task));
   return EncodeBlocks(task_name, groups, progress);
 }
 

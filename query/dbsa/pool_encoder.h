@@ -66,11 +66,14 @@ class PoolEncoder {
   PoolEncoder(Store* store, PoolModel model) : store_(store), model_(std::move(model)) {}
 
   // Creates `task` if it does not exist (FailedPrecondition if it exists with another model
-  // fingerprint), then adds every demonstration of `demos` that the task does not
-  // hold yet: they are grouped at random (seeded by `seed` and the task's block count) into blocks
-  // of k and encoded. A demonstration's id is derived from its text, label and occurrence number
-  // in `demos`, so re-running after an interruption skips what was committed. Use it for both
-  // `build` and `append`.
+  // fingerprint), then adds every demonstration of `demos` that the task does not hold yet, in the
+  // blocks PlanBlocks(demos, k, seed) groups them into. A demonstration's id is derived from its
+  // text, label and occurrence number in `demos`, and the plan from the input and the seed alone,
+  // so re-running after an interruption skips the committed blocks and encodes exactly the ones
+  // an uninterrupted run would have (byte-identical). Every row is checked before anything is
+  // written (InvalidArgument naming the demonstration's number: a label not the task's, text that
+  // does not encode, e.g. invalid UTF-8, or blocks that could pass the model's context). Use it for
+  // both `build` and `append`.
   Status AddDemonstrations(const std::string& task, const PoolTaskOptions& options,
                            const std::vector<LabeledText>& demos, uint64_t seed,
                            const EncodeProgressFn& progress = {});
@@ -90,6 +93,11 @@ class PoolEncoder {
   std::map<uint32_t, BlockKV> window_;  // recently encoded blocks' K/V as stored, model dtype
   std::string window_task_;
 };
+
+// How AddDemonstrations groups `demos` (ids derived from text, label and occurrence; a seeded
+// shuffle of the whole input into blocks of `demos_per_block`, the last one smaller).
+std::vector<std::vector<Demonstration>> PlanBlocks(const std::vector<LabeledText>& demos,
+                                                   uint32_t demos_per_block, uint64_t seed);
 
 // The tokens of a block's text: BOS first for block 0 when the tokenizer asks for it.
 Result<std::vector<int32_t>> TokenizeBlock(const Tokenizer& tokenizer, const std::string& text,
