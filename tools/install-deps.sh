@@ -6,7 +6,7 @@ pkgs=(cmake ninja-build g++ pkg-config
       libgtest-dev libgmock-dev libbenchmark-dev
       libtorch-dev libopenblas0-pthread
       libcli11-dev nlohmann-json3-dev libfmt-dev libpcre2-dev
-      libstemmer-dev liblingua-stopwords-perl
+      libstemmer-dev liblingua-stopwords-perl clang libclang-rt-14-dev
       python3 python3-pip python3-venv python3-numpy python3-torch python3-pytest unzip)
 missing=()
 for p in "${pkgs[@]}"; do

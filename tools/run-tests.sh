@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up a fresh machine and runs every test: the normal (Release) build with libtorch and CUDA
-# compilation where available, the Python package (pip install . and its pytest suite), then an
-# ASan+UBSan build of the storage layers.
+# compilation where available, the Python package (pip install . and its pytest suite), an
+# ASan+UBSan build of the storage layers and file readers, then each libFuzzer harness briefly.
 # Usage: bash tools/run-tests.sh            (from the repository root)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,3 +29,6 @@ cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DSHOTDB_SANITIZE=ON 
 ninja -C build-asan -j"$jobs"
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
   ctest --test-dir build-asan --output-on-failure -j"$jobs"
+
+echo "== libFuzzer: every reader of outside bytes, 15 s each (fuzz/run.sh; docs/fuzzing.md) =="
+bash fuzz/run.sh 15
