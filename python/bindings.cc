@@ -688,6 +688,17 @@ NB_MODULE(_shotdb, m) {
             return name;
           },
           "path"_a, "Adds the task of an export file; returns its name.")
+      .def(
+          "_engine",
+          [](const PyStore& s) {
+            // For shotdb._runtime (Session): a shared reference to the engine store, so that one
+            // directory stays opened once per process.
+            auto* ref = new std::shared_ptr<Store>(s.Use());
+            return nb::capsule(ref, "shotdb.Store", [](void* p) noexcept {
+              delete static_cast<std::shared_ptr<Store>*>(p);
+            });
+          },
+          "Internal: the engine store, for shotdb.Session.")
       .def("__enter__", [](nb::handle self) { return self; })
       .def("__exit__", [](PyStore& s, nb::args) { s.Close(); });
 }

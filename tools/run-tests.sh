@@ -20,7 +20,10 @@ py=/usr/bin/python3
 [ -x "$py" ] || py=python3
 rm -rf .venv-test
 "$py" -m venv --system-site-packages .venv-test
-.venv-test/bin/python -m pip install --quiet --disable-pip-version-check .
+# With the model runtime (shotdb.Session), which links Debian's libtorch; `import shotdb` still
+# loads only the engine.
+.venv-test/bin/python -m pip install --quiet --disable-pip-version-check . \
+  --config-settings=cmake.define.SHOTDB_WITH_TORCH=ON
 SHOTDB_CLI=build/tools/shotdb .venv-test/bin/python -m pytest -q python/tests
 
 echo "== ASan+UBSan build (format, engine, tools, and gpu/ host code where nvcc is found) =="

@@ -20,7 +20,24 @@ from .errors import (AlreadyExistsError, CorruptionError, FailedPreconditionErro
                      InvalidArgumentError, NotFoundError, NotSupportedError, ShotdbError,
                      StoreIOError)
 
-__all__ = [
+
+
+def Session(store, task, model, **options):
+    """Answers queries from `task` of `store` through the C++ model runtime, exactly as
+    `shotdb query` does: ``Session(store, "nlu", "model.gguf").ask("wake me up")`` returns a dict
+    with the label, its log-probability, the selected blocks, the budget and the timing. Options:
+    device, dtype, threads, cache_gb, max_context. Needs the package built with libtorch
+    (``pip install . -C cmake.define.SHOTDB_WITH_TORCH=ON``); importing shotdb never loads it."""
+    try:
+        from ._runtime import Session as _Session
+    except ImportError as e:
+        raise NotSupportedError(
+            "this shotdb package was built without the model runtime (libtorch); reinstall with "
+            "pip install . -C cmake.define.SHOTDB_WITH_TORCH=ON") from e
+    return _Session(store, task, model, **options)
+
+
+__all__ = ["Session", 
     "Store", "KvHandle", "errors", "ShotdbError", "NotFoundError", "CorruptionError",
     "InvalidArgumentError", "StoreIOError", "AlreadyExistsError", "NotSupportedError",
     "FailedPreconditionError",

@@ -1,0 +1,173 @@
+// The `shotdb._runtime` extension: queries through the C++ model runtime (query/dbsa/dbsa.h), so a
+// Python user gets exactly the answers `shotdb query` gives. Built only with libtorch
+// (`pip install . -C cmake.define.SHOTDB_WITH_TORCH=ON`); `import shotdb` never loads it.
+//
+// A Session uses the engine store of a `shotdb.Store` object (handed over as a capsule holding a
+// shared reference, so one directory is opened once per process, as LMDB requires).
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "engine/store.h"
+#include "query/dbsa/dbsa.h"
+#include "query/dbsa/kv_tensor.h"
+#include "query/model/llama.h"
+#include "query/tokenizer/tokenizer.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace shotdb::python {
+namespace {
+
+struct StatusError {
+  Status status;
+};
+
+template <typename T>
+T Check(Result<T> r) {
+  if (!r.ok()) throw StatusError{r.status()};
+  return std::move(r).value();
+}
+
+const char* ErrorClassName(const Status& s) {
+  if (s.IsNotFound()) return "NotFoundError";
+  if (s.IsCorruption()) return "CorruptionError";
+  if (s.IsInvalidArgument()) return "InvalidArgumentError";
+  if (s.IsIOError()) return "StoreIOError";
+  if (s.IsAlreadyExists()) return "AlreadyExistsError";
+  if (s.IsNotSupported()) return "NotSupportedError";
+  if (s.IsFailedPrecondition()) return "FailedPreconditionError";
+  return "ShotdbError";
+}
+
+class Session {
+ public:
+  Session(nb::object store, const std::string& task, const std::string& model,
+          const std::string& device, const std::string& dtype, int threads, double cache_gb,
+          int64_t max_context) {
+    nb::capsule cap = nb::cast<nb::capsule>(store.attr("_engine")());
+    store_ = *static_cast<std::shared_ptr<Store>*>(cap.data());
+    nb::gil_scoped_release release;
+    torch::set_num_threads(threads > 0 ? threads
+                                       : static_cast<int>(std::thread::hardware_concurrency()));
+    LoadOptions options;
+    try {
+      options.device = torch::Device(device);
+    } catch (const std::exception&) {
+      throw StatusError{
+          Status::InvalidArgument("device '" + device + "': expected cpu or cuda[:N]")};
+    }
+    const std::string d = dtype.empty() ? (options.device.is_cuda() ? "bf16" : "f32") : dtype;
+    const auto parsed = ParseDType(d);
+    if (!parsed) {
+      throw StatusError{Status::InvalidArgument("dtype '" + d + "': expected f32, bf16 or f64")};
+    }
+    options.dtype = TorchType(*parsed);
+    model_ = Check(LlamaModel::Load(model, options));
+    tokenizer_ = Check(LoadTokenizer(model));
+    const std::string digest = Check(WeightsDigest(model));
+    SessionOptions session;
+    session.cache_bytes = static_cast<size_t>(cache_gb * (1ull << 30));
+    session.max_context = max_context;
+    session_ = Check(
+        DbsaSession::Open(store_.get(), task, {model_.get(), tokenizer_.get(), digest}, session));
+  }
+
+  nb::dict Ask(const std::string& text, const std::string& method, double ratio, uint32_t count,
+               const std::string& order, bool free, int64_t max_new_tokens) {
+    AnswerOptions o;
+    const auto m = ParseMethod(method);
+    if (!m) {
+      throw StatusError{Status::InvalidArgument(
+          "method '" + method + "': expected dbsa, reticl, reticl-blocks or fixedicl")};
+    }
+    if (order != "encoding" && order != "score") {
+      throw StatusError{
+          Status::InvalidArgument("order '" + order + "': expected encoding or score")};
+    }
+    o.method = *m;
+    o.selection.ratio = ratio;
+    o.selection.count = count;
+    o.selection.ascending_score = order == "score";
+    o.free_text = free;
+    o.max_new_tokens = max_new_tokens;
+    Answer a;
+    {
+      nb::gil_scoped_release release;
+      a = Check(session_->Ask(text, o));
+    }
+    nb::dict timing;
+    for (const auto& [key, value] : {std::pair{"select", a.timing.select},
+                                     {"load", a.timing.load},
+                                     {"gather", a.timing.gather},
+                                     {"encode", a.timing.encode},
+                                     {"decode", a.timing.decode},
+                                     {"total", a.timing.total}}) {
+      timing[key] = value;
+    }
+    nb::dict d;
+    d["label"] = a.label;
+    d["score"] = a.score;
+    d["label_scores"] = a.label_scores;
+    d["text"] = a.text;
+    d["blocks"] = a.blocks;
+    d["block_scores"] = a.block_scores;
+    d["demos"] = a.demos;
+    d["demo_scores"] = a.demo_scores;
+    d["context_tokens"] = a.context_tokens;
+    d["prompt_tokens"] = a.prompt_tokens;
+    d["budget"] = a.budget;
+    d["budget_bound"] = a.budget_bound;
+    d["timing_ms"] = timing;
+    return d;
+  }
+
+  std::vector<std::string> labels() const { return session_->task().labels; }
+  int64_t max_context() const { return session_->max_context(); }
+
+ private:
+  std::shared_ptr<Store> store_;  // declared first: destroyed last
+  std::unique_ptr<LlamaModel> model_;
+  std::unique_ptr<Tokenizer> tokenizer_;
+  std::unique_ptr<DbsaSession> session_;
+};
+
+}  // namespace
+}  // namespace shotdb::python
+
+NB_MODULE(_runtime, m) {
+  using namespace shotdb::python;
+  m.doc() = "shotdb's model runtime (libtorch): DBSA and its baselines answering queries.";
+  nb::register_exception_translator([](const std::exception_ptr& p, void*) {
+    try {
+      std::rethrow_exception(p);
+    } catch (const StatusError& e) {
+      nb::object cls = nb::module_::import_("shotdb.errors").attr(ErrorClassName(e.status));
+      PyErr_SetString(cls.ptr(), e.status.message().c_str());
+    }
+  });
+  nb::class_<Session>(m, "Session",
+                      "Answers queries from a task's pool with the C++ runtime, as `shotdb query` "
+                      "does. One query at a time per Session; open several for concurrency.")
+      .def(nb::init<nb::object, const std::string&, const std::string&, const std::string&,
+                    const std::string&, int, double, int64_t>(),
+           "store"_a, "task"_a, "model"_a, "device"_a = "cpu", "dtype"_a = "", "threads"_a = 0,
+           "cache_gb"_a = 0.0, "max_context"_a = 0,
+           "Loads `model` (GGUF file or HF directory; the one the task was built with: "
+           "FailedPreconditionError otherwise) on `device` in `dtype` (default f32 on CPU, bf16 "
+           "on CUDA) and opens `task` of `store` (a shotdb.Store). max_context: the query "
+           "budget's limit (0: the model's max_position_embeddings).")
+      .def("ask", &Session::Ask, "text"_a, "method"_a = "dbsa", "ratio"_a = 0.3, "count"_a = 0,
+           "order"_a = "encoding", "free"_a = false, "max_new_tokens"_a = 32,
+           "Answers one query: a dict with label, score (summed log-probability), label_scores, "
+           "text (free=True), blocks/block_scores (RetICL: demos/demo_scores), context_tokens, "
+           "prompt_tokens, budget, budget_bound and timing_ms (select, load, gather, encode, "
+           "decode, total).")
+      .def_prop_ro("labels", &Session::labels)
+      .def_prop_ro("max_context", &Session::max_context);
+}
