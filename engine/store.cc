@@ -2,6 +2,7 @@
 
 #include <errno.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <sys/sysmacros.h>
 
 #include <cstdio>
@@ -524,6 +525,14 @@ Status Store::Write(const std::function<Status(lmdb::WriteTxn*)>& body) {
       rc = mdb_txn_commit(txn.txn);  // frees the transaction whatever the outcome
       if (rc == MDB_SUCCESS) return Status::OK();
       s = txn.Check(rc, dir_ + ": commit");
+      // LMDB reports a short write (a full disk) as EIO: say how much room is left.
+      struct statvfs fs;
+      if ((rc == EIO || rc == ENOSPC) && ::statvfs(dir_.c_str(), &fs) == 0) {
+        const uint64_t free_bytes = static_cast<uint64_t>(fs.f_bavail) * fs.f_frsize;
+        s = Status::IOError(s.message() + " (the filesystem holding the store has " +
+                            std::to_string(free_bytes) +
+                            " bytes free: is it full?); nothing of this write was stored");
+      }
     } else {
       mdb_txn_abort(txn.txn);
     }
@@ -532,6 +541,12 @@ Status Store::Write(const std::function<Status(lmdb::WriteTxn*)>& body) {
 
     MDB_envinfo info;
     mdb_env_info(env_, &info);
+    if (options_.max_map_size > 0 && info.me_mapsize * 2 > options_.max_map_size) {
+      return Status::IOError(dir_ + ": map full at " + std::to_string(info.me_mapsize) +
+                             " bytes, and growing it would pass max_map_size (" +
+                             std::to_string(options_.max_map_size) +
+                             " bytes); nothing of this write was stored");
+    }
     std::lock_guard<std::mutex> lock(txn_mu_);
     if (open_txns_ != 1) {
       return Status::IOError(dir_ + ": map full at " + std::to_string(info.me_mapsize) +

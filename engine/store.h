@@ -198,6 +198,10 @@ class Store {
     // Address space reserved for the map; the file grows only as pages are written. A write that
     // outgrows it doubles it (when this process has no open Snapshot) and retries.
     size_t map_size = size_t(1) << 40;
+    // The most the map may grow to (0: no limit). A write that would need more fails with IOError
+    // ("map full ... max_map_size ...") and stores nothing; everything committed stays readable,
+    // and a Store opened with a larger limit continues.
+    size_t max_map_size = 0;
     // fsync at every commit. Without it a process crash still loses nothing committed, but an OS
     // crash or power loss may lose recent commits or damage the file (LMDB's MDB_NOSYNC).
     bool sync = true;
@@ -234,7 +238,8 @@ class Store {
   //                      demo_ids not matching demos, a demo id already in the task, or a
   //                      position_offset before the end of the previous block;
   //   IOError            read-only store, map full with Snapshots open in this process (close
-  //                      them and retry), or an LMDB / OS failure.
+  //                      them and retry), map full at Options::max_map_size, the disk full, or
+  //                      another LMDB / OS failure.
   // On any error nothing of the block is stored.
   Status AppendBlock(const std::string& task, const NewBlock& block);
 

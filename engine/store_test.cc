@@ -889,3 +889,114 @@ TEST(StoreTest, FormatOneStoreOpensReadOnlyAndMovesByExportImport) {
 
 }  // namespace
 }  // namespace shotdb
+
+namespace shotdb {
+namespace {
+
+// Appends blocks of `tokens` tokens from `first` until one fails; returns that status and the
+// number appended.
+Status AppendUntilFull(Store* store, const ModelFingerprint& model, uint32_t first, uint32_t tokens,
+                       uint32_t* appended) {
+  for (uint32_t i = first;; ++i) {
+    TestBlock tb = MakeBlock(model, 3, i, uint64_t{i} * tokens, tokens);
+    Status s = store->AppendBlock("t", tb.block);
+    if (!s.ok()) return s;
+    ++*appended;
+    if (*appended > 100000) return Status::OK();  // never full: the test fails below
+  }
+}
+
+// A map that may not grow: the append that does not fit fails, nothing of it is stored, every
+// committed block stays intact, and the store continues once it may grow.
+TEST(StoreTest, FullMapRefusesTheAppendKeepsEverythingAndRecovers) {
+  TempDir dir;
+  const ModelFingerprint model = SmallModel(DType::kBF16, 4);
+  Store::Options small;
+  small.map_size = small.max_map_size = 1 << 20;
+  small.sync = false;
+  uint32_t appended = 0;
+  {
+    auto store = OpenOrDie(dir.path(), small);
+    ASSERT_NE(store, nullptr);
+    ASSERT_TRUE(store->CreateTask(MakeTask("t", model)).ok());
+    Status s = AppendUntilFull(store.get(), model, 0, 400, &appended);
+    EXPECT_TRUE(s.IsIOError()) << s.ToString();
+    EXPECT_NE(s.message().find("max_map_size"), std::string::npos) << s.ToString();
+    ASSERT_GT(appended, 3u);
+    auto snap = store->BeginSnapshot();
+    ASSERT_TRUE(snap.ok());
+    EXPECT_EQ((*snap)->GetTask("t")->num_blocks, appended);
+    EXPECT_TRUE((*snap)->GetBlock("t", appended).status().IsNotFound());
+    snap->reset();
+    EXPECT_TRUE(store->Verify("", nullptr).ok());
+  }
+  Store::Options larger = small;
+  larger.max_map_size = 0;
+  auto store = OpenOrDie(dir.path(), larger);
+  ASSERT_NE(store, nullptr);
+  for (uint32_t i = appended; i < appended + 5; ++i) {
+    TestBlock tb = MakeBlock(model, 3, i, uint64_t{i} * 400, 400);
+    ASSERT_TRUE(store->AppendBlock("t", tb.block).ok()) << "block " << i;
+  }
+  EXPECT_TRUE(store->Verify("", nullptr).ok());
+  auto snap = store->BeginSnapshot();
+  ASSERT_TRUE(snap.ok());
+  for (uint32_t i = 0; i < appended + 5; ++i) {
+    TestBlock want = MakeBlock(model, 3, i, uint64_t{i} * 400, 400);
+    auto k = (*snap)->GetPayload("t", i, 2, TensorKind::kKey);
+    ASSERT_TRUE(k.ok()) << k.status().ToString();
+    EXPECT_EQ(std::memcmp(k->data, want.tensors[4].data(), k->size), 0) << "block " << i;
+  }
+}
+
+// A full disk (a small tmpfs mounted by the test; skipped where mounting is not permitted): the
+// append that does not fit fails with the OS error, nothing committed is lost, the store stays
+// readable, and the next append succeeds once the filesystem has room.
+TEST(StoreTest, FullDiskRefusesTheAppendKeepsEverythingAndRecovers) {
+  TempDir dir;
+  const std::string mnt = dir.Sub("fs");
+  ASSERT_TRUE(std::filesystem::create_directory(mnt));
+  if (std::system(("mount -t tmpfs -o size=2m tmpfs " + mnt + " 2>/dev/null").c_str()) != 0) {
+    GTEST_SKIP() << "cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN)";
+  }
+  struct Unmount {
+    std::string path;
+    ~Unmount() { (void)std::system(("umount " + path).c_str()); }
+  } unmount{mnt};
+  const ModelFingerprint model = SmallModel(DType::kBF16, 4);
+  Store::Options options;
+  options.map_size = 64 << 20;  // far beyond the disk: the disk fills first
+  uint32_t appended = 0;
+  {
+    auto store = OpenOrDie(mnt + "/store", options);
+    ASSERT_NE(store, nullptr);
+    ASSERT_TRUE(store->CreateTask(MakeTask("t", model)).ok());
+    Status s = AppendUntilFull(store.get(), model, 0, 400, &appended);
+    EXPECT_TRUE(s.IsIOError()) << s.ToString();
+    // LMDB reports the short write as EIO; the store adds how much room is left.
+    EXPECT_NE(s.message().find("bytes free: is it full?"), std::string::npos) << s.ToString();
+    ASSERT_GT(appended, 3u);
+    EXPECT_TRUE(store->Verify("", nullptr).ok());
+    auto snap = store->BeginSnapshot();
+    ASSERT_TRUE(snap.ok());
+    EXPECT_EQ((*snap)->GetTask("t")->num_blocks, appended);
+  }
+  ASSERT_EQ(std::system(("mount -o remount,size=16m " + mnt).c_str()), 0);
+  auto store = OpenOrDie(mnt + "/store", options);
+  ASSERT_NE(store, nullptr);
+  TestBlock tb = MakeBlock(model, 3, appended, uint64_t{appended} * 400, 400);
+  Status s = store->AppendBlock("t", tb.block);
+  EXPECT_TRUE(s.ok()) << s.ToString();
+  EXPECT_TRUE(store->Verify("", nullptr).ok());
+  for (uint32_t i = 0; i <= appended; ++i) {
+    auto snap = store->BeginSnapshot();
+    ASSERT_TRUE(snap.ok());
+    TestBlock want = MakeBlock(model, 3, i, uint64_t{i} * 400, 400);
+    auto v = (*snap)->GetPayload("t", i, 3, TensorKind::kValue);
+    ASSERT_TRUE(v.ok()) << v.status().ToString();
+    EXPECT_EQ(std::memcmp(v->data, want.tensors[7].data(), v->size), 0) << "block " << i;
+  }
+}
+
+}  // namespace
+}  // namespace shotdb
