@@ -171,3 +171,183 @@ TEST(CrashTest, KilledWriterLeavesOnlyCommittedWholeBlocks) {
 
 }  // namespace
 }  // namespace shotdb
+
+namespace shotdb {
+namespace {
+
+constexpr uint32_t kLoadTokens = 64;
+constexpr uint64_t kLoadSeed = 17;
+
+// One reader process: `role` 0 searches, 1 reads a random block whole ("show"), 2 verifies the
+// store, 3 searches and loads the hits' K/V (DBSA's read path). Runs until `deadline`; every block
+// it sees must be whole and exactly what the writer wrote. Exits 0, or 20+ with a message.
+[[noreturn]] void ReadUntil(const std::string& dir, int role,
+                            std::chrono::steady_clock::time_point deadline) {
+  const ModelFingerprint model = CrashModel();
+  Store::Options options;
+  options.read_only = true;
+  auto store = Store::Open(dir, options);
+  if (!store.ok()) _exit(20);
+  std::mt19937 rng(static_cast<unsigned>(role) * 7919u + static_cast<unsigned>(getpid()));
+  auto check_block = [&](Snapshot* snap, uint32_t b, uint32_t layer_step) {
+    Result<BlockInfo> info = snap->GetBlock("t", b);
+    if (!info.ok() || info->token_count != kLoadTokens) {
+      std::fprintf(stderr, "reader %d: block %u: %s\n", role, b, info.status().ToString().c_str());
+      _exit(21);
+    }
+    for (uint64_t id : info->demo_ids) {
+      if (!snap->GetDemonstration("t", id).ok()) _exit(22);
+    }
+    for (uint32_t layer = 0; layer < model.num_layers; layer += layer_step) {
+      for (TensorKind kind : {TensorKind::kKey, TensorKind::kValue}) {
+        Result<PayloadRef> p = snap->GetPayload("t", b, layer, kind);
+        const std::vector<uint8_t> want =
+            TensorBytes(model, kLoadTokens, kLoadSeed, b, layer, kind);
+        if (!p.ok() || p->size != want.size() || std::memcmp(p->data, want.data(), p->size) != 0) {
+          std::fprintf(stderr, "reader %d: block %u layer %u: %s\n", role, b, layer,
+                       p.status().ToString().c_str());
+          _exit(23);
+        }
+      }
+    }
+  };
+  const char* queries[] = {"alarm jazz", "weather today rain", "play music loud", "wake me"};
+  uint64_t reads = 0;
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (role == 2) {
+      Status v = (*store)->Verify("t", nullptr);
+      if (!v.ok()) {
+        std::fprintf(stderr, "reader 2: verify: %s\n", v.ToString().c_str());
+        _exit(24);
+      }
+      ++reads;
+      continue;
+    }
+    auto snap = (*store)->BeginSnapshot();
+    if (!snap.ok()) _exit(25);
+    Result<TaskInfo> task = (*snap)->GetTask("t");
+    if (!task.ok()) _exit(26);
+    const auto blocks = static_cast<uint32_t>(task->num_blocks);
+    if (blocks == 0) continue;
+    if (role == 1) {
+      check_block(snap->get(), static_cast<uint32_t>(rng() % blocks), 1);
+    } else {
+      auto hits = (*snap)->Search("t", queries[rng() % 4], 3);
+      if (!hits.ok() || hits->size() != std::min<size_t>(3, blocks)) _exit(27);
+      for (const ScoredDoc& h : *hits) {
+        if (h.doc >= blocks) _exit(28);
+        if (role == 3) check_block(snap->get(), h.doc, 3);
+      }
+    }
+    ++reads;
+  }
+  _exit(reads > 0 ? 0 : 29);
+}
+
+// The writer: appends blocks until `deadline` (or until killed). Never returns.
+[[noreturn]] void WriteUntil(const std::string& dir,
+                             std::chrono::steady_clock::time_point deadline) {
+  Store::Options options;
+  options.sync = false;
+  auto store = Store::Open(dir, options);
+  if (!store.ok()) _exit(10);
+  const ModelFingerprint model = CrashModel();
+  uint64_t next = 0;
+  {
+    auto snap = (*store)->BeginSnapshot();
+    if (!snap.ok()) _exit(11);
+    next = (*snap)->GetTask("t")->num_blocks;
+  }
+  for (uint32_t i = static_cast<uint32_t>(next); std::chrono::steady_clock::now() < deadline; ++i) {
+    testing_util::TestBlock tb =
+        MakeBlock(model, kLoadSeed, i, uint64_t{i} * kLoadTokens, kLoadTokens);
+    if (!(*store)->AppendBlock("t", tb.block).ok()) _exit(13);
+  }
+  _exit(0);
+}
+
+std::string MakeLoadStore(const TempDir& dir) {
+  auto store = Store::Open(dir.path());
+  EXPECT_TRUE(store.ok());
+  EXPECT_TRUE((*store)->CreateTask(MakeTask("t", CrashModel(), Codec::kLz4)).ok());
+  return dir.path();
+}
+
+// One writer process and four reader processes (search, show, verify, search + load) for two
+// seconds: no reader sees a partial block or an error, and the store verifies afterwards.
+TEST(ConcurrencyTest, OneWriterAndFourReaderProcesses) {
+  TempDir dir;
+  const std::string path = MakeLoadStore(dir);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+  std::vector<pid_t> pids;
+  pid_t writer = fork();
+  ASSERT_GE(writer, 0);
+  if (writer == 0) WriteUntil(path, deadline);
+  for (int role = 0; role < 4; ++role) {
+    pid_t pid = fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) ReadUntil(path, role, deadline + std::chrono::milliseconds(300));
+    pids.push_back(pid);
+  }
+  int status = 0;
+  ASSERT_EQ(waitpid(writer, &status, 0), writer);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "writer: " << status;
+  for (size_t r = 0; r < pids.size(); ++r) {
+    ASSERT_EQ(waitpid(pids[r], &status, 0), pids[r]);
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0)
+        << "reader " << r << " exited with " << WEXITSTATUS(status);
+  }
+  auto store = Store::Open(path);
+  ASSERT_TRUE(store.ok());
+  EXPECT_TRUE((*store)->Verify("", nullptr).ok());
+  auto snap = (*store)->BeginSnapshot();
+  ASSERT_TRUE(snap.ok());
+  EXPECT_GT((*snap)->GetTask("t")->num_blocks, 2u);
+  RecordProperty("blocks_written", static_cast<int>((*snap)->GetTask("t")->num_blocks));
+}
+
+// Readers keep reading after the writer is SIGKILLed in the middle of its appends: they see only
+// whole blocks and no errors, and a new writer then appends (LMDB recovers the dead writer's
+// lock).
+TEST(ConcurrencyTest, ReadersOutliveAWriterKilledMidTransaction) {
+  TempDir dir;
+  const std::string path = MakeLoadStore(dir);
+  const auto start = std::chrono::steady_clock::now();
+  pid_t writer = fork();
+  ASSERT_GE(writer, 0);
+  if (writer == 0) WriteUntil(path, start + std::chrono::hours(1));
+  std::vector<pid_t> pids;
+  for (int role = 0; role < 4; ++role) {
+    pid_t pid = fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) ReadUntil(path, role, start + std::chrono::milliseconds(2500));
+    pids.push_back(pid);
+  }
+  usleep(1000 * 1000);
+  ASSERT_EQ(kill(writer, SIGKILL), 0);
+  int status = 0;
+  ASSERT_EQ(waitpid(writer, &status, 0), writer);
+  EXPECT_TRUE(WIFSIGNALED(status));
+  for (size_t r = 0; r < pids.size(); ++r) {
+    ASSERT_EQ(waitpid(pids[r], &status, 0), pids[r]);
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0)
+        << "reader " << r << " exited with " << WEXITSTATUS(status);
+  }
+  auto store = Store::Open(path);
+  ASSERT_TRUE(store.ok());
+  EXPECT_TRUE((*store)->Verify("", nullptr).ok());
+  uint64_t blocks = 0;
+  {
+    auto snap = (*store)->BeginSnapshot();
+    ASSERT_TRUE(snap.ok());
+    blocks = (*snap)->GetTask("t")->num_blocks;
+  }
+  ASSERT_GT(blocks, 0u);
+  testing_util::TestBlock tb = MakeBlock(CrashModel(), kLoadSeed, static_cast<uint32_t>(blocks),
+                                         blocks * kLoadTokens, kLoadTokens);
+  EXPECT_TRUE((*store)->AppendBlock("t", tb.block).ok());
+  EXPECT_TRUE((*store)->Verify("", nullptr).ok());
+}
+
+}  // namespace
+}  // namespace shotdb
