@@ -26,7 +26,7 @@ seeds_for() {
     fuzz_config_json) echo tests/fixtures/model/tiny_llama tests/fixtures/model/tiny_llama3 \
                            tests/fixtures/model/tiny_qwen2 ;;
     fuzz_tokenizer_json) echo fuzz/seeds/tokenizer_json ;;
-    fuzz_spm_model) echo tests/fixtures/tokenizer ;;
+    fuzz_spm_model) echo tests/fixtures/tokenizer fuzz/seeds/spm_model_regressions ;;
     fuzz_demo_file) echo fuzz/seeds/demo_file ;;
     fuzz_import) echo fuzz/seeds/import ;;
     fuzz_block_record) echo tests/fixtures/format ;;

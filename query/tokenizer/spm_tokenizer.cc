@@ -50,11 +50,20 @@ Result<std::unique_ptr<SpmVocabTokenizer>> SpmVocabTokenizer::Create(SpmVocab vo
         added.push_back({id, p, true});
         break;
       case SpmTokenType::kByte: {
-        unsigned value = 0;
-        char tail = 0;
-        if (p.size() == 6 && std::sscanf(p.c_str(), "<0x%2X>%c", &value, &tail) == 1) {
-          t->byte_ids_[value] = id;
+        // Exactly "<0xHH>". (sscanf's %X would also take "<0x-7>", a sign, and index out of
+        // bounds: found by fuzz/fuzz_spm_model.)
+        const auto hex = [](char c) {
+          return c >= '0' && c <= '9'   ? c - '0'
+                 : c >= 'A' && c <= 'F' ? c - 'A' + 10
+                 : c >= 'a' && c <= 'f' ? c - 'a' + 10
+                                        : -1;
+        };
+        if (p.size() != 6 || p.compare(0, 3, "<0x") != 0 || p[5] != '>' || hex(p[3]) < 0 ||
+            hex(p[4]) < 0) {
+          return Status::Corruption(source + ": byte token " + std::to_string(id) + " \"" + p +
+                                    "\" is not of the form <0xHH>");
         }
+        t->byte_ids_[hex(p[3]) * 16 + hex(p[4])] = id;
         break;
       }
       case SpmTokenType::kUnknown:

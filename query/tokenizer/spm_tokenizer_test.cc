@@ -131,6 +131,33 @@ TEST(SpmVocabTokenizerTest, InconsistentArraysAreCorruption) {
       << t.status().ToString();
 }
 
+// A byte piece must be exactly <0xHH>. "<0x-7>" once indexed the byte table out of bounds (sscanf's
+// %X takes a sign; found by fuzz/fuzz_spm_model, reproducer
+// fuzz/seeds/spm_model_regressions/byte_piece_sign).
+TEST(SpmVocabTokenizerTest, MalformedBytePiecesAreCorruption) {
+  for (const char* piece : {"<0x-7>", "<0x+1>", "<0xG1>", "<0x1>", "<0x1F", "0x1F>>"}) {
+    SpmVocab v;
+    v.pieces = {"<unk>", piece};
+    v.scores = {0, 0};
+    v.types = {SpmTokenType::kUnknown, SpmTokenType::kByte};
+    auto t = SpmVocabTokenizer::Create(v, "x.model");
+    ASSERT_FALSE(t.ok()) << piece;
+    EXPECT_TRUE(t.status().IsCorruption());
+    EXPECT_NE(t.status().message().find("not of the form <0xHH>"), std::string::npos)
+        << t.status().ToString();
+  }
+  SpmVocab v;
+  v.pieces = {"<unk>", "<0x61>", "<0xfF>"};
+  v.scores = {0, 0, 0};
+  v.types = {SpmTokenType::kUnknown, SpmTokenType::kByte, SpmTokenType::kByte};
+  v.unk_id = 0;
+  auto t = SpmVocabTokenizer::Create(v, "x.model");
+  ASSERT_TRUE(t.ok()) << t.status().ToString();
+  auto ids = (*t)->Encode("a", false);
+  ASSERT_TRUE(ids.ok());
+  EXPECT_EQ(ids->back(), 1);  // "a" has no piece: byte fallback to <0x61>
+}
+
 TEST(SpmVocabTokenizerTest, UnknownCharacterWithoutByteFallback) {
   SpmVocab v;
   v.pieces = {"<unk>", "\xE2\x96\x81", "a", "b",
