@@ -36,39 +36,13 @@
 #include "engine/prompt_format.h"
 #include "engine/store.h"
 #include "format/dtype.h"
+#include "python/status_error.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
 
 namespace shotdb::python {
 namespace {
-
-// Carries a Status out of C++ code; the translator below raises the matching Python class.
-struct StatusError {
-  Status status;
-};
-
-[[noreturn]] void Raise(const Status& s) { throw StatusError{s}; }
-
-template <typename T>
-T Check(Result<T> r) {
-  if (!r.ok()) Raise(r.status());
-  return std::move(r).value();
-}
-void Check(const Status& s) {
-  if (!s.ok()) Raise(s);
-}
-
-const char* ErrorClassName(const Status& s) {
-  if (s.IsNotFound()) return "NotFoundError";
-  if (s.IsCorruption()) return "CorruptionError";
-  if (s.IsInvalidArgument()) return "InvalidArgumentError";
-  if (s.IsIOError()) return "StoreIOError";
-  if (s.IsAlreadyExists()) return "AlreadyExistsError";
-  if (s.IsNotSupported()) return "NotSupportedError";
-  if (s.IsFailedPrecondition()) return "FailedPreconditionError";
-  return "ShotdbError";
-}
 
 nb::dlpack::dtype DlpackDtype(DType t) {
   switch (t) {
@@ -461,15 +435,7 @@ NB_MODULE(_shotdb, m) {
       "shotdb's engine: tasks, blocks, demonstrations and their K/V in an LMDB store, with its "
       "BM25 indexes. No model runtime, no array framework: K/V leave as DLPack-capable arrays.";
 
-  nb::register_exception_translator([](const std::exception_ptr& p, void*) {
-    try {
-      std::rethrow_exception(p);
-    } catch (const StatusError& e) {
-      nb::object errors = nb::module_::import_("shotdb.errors");
-      nb::object cls = errors.attr(ErrorClassName(e.status));
-      PyErr_SetString(cls.ptr(), e.status.message().c_str());
-    }
-  });
+  RegisterStatusErrors();
 
   nb::class_<KvHandle>(
       m, "KvHandle",

@@ -13,6 +13,7 @@
 #include <thread>
 
 #include "engine/store.h"
+#include "python/status_error.h"
 #include "query/dbsa/dbsa.h"
 #include "query/dbsa/kv_tensor.h"
 #include "query/model/llama.h"
@@ -23,27 +24,6 @@ using namespace nb::literals;
 
 namespace shotdb::python {
 namespace {
-
-struct StatusError {
-  Status status;
-};
-
-template <typename T>
-T Check(Result<T> r) {
-  if (!r.ok()) throw StatusError{r.status()};
-  return std::move(r).value();
-}
-
-const char* ErrorClassName(const Status& s) {
-  if (s.IsNotFound()) return "NotFoundError";
-  if (s.IsCorruption()) return "CorruptionError";
-  if (s.IsInvalidArgument()) return "InvalidArgumentError";
-  if (s.IsIOError()) return "StoreIOError";
-  if (s.IsAlreadyExists()) return "AlreadyExistsError";
-  if (s.IsNotSupported()) return "NotSupportedError";
-  if (s.IsFailedPrecondition()) return "FailedPreconditionError";
-  return "ShotdbError";
-}
 
 class Session {
  public:
@@ -59,13 +39,12 @@ class Session {
     try {
       options.device = torch::Device(device);
     } catch (const std::exception&) {
-      throw StatusError{
-          Status::InvalidArgument("device '" + device + "': expected cpu or cuda[:N]")};
+      Raise(Status::InvalidArgument("device '" + device + "': expected cpu or cuda[:N]"));
     }
     const std::string d = dtype.empty() ? (options.device.is_cuda() ? "bf16" : "f32") : dtype;
     const auto parsed = ParseDType(d);
     if (!parsed) {
-      throw StatusError{Status::InvalidArgument("dtype '" + d + "': expected f32, bf16 or f64")};
+      Raise(Status::InvalidArgument("dtype '" + d + "': expected f32, bf16 or f64"));
     }
     options.dtype = TorchType(*parsed);
     model_ = Check(LlamaModel::Load(model, options));
@@ -83,12 +62,11 @@ class Session {
     AnswerOptions o;
     const auto m = ParseMethod(method);
     if (!m) {
-      throw StatusError{Status::InvalidArgument(
-          "method '" + method + "': expected dbsa, reticl, reticl-blocks or fixedicl")};
+      Raise(Status::InvalidArgument("method '" + method +
+                                    "': expected dbsa, reticl, reticl-blocks or fixedicl"));
     }
     if (order != "encoding" && order != "score") {
-      throw StatusError{
-          Status::InvalidArgument("order '" + order + "': expected encoding or score")};
+      Raise(Status::InvalidArgument("order '" + order + "': expected encoding or score"));
     }
     o.method = *m;
     o.selection.ratio = ratio;
@@ -143,14 +121,7 @@ class Session {
 NB_MODULE(_runtime, m) {
   using namespace shotdb::python;
   m.doc() = "shotdb's model runtime (libtorch): DBSA and its baselines answering queries.";
-  nb::register_exception_translator([](const std::exception_ptr& p, void*) {
-    try {
-      std::rethrow_exception(p);
-    } catch (const StatusError& e) {
-      nb::object cls = nb::module_::import_("shotdb.errors").attr(ErrorClassName(e.status));
-      PyErr_SetString(cls.ptr(), e.status.message().c_str());
-    }
-  });
+  RegisterStatusErrors();
   nb::class_<Session>(m, "Session",
                       "Answers queries from a task's pool with the C++ runtime, as `shotdb query` "
                       "does. One query at a time per Session; open several for concurrency.")
