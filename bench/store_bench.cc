@@ -179,7 +179,12 @@ int main(int argc, char** argv) {
     task.name = "bench";
     task.model = {"llama", shotdb::DType::kBF16, "bench", a.layers, a.kv_heads, a.head_dim};
     task.codec = codec;
-    if (!(*store)->CreateTask(task).ok()) return 1;
+    task.prompt_template = "{text} => {label}";
+    task.labels = {"a", "b"};
+    if (auto s = (*store)->CreateTask(task); !s.ok()) {
+      std::fprintf(stderr, "%s\n", s.ToString().c_str());
+      return 1;
+    }
 
     std::vector<double> append_ms;
     t0 = Clock::now();
@@ -206,7 +211,10 @@ int main(int argc, char** argv) {
     std::sort(append_ms.begin(), append_ms.end());
 
     auto snap = (*store)->BeginSnapshot();
-    if (!snap.ok()) return 1;
+    if (!snap.ok()) {
+      std::fprintf(stderr, "%s\n", snap.status().ToString().c_str());
+      return 1;
+    }
     // Zero-copy (raw) or decoded (lz4) GetPayload, checksum verified; then without verification.
     double zc_gbs[2];
     for (int verify = 1; verify >= 0; --verify) {
@@ -216,7 +224,10 @@ int main(int argc, char** argv) {
         for (uint32_t l = 0; l < a.layers; ++l) {
           for (TensorKind kind : {TensorKind::kKey, TensorKind::kValue}) {
             auto p = (*snap)->GetPayload("bench", b, l, kind, verify == 1);
-            if (!p.ok()) return 1;
+            if (!p.ok()) {
+              std::fprintf(stderr, "%s\n", p.status().ToString().c_str());
+              return 1;
+            }
             // Touch every page so that the zero-copy path really reads the bytes.
             const auto* bytes = static_cast<const uint8_t*>(p->data);
             for (size_t i = 0; i < p->size; i += 4096) sink += bytes[i];
@@ -232,9 +243,10 @@ int main(int argc, char** argv) {
       size_t off = 0;
       for (uint32_t l = 0; l < a.layers; ++l) {
         for (TensorKind kind : {TensorKind::kKey, TensorKind::kValue}) {
-          if (!(*snap)
-                   ->DecodePayloadInto("bench", b, l, kind, dst.data() + off, record_bytes)
-                   .ok()) {
+          shotdb::Status s =
+              (*snap)->DecodePayloadInto("bench", b, l, kind, dst.data() + off, record_bytes);
+          if (!s.ok()) {
+            std::fprintf(stderr, "%s\n", s.ToString().c_str());
             return 1;
           }
           off += record_bytes;
@@ -244,7 +256,10 @@ int main(int argc, char** argv) {
     const double decode_gbs = total_gb / Seconds(t0, Clock::now());
     snap->reset();
     auto stats = (*store)->Stats();
-    if (!stats.ok()) return 1;
+    if (!stats.ok()) {
+      std::fprintf(stderr, "%s\n", stats.status().ToString().c_str());
+      return 1;
+    }
     const shotdb::TaskStats& ts = stats->tasks[0];
     std::printf(
         "%-12s %7.2f/s %8.2fx %5.0f/%4.0f %8.2f/s %8.2f/s %7.2f/s %8.2fx %8.3f %10.1f %10.1f\n",

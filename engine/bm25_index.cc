@@ -11,7 +11,8 @@ namespace {
 using lmdb::AppendBE32;
 using lmdb::Val;
 
-constexpr size_t kPostingSize = 8;  // BE32 doc, BE32 tf
+constexpr size_t kPostingSize = 12;   // BE32 doc, BE32 tf, BE32 check word (format 3)
+constexpr size_t kPostingSizeV1 = 8;  // BE32 doc, BE32 tf (formats 1 and 2)
 
 std::string TaskKey(uint32_t task_id) {
   std::string key;
@@ -55,6 +56,18 @@ Result<Bm25CorpusStats> DecodeStats(std::string_view bytes, const std::string& w
 
 }  // namespace
 
+Result<uint32_t> Bm25LmdbIndex::DecodeLength(std::string_view key, std::string_view stored,
+                                             const std::string& what) const {
+  std::string_view value = stored;
+  if (checked_) {
+    SHOTDB_ASSIGN_OR_RETURN(value, lmdb::Unseal(key, stored, what));
+  }
+  if (value.size() != 4) return Status::Corruption(what + ": a document length is malformed");
+  const auto* p = reinterpret_cast<const uint8_t*>(value.data());
+  return static_cast<uint32_t>(p[0] | (p[1] << 8) | (p[2] << 16)) |
+         (static_cast<uint32_t>(p[3]) << 24);
+}
+
 std::string Bm25LmdbIndex::TermKey(uint32_t task_id, std::string_view term) {
   std::string key = TaskKey(task_id);
   if (term.size() <= kMaxTermKeyBytes) {
@@ -73,7 +86,12 @@ Result<Bm25CorpusStats> Bm25LmdbIndex::LoadStats(MDB_txn* txn, uint32_t task_id)
   int rc = mdb_get(txn, dbs_.stats, &k, &v);
   if (rc == MDB_NOTFOUND) return Bm25CorpusStats{};
   if (rc != MDB_SUCCESS) return lmdb::ToStatus(rc, "bm25_stats get");
-  return DecodeStats(lmdb::View(v), "bm25_stats of task id " + std::to_string(task_id));
+  const std::string what = "bm25_stats of task id " + std::to_string(task_id);
+  std::string_view value = lmdb::View(v);
+  if (checked_) {
+    SHOTDB_ASSIGN_OR_RETURN(value, lmdb::Unseal(key, value, what));
+  }
+  return DecodeStats(value, what);
 }
 
 Status Bm25LmdbIndex::AddDocument(lmdb::WriteTxn* txn, uint32_t task_id, uint32_t doc,
@@ -104,9 +122,11 @@ Status Bm25LmdbIndex::AddDocument(lmdb::WriteTxn* txn, uint32_t task_id, uint32_
     }
     dfs_before.push_back(static_cast<uint32_t>(df));
     uint8_t posting[kPostingSize];
+    const uint32_t check = lmdb::PostingCheck(term_key, doc, count);
     for (int i = 0; i < 4; ++i) {
       posting[i] = static_cast<uint8_t>(doc >> (24 - 8 * i));
       posting[4 + i] = static_cast<uint8_t>(count >> (24 - 8 * i));
+      posting[8 + i] = static_cast<uint8_t>(check >> (24 - 8 * i));
     }
     MDB_val pv = Val(posting, kPostingSize);
     k = Val(term_key);
@@ -116,13 +136,15 @@ Status Bm25LmdbIndex::AddDocument(lmdb::WriteTxn* txn, uint32_t task_id, uint32_
                              .WithContext("bm25 index of task id " + std::to_string(task_id)));
 
   std::string doc_key = DocKey(task_id, doc);
-  uint8_t len[4];
-  for (int i = 0; i < 4; ++i) len[i] = static_cast<uint8_t>(tokens.size() >> (8 * i));
-  MDB_val dk = Val(doc_key), dv = Val(len, sizeof len);
+  lmdb::ByteWriter len;
+  len.U32(static_cast<uint32_t>(tokens.size()));
+  const std::string len_value = lmdb::Seal(doc_key, len.Take());
+  MDB_val dk = Val(doc_key), dv = Val(len_value);
   SHOTDB_RETURN_IF_ERROR(
       txn->Check(mdb_put(txn->txn, dbs_.doc_lengths, &dk, &dv, 0), "doc_lengths put"));
 
-  std::string stats_key = TaskKey(task_id), stats_value = EncodeStats(stats);
+  std::string stats_key = TaskKey(task_id);
+  const std::string stats_value = lmdb::Seal(stats_key, EncodeStats(stats));
   MDB_val sk = Val(stats_key), sv = Val(stats_value);
   return txn->Check(mdb_put(txn->txn, dbs_.stats, &sk, &sv, 0), "bm25_stats put");
 }
@@ -155,14 +177,22 @@ Result<std::vector<ScoredDoc>> Bm25LmdbIndex::Search(MDB_txn* txn, uint32_t task
       if (rc == MDB_SUCCESS) {
         // DUPFIXED: MDB_GET_MULTIPLE / MDB_NEXT_MULTIPLE return a page's worth of dups at once.
         rc = mdb_cursor_get(c.get(), &kv, &v, MDB_GET_MULTIPLE);
+        const size_t size = checked_ ? kPostingSize : kPostingSizeV1;
+        const uint64_t seed = lmdb::PostingSeed(key);
         while (rc == MDB_SUCCESS) {
-          if (v.mv_size % kPostingSize != 0) {
+          if (v.mv_size % size != 0) {
             return Status::Corruption(what + ": posting list of a term has a " +
-                                      std::to_string(v.mv_size) + "-byte page, expected 8n");
+                                      std::to_string(v.mv_size) + "-byte page, expected " +
+                                      std::to_string(size) + "n");
           }
           const auto* p = static_cast<const uint8_t*>(v.mv_data);
-          for (size_t i = 0; i < v.mv_size; i += kPostingSize) {
+          for (size_t i = 0; i < v.mv_size; i += size) {
             Posting posting{lmdb::LoadBE32(p + i), lmdb::LoadBE32(p + i + 4)};
+            if (checked_ &&
+                lmdb::LoadBE32(p + i + 8) != lmdb::PostingCheck(seed, posting.doc, posting.tf)) {
+              return Status::Corruption(what + ": a posting of term '" + token +
+                                        "' fails its check");
+            }
             if (posting.doc >= num_docs || posting.tf == 0) {
               return Status::Corruption(what + ": posting (doc " + std::to_string(posting.doc) +
                                         ", tf " + std::to_string(posting.tf) +
@@ -184,21 +214,20 @@ Result<std::vector<ScoredDoc>> Bm25LmdbIndex::Search(MDB_txn* txn, uint32_t task
   }
 
   Status length_error;
-  std::string doc_key = DocKey(task_id, 0);
   auto doc_length = [&](uint32_t doc) -> uint32_t {
-    for (int i = 0; i < 4; ++i) doc_key[4 + i] = static_cast<char>(doc >> (24 - 8 * i));
+    const std::string doc_key = DocKey(task_id, doc);
     MDB_val dk = Val(doc_key), dv;
     int get_rc = mdb_get(txn, dbs_.doc_lengths, &dk, &dv);
-    if (get_rc != MDB_SUCCESS || dv.mv_size != 4) {
-      if (length_error.ok()) {
-        length_error = Status::Corruption(what + ": length of document " + std::to_string(doc) +
-                                          " is missing or malformed");
-      }
+    Result<uint32_t> length =
+        get_rc == MDB_SUCCESS
+            ? DecodeLength(doc_key, lmdb::View(dv), what)
+            : Result<uint32_t>(Status::Corruption(what + ": length of document " +
+                                                  std::to_string(doc) + " is missing"));
+    if (!length.ok()) {
+      if (length_error.ok()) length_error = length.status();
       return 0;
     }
-    const auto* p = static_cast<const uint8_t*>(dv.mv_data);
-    return static_cast<uint32_t>(p[0] | (p[1] << 8) | (p[2] << 16)) |
-           (static_cast<uint32_t>(p[3]) << 24);
+    return *length;
   };
   std::vector<ScoredDoc> top = Bm25TopK(scorer, terms, num_docs, doc_length, k);
   SHOTDB_RETURN_IF_ERROR(length_error);
@@ -212,22 +241,20 @@ Status Bm25LmdbIndex::Verify(MDB_txn* txn, uint32_t task_id, uint32_t num_docs) 
     return Status::Corruption(what + ": statistics count " + std::to_string(stats.num_docs) +
                               " documents, expected " + std::to_string(num_docs));
   }
+  const std::string prefix = TaskKey(task_id);
   lmdb::Cursor c;
   int rc = c.Open(txn, dbs_.doc_lengths);
   if (rc != MDB_SUCCESS) return lmdb::ToStatus(rc, what + ": doc_lengths cursor");
-  std::string prefix = TaskKey(task_id);
   MDB_val k = Val(prefix), v;
   uint64_t total = 0, count = 0;
   rc = mdb_cursor_get(c.get(), &k, &v, MDB_SET_RANGE);
   while (rc == MDB_SUCCESS && lmdb::View(k).substr(0, 4) == prefix) {
-    if (k.mv_size != 8 || v.mv_size != 4 ||
-        lmdb::LoadBE32(static_cast<char*>(k.mv_data) + 4) != count) {
+    if (k.mv_size != 8 || lmdb::LoadBE32(static_cast<char*>(k.mv_data) + 4) != count) {
       return Status::Corruption(what + ": document length entry " + std::to_string(count) +
                                 " is malformed or out of order");
     }
-    const auto* p = static_cast<const uint8_t*>(v.mv_data);
-    total += static_cast<uint32_t>(p[0] | (p[1] << 8) | (p[2] << 16)) |
-             (static_cast<uint32_t>(p[3]) << 24);
+    SHOTDB_ASSIGN_OR_RETURN(uint32_t length, DecodeLength(lmdb::View(k), lmdb::View(v), what));
+    total += length;
     ++count;
     rc = mdb_cursor_get(c.get(), &k, &v, MDB_NEXT);
   }
@@ -237,6 +264,42 @@ Status Bm25LmdbIndex::Verify(MDB_txn* txn, uint32_t task_id, uint32_t num_docs) 
         what + ": " + std::to_string(count) + " document lengths summing to " +
         std::to_string(total) + ", statistics say " + std::to_string(num_docs) +
         " documents of total length " + std::to_string(stats.total_doc_length));
+  }
+  // Every posting: its check word, its range, and the dfs against the statistics' histogram.
+  lmdb::Cursor p;
+  rc = p.Open(txn, dbs_.postings);
+  if (rc != MDB_SUCCESS) return lmdb::ToStatus(rc, what + ": postings cursor");
+  const size_t size = checked_ ? kPostingSize : kPostingSizeV1;
+  std::map<uint32_t, uint64_t> histogram;
+  k = Val(prefix);
+  rc = mdb_cursor_get(p.get(), &k, &v, MDB_SET_RANGE);
+  while (rc == MDB_SUCCESS && lmdb::View(k).substr(0, 4) == prefix) {
+    const std::string term_key(lmdb::View(k));
+    const uint64_t seed = lmdb::PostingSeed(term_key);
+    uint32_t df = 0;
+    for (; rc == MDB_SUCCESS; rc = mdb_cursor_get(p.get(), &k, &v, MDB_NEXT_DUP)) {
+      if (v.mv_size != size) {
+        return Status::Corruption(what + ": a posting of " + std::to_string(v.mv_size) +
+                                  " bytes, expected " + std::to_string(size));
+      }
+      const auto* b = static_cast<const uint8_t*>(v.mv_data);
+      const uint32_t doc = lmdb::LoadBE32(b), tf = lmdb::LoadBE32(b + 4);
+      if ((checked_ && lmdb::LoadBE32(b + 8) != lmdb::PostingCheck(seed, doc, tf)) ||
+          doc >= num_docs || tf == 0) {
+        return Status::Corruption(what + ": posting (doc " + std::to_string(doc) + ", tf " +
+                                  std::to_string(tf) + ") of a term fails its check");
+      }
+      ++df;
+    }
+    if (rc != MDB_NOTFOUND) return lmdb::ToStatus(rc, what + ": postings read");
+    ++histogram[df];
+    rc = mdb_cursor_get(p.get(), &k, &v, MDB_NEXT_NODUP);
+  }
+  if (rc != MDB_SUCCESS && rc != MDB_NOTFOUND) return lmdb::ToStatus(rc, what + ": postings");
+  if (histogram != stats.df_histogram) {
+    return Status::Corruption(what +
+                              ": the postings' document frequencies disagree with the "
+                              "statistics");
   }
   return Status::OK();
 }

@@ -3,11 +3,12 @@
 // visible in the same commit as the block itself (docs/storage.md, "BM25 index").
 //
 // Layout (all keys start with the 4-byte big-endian task id, so a task is one key range per DB):
-//   postings     task | term key  ->  dups of 8 bytes: big-endian doc id, big-endian tf
+//   postings     task | term key  ->  dups of 12 bytes: big-endian doc id, big-endian tf, and
+//                lmdb::PostingCheck(term key, doc, tf) (store formats 1 and 2: 8 bytes, no check)
 //                (MDB_DUPSORT | MDB_DUPFIXED: the dups of a term sort by doc id, and appending a
 //                document adds one dup per distinct term; mdb_cursor_count gives the df)
-//   doc_lengths  task | doc (BE32) ->  u32 LE length in tokens
-//   bm25_stats   task             ->  Bm25CorpusStats (N, total length, df histogram)
+//   doc_lengths  task | doc (BE32) ->  u32 LE length in tokens, sealed (lmdb::Seal; format 3)
+//   bm25_stats   task             ->  Bm25CorpusStats (N, total length, df histogram), sealed
 // A term key is the term's bytes; a term longer than kMaxTermKeyBytes is stored as its first
 // kLongTermPrefixBytes bytes, a NUL byte and the big-endian xxh3-64 of the whole term (LMDB keys
 // are limited to 511 bytes). Queries map terms the same way, so long terms still match.
@@ -40,7 +41,9 @@ class Bm25LmdbIndex {
     MDB_dbi doc_lengths = 0;
     MDB_dbi stats = 0;
   };
-  explicit Bm25LmdbIndex(Dbs dbs) : dbs_(dbs) {}
+  // `checked`: the store format-3 layout (sealed values, checked postings); false reads formats 1
+  // and 2.
+  Bm25LmdbIndex(Dbs dbs, bool checked) : dbs_(dbs), checked_(checked) {}
 
   // The key of `term` in the postings DB of task `task_id` (see the layout above).
   static std::string TermKey(uint32_t task_id, std::string_view term);
@@ -65,14 +68,21 @@ class Bm25LmdbIndex {
                                         const Bm25Params& params) const;
 
   // Checks the task's statistics against its documents: N == num_docs, total length == sum of the
-  // stored document lengths, one length per document. Returns OK or Corruption.
+  // stored document lengths, one length per document; and every posting of the task: its check
+  // word, a doc below num_docs, tf >= 1, and that the dfs match the statistics' histogram.
+  // Returns OK or Corruption.
   Status Verify(MDB_txn* txn, uint32_t task_id, uint32_t num_docs) const;
 
   // Removes every posting, length and the statistics of the task, in the write transaction.
   Status DeleteTask(lmdb::WriteTxn* txn, uint32_t task_id) const;
 
  private:
+  // A document's length from its stored doc_lengths value (unsealed when checked_).
+  Result<uint32_t> DecodeLength(std::string_view key, std::string_view stored,
+                                const std::string& what) const;
+
   Dbs dbs_;
+  bool checked_;
 };
 
 }  // namespace shotdb

@@ -1,5 +1,8 @@
 #include "engine/lmdb_util.h"
 
+#include <xxhash.h>
+
+#include <cstdio>
 #include <cstring>
 
 namespace shotdb {
@@ -40,6 +43,57 @@ uint64_t LoadBE64(const void* p) {
 }
 
 // Deletes every key of `dbi` that starts with `prefix` (all duplicates included).
+namespace {
+uint64_t SealHash(std::string_view key, std::string_view value) {
+  return XXH3_64bits_withSeed(value.data(), value.size(), XXH3_64bits(key.data(), key.size()));
+}
+}  // namespace
+
+std::string Seal(std::string_view key, std::string_view value) {
+  std::string out(value);
+  const uint64_t h = SealHash(key, value);
+  for (int i = 0; i < 8; ++i) out.push_back(static_cast<char>(h >> (8 * i)));
+  return out;
+}
+
+Result<std::string_view> Unseal(std::string_view key, std::string_view stored,
+                                const std::string& what) {
+  if (stored.size() < 8) {
+    return Status::Corruption(what + ": record of " + std::to_string(stored.size()) +
+                              " bytes is too short to hold its checksum");
+  }
+  const std::string_view value = stored.substr(0, stored.size() - 8);
+  uint64_t want = 0;
+  for (int i = 7; i >= 0; --i) {
+    want = (want << 8) | static_cast<uint8_t>(stored[stored.size() - 8 + i]);
+  }
+  const uint64_t got = SealHash(key, value);
+  if (got != want) {
+    char buf[96];
+    std::snprintf(buf, sizeof buf, ": record checksum is %016llx, stored %016llx",
+                  static_cast<unsigned long long>(got), static_cast<unsigned long long>(want));
+    return Status::Corruption(what + buf);
+  }
+  return value;
+}
+
+uint64_t PostingSeed(std::string_view term_key) {
+  return XXH3_64bits(term_key.data(), term_key.size());
+}
+
+uint32_t PostingCheck(uint64_t seed, uint32_t doc, uint32_t tf) {
+  uint8_t bytes[8];
+  for (int i = 0; i < 4; ++i) {
+    bytes[i] = static_cast<uint8_t>(doc >> (24 - 8 * i));
+    bytes[4 + i] = static_cast<uint8_t>(tf >> (24 - 8 * i));
+  }
+  return static_cast<uint32_t>(XXH3_64bits_withSeed(bytes, sizeof bytes, seed));
+}
+
+uint32_t PostingCheck(std::string_view term_key, uint32_t doc, uint32_t tf) {
+  return PostingCheck(PostingSeed(term_key), doc, tf);
+}
+
 Status DeletePrefix(lmdb::WriteTxn* txn, MDB_dbi dbi, const std::string& prefix,
                     std::string_view what) {
   Cursor c;

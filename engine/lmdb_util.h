@@ -65,6 +65,22 @@ class Cursor {
   MDB_cursor* cursor_ = nullptr;
 };
 
+// Record checksums (store format 3). Every value the store writes, except K/V payload records
+// (which carry their own) and postings (below), is stored as the value followed by the
+// little-endian xxh3-64 of the value seeded with the xxh3-64 of its key: a damaged value, or an
+// intact value under another key, fails Unseal.
+std::string Seal(std::string_view key, std::string_view value);
+// The value of a sealed record, or Corruption naming `what` when the record is shorter than a
+// checksum or the checksum does not match.
+Result<std::string_view> Unseal(std::string_view key, std::string_view stored,
+                                const std::string& what);
+// The check word of one posting (doc, tf) of the term stored under `term_key`: the low 32 bits of
+// the xxh3-64 of its 8 bytes seeded with the xxh3-64 of the key.
+uint32_t PostingCheck(std::string_view term_key, uint32_t doc, uint32_t tf);
+// The same in two steps, for the many postings of one term: the seed once, then each posting.
+uint64_t PostingSeed(std::string_view term_key);
+uint32_t PostingCheck(uint64_t seed, uint32_t doc, uint32_t tf);
+
 // Deletes every key of `dbi` that starts with `prefix`, all duplicates included.
 Status DeletePrefix(WriteTxn* txn, MDB_dbi dbi, const std::string& prefix, std::string_view what);
 

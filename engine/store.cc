@@ -8,8 +8,10 @@
 #include <cstdio>
 #include <cstring>
 #include <ctime>
+#include <set>
 
 #include "engine/analyzer.h"
+#include "engine/lmdb_check.h"
 #include "engine/prompt_format.h"
 
 namespace shotdb {
@@ -68,16 +70,53 @@ std::string RecordName(const std::string& task, uint32_t block, uint32_t layer, 
          " " + std::string(TensorKindName(kind));
 }
 
-// Reads a u32 value of the meta DB; nullopt-like NotFound when absent.
-Result<uint32_t> GetMetaU32(MDB_txn* txn, MDB_dbi meta, const char* name) {
-  MDB_val k = Val(name, std::strlen(name)), v;
-  int rc = mdb_get(txn, meta, &k, &v);
-  if (rc != MDB_SUCCESS) return lmdb::ToStatus(rc, std::string("meta ") + name);
-  lmdb::ByteReader r(View(v), std::string("meta ") + name);
-  uint32_t value = 0;
-  r.U32(&value);
+// The value stored under `key` in `dbi`: checked against its seal (lmdb::Seal) in a format-3 store
+// (`checked`), as stored in a format-1 or -2 one. NotFound when absent, Corruption when damaged.
+Result<std::string_view> GetValue(MDB_txn* txn, MDB_dbi dbi, std::string_view key, bool checked,
+                                  const std::string& what) {
+  MDB_val k = Val(key.data(), key.size()), v;
+  int rc = mdb_get(txn, dbi, &k, &v);
+  if (rc != MDB_SUCCESS) return lmdb::ToStatus(rc, what);
+  if (!checked) return View(v);
+  return lmdb::Unseal(key, View(v), what);
+}
+
+// Stores `value` under `key`, sealed (every store written by this build is format 3).
+Status PutValue(lmdb::WriteTxn* txn, MDB_dbi dbi, std::string_view key, std::string_view value,
+                unsigned flags, const std::string& what) {
+  const std::string sealed = lmdb::Seal(key, value);
+  MDB_val k = Val(key.data(), key.size()), v = Val(sealed);
+  return txn->Check(mdb_put(txn->txn, dbi, &k, &v, flags), what);
+}
+
+Result<uint32_t> DecodeU32(std::string_view value, const std::string& what) {
+  lmdb::ByteReader r(value, what);
+  uint32_t out = 0;
+  r.U32(&out);
   SHOTDB_RETURN_IF_ERROR(r.Finish());
-  return value;
+  return out;
+}
+
+// A u32 of the meta DB; NotFound when absent.
+Result<uint32_t> GetMetaU32(MDB_txn* txn, MDB_dbi meta, const char* name, bool checked) {
+  SHOTDB_ASSIGN_OR_RETURN(std::string_view value,
+                          GetValue(txn, meta, name, checked, std::string("meta ") + name));
+  return DecodeU32(value, std::string("meta ") + name);
+}
+
+// The store format version: a plain u32 in formats 1 and 2, sealed from format 3 on.
+Result<uint32_t> GetFormatVersion(MDB_txn* txn, MDB_dbi meta) {
+  MDB_val k = Val(kMetaFormatVersion, std::strlen(kMetaFormatVersion)), v;
+  int rc = mdb_get(txn, meta, &k, &v);
+  if (rc != MDB_SUCCESS) return lmdb::ToStatus(rc, "meta format_version");
+  if (v.mv_size == 4) return DecodeU32(View(v), "meta format_version");
+  return GetMetaU32(txn, meta, kMetaFormatVersion, /*checked=*/true);
+}
+
+// A task id: the value of task_names.
+Result<uint32_t> DecodeTaskId(std::string_view value, const std::string& name) {
+  if (value.size() != 4) return Status::Corruption("task " + name + ": task id is not 4 bytes");
+  return lmdb::LoadBE32(value.data());
 }
 
 // Checks a record's header against its key and its task. The header itself was already checked
@@ -111,24 +150,25 @@ Snapshot::~Snapshot() {
 }
 
 Result<uint32_t> Snapshot::TaskId(const std::string& name) {
-  MDB_val k = Val(name), v;
-  int rc = mdb_get(txn_, store_->dbs_.task_names, &k, &v);
-  if (rc == MDB_NOTFOUND) return Status::NotFound("task " + name + ": no such task");
-  if (rc != MDB_SUCCESS) return lmdb::ToStatus(rc, "task " + name);
-  if (v.mv_size != 4) return Status::Corruption("task " + name + ": task id is not 4 bytes");
-  return lmdb::LoadBE32(v.mv_data);
+  Result<std::string_view> value =
+      GetValue(txn_, store_->dbs_.task_names, name, store_->checked(), "task " + name);
+  if (value.status().IsNotFound()) return Status::NotFound("task " + name + ": no such task");
+  if (!value.ok()) return value.status();
+  return DecodeTaskId(*value, name);
 }
 
 Result<TaskInfo> Snapshot::TaskById(uint32_t id, const std::string& name) {
-  std::string key = TaskKey(id);
-  MDB_val k = Val(key), v;
-  int rc = mdb_get(txn_, store_->dbs_.tasks, &k, &v);
-  if (rc == MDB_NOTFOUND) {
+  const std::string what = "task " + name + " record";
+  Result<std::string_view> value =
+      GetValue(txn_, store_->dbs_.tasks, TaskKey(id), store_->checked(), what);
+  if (value.status().IsNotFound()) {
     return Status::Corruption("task " + name + ": its name maps to id " + std::to_string(id) +
                               ", which has no task record");
   }
-  if (rc != MDB_SUCCESS) return lmdb::ToStatus(rc, "task " + name);
-  return DecodeTaskInfo(View(v), "task " + name + " record");
+  if (!value.ok()) return value.status();
+  SHOTDB_ASSIGN_OR_RETURN(TaskInfo task, DecodeTaskInfo(*value, what));
+  if (task.name != name) return Status::Corruption(what + ": holds task '" + task.name + "'");
+  return task;
 }
 
 Result<TaskInfo> Snapshot::GetTask(const std::string& name) {
@@ -145,8 +185,12 @@ Result<std::vector<TaskInfo>> Snapshot::ListTasks() {
   for (rc = mdb_cursor_get(c.get(), &k, &v, MDB_FIRST); rc == MDB_SUCCESS;
        rc = mdb_cursor_get(c.get(), &k, &v, MDB_NEXT)) {
     std::string name(View(k));
-    if (v.mv_size != 4) return Status::Corruption("task " + name + ": task id is not 4 bytes");
-    SHOTDB_ASSIGN_OR_RETURN(TaskInfo task, TaskById(lmdb::LoadBE32(v.mv_data), name));
+    std::string_view value = View(v);
+    if (store_->checked()) {
+      SHOTDB_ASSIGN_OR_RETURN(value, lmdb::Unseal(name, value, "task " + name));
+    }
+    SHOTDB_ASSIGN_OR_RETURN(uint32_t id, DecodeTaskId(value, name));
+    SHOTDB_ASSIGN_OR_RETURN(TaskInfo task, TaskById(id, name));
     tasks.push_back(std::move(task));
   }
   if (rc != MDB_NOTFOUND) return lmdb::ToStatus(rc, "task_names scan");
@@ -155,12 +199,11 @@ Result<std::vector<TaskInfo>> Snapshot::ListTasks() {
 
 Result<BlockInfo> Snapshot::GetBlock(const std::string& task, uint32_t index) {
   SHOTDB_ASSIGN_OR_RETURN(uint32_t id, TaskId(task));
-  std::string key = BlockKey(id, index);
   std::string what = "task " + task + " block " + std::to_string(index);
-  MDB_val k = Val(key), v;
-  int rc = mdb_get(txn_, store_->dbs_.blocks, &k, &v);
-  if (rc != MDB_SUCCESS) return lmdb::ToStatus(rc, what);
-  SHOTDB_ASSIGN_OR_RETURN(BlockInfo block, DecodeBlockInfo(View(v), what));
+  SHOTDB_ASSIGN_OR_RETURN(
+      std::string_view value,
+      GetValue(txn_, store_->dbs_.blocks, BlockKey(id, index), store_->checked(), what));
+  SHOTDB_ASSIGN_OR_RETURN(BlockInfo block, DecodeBlockInfo(value, what));
   if (block.index != index) {
     return Status::Corruption(what + ": stored index is " + std::to_string(block.index));
   }
@@ -169,12 +212,11 @@ Result<BlockInfo> Snapshot::GetBlock(const std::string& task, uint32_t index) {
 
 Result<Demonstration> Snapshot::GetDemonstration(const std::string& task, uint64_t id) {
   SHOTDB_ASSIGN_OR_RETURN(uint32_t task_id, TaskId(task));
-  std::string key = DemoKey(task_id, id);
   std::string what = "task " + task + " demonstration " + std::to_string(id);
-  MDB_val k = Val(key), v;
-  int rc = mdb_get(txn_, store_->dbs_.demos, &k, &v);
-  if (rc != MDB_SUCCESS) return lmdb::ToStatus(rc, what);
-  SHOTDB_ASSIGN_OR_RETURN(Demonstration demo, DecodeDemonstration(View(v), what));
+  SHOTDB_ASSIGN_OR_RETURN(
+      std::string_view value,
+      GetValue(txn_, store_->dbs_.demos, DemoKey(task_id, id), store_->checked(), what));
+  SHOTDB_ASSIGN_OR_RETURN(Demonstration demo, DecodeDemonstration(value, what));
   if (demo.id != id) return Status::Corruption(what + ": stored id is " + std::to_string(demo.id));
   return demo;
 }
@@ -292,7 +334,7 @@ Result<std::vector<ScoredDoc>> Snapshot::Search(const std::string& task, std::st
                               " exceeds 32 bits");
   }
   SHOTDB_ASSIGN_OR_RETURN(Analyzer analyzer, Analyzer::Create(info.analyzer));
-  Bm25LmdbIndex index(store_->dbs_.bm25);
+  Bm25LmdbIndex index(store_->dbs_.bm25, store_->checked());
   return index.Search(txn_, id, static_cast<uint32_t>(info.num_blocks), analyzer.Terms(query), k,
                       info.bm25);
 }
@@ -312,7 +354,7 @@ Result<std::vector<ScoredDoc>> Snapshot::SearchDemos(const std::string& task,
                               std::to_string(info.num_demos) + " exceeds 32 bits");
   }
   SHOTDB_ASSIGN_OR_RETURN(Analyzer analyzer, Analyzer::Create(info.analyzer));
-  Bm25LmdbIndex index(store_->dbs_.demo_bm25);
+  Bm25LmdbIndex index(store_->dbs_.demo_bm25, store_->checked());
   return index.Search(txn_, id, static_cast<uint32_t>(info.num_demos), analyzer.Terms(query), k,
                       info.bm25);
 }
@@ -323,11 +365,10 @@ Result<Demonstration> Snapshot::DemoAt(const std::string& task, uint32_t doc) {
     return Status::NotSupported(what + ": a format-1 store does not number demonstrations");
   }
   SHOTDB_ASSIGN_OR_RETURN(uint32_t task_id, TaskId(task));
-  std::string key = DemoDocKey(task_id, doc);
-  MDB_val k = Val(key), v;
-  int rc = mdb_get(txn_, store_->dbs_.demo_docs, &k, &v);
-  if (rc != MDB_SUCCESS) return lmdb::ToStatus(rc, what);
-  lmdb::ByteReader r(View(v), what);
+  SHOTDB_ASSIGN_OR_RETURN(
+      std::string_view value,
+      GetValue(txn_, store_->dbs_.demo_docs, DemoDocKey(task_id, doc), store_->checked(), what));
+  lmdb::ByteReader r(value, what);
   uint64_t demo_id = 0;
   r.U64(&demo_id);
   SHOTDB_RETURN_IF_ERROR(r.Finish());
@@ -371,6 +412,15 @@ Result<std::unique_ptr<Store>> Store::Open(const std::string& dir, const Options
   // they neither pin old pages nor exhaust the reader table.
   int dead = 0;
   mdb_reader_check(env, &dead);
+  if (options.check_structure) {
+    // Readers need the trees only; a writer also relies on the overflow runs' headers.
+    Result<lmdb::StructureStats> structure = lmdb::CheckLmdbStructure(
+        env, options.read_only ? lmdb::StructureCheck::kTrees : lmdb::StructureCheck::kFull);
+    if (!structure.ok()) {
+      mdb_env_close(env);
+      return structure.status();
+    }
+  }
   std::unique_ptr<Store> store(new Store(dir, options, env));
   SHOTDB_RETURN_IF_ERROR(store->OpenDbs());
   return store;
@@ -439,18 +489,20 @@ Status Store::OpenDbs() {
     return Status::OK();
   };
   auto check_version = [&](uint32_t version, bool read_only) -> Status {
-    if (version == kStoreFormatVersion || (version == 1 && read_only)) return Status::OK();
-    if (version == 1) {
+    const bool older = version == 1 || version == 2;
+    if (version == kStoreFormatVersion || (older && read_only)) return Status::OK();
+    if (older) {
       return Status::NotSupported(
-          dir_ +
-          ": store format version 1 (written by an older shotdb) can only be opened "
+          dir_ + ": store format version " + std::to_string(version) +
+          " (written by an older shotdb, without record checksums) can only be opened "
           "read-only by this build, which writes version " +
           std::to_string(kStoreFormatVersion) + ". Export each task (`shotdb --store " + dir_ +
           " export TASK FILE`, which reads it) and import it into a new store "
-          "(`shotdb --store NEW import FILE`); the import adds what version 2 keeps.");
+          "(`shotdb --store NEW import FILE`); the import adds the checksums" +
+          (version == 1 ? " and the demonstration index." : "."));
     }
     return Status::NotSupported(dir_ + ": store format version " + std::to_string(version) +
-                                ", this build reads versions 1 (read-only) and " +
+                                ", this build reads versions 1 and 2 (read-only) and " +
                                 std::to_string(kStoreFormatVersion));
   };
 
@@ -460,8 +512,7 @@ Status Store::OpenDbs() {
     if (rc != MDB_SUCCESS) return lmdb::ToStatus(rc, dir_ + ": begin read transaction");
     Status s = probe(txn, false);
     if (s.ok()) s = open_all(txn, 0, 1);  // meta first, to read the version
-    Result<uint32_t> version =
-        s.ok() ? GetMetaU32(txn, dbs_.meta, kMetaFormatVersion) : Result<uint32_t>(s);
+    Result<uint32_t> version = s.ok() ? GetFormatVersion(txn, dbs_.meta) : Result<uint32_t>(s);
     if (!version.ok()) s = version.status().WithContext(dir_);
     if (s.ok()) s = check_version(*version, true);
     if (s.ok()) s = open_all(txn, 0, *version);
@@ -478,11 +529,10 @@ Status Store::OpenDbs() {
   return Write([&](lmdb::WriteTxn* txn) -> Status {
     SHOTDB_RETURN_IF_ERROR(probe(txn->txn, true));
     SHOTDB_RETURN_IF_ERROR(open_all(txn->txn, MDB_CREATE, kStoreFormatVersion));
-    Result<uint32_t> version = GetMetaU32(txn->txn, dbs_.meta, kMetaFormatVersion);
+    Result<uint32_t> version = GetFormatVersion(txn->txn, dbs_.meta);
     if (version.status().IsNotFound()) {
-      std::string v = U32Value(kStoreFormatVersion);
-      MDB_val k = Val(kMetaFormatVersion, std::strlen(kMetaFormatVersion)), d = Val(v);
-      return txn->Check(mdb_put(txn->txn, dbs_.meta, &k, &d, 0), dir_ + ": write meta");
+      return PutValue(txn, dbs_.meta, kMetaFormatVersion, U32Value(kStoreFormatVersion), 0,
+                      dir_ + ": write meta");
     }
     if (!version.ok()) return version.status().WithContext(dir_);
     return check_version(*version, false);
@@ -596,43 +646,41 @@ Status Store::CreateTask(const TaskInfo& task) {
   const std::string value = EncodeTaskInfo(stored);
 
   return Write([&](lmdb::WriteTxn* txn) -> Status {
-    Result<uint32_t> next = GetMetaU32(txn->txn, dbs_.meta, kMetaNextTaskId);
+    Result<uint32_t> next = GetMetaU32(txn->txn, dbs_.meta, kMetaNextTaskId, checked());
     if (!next.ok() && !next.status().IsNotFound()) return next.status();
     uint32_t id = next.ok() ? *next : 1;
     if (id == UINT32_MAX) return Status::IOError(dir_ + ": task ids exhausted");
 
-    std::string id_value = TaskKey(id);
-    MDB_val nk = Val(task.name), nv = Val(id_value);
-    int rc = mdb_put(txn->txn, dbs_.task_names, &nk, &nv, MDB_NOOVERWRITE);
-    if (rc == MDB_KEYEXIST) return Status::AlreadyExists(what + ": a task of this name exists");
-    SHOTDB_RETURN_IF_ERROR(txn->Check(rc, what + ": put name"));
-
-    MDB_val tk = Val(id_value), tv = Val(value);
-    SHOTDB_RETURN_IF_ERROR(txn->Check(mdb_put(txn->txn, dbs_.tasks, &tk, &tv, MDB_NOOVERWRITE),
-                                      what + ": put task record"));
-    std::string next_value = U32Value(id + 1);
-    MDB_val mk = Val(kMetaNextTaskId, std::strlen(kMetaNextTaskId)), mv = Val(next_value);
-    return txn->Check(mdb_put(txn->txn, dbs_.meta, &mk, &mv, 0), what + ": put next task id");
+    MDB_val nk = Val(task.name), existing;
+    if (mdb_get(txn->txn, dbs_.task_names, &nk, &existing) == MDB_SUCCESS) {
+      return Status::AlreadyExists(what + ": a task of this name exists");
+    }
+    const std::string id_value = TaskKey(id);
+    SHOTDB_RETURN_IF_ERROR(
+        PutValue(txn, dbs_.task_names, task.name, id_value, MDB_NOOVERWRITE, what + ": put name"));
+    SHOTDB_RETURN_IF_ERROR(
+        PutValue(txn, dbs_.tasks, id_value, value, MDB_NOOVERWRITE, what + ": put task record"));
+    return PutValue(txn, dbs_.meta, kMetaNextTaskId, U32Value(id + 1), 0,
+                    what + ": put next task id");
   });
 }
 
 Status Store::DeleteTask(const std::string& name) {
   const std::string what = "task " + name;
   return Write([&](lmdb::WriteTxn* txn) -> Status {
-    MDB_val nk = Val(name), nv;
-    int rc = mdb_get(txn->txn, dbs_.task_names, &nk, &nv);
-    if (rc == MDB_NOTFOUND) return Status::NotFound(what + ": no such task");
-    SHOTDB_RETURN_IF_ERROR(txn->Check(rc, what));
-    if (nv.mv_size != 4) return Status::Corruption(what + ": task id is not 4 bytes");
-    const uint32_t id = lmdb::LoadBE32(nv.mv_data);
+    Result<std::string_view> value = GetValue(txn->txn, dbs_.task_names, name, checked(), what);
+    if (value.status().IsNotFound()) return Status::NotFound(what + ": no such task");
+    if (!value.ok()) return value.status();
+    SHOTDB_ASSIGN_OR_RETURN(const uint32_t id, DecodeTaskId(*value, name));
+    MDB_val nk = Val(name);
     SHOTDB_RETURN_IF_ERROR(
         txn->Check(mdb_del(txn->txn, dbs_.task_names, &nk, nullptr), what + ": delete name"));
     const std::string prefix = TaskKey(id);
     for (MDB_dbi dbi : {dbs_.tasks, dbs_.blocks, dbs_.demos, dbs_.payloads, dbs_.demo_docs}) {
       SHOTDB_RETURN_IF_ERROR(lmdb::DeletePrefix(txn, dbi, prefix, what + ": delete"));
     }
-    SHOTDB_RETURN_IF_ERROR(Bm25LmdbIndex(dbs_.demo_bm25).DeleteTask(txn, id));
-    return Bm25LmdbIndex(dbs_.bm25).DeleteTask(txn, id);
+    SHOTDB_RETURN_IF_ERROR(Bm25LmdbIndex(dbs_.demo_bm25, checked()).DeleteTask(txn, id));
+    return Bm25LmdbIndex(dbs_.bm25, checked()).DeleteTask(txn, id);
   });
 }
 
@@ -654,16 +702,18 @@ Status Store::AppendBlock(const std::string& task, const NewBlock& block) {
   }
 
   return Write([&](lmdb::WriteTxn* txn) -> Status {
-    MDB_val nk = Val(task), nv;
-    int rc = mdb_get(txn->txn, dbs_.task_names, &nk, &nv);
-    if (rc == MDB_NOTFOUND) return Status::NotFound("task " + task + ": no such task");
-    SHOTDB_RETURN_IF_ERROR(txn->Check(rc, what));
-    if (nv.mv_size != 4) return Status::Corruption(what + ": task id is not 4 bytes");
-    const uint32_t id = lmdb::LoadBE32(nv.mv_data);
+    Result<std::string_view> name_value =
+        GetValue(txn->txn, dbs_.task_names, task, checked(), what);
+    if (name_value.status().IsNotFound()) {
+      return Status::NotFound("task " + task + ": no such task");
+    }
+    if (!name_value.ok()) return name_value.status();
+    SHOTDB_ASSIGN_OR_RETURN(const uint32_t id, DecodeTaskId(*name_value, task));
     const std::string task_key = TaskKey(id);
-    MDB_val tk = Val(task_key), tv;
-    SHOTDB_RETURN_IF_ERROR(txn->Check(mdb_get(txn->txn, dbs_.tasks, &tk, &tv), what));
-    SHOTDB_ASSIGN_OR_RETURN(TaskInfo t, DecodeTaskInfo(View(tv), "task " + task + " record"));
+    SHOTDB_ASSIGN_OR_RETURN(std::string_view task_value,
+                            GetValue(txn->txn, dbs_.tasks, task_key, checked(), what));
+    SHOTDB_ASSIGN_OR_RETURN(TaskInfo t, DecodeTaskInfo(task_value, "task " + task + " record"));
+    int rc = MDB_SUCCESS;
 
     if (block.model != t.model) {
       return Status::FailedPrecondition(what + ": K/V produced by model " + block.model.ToString() +
@@ -680,10 +730,10 @@ Status Store::AppendBlock(const std::string& task, const NewBlock& block) {
                                      ", expected the next index " + std::to_string(t.num_blocks));
     }
     if (info.index > 0) {
-      std::string prev_key = BlockKey(id, info.index - 1);
-      MDB_val pk = Val(prev_key), pv;
-      SHOTDB_RETURN_IF_ERROR(txn->Check(mdb_get(txn->txn, dbs_.blocks, &pk, &pv), what));
-      SHOTDB_ASSIGN_OR_RETURN(BlockInfo prev, DecodeBlockInfo(View(pv), what + " predecessor"));
+      SHOTDB_ASSIGN_OR_RETURN(
+          std::string_view prev_value,
+          GetValue(txn->txn, dbs_.blocks, BlockKey(id, info.index - 1), checked(), what));
+      SHOTDB_ASSIGN_OR_RETURN(BlockInfo prev, DecodeBlockInfo(prev_value, what + " predecessor"));
       if (info.position_offset < prev.position_offset + prev.token_count) {
         return Status::InvalidArgument(what + ": position_offset " +
                                        std::to_string(info.position_offset) +
@@ -692,20 +742,19 @@ Status Store::AppendBlock(const std::string& task, const NewBlock& block) {
       }
     }
 
-    std::string block_key = BlockKey(id, info.index), block_value = EncodeBlockInfo(info);
-    MDB_val bk = Val(block_key), bv = Val(block_value);
-    SHOTDB_RETURN_IF_ERROR(txn->Check(mdb_put(txn->txn, dbs_.blocks, &bk, &bv, MDB_NOOVERWRITE),
-                                      what + ": put block info"));
+    SHOTDB_RETURN_IF_ERROR(PutValue(txn, dbs_.blocks, BlockKey(id, info.index),
+                                    EncodeBlockInfo(info), MDB_NOOVERWRITE,
+                                    what + ": put block info"));
 
     for (const Demonstration& demo : block.demos) {
-      std::string demo_key = DemoKey(id, demo.id), demo_value = EncodeDemonstration(demo);
-      MDB_val dk = Val(demo_key), dv = Val(demo_value);
-      rc = mdb_put(txn->txn, dbs_.demos, &dk, &dv, MDB_NOOVERWRITE);
-      if (rc == MDB_KEYEXIST) {
+      const std::string demo_key = DemoKey(id, demo.id);
+      MDB_val dk = Val(demo_key), existing;
+      if (mdb_get(txn->txn, dbs_.demos, &dk, &existing) == MDB_SUCCESS) {
         return Status::InvalidArgument(what + ": demonstration id " + std::to_string(demo.id) +
                                        " is already stored in the task");
       }
-      SHOTDB_RETURN_IF_ERROR(txn->Check(rc, what + ": put demonstration"));
+      SHOTDB_RETURN_IF_ERROR(PutValue(txn, dbs_.demos, demo_key, EncodeDemonstration(demo),
+                                      MDB_NOOVERWRITE, what + ": put demonstration"));
     }
 
     const BlockRecordMeta base{t.model.dtype,    TensorKind::kKey, 0,
@@ -740,8 +789,8 @@ Status Store::AppendBlock(const std::string& task, const NewBlock& block) {
     SHOTDB_ASSIGN_OR_RETURN(Analyzer analyzer, Analyzer::Create(t.analyzer));
     SHOTDB_ASSIGN_OR_RETURN(PromptFormat format,
                             PromptFormat::Create(t.prompt_template, t.separator));
-    SHOTDB_RETURN_IF_ERROR(
-        Bm25LmdbIndex(dbs_.bm25).AddDocument(txn, id, info.index, analyzer.Terms(info.text)));
+    SHOTDB_RETURN_IF_ERROR(Bm25LmdbIndex(dbs_.bm25, checked())
+                               .AddDocument(txn, id, info.index, analyzer.Terms(info.text)));
     // Each demonstration, as the model sees it, is also a document of the demonstration index.
     if (t.num_demos + block.demos.size() > UINT32_MAX) {
       return Status::InvalidArgument(what + ": a task holds at most 2^32-1 demonstrations");
@@ -750,16 +799,12 @@ Status Store::AppendBlock(const std::string& task, const NewBlock& block) {
       const Demonstration& demo = block.demos[i];
       const uint32_t doc = static_cast<uint32_t>(t.num_demos + i);
       SHOTDB_RETURN_IF_ERROR(
-          Bm25LmdbIndex(dbs_.demo_bm25)
+          Bm25LmdbIndex(dbs_.demo_bm25, checked())
               .AddDocument(txn, id, doc, analyzer.Terms(format.FormatDemo(demo.text, demo.label))));
-      std::string doc_key = DemoDocKey(id, doc);
       lmdb::ByteWriter w;
       w.U64(demo.id);
-      std::string doc_value = w.Take();
-      MDB_val dk = Val(doc_key), dv = Val(doc_value);
-      SHOTDB_RETURN_IF_ERROR(
-          txn->Check(mdb_put(txn->txn, dbs_.demo_docs, &dk, &dv, MDB_NOOVERWRITE),
-                     what + ": put demonstration number"));
+      SHOTDB_RETURN_IF_ERROR(PutValue(txn, dbs_.demo_docs, DemoDocKey(id, doc), w.Take(),
+                                      MDB_NOOVERWRITE, what + ": put demonstration number"));
     }
 
     t.num_blocks += 1;
@@ -768,9 +813,7 @@ Status Store::AppendBlock(const std::string& task, const NewBlock& block) {
     t.payload_raw_bytes += raw_bytes;
     t.payload_stored_bytes += stored_bytes;
     t.version += 1;
-    std::string task_value = EncodeTaskInfo(t);
-    MDB_val uk = Val(task_key), uv = Val(task_value);
-    return txn->Check(mdb_put(txn->txn, dbs_.tasks, &uk, &uv, 0), what + ": update task");
+    return PutValue(txn, dbs_.tasks, task_key, EncodeTaskInfo(t), 0, what + ": update task");
   });
 }
 
@@ -793,6 +836,77 @@ Result<std::unique_ptr<Snapshot>> Store::BeginSnapshot() const {
   return std::unique_ptr<Snapshot>(new Snapshot(this, txn));
 }
 
+Status Store::CheckNoOrphans(Snapshot& snap, const std::vector<TaskInfo>& tasks) const {
+  // Every record's key starts with its task's id: each must belong to a listed task. Walks every
+  // key (not the values), one per key with duplicates.
+  MDB_txn* txn = snap.txn_;
+  std::set<uint32_t> ids;
+  uint64_t blocks = 0, demos = 0, payloads = 0;
+  for (const TaskInfo& t : tasks) {
+    Result<uint32_t> id = snap.TaskId(t.name);
+    if (!id.ok()) return id.status();
+    ids.insert(*id);
+    blocks += t.num_blocks;
+    demos += t.num_demos;
+    payloads += 2 * static_cast<uint64_t>(t.model.num_layers) * t.num_blocks;
+  }
+  struct Db {
+    const char* name;
+    MDB_dbi dbi;
+    int64_t expected_entries;  // -1: not known from the task records (postings, statistics)
+  };
+  std::vector<Db> dbs = {
+      {"tasks", dbs_.tasks, static_cast<int64_t>(tasks.size())},
+      {"task_names", dbs_.task_names, static_cast<int64_t>(tasks.size())},
+      {"blocks", dbs_.blocks, static_cast<int64_t>(blocks)},
+      {"demos", dbs_.demos, static_cast<int64_t>(demos)},
+      {"payloads", dbs_.payloads, static_cast<int64_t>(payloads)},
+      {"postings", dbs_.bm25.postings, -1},
+      {"doc_lengths", dbs_.bm25.doc_lengths, static_cast<int64_t>(blocks)},
+      {"bm25_stats", dbs_.bm25.stats, -1},
+  };
+  if (format_version_ >= 2) {
+    dbs.push_back({"demo_postings", dbs_.demo_bm25.postings, -1});
+    dbs.push_back({"demo_doc_lengths", dbs_.demo_bm25.doc_lengths, static_cast<int64_t>(demos)});
+    dbs.push_back({"demo_bm25_stats", dbs_.demo_bm25.stats, -1});
+    dbs.push_back({"demo_docs", dbs_.demo_docs, static_cast<int64_t>(demos)});
+  }
+  for (const Db& db : dbs) {
+    const std::string what = dir_ + ": database " + db.name;
+    MDB_stat ms;
+    int rc = mdb_stat(txn, db.dbi, &ms);
+    if (rc != MDB_SUCCESS) return lmdb::ToStatus(rc, what + ": stat");
+    if (db.expected_entries >= 0 && ms.ms_entries != static_cast<uint64_t>(db.expected_entries)) {
+      return Status::Corruption(what + " holds " + std::to_string(ms.ms_entries) +
+                                " records; the tasks account for " +
+                                std::to_string(db.expected_entries));
+    }
+    if (std::strcmp(db.name, "task_names") == 0) continue;  // keyed by name; the values are ids
+    MDB_cursor* cursor = nullptr;
+    rc = mdb_cursor_open(txn, db.dbi, &cursor);
+    if (rc != MDB_SUCCESS) return lmdb::ToStatus(rc, what + ": cursor");
+    MDB_val k, v;
+    Status status;
+    for (rc = mdb_cursor_get(cursor, &k, &v, MDB_FIRST); rc == MDB_SUCCESS;
+         rc = mdb_cursor_get(cursor, &k, &v, MDB_NEXT_NODUP)) {
+      const auto* b = static_cast<const uint8_t*>(k.mv_data);
+      const uint32_t id = k.mv_size < 4 ? 0
+                                        : (uint32_t{b[0]} << 24 | uint32_t{b[1]} << 16 |
+                                           uint32_t{b[2]} << 8 | uint32_t{b[3]});
+      if (k.mv_size < 4 || ids.count(id) == 0) {
+        status = Status::Corruption(what + " holds a record of task id " + std::to_string(id) +
+                                    (k.mv_size < 4 ? " (a key too short)" : "") +
+                                    ", which no listed task has (an orphan)");
+        break;
+      }
+    }
+    mdb_cursor_close(cursor);
+    if (!status.ok()) return status;
+    if (rc != MDB_SUCCESS && rc != MDB_NOTFOUND) return lmdb::ToStatus(rc, what + ": walk");
+  }
+  return Status::OK();
+}
+
 Status Store::Verify(const std::string& task, VerifyReport* report,
                      const VerifyProgress& progress) const {
   VerifyReport local;
@@ -801,6 +915,14 @@ Status Store::Verify(const std::string& task, VerifyReport* report,
   auto problem = [&r](const Status& s) {
     if (r.problems.size() < VerifyReport::kMaxProblems) r.problems.push_back(s.message());
   };
+
+  // First the file's structure: on a damaged page, reading on through LMDB could crash.
+  Result<lmdb::StructureStats> structure = lmdb::CheckLmdbStructure(env_);
+  if (!structure.ok()) {
+    problem(structure.status());
+    return structure.status();
+  }
+  r.pages_checked = structure->pages;
 
   SHOTDB_ASSIGN_OR_RETURN(std::unique_ptr<Snapshot> snap, BeginSnapshot());
   std::vector<TaskInfo> tasks;
@@ -813,7 +935,7 @@ Status Store::Verify(const std::string& task, VerifyReport* report,
   uint64_t total = 0;
   for (const TaskInfo& t : tasks) total += t.num_blocks * 2 * t.model.num_layers;
 
-  Bm25LmdbIndex index(dbs_.bm25);
+  Bm25LmdbIndex index(dbs_.bm25, checked());
   for (const TaskInfo& t : tasks) {
     const std::string what = "task " + t.name;
     ++r.tasks_checked;
@@ -880,7 +1002,7 @@ Status Store::Verify(const std::string& task, VerifyReport* report,
       Status s = index.Verify(snap->txn_, *id, static_cast<uint32_t>(t.num_blocks));
       if (!s.ok()) problem(s.WithContext(what + " block index"));
       if (format_version_ >= 2) {
-        s = Bm25LmdbIndex(dbs_.demo_bm25)
+        s = Bm25LmdbIndex(dbs_.demo_bm25, checked())
                 .Verify(snap->txn_, *id, static_cast<uint32_t>(t.num_demos));
         if (!s.ok()) problem(s.WithContext(what + " demonstration index"));
         // Every demonstration number maps to a stored demonstration, none beyond num_demos.
@@ -895,6 +1017,10 @@ Status Store::Verify(const std::string& task, VerifyReport* report,
         }
       }
     }
+  }
+  if (task.empty()) {
+    Status s = CheckNoOrphans(*snap, tasks);
+    if (!s.ok()) problem(s);
   }
   if (r.problems.empty()) return Status::OK();
   std::string msg = r.problems.front();

@@ -52,10 +52,12 @@
 namespace shotdb {
 
 // The on-disk layout version of a store (meta DB key "format_version"). Version 2 added the
-// per-demonstration BM25 index and the task record's position scheme, analyzer and idf. Open
-// refuses other versions, except that a version-1 store opens read-only (every read works but
-// SearchDemos), so that its tasks can be exported and imported into a version-2 store.
-constexpr uint32_t kStoreFormatVersion = 2;
+// per-demonstration BM25 index and the task record's position scheme, analyzer and idf; version 3
+// seals every record with a checksum (lmdb::Seal) and adds a check word to every posting. Open
+// refuses other versions, except that version-1 and version-2 stores open read-only (every read
+// works, unchecked; version 1 has no SearchDemos), so that their tasks can be exported and
+// imported into a version-3 store.
+constexpr uint32_t kStoreFormatVersion = 3;
 
 struct NewBlock {
   // The model that produced keys/values; must equal the task's fingerprint.
@@ -92,6 +94,7 @@ struct VerifyReport {
   uint64_t blocks_checked = 0;
   uint64_t records_checked = 0;    // payload records whose checksums were recomputed
   uint64_t raw_bytes_checked = 0;  // their decoded size
+  uint64_t pages_checked = 0;      // LMDB pages whose structure was checked (whole file)
   // One line per problem found ("task nlu block 3 layer 7 K: ..."), at most kMaxProblems.
   std::vector<std::string> problems;
   static constexpr size_t kMaxProblems = 1000;
@@ -205,12 +208,20 @@ class Store {
     // fsync at every commit. Without it a process crash still loses nothing committed, but an OS
     // crash or power loss may lose recent commits or damage the file (LMDB's MDB_NOSYNC).
     bool sync = true;
+    // Check the LMDB file's structure before first use (engine/lmdb_check.h): LMDB trusts its
+    // pages, and a damaged one can crash a reader; checked, Open returns Corruption instead.
+    // Reads every branch and leaf page, and for a writer (not read_only) also the first page of
+    // each large value, whose header LMDB's writers rely on; never the payload bytes
+    // (docs/storage.md has its cost). Damage that appears after Open is not covered: run Verify,
+    // which always checks fully.
+    bool check_structure = true;
   };
 
   // Opens (or, with create_if_missing and not read_only, creates) the store in directory `dir`.
   // Returns the store, or NotFound if it does not exist and may not be created; NotSupported for
   // another store format version; InvalidArgument if `dir` holds an LMDB file that is not a
-  // shotdb store; Corruption if LMDB finds the file damaged; IOError for OS failures.
+  // shotdb store; Corruption if the file is damaged (the structure check, or LMDB); IOError for OS
+  // failures.
   static Result<std::unique_ptr<Store>> Open(const std::string& dir, const Options& options);
   // (A version-1 store opened without read_only is refused with NotSupported, naming the way out.)
   static Result<std::unique_ptr<Store>> Open(const std::string& dir) { return Open(dir, {}); }
@@ -247,11 +258,15 @@ class Store {
   // map was grown by another process while this process holds other Snapshots).
   Result<std::unique_ptr<Snapshot>> BeginSnapshot() const;
 
-  // Recomputes every checksum of the task (empty name: every task) in one snapshot and checks the
-  // structure: each block 0..num_blocks-1 present with its demonstrations and both tensors of every
-  // layer, headers matching the task, counters matching the records, BM25 statistics matching the
-  // documents. Fills *report (may be null) and calls `progress` (may be empty). Returns OK if
-  // nothing is wrong, Corruption with the first problem otherwise, NotFound for an unknown task.
+  // Checks the LMDB file's structure (engine/lmdb_check.h; on damage nothing else is read), then
+  // checks the task (empty name: every task) in one snapshot: every payload checksum, every
+  // record checksum and posting check word (format 3); each block 0..num_blocks-1 present with
+  // its demonstrations and both tensors of every layer, headers matching the task, counters
+  // matching the records, BM25 statistics matching the documents; for the whole store (empty
+  // name), also that every key of every database belongs to a listed task and each database's
+  // record count is what the tasks account for (no orphans). Fills *report (may be null) and
+  // calls `progress` (may be empty). Returns OK if nothing is wrong, Corruption with the first
+  // problem otherwise, NotFound for an unknown task.
   Status Verify(const std::string& task, VerifyReport* report,
                 const VerifyProgress& progress = {}) const;
 
@@ -264,6 +279,9 @@ class Store {
 
   const std::string& dir() const { return dir_; }
   bool read_only() const { return options_.read_only; }
+  // Whether every record carries a checksum (store format 3; older stores are read as they are).
+  bool checked() const { return format_version_ >= 3; }
+  uint32_t format_version() const { return format_version_; }
 
  private:
   friend class Snapshot;
@@ -281,12 +299,15 @@ class Store {
   Status Write(const std::function<Status(lmdb::WriteTxn*)>& body);
   // Transaction accounting: the map may only be resized while this process has no transaction.
   void EndTxn() const;
+  // Verify's whole-store part: every database's record count equals what the tasks account for
+  // (where the task records determine it), and every key belongs to a listed task.
+  Status CheckNoOrphans(Snapshot& snap, const std::vector<TaskInfo>& tasks) const;
 
   std::string dir_;
   Options options_;
   MDB_env* env_;
   Dbs dbs_{};
-  uint32_t format_version_ = kStoreFormatVersion;  // of the opened store (1 only read-only)
+  uint32_t format_version_ = kStoreFormatVersion;  // of the opened store (1 and 2 only read-only)
   mutable std::mutex write_mu_;                    // one writer at a time in this process
   mutable std::mutex txn_mu_;  // guards open_txns_, map resizing and the two below
   mutable int open_txns_ = 0;

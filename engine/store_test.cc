@@ -12,6 +12,7 @@
 #include <thread>
 
 #include "engine/export.h"
+#include "engine/lmdb_util.h"
 #include "engine/store_test_util.h"
 
 namespace shotdb {
@@ -797,49 +798,92 @@ TEST(StoreTest, CreateTaskRefusesUnusableOptionsAndWritesNothing) {
   EXPECT_TRUE((*snap)->ListTasks()->empty());
 }
 
-// Turns a store written by this build into what a format-1 store looks like: version 1 in meta,
-// no per-demonstration databases, task records without the format-2 tail.
-void MakeFormatOne(const std::string& dir) {
-  MDB_env* env = nullptr;
-  ASSERT_EQ(mdb_env_create(&env), MDB_SUCCESS);
-  ASSERT_EQ(mdb_env_set_maxdbs(env, 16), MDB_SUCCESS);
-  ASSERT_EQ(mdb_env_open(env, dir.c_str(), 0, 0644), MDB_SUCCESS);
-  MDB_txn* txn = nullptr;
-  ASSERT_EQ(mdb_txn_begin(env, nullptr, 0, &txn), MDB_SUCCESS);
-  for (const char* name : {"demo_postings", "demo_doc_lengths", "demo_bm25_stats", "demo_docs"}) {
-    MDB_dbi dbi;
-    ASSERT_EQ(mdb_dbi_open(txn, name, 0, &dbi), MDB_SUCCESS) << name;
-    ASSERT_EQ(mdb_drop(txn, dbi, 1), MDB_SUCCESS) << name;
-  }
-  MDB_dbi meta, tasks;
-  ASSERT_EQ(mdb_dbi_open(txn, "meta", 0, &meta), MDB_SUCCESS);
-  const char key[] = "format_version";
-  const uint8_t one[4] = {1, 0, 0, 0};
-  MDB_val k{sizeof key - 1, const_cast<char*>(key)}, v{4, const_cast<uint8_t*>(one)};
-  ASSERT_EQ(mdb_put(txn, meta, &k, &v, 0), MDB_SUCCESS);
-  ASSERT_EQ(mdb_dbi_open(txn, "tasks", 0, &tasks), MDB_SUCCESS);
-  MDB_cursor* c = nullptr;
-  ASSERT_EQ(mdb_cursor_open(txn, tasks, &c), MDB_SUCCESS);
+// Every (key, value) of a database, duplicates included.
+std::vector<std::pair<std::string, std::string>> AllRecords(MDB_txn* txn, MDB_dbi dbi) {
   std::vector<std::pair<std::string, std::string>> records;
+  MDB_cursor* c = nullptr;
+  EXPECT_EQ(mdb_cursor_open(txn, dbi, &c), MDB_SUCCESS);
+  MDB_val k, v;
   for (int rc = mdb_cursor_get(c, &k, &v, MDB_FIRST); rc == MDB_SUCCESS;
        rc = mdb_cursor_get(c, &k, &v, MDB_NEXT)) {
     records.emplace_back(std::string(static_cast<char*>(k.mv_data), k.mv_size),
                          std::string(static_cast<char*>(v.mv_data), v.mv_size));
   }
   mdb_cursor_close(c);
-  for (auto& [key_bytes, value] : records) {
-    Result<TaskInfo> t = DecodeTaskInfo(value, "record");
-    ASSERT_TRUE(t.ok());
-    ASSERT_TRUE(t->analyzer.stopwords.empty());
-    value.resize(value.size() - (1 + 1 + 4 + 1));
-    MDB_val rk{key_bytes.size(), key_bytes.data()}, rv{value.size(), value.data()};
-    ASSERT_EQ(mdb_put(txn, tasks, &rk, &rv, 0), MDB_SUCCESS);
+  return records;
+}
+
+// Turns a store written by this build into what an older store looks like: its version in meta
+// (a plain u32), values without record checksums, postings of 8 bytes (no check word); for
+// version 1 also no per-demonstration databases and task records without the version-2 tail.
+void MakeOlderFormat(const std::string& dir, uint32_t version) {
+  MDB_env* env = nullptr;
+  ASSERT_EQ(mdb_env_create(&env), MDB_SUCCESS);
+  ASSERT_EQ(mdb_env_set_maxdbs(env, 16), MDB_SUCCESS);
+  ASSERT_EQ(mdb_env_open(env, dir.c_str(), 0, 0644), MDB_SUCCESS);
+  MDB_txn* txn = nullptr;
+  ASSERT_EQ(mdb_txn_begin(env, nullptr, 0, &txn), MDB_SUCCESS);
+  std::vector<const char*> sealed = {"meta",  "task_names",  "tasks",     "blocks",
+                                     "demos", "doc_lengths", "bm25_stats"};
+  std::vector<const char*> postings = {"postings"};
+  for (const char* name : {"demo_postings", "demo_doc_lengths", "demo_bm25_stats", "demo_docs"}) {
+    MDB_dbi dbi;
+    ASSERT_EQ(mdb_dbi_open(txn, name, 0, &dbi), MDB_SUCCESS) << name;
+    if (version == 1) {
+      ASSERT_EQ(mdb_drop(txn, dbi, 1), MDB_SUCCESS) << name;
+    } else if (std::string(name) == "demo_postings") {
+      postings.push_back(name);
+    } else {
+      sealed.push_back(name);
+    }
+  }
+  // Unseal every checked value (and for version 1 cut the task records' tail).
+  for (const char* name : sealed) {
+    MDB_dbi dbi;
+    ASSERT_EQ(mdb_dbi_open(txn, name, 0, &dbi), MDB_SUCCESS) << name;
+    for (auto& [key, stored] : AllRecords(txn, dbi)) {
+      Result<std::string_view> unsealed = lmdb::Unseal(key, stored, name);
+      ASSERT_TRUE(unsealed.ok()) << unsealed.status().ToString();
+      std::string value(*unsealed);
+      if (std::string(name) == "tasks" && version == 1) {
+        Result<TaskInfo> t = DecodeTaskInfo(value, "record");
+        ASSERT_TRUE(t.ok());
+        ASSERT_TRUE(t->analyzer.stopwords.empty());
+        value.resize(value.size() - (1 + 1 + 4 + 1));
+      }
+      MDB_val rk{key.size(), key.data()}, rv{value.size(), value.data()};
+      ASSERT_EQ(mdb_put(txn, dbi, &rk, &rv, 0), MDB_SUCCESS);
+    }
+  }
+  MDB_dbi meta;
+  ASSERT_EQ(mdb_dbi_open(txn, "meta", 0, &meta), MDB_SUCCESS);
+  const char version_key[] = "format_version";
+  const uint8_t le[4] = {static_cast<uint8_t>(version), 0, 0, 0};
+  MDB_val k{sizeof version_key - 1, const_cast<char*>(version_key)}, v{4, const_cast<uint8_t*>(le)};
+  ASSERT_EQ(mdb_put(txn, meta, &k, &v, 0), MDB_SUCCESS);
+  // Postings of 8 bytes: the dups of a DUPFIXED key share one size, so empty the DB first.
+  for (const char* name : postings) {
+    MDB_dbi dbi;
+    ASSERT_EQ(mdb_dbi_open(txn, name, MDB_DUPSORT | MDB_DUPFIXED, &dbi), MDB_SUCCESS);
+    auto dups = AllRecords(txn, dbi);
+    ASSERT_EQ(mdb_drop(txn, dbi, 0), MDB_SUCCESS);
+    for (auto& [key, dup] : dups) {
+      ASSERT_EQ(dup.size(), 12u);
+      dup.resize(8);
+      MDB_val rk{key.size(), key.data()}, rv{dup.size(), dup.data()};
+      ASSERT_EQ(mdb_put(txn, dbi, &rk, &rv, 0), MDB_SUCCESS);
+    }
   }
   ASSERT_EQ(mdb_txn_commit(txn), MDB_SUCCESS);
   mdb_env_close(env);
 }
 
-TEST(StoreTest, FormatOneStoreOpensReadOnlyAndMovesByExportImport) {
+class OlderFormatTest : public ::testing::TestWithParam<uint32_t> {};
+
+// A version-1 or -2 store opens read-only only, reads (unchecked) and verifies, and its tasks move
+// into a new store by export and import, which checks everything again.
+TEST_P(OlderFormatTest, OpensReadOnlyAndMovesByExportImport) {
+  const uint32_t version = GetParam();
   TempDir dir;
   const ModelFingerprint model = SmallModel(DType::kBF16, 2);
   {
@@ -850,12 +894,14 @@ TEST(StoreTest, FormatOneStoreOpensReadOnlyAndMovesByExportImport) {
     ASSERT_TRUE(store->CreateTask(task).ok());
     AppendBlocks(store.get(), "t", model, 4, 0, 3, 0);
   }
-  MakeFormatOne(dir.Sub("old"));
+  MakeOlderFormat(dir.Sub("old"), version);
 
   Result<std::unique_ptr<Store>> writable = Store::Open(dir.Sub("old"));
   ASSERT_FALSE(writable.ok());
   EXPECT_TRUE(writable.status().IsNotSupported()) << writable.status().ToString();
   EXPECT_NE(writable.status().message().find("export"), std::string::npos);
+  EXPECT_NE(writable.status().message().find("version " + std::to_string(version)),
+            std::string::npos);
 
   Store::Options ro;
   ro.read_only = true;
@@ -867,7 +913,14 @@ TEST(StoreTest, FormatOneStoreOpensReadOnlyAndMovesByExportImport) {
   ASSERT_TRUE(snap.ok());
   EXPECT_EQ((*snap)->GetTask("t")->blocks.positions, PositionScheme::kSequential);
   EXPECT_TRUE((*snap)->Search("t", "alarm", 2).ok());
-  EXPECT_TRUE((*snap)->SearchDemos("t", "alarm", 2).status().IsNotSupported());
+  EXPECT_EQ(old->format_version(), version);
+  if (version == 1) {
+    EXPECT_TRUE((*snap)->SearchDemos("t", "alarm", 2).status().IsNotSupported());
+  } else {
+    Result<std::vector<ScoredDoc>> demos = (*snap)->SearchDemos("t", "alarm", 100);
+    ASSERT_TRUE(demos.ok()) << demos.status().ToString();
+    EXPECT_EQ(demos->size(), 6u);
+  }
   snap->reset();
   Result<StoreStats> stats = old->Stats();
   ASSERT_TRUE(stats.ok()) << stats.status().ToString();
@@ -885,7 +938,13 @@ TEST(StoreTest, FormatOneStoreOpensReadOnlyAndMovesByExportImport) {
   Result<std::vector<ScoredDoc>> demos = (*fs)->SearchDemos("t", "alarm", 100);
   ASSERT_TRUE(demos.ok()) << demos.status().ToString();
   EXPECT_EQ(demos->size(), 6u);
+  EXPECT_EQ(fresh->format_version(), kStoreFormatVersion);
 }
+
+INSTANTIATE_TEST_SUITE_P(Versions, OlderFormatTest, ::testing::Values(1u, 2u),
+                         [](const ::testing::TestParamInfo<uint32_t>& info) {
+                           return "v" + std::to_string(info.param);
+                         });
 
 }  // namespace
 }  // namespace shotdb

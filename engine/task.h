@@ -60,7 +60,7 @@ std::optional<PositionScheme> ParsePositionScheme(std::string_view name);
 // for large pools (50.8% vs 70.0% with k = 5 on 19,287 NLU demonstrations).
 struct BlockConfig {
   uint32_t demos_per_block = 5;  // k
-  uint32_t window = 2;            // j
+  uint32_t window = 2;           // j
   uint32_t sink_blocks = 1;
   PositionScheme positions = PositionScheme::kWindowed;
   bool operator==(const BlockConfig& o) const {
