@@ -269,39 +269,53 @@ Result<LabelDecodeResult> DecodeLabel(const LlamaModel& model, const std::vector
   try {
     c10::InferenceMode guard;
     DecodeClock clock(model, context);
-    KvCache cache(model, context_len + static_cast<int64_t>(prompt.size()));
-    int64_t next_position = 0;
-    SHOTDB_ASSIGN_OR_RETURN(ForwardResult out, RunPrompt(model, prompt, context, context_len,
-                                                         &cache, &clock, &next_position));
-    result.forward_calls = 1;
-    // Log-probabilities of each scored position on the host: row 0 = after the prompt, row 1 + r
-    // = after internal node `internal[r]`.
-    torch::Tensor logp = torch::log_softmax(out.logits.to(torch::kFloat64), -1);
-    if (!internal.empty()) {
-      const int64_t n = static_cast<int64_t>(internal.size());
-      const int64_t c = cache.size();
-      std::vector<int32_t> tokens;
-      std::vector<int64_t> positions;
-      torch::Tensor mask = torch::zeros({n, c + n}, torch::kBool);
+    // One Forward: the prompt's tokens, then every internal trie node. The context K/V is passed
+    // as it is (no copy into a cache; Forward rotates it unless the caller did).
+    const int64_t p = static_cast<int64_t>(prompt.size());
+    const int64_t n = static_cast<int64_t>(internal.size());
+    const int64_t c = context_len;
+    const int64_t start = context.prompt_position >= 0 ? context.prompt_position : c;
+    std::vector<int32_t> tokens = prompt;
+    std::vector<int64_t> positions(static_cast<size_t>(p));
+    for (int64_t i = 0; i < p; ++i) positions[static_cast<size_t>(i)] = start + i;
+    std::vector<int64_t> rows = {p - 1};  // logits after the prompt, then after each node
+    for (int64_t r = 0; r < n; ++r) {
+      const Node& node = nodes[internal[r]];
+      tokens.push_back(node.token);
+      positions.push_back(start + p + node.depth - 1);
+      rows.push_back(p + r);
+    }
+    ForwardRequest req;
+    req.tokens = IdsTensor(tokens, model.device());
+    req.positions = torch::tensor(positions, torch::kInt64).to(model.device());
+    if (context.kv != nullptr) {
+      req.context = context.kv;
+      req.context_positions = context.positions.to(model.device());
+      req.context_rotated = context.rotated;
+    }
+    if (n > 0) {
+      // Prompt rows: the context and the causal prefix of the prompt. Node rows: the context, the
+      // whole prompt and the node's ancestors up to itself (tree attention).
+      torch::Tensor mask = torch::zeros({p + n, c + p + n}, torch::kBool);
       mask.narrow(1, 0, c).fill_(true);
       auto m = mask.accessor<bool, 2>();
-      for (int64_t r = 0; r < n; ++r) {
-        const Node& node = nodes[internal[r]];
-        tokens.push_back(node.token);
-        positions.push_back(next_position + node.depth - 1);
-        for (int64_t a = internal[r]; a != 0; a = nodes[a].parent) m[r][c + nodes[a].row] = true;
+      for (int64_t i = 0; i < p; ++i) {
+        for (int64_t j = 0; j <= i; ++j) m[i][c + j] = true;
       }
-      ForwardRequest tree;
-      tree.tokens = IdsTensor(tokens, model.device());
-      tree.positions = torch::tensor(positions, torch::kInt64).to(model.device());
-      tree.mask = mask.to(model.device());
-      tree.all_logits = true;
-      clock.Sampling();
-      cache.Attach(&tree);
-      SHOTDB_ASSIGN_OR_RETURN(ForwardResult tree_out, clock.Forward(&tree));
-      ++result.forward_calls;
-      logp = torch::cat({logp, torch::log_softmax(tree_out.logits.to(torch::kFloat64), -1)}, 0);
+      for (int64_t r = 0; r < n; ++r) {
+        for (int64_t j = 0; j < p; ++j) m[p + r][c + j] = true;
+        for (int64_t a = internal[r]; a != 0; a = nodes[a].parent) {
+          m[p + r][c + p + nodes[a].row] = true;
+        }
+      }
+      req.mask = mask.to(model.device());
     }
+    req.logit_rows = torch::tensor(rows, torch::kInt64);
+    clock.Sampling();
+    SHOTDB_ASSIGN_OR_RETURN(ForwardResult out, clock.Forward(&req));
+    result.forward_calls = 1;
+    // Row 0 = after the prompt, row 1 + r = after internal node `internal[r]`.
+    torch::Tensor logp = torch::log_softmax(out.logits.to(torch::kFloat64), -1);
     logp = logp.cpu();
     auto lp = logp.accessor<double, 2>();
     for (size_t i = 0; i < labels.size(); ++i) {

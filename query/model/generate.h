@@ -82,18 +82,20 @@ struct LabelDecodeResult {
   double score = 0;                  // its score under the requested scoring
   std::vector<double> sum_logprob;   // per label
   std::vector<double> mean_logprob;  // per label
-  int64_t forward_calls = 0;         // 1 (all labels single-token) or 2
+  int64_t forward_calls = 0;         // always 1 (prompt and label trie in one Forward)
   int64_t trie_nodes = 0;            // distinct label prefixes scored
 };
 
 // Scores every label continuation of `prompt` exactly and returns the best. `labels` holds each
 // label's token ids as they follow the prompt (e.g. the ids of " positive"; the caller tokenizes
-// according to the prompt format). The labels form a token trie; the prompt is run once, then all
-// trie nodes that have children are run together in one Forward whose mask lets each node attend
-// to the context, the prompt and its own ancestors (tree attention), placing each node at position
-// prompt_end + depth - 1. This equals restricting each decoding step to the children of the current
-// trie node, evaluated for every branch, so the winner is the best label under `scoring`, not just
-// the greedy path. InvalidArgument for an empty prompt, no labels, an empty label or a token id
+// according to the prompt format). The labels form a token trie; the prompt and all trie nodes
+// that have children run together in ONE Forward whose mask lets each prompt token attend to the
+// context and the prompt before it, and each node to the context, the whole prompt and its own
+// ancestors (tree attention), placing each node at position prompt_end + depth - 1; the LM head
+// runs only on the rows that are scored (the last prompt token and the nodes). The context K/V is
+// read in place (no cache copy). This equals restricting each decoding step to the children of the
+// current trie node, evaluated for every branch, so the winner is the best label under `scoring`,
+// not just the greedy path. InvalidArgument for an empty prompt, no labels, an empty label or a token id
 // outside the vocabulary.
 Result<LabelDecodeResult> DecodeLabel(const LlamaModel& model, const std::vector<int32_t>& prompt,
                                       const std::vector<std::vector<int32_t>>& labels,

@@ -122,7 +122,7 @@ TEST(DecodeLabelTest, PicksBestSummedLogProbByBruteForce) {
     for (LabelScoring scoring : {LabelScoring::kSum, LabelScoring::kMean}) {
       auto got = DecodeLabel(*m, kPrompt, labels, {}, scoring);
       ASSERT_TRUE(got.ok()) << got.status().ToString();
-      EXPECT_EQ(got->forward_calls, 2);
+      EXPECT_EQ(got->forward_calls, 1);  // prompt and trie in one Forward
       EXPECT_EQ(got->trie_nodes, 12);
       size_t best = 0;
       for (size_t i = 0; i < labels.size(); ++i) {
@@ -162,6 +162,60 @@ TEST(DecodeLabelTest, ContextAndSingleTokenLabels) {
   }
   EXPECT_TRUE(DecodeLabel(*m, kPrompt, {{}}).status().IsInvalidArgument());
   EXPECT_TRUE(DecodeLabel(*m, kPrompt, {{256}}).status().IsInvalidArgument());
+}
+
+// A context before the prompt with multi-token labels (the trie rows attend to context, prompt and
+// ancestors in the same Forward as the prompt) equals running the whole sequence as the prompt.
+TEST(DecodeLabelTest, ContextWithMultiTokenLabelsEqualsWholePrompt) {
+  for (const char* name : {"tiny_llama", "tiny_llama3", "tiny_qwen2"}) {
+    auto m = TinyModel(name);
+    ASSERT_NE(m, nullptr);
+    const std::vector<std::vector<int32_t>> labels = {{10, 20, 30}, {10, 21}, {11}, {12, 40, 41}};
+    auto plain = DecodeLabel(*m, kPrompt, labels);
+    ASSERT_TRUE(plain.ok()) << plain.status().ToString();
+    for (int64_t cut : {int64_t{1}, int64_t{4}, static_cast<int64_t>(kPrompt.size()) - 1}) {
+      ForwardRequest r;
+      r.tokens = torch::tensor(std::vector<int64_t>(kPrompt.begin(), kPrompt.begin() + cut),
+                               torch::kInt64);
+      r.positions = torch::arange(cut, torch::kInt64);
+      r.return_kv = true;
+      auto ctx = m->Forward(r);
+      ASSERT_TRUE(ctx.ok());
+      DecodeContext dc;
+      dc.kv = &ctx->kv;
+      dc.positions = r.positions;
+      auto split =
+          DecodeLabel(*m, std::vector<int32_t>(kPrompt.begin() + cut, kPrompt.end()), labels, dc);
+      ASSERT_TRUE(split.ok()) << split.status().ToString();
+      EXPECT_EQ(split->forward_calls, 1);
+      EXPECT_EQ(split->label, plain->label) << name << " cut " << cut;
+      for (size_t i = 0; i < labels.size(); ++i) {
+        EXPECT_NEAR(split->sum_logprob[i], plain->sum_logprob[i], 1e-4)
+            << name << " cut " << cut << " label " << i;
+      }
+    }
+  }
+}
+
+// ForwardRequest::logit_rows returns exactly those rows of the all-rows logits, in its order.
+TEST(DecodeLabelTest, LogitRowsSelectRowsOfAllLogits) {
+  auto m = TinyModel();
+  ASSERT_NE(m, nullptr);
+  ForwardRequest r;
+  r.tokens = torch::tensor(std::vector<int64_t>(kPrompt.begin(), kPrompt.end()), torch::kInt64);
+  r.positions = torch::arange(static_cast<int64_t>(kPrompt.size()), torch::kInt64);
+  r.all_logits = true;
+  auto all = m->Forward(r);
+  ASSERT_TRUE(all.ok());
+  r.logit_rows = torch::tensor(std::vector<int64_t>{3, 0, 5}, torch::kInt64);
+  auto some = m->Forward(r);
+  ASSERT_TRUE(some.ok()) << some.status().ToString();
+  ASSERT_EQ(some->logits.size(0), 3);
+  EXPECT_TRUE(torch::allclose(some->logits[0], all->logits[3], 1e-5, 1e-5));
+  EXPECT_TRUE(torch::allclose(some->logits[1], all->logits[0], 1e-5, 1e-5));
+  EXPECT_TRUE(torch::allclose(some->logits[2], all->logits[5], 1e-5, 1e-5));
+  r.logit_rows = torch::tensor(std::vector<int64_t>{static_cast<int64_t>(kPrompt.size())});
+  EXPECT_TRUE(m->Forward(r).status().IsInvalidArgument());
 }
 
 TEST(DecodeLabelTest, PreRotatedContextMatchesPreRopeContext) {

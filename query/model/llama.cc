@@ -194,6 +194,16 @@ Status LlamaModel::Validate(const ForwardRequest& r) const {
   } else if (r.context_positions.defined() && r.context_positions.numel() > 0) {
     return bad("context_positions given without context");
   }
+  if (r.logit_rows.defined()) {
+    if (r.logit_rows.dim() != 1 || r.logit_rows.scalar_type() != torch::kInt64 ||
+        r.logit_rows.numel() == 0) {
+      return bad("logit_rows must be a non-empty 1-D int64 tensor");
+    }
+    const torch::Tensor rows = r.logit_rows.cpu();
+    if (rows.min().item<int64_t>() < 0 || rows.max().item<int64_t>() >= t) {
+      return bad("logit_rows holds a row outside [0, " + std::to_string(t) + ")");
+    }
+  }
   if (r.mask.defined()) {
     if (r.mask.dim() != 2 || r.mask.size(0) != t || r.mask.size(1) != c + t ||
         r.mask.scalar_type() != torch::kBool) {
@@ -333,7 +343,11 @@ ForwardResult LlamaModel::Run(const ForwardRequest& r) const {
     x = x + torch::matmul(torch::silu(gate_up[0]) * gate_up[1], L.w_down.t());
     clock.Charge(&prof.mlp_ms);
   }
-  if (!r.all_logits) x = x.narrow(0, t - 1, 1);
+  if (r.logit_rows.defined()) {
+    x = x.index_select(0, r.logit_rows.to(device_));
+  } else if (!r.all_logits) {
+    x = x.narrow(0, t - 1, 1);
+  }
   x = RmsNorm(x, final_norm_);
   result.logits = torch::matmul(x, lm_head_.t()).to(AccumulationType(dtype_));
   clock.Charge(&prof.other_ms);

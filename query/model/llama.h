@@ -72,13 +72,17 @@ struct ForwardRequest {
   bool return_kv = false;
   // Return logits for every new token; otherwise only for the last one.
   bool all_logits = false;
+  // Optional [R] int64 (any device): return logits for these rows of the new tokens only, in this
+  // order (overrides all_logits). The LM head then runs on R rows, not T or 1.
+  torch::Tensor logit_rows;
   // Optional, not owned: Forward adds its per-part wall time here (see ForwardProfile; adds device
   // synchronisations, so leave it null outside measurements).
   ForwardProfile* profile = nullptr;
 };
 
 struct ForwardResult {
-  // [T, vocab] with all_logits, else [1, vocab]; float32 (float64 for a float64 model).
+  // [R, vocab] with logit_rows, [T, vocab] with all_logits, else [1, vocab]; float32 (float64 for
+  // a float64 model).
   torch::Tensor logits;
   // With return_kv: num_layers entries, each [num_kv_heads, T, head_dim] (contiguous).
   std::vector<LayerKV> kv;
