@@ -66,8 +66,9 @@ struct Timing {       // milliseconds
   double decode = 0;  // query tokens + label scoring or generation
   double total = 0;
   // Only with SessionOptions::profile (else 0): the model's work in encode + decode split by part
-  // (ForwardProfile). attention: norms, QKV/output projections, RoPE (also of the context when the
-  // decode cache takes it in), attention, and the decode K/V cache's copies; mlp: norms and the
+  // (ForwardProfile). attention: norms, QKV/output projections, RoPE (also of the context, unless
+  // the GPU gather rotated it), attention, and for free text the decode K/V cache's copies (label
+  // scoring runs one Forward over the context in place); mlp: norms and the
   // MLP; sampling: embedding, final norm and LM head, plus choosing the answer (log-softmax and
   // label scoring, or argmax for free text).
   double attention = 0;

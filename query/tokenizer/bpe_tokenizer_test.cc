@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -267,6 +268,7 @@ class BpeMalformedTest : public ::testing::Test {
                              std::to_string(getpid()) + "_malformed_tokenizer.json";
     WriteFile(path, text);
     auto t = LoadTokenizer(path);
+    std::remove(path.c_str());
     return t.ok() ? Status::OK() : t.status();
   }
 };
@@ -275,6 +277,7 @@ TEST_F(BpeMalformedTest, TinyValidTokenizerWorks) {
   const std::string path = ::testing::TempDir() + "/tiny_tokenizer.json";
   WriteFile(path, Tiny().dump());
   auto t = LoadTokenizer(path);
+  std::remove(path.c_str());
   ASSERT_TRUE(t.ok()) << t.status().ToString();
   auto ids = (*t)->Encode("abc ab<eos>c", false);
   ASSERT_TRUE(ids.ok());
