@@ -149,6 +149,38 @@ Status Bm25LmdbIndex::AddDocument(lmdb::WriteTxn* txn, uint32_t task_id, uint32_
   return txn->Check(mdb_put(txn->txn, dbs_.stats, &sk, &sv, 0), "bm25_stats put");
 }
 
+Status Bm25LmdbIndex::CheckNeighbours(MDB_cursor* c, const std::string& key,
+                                      const std::string& token, const std::string& what) const {
+  // A term that is not in the index, or whose key was damaged: a damaged key that still sorts
+  // in its place lies right before or right after the place of the term it was. Its postings
+  // carry check words made from the original key, so one posting of each neighbour (in any task's
+  // range: the damage may have hit the task id) tells them apart.
+  MDB_val k = Val(key), v;
+  int rc = mdb_cursor_get(c, &k, &v, MDB_SET_RANGE);
+  auto check = [&](const char* side) -> Status {
+    if (v.mv_size != kPostingSize) {
+      return Status::Corruption(what + ": the key " + side + " term '" + token +
+                                "' holds a posting of " + std::to_string(v.mv_size) + " bytes");
+    }
+    const auto* b = static_cast<const uint8_t*>(v.mv_data);
+    if (lmdb::LoadBE32(b + 8) !=
+        lmdb::PostingCheck(lmdb::View(k), lmdb::LoadBE32(b), lmdb::LoadBE32(b + 4))) {
+      return Status::Corruption(what + ": the postings " + side + " term '" + token +
+                                "' fail their check (a damaged term key?)");
+    }
+    return Status::OK();
+  };
+  if (rc == MDB_SUCCESS) {
+    SHOTDB_RETURN_IF_ERROR(check("after"));
+    rc = mdb_cursor_get(c, &k, &v, MDB_PREV_NODUP);
+  } else if (rc == MDB_NOTFOUND) {
+    rc = mdb_cursor_get(c, &k, &v, MDB_LAST);
+  }
+  if (rc == MDB_SUCCESS) return check("before");
+  if (rc != MDB_NOTFOUND) return lmdb::ToStatus(rc, what + ": postings read");
+  return Status::OK();
+}
+
 Result<std::vector<ScoredDoc>> Bm25LmdbIndex::Search(MDB_txn* txn, uint32_t task_id,
                                                      uint32_t num_docs,
                                                      const std::vector<std::string>& query_tokens,
@@ -206,6 +238,9 @@ Result<std::vector<ScoredDoc>> Bm25LmdbIndex::Search(MDB_txn* txn, uint32_t task
       }
       if (rc != MDB_SUCCESS && rc != MDB_NOTFOUND) {
         return lmdb::ToStatus(rc, what + ": postings read");
+      }
+      if (term.postings.empty() && checked_) {
+        SHOTDB_RETURN_IF_ERROR(CheckNeighbours(c.get(), key, token, what));
       }
       term.df = static_cast<uint32_t>(term.postings.size());
       it = by_key.emplace(std::move(key), std::move(term)).first;

@@ -77,6 +77,10 @@ class Bm25LmdbIndex {
   Status DeleteTask(lmdb::WriteTxn* txn, uint32_t task_id) const;
 
  private:
+  // For a query term with no postings (checked_ only): Corruption if a neighbouring key's posting
+  // fails its check word, i.e. the term's key was damaged but still sorts in its place.
+  Status CheckNeighbours(MDB_cursor* c, const std::string& key, const std::string& token,
+                         const std::string& what) const;
   // A document's length from its stored doc_lengths value (unsealed when checked_).
   Result<uint32_t> DecodeLength(std::string_view key, std::string_view stored,
                                 const std::string& what) const;

@@ -878,6 +878,48 @@ void MakeOlderFormat(const std::string& dir, uint32_t version) {
   mdb_env_close(env);
 }
 
+// A term key damaged so that it still sorts in its place ("jazz" -> "jazj", between "citi" and
+// "loud"): the structure check cannot see it and the term simply looks absent, but a search for
+// the term checks the neighbouring keys' postings, whose check words were made from "jazz".
+TEST(StoreTest, DamagedTermKeyIsReportedBySearchNotScoredWithout) {
+  TempDir dir;
+  const ModelFingerprint model = SmallModel(DType::kBF16, 2);
+  {
+    auto store = OpenOrDie(dir.path());
+    ASSERT_NE(store, nullptr);
+    ASSERT_TRUE(store->CreateTask(MakeTask("t", model)).ok());
+    for (uint32_t b = 0; b < 6; ++b) {
+      TestBlock tb = MakeBlock(model, 4, b, b * 5, 5, 3);
+      ASSERT_TRUE(store->AppendBlock("t", tb.block).ok());
+    }
+    auto snap = store->BeginSnapshot();
+    ASSERT_TRUE(snap.ok());
+    auto hits = (*snap)->Search("t", "jazz", 6);
+    ASSERT_TRUE(hits.ok());
+    ASSERT_FALSE(hits->empty()) << "the fixture's texts must contain 'jazz'";
+  }
+  const std::string key = std::string("\0\0\0\1", 4) + "jazz";  // task id 1, term "jazz"
+  ASSERT_TRUE(FlipInFile(dir.path() + "/data.mdb", std::vector<uint8_t>(key.begin(), key.end()),
+                         key.size() - 1));  // 'z' ^ 0x10 = 'j'
+  Store::Options ro;
+  ro.read_only = true;
+  auto store = OpenOrDie(dir.path(), ro);  // the file's structure is intact
+  ASSERT_NE(store, nullptr);
+  auto snap = store->BeginSnapshot();
+  ASSERT_TRUE(snap.ok());
+  for (bool demos : {false, true}) {
+    auto hits =
+        demos ? (*snap)->SearchDemos("t", "play jazz", 6) : (*snap)->Search("t", "play jazz", 6);
+    EXPECT_TRUE(hits.status().IsCorruption()) << demos << " " << hits.status().ToString();
+    EXPECT_NE(hits.status().message().find("'jazz'"), std::string::npos)
+        << hits.status().ToString();
+  }
+  // A term that exists in no text still searches cleanly (its neighbours are intact).
+  EXPECT_TRUE((*snap)->Search("t", "zebra", 6).ok());
+  snap->reset();
+  EXPECT_TRUE(store->Verify("", nullptr).IsCorruption());
+}
+
 class OlderFormatTest : public ::testing::TestWithParam<uint32_t> {};
 
 // A version-1 or -2 store opens read-only only, reads (unchecked) and verifies, and its tasks move
