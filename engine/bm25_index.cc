@@ -206,6 +206,12 @@ Result<std::vector<ScoredDoc>> Bm25LmdbIndex::Search(MDB_txn* txn, uint32_t task
       QueryTerm term;
       MDB_val kv = Val(key), v;
       rc = mdb_cursor_get(c.get(), &kv, &v, MDB_SET);
+      if (rc == MDB_SUCCESS && v.mv_size != (checked_ ? kPostingSize : kPostingSizeV1)) {
+        // MDB_SET returns one duplicate: its size is the list's item size (a damaged size field
+        // in the list's page would make MDB_GET_MULTIPLE split the items differently).
+        return Status::Corruption(what + ": the postings of term '" + token + "' are " +
+                                  std::to_string(v.mv_size) + "-byte items");
+      }
       if (rc == MDB_SUCCESS) {
         // DUPFIXED: MDB_GET_MULTIPLE / MDB_NEXT_MULTIPLE return a page's worth of dups at once.
         rc = mdb_cursor_get(c.get(), &kv, &v, MDB_GET_MULTIPLE);

@@ -103,6 +103,7 @@ class Checker {
     SHOTDB_RETURN_IF_ERROR(WalkTree(main_db, TreeKind::kMain, "main DB", 0));
     for (const auto& named : named_) {
       ++stats_->named_dbs;
+      fixed_size_ = 0;
       SHOTDB_RETURN_IF_ERROR(WalkTree(named.second, TreeKind::kNamed,
                                       "database '" + named.first + "'", named.second.flags));
     }
@@ -358,6 +359,14 @@ class Checker {
                     std::to_string(n) + " fixed-size keys of " + std::to_string(ksize) +
                         " bytes overrun the page");
       }
+      // Every duplicate of a DUPFIXED database has one size: a damaged size field in one
+      // sub-page (or sub-database record) would make LMDB split its items differently.
+      if (fixed_size_ == 0) fixed_size_ = ksize;
+      if (ksize != fixed_size_) {
+        return Fail(where, page,
+                    "fixed-size duplicates of " + std::to_string(ksize) +
+                        " bytes, elsewhere in this database " + std::to_string(fixed_size_));
+      }
       std::string_view prev;
       for (size_t i = 0; i < n; ++i) {
         std::string_view key(reinterpret_cast<const char*>(p + kPageHeader + i * ksize), ksize);
@@ -449,6 +458,7 @@ class Checker {
   }
 
   const bool full_;
+  size_t fixed_size_ = 0;  // the duplicates' size in the named DB being walked (0: none yet)
   const uint8_t* map_;
   uint64_t file_pages_;
   uint32_t psize_;
