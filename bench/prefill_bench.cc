@@ -16,6 +16,7 @@
 
 #include "query/model/llama.h"
 #include "util/file_util.h"
+#include "util/openmp_env.h"
 
 namespace {
 
@@ -71,6 +72,8 @@ std::unique_ptr<LlamaModel> RandomSmolLM2(const shotdb::LoadOptions& o) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Measures what the CLI runs with (util/openmp_env.h); OMP_WAIT_POLICY=ACTIVE to compare.
+  shotdb::ReexecWithPassiveOpenMpWait(argv);
   std::string model_path;
   int64_t tokens = 512;
   int reps = 5;

@@ -18,6 +18,7 @@
 #include <string_view>
 
 #include "tools/commands.h"
+#include "util/openmp_env.h"
 
 namespace shotdb::cli {
 
@@ -72,10 +73,14 @@ std::string ModelHelperPath() {
 
 int main(int argc, char** argv) {
   using shotdb::cli::GlobalOptions;
-#ifndef SHOTDB_MODEL_COMMANDS
+#ifdef SHOTDB_MODEL_COMMANDS
+  shotdb::ReexecWithPassiveOpenMpWait(argv);  // when run directly, not through `shotdb`
+#else
   if (const char* command = ModelCommandIn(argc, argv)) {
     const std::string helper = ModelHelperPath();
     if (!helper.empty() && ::access(helper.c_str(), X_OK) == 0) {
+      shotdb::SetPassiveOpenMpWait();  // read by libgomp when shotdb-model loads
+                                       // (util/openmp_env.h)
       ::execv(helper.c_str(), argv);
       std::cerr << "shotdb " << command << ": cannot run " << helper << ": " << std::strerror(errno)
                 << '\n';
