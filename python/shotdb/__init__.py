@@ -28,6 +28,10 @@ def Session(store, task, model, **options):
     with the label, its log-probability, the selected blocks, the budget and the timing. Options:
     device, dtype, threads, cache_gb, max_context. Needs the package built with libtorch
     (``pip install . -C cmake.define.SHOTDB_WITH_TORCH=ON``); importing shotdb never loads it."""
+    # libgomp reads its wait policy once, when libtorch loads it: passive waiting keeps its
+    # threads from spinning against OpenBLAS's (util/openmp_env.h; no effect if torch is loaded).
+    import os
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         from ._runtime import Session as _Session
     except ImportError as e:
