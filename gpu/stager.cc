@@ -255,7 +255,8 @@ Result<StagedBatch> Stager::Stage(Snapshot* snapshot, const std::string& task,
                                   const LayerCallback& on_layer) {
   SHOTDB_ASSIGN_OR_RETURN(TaskInfo info, snapshot->GetTask(task));
   if (blocks.empty()) return Status::InvalidArgument("StageLayers: task " + task + ": no blocks");
-  if (info.model.dtype != DType::kBF16 && info.model.dtype != DType::kF16) {
+  if (options_.kernel_dtypes_only && info.model.dtype != DType::kBF16 &&
+      info.model.dtype != DType::kF16) {
     return Status::InvalidArgument("StageLayers: task " + task + " stores " +
                                    std::string(DTypeName(info.model.dtype)) +
                                    "; the kernels take bf16 or f16");

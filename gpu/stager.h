@@ -80,6 +80,10 @@ class Stager {
     // Copy raw records straight from the page-locked store map (no slab, no CPU copy). Falls
     // back to the slabs, for good, if the map cannot be registered (see map_status()).
     bool direct_from_map = true;
+    // Refuse tasks whose dtype the kernels do not take (bf16, f16). Off for plain staging of any
+    // dtype (shotdb.Store.load_kv(device="cuda")); the batch's KvBlockRefs are then not kernel
+    // input.
+    bool kernel_dtypes_only = true;
   };
   struct Stats {
     uint64_t pages_hit = 0, pages_filled = 0;
@@ -108,7 +112,8 @@ class Stager {
   // Returns the batch (events recorded; copies may still be running), or:
   //   NotFound           unknown task or block, or a missing record;
   //   InvalidArgument    empty or duplicate blocks, a layer >= the task's layer count, a tensor
-  //                      larger than slab_bytes, or a task dtype the kernels do not take;
+  //                      larger than slab_bytes, or (kernel_dtypes_only) a task dtype the
+  //                      kernels do not take;
   //   Corruption         a record fails its checks (names task, block, layer and K/V);
   //   FailedPrecondition the cache is exhausted by pinned pages;
   //   IOError            CUDA failures;

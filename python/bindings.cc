@@ -8,8 +8,9 @@
 // engine's message.
 //
 // Lifetimes: a KvHandle owns the read snapshot its arrays point into and a reference to the
-// engine Store; every array keeps its KvHandle alive. Store.close() is refused while any KvHandle
-// (or an array made from one) lives, so no array can outlive the memory it points to.
+// engine Store (for device="cuda": the pinned pages of the device cache, python/cuda_kv.h); every
+// array keeps its KvHandle alive, so no array can outlive the memory it points to. After
+// Store.close() handles refuse to make new arrays; those made before stay valid.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
@@ -36,6 +37,7 @@
 #include "engine/prompt_format.h"
 #include "engine/store.h"
 #include "format/dtype.h"
+#include "python/cuda_kv.h"
 #include "python/status_error.h"
 
 namespace nb = nanobind;
@@ -97,8 +99,12 @@ struct StoreState {
 
 class PyStore {
  public:
-  PyStore(const std::string& path, bool readonly, bool create, bool sync)
+  PyStore(const std::string& path, bool readonly, bool create, bool sync, double cuda_cache_gb)
       : state_(std::make_shared<StoreState>()) {
+    if (!(cuda_cache_gb > 0) || cuda_cache_gb > 1e6) {
+      Raise(Status::InvalidArgument("cuda_cache_gb must be > 0"));
+    }
+    cuda_cache_bytes_ = static_cast<size_t>(cuda_cache_gb * double(size_t(1) << 30));
     Store::Options options;
     options.read_only = readonly;
     options.create_if_missing = create;
@@ -128,12 +134,34 @@ class PyStore {
   void Close() {
     state_->closed = true;
     store_.reset();
+    std::lock_guard<std::mutex> lock(devices_mu_);
+    devices_.clear();  // live handles keep theirs
   }
   bool closed() const { return !store_; }
+
+#ifdef SHOTDB_PYTHON_CUDA
+  // The Stager and page cache on `device` (shared by the directory's Store objects), created on
+  // first use; this object keeps it, and so its cached pages, until close().
+  std::shared_ptr<DeviceStager> Device(const std::shared_ptr<Store>& store, int device) {
+    std::lock_guard<std::mutex> lock(devices_mu_);
+    std::shared_ptr<DeviceStager>& slot = devices_[device];
+    if (!slot) slot = Check(GetDeviceStager(store, device, cuda_cache_bytes_));
+    return slot;
+  }
+  // The Stager on `device` if this object has one.
+  std::shared_ptr<DeviceStager> DeviceIfAny(int device) {
+    std::lock_guard<std::mutex> lock(devices_mu_);
+    auto it = devices_.find(device);
+    return it == devices_.end() ? nullptr : it->second;
+  }
+#endif
 
  private:
   std::shared_ptr<StoreState> state_;
   std::shared_ptr<Store> store_;
+  size_t cuda_cache_bytes_ = 0;
+  std::mutex devices_mu_;
+  std::map<int, std::shared_ptr<DeviceStager>> devices_;
 };
 
 // ---- K/V handles ---------------------------------------------------------------------------
@@ -141,10 +169,13 @@ class PyStore {
 // The K and V of the requested blocks and layers, read (and checksum-verified) in one snapshot.
 class KvHandle {
  public:
+  // `device` is -1 for CPU payloads, else the CUDA device of `device_kv` (null when nothing was
+  // requested).
   KvHandle(std::shared_ptr<StoreState> state, std::shared_ptr<Store> store,
            std::unique_ptr<Snapshot> snapshot, TaskInfo task, std::vector<uint32_t> blocks,
            std::vector<uint32_t> layers, std::vector<uint32_t> tokens,
-           std::vector<PayloadRef> payloads)
+           std::vector<PayloadRef> payloads, int device = -1,
+           std::unique_ptr<DeviceKv> device_kv = nullptr)
       : state_(std::move(state)),
         store_(std::move(store)),
         snapshot_(std::move(snapshot)),
@@ -152,8 +183,11 @@ class KvHandle {
         blocks_(std::move(blocks)),
         layers_(std::move(layers)),
         tokens_(std::move(tokens)),
-        payloads_(std::move(payloads)) {}
+        payloads_(std::move(payloads)),
+        device_(device),
+        device_kv_(std::move(device_kv)) {}
   ~KvHandle() {
+    device_kv_.reset();  // unpins the device pages
     payloads_.clear();
     snapshot_.reset();  // before the store reference goes
   }
@@ -179,6 +213,9 @@ class KvHandle {
   const std::vector<uint32_t>& blocks() const { return blocks_; }
   const std::vector<uint32_t>& layers() const { return layers_; }
   const std::vector<uint32_t>& tokens() const { return tokens_; }
+  // -1: CPU; else the CUDA device the arrays are on.
+  int device() const { return device_; }
+  const DeviceKv* device_kv() const { return device_kv_.get(); }
 
  private:
   std::shared_ptr<StoreState> state_;
@@ -187,6 +224,8 @@ class KvHandle {
   TaskInfo task_;
   std::vector<uint32_t> blocks_, layers_, tokens_;
   std::vector<PayloadRef> payloads_;
+  int device_ = -1;
+  std::unique_ptr<DeviceKv> device_kv_;
 };
 
 // array_api: returned as nanobind.nb_ndarray, which has __dlpack__, __dlpack_device__ and the
@@ -197,24 +236,68 @@ using RoArray = nb::ndarray<nb::ro, nb::array_api>;
 // while the array (or anything made from it through DLPack) does.
 RoArray MakeArray(const KvHandle& h, size_t layer, size_t block, int kind, nb::handle owner) {
   h.CheckOpen();
-  const PayloadRef& ref = h.Payload(layer, block, kind);
   const size_t shape[3] = {h.task().model.kv_heads, h.tokens()[block], h.task().model.head_dim};
+  if (h.device_kv() != nullptr) {  // a staged page on the device
+    return RoArray(h.device_kv()->data(layer, block, kind), 3, shape, owner, nullptr,
+                   DlpackDtype(h.task().model.dtype), nb::device::cuda::value, h.device());
+  }
+  const PayloadRef& ref = h.Payload(layer, block, kind);
   return RoArray(ref.data, 3, shape, owner, nullptr, DlpackDtype(h.task().model.dtype),
                  nb::device::cpu::value);
+}
+
+#ifdef SHOTDB_PYTHON_CUDA
+constexpr bool kWithCuda = true;
+#else
+constexpr bool kWithCuda = false;
+#endif
+
+// "cpu" -> -1; "cuda" -> -2 (the current device); "cuda:N" -> N. InvalidArgument for anything
+// else; NotSupported for a CUDA device in a build without CUDA.
+int ParseDevice(const std::string& device) {
+  if (device == "cpu") return -1;
+  int index = -2;
+  if (device.rfind("cuda:", 0) == 0) {
+    const std::string n = device.substr(5);
+    if (n.empty() || n.size() > 6 || n.find_first_not_of("0123456789") != std::string::npos) {
+      index = -3;
+    } else {
+      index = std::stoi(n);
+    }
+  } else if (device != "cuda") {
+    index = -3;
+  }
+  if (index == -3) {
+    Raise(Status::InvalidArgument("device '" + device + "': expected 'cpu', 'cuda' or 'cuda:N'"));
+  }
+  if (!kWithCuda) {
+    Raise(Status::NotSupported("load_kv(device='" + device +
+                               "'): this shotdb package was built without CUDA; rebuild it with "
+                               "SHOTDB_WITH_CUDA=ON (pip install . "
+                               "--config-settings=cmake.define.SHOTDB_WITH_CUDA=ON, needs nvcc), "
+                               "or move the CPU arrays with torch.from_dlpack(a).to('cuda')"));
+  }
+  return index;
 }
 
 std::unique_ptr<KvHandle> LoadKv(PyStore& py, const std::string& task_name,
                                  std::vector<uint32_t> blocks,
                                  std::optional<std::vector<uint32_t>> layers,
                                  const std::string& device) {
-  if (device != "cpu") {
-    Raise(Status::NotSupported(
-        "load_kv(device='" + device +
-        "'): this build reads K/V into CPU memory only; CUDA staging (gpu::Stager) is not "
-        "exposed to Python yet. Move the CPU arrays with torch.from_dlpack(a).to(device)."));
-  }
+  int device_index = ParseDevice(device);
   std::shared_ptr<Store> store = py.Use();
   nb::gil_scoped_release release;
+#ifdef SHOTDB_PYTHON_CUDA
+  std::shared_ptr<DeviceStager> stager;
+  if (device_index != -1) {
+    if (CudaDeviceCount() == 0) {
+      Raise(Status::NotSupported("load_kv(device='" + device +
+                                 "'): no CUDA device is visible (cudaGetDeviceCount)"));
+    }
+    if (device_index == -2) device_index = Check(CudaCurrentDevice());
+    stager = py.Device(store, device_index);
+  }
+#endif
   std::unique_ptr<Snapshot> snapshot = Check(store->BeginSnapshot());
   TaskInfo task = Check(snapshot->GetTask(task_name));
   std::vector<uint32_t> layer_list;
@@ -240,10 +323,24 @@ std::unique_ptr<KvHandle> LoadKv(PyStore& py, const std::string& task_name,
     }
     for (uint32_t b : blocks) {
       for (TensorKind kind : {TensorKind::kKey, TensorKind::kValue}) {
-        payloads.push_back(Check(snapshot->GetPayload(task_name, b, l, kind)));
+        if (device_index == -1) {
+          payloads.push_back(Check(snapshot->GetPayload(task_name, b, l, kind)));
+        }
       }
     }
   }
+#ifdef SHOTDB_PYTHON_CUDA
+  if (device_index != -1) {
+    std::unique_ptr<DeviceKv> staged;
+    if (!blocks.empty() && !layer_list.empty()) {
+      staged = Check(StageKv(stager, snapshot.get(), task, blocks, tokens, layer_list));
+    }
+    snapshot.reset();  // the copies are done: the handle needs no snapshot
+    return std::make_unique<KvHandle>(py.state(), std::move(store), nullptr, std::move(task),
+                                      std::move(blocks), std::move(layer_list), std::move(tokens),
+                                      std::vector<PayloadRef>(), device_index, std::move(staged));
+  }
+#endif
   return std::make_unique<KvHandle>(py.state(), std::move(store), std::move(snapshot),
                                     std::move(task), std::move(blocks), std::move(layer_list),
                                     std::move(tokens), std::move(payloads));
@@ -437,18 +534,41 @@ NB_MODULE(_shotdb, m) {
 
   RegisterStatusErrors();
 
+  m.attr("WITH_CUDA") = kWithCuda;
+  m.def(
+      "cuda_device_count",
+      []() {
+#ifdef SHOTDB_PYTHON_CUDA
+        nb::gil_scoped_release release;
+        return CudaDeviceCount();
+#else
+        return 0;
+#endif
+      },
+      "Visible CUDA devices for load_kv(device='cuda'); 0 when the package was built without "
+      "CUDA (WITH_CUDA is False) or there is no device. Initialises the CUDA runtime on the first "
+      "call (import does not).");
+
   nb::class_<KvHandle>(
       m, "KvHandle",
       "The K and V of some blocks and layers of a task, read in one snapshot of the store with "
       "their checksums verified. Arrays are [kv_heads, tokens, head_dim] in the task's dtype, "
       "zero-copy views of the store's read-only memory map for raw payloads (a decoded copy for "
-      "compressed ones): never write to them. Each array keeps this handle, and the handle keeps "
-      "the snapshot and the store, alive.")
+      "compressed ones), or for device='cuda' the device pages they were staged into (shared "
+      "with later loads of the same blocks through the store's device cache): never write to "
+      "them. Each array keeps this handle, and the handle keeps the snapshot (or its pinned "
+      "device pages) and the store, alive.")
       .def_prop_ro("task", [](const KvHandle& h) { return h.task().name; })
       .def_prop_ro("blocks", &KvHandle::blocks, "Block indexes, in the order requested.")
       .def_prop_ro("layers", &KvHandle::layers, "Layer numbers, in the order requested.")
       .def_prop_ro("tokens", &KvHandle::tokens, "Tokens of each block, in `blocks` order.")
       .def_prop_ro("dtype", [](const KvHandle& h) { return DTypeName(h.task().model.dtype); })
+      .def_prop_ro(
+          "device",
+          [](const KvHandle& h) {
+            return h.device() < 0 ? std::string("cpu") : "cuda:" + std::to_string(h.device());
+          },
+          "Where the arrays are: 'cpu' or 'cuda:N'.")
       .def(
           "key",
           [](nb::handle self, size_t layer, size_t block) {
@@ -491,10 +611,12 @@ NB_MODULE(_shotdb, m) {
       "several threads at once (each read runs in its own snapshot; writes queue). The engine's "
       "guarantees hold: a block is appended all or nothing, readers never see part of one, damage "
       "is reported (CorruptionError), never returned (docs/storage.md).")
-      .def(nb::init<const std::string&, bool, bool, bool>(), "path"_a, "readonly"_a = false,
-           "create"_a = true, "sync"_a = true,
+      .def(nb::init<const std::string&, bool, bool, bool, double>(), "path"_a, "readonly"_a = false,
+           "create"_a = true, "sync"_a = true, "cuda_cache_gb"_a = 4.0,
            "Opens the store at `path` (a directory), creating it unless readonly or create=False. "
-           "sync=False skips the fsync at each commit.")
+           "sync=False skips the fsync at each commit. cuda_cache_gb: the budget of the device "
+           "page cache that load_kv(device='cuda') stages into (per device; shared by the Store "
+           "objects of the directory, sized by the first that stages onto the device).")
       .def("close", &PyStore::Close,
            "Closes this Store object: later calls on it, and new arrays from its KV handles, raise "
            "FailedPreconditionError. Arrays made before stay valid; the environment closes when "
@@ -610,7 +732,53 @@ NB_MODULE(_shotdb, m) {
       .def("load_kv", &LoadKv, "task"_a, "blocks"_a, "layers"_a = nb::none(), "device"_a = "cpu",
            "The K and V of `blocks` (block indexes) for `layers` (default: all), checked against "
            "their checksums, as a KvHandle. A damaged record raises CorruptionError and returns "
-           "nothing. device='cpu' only in this build.")
+           "nothing. device='cuda' or 'cuda:N' stages them into the store's device page cache "
+           "(gpu::Stager, straight from the memory map for raw payloads) and returns when the "
+           "copies are done; the arrays point into the cached pages, which stay pinned while the "
+           "handle or any array lives (FailedPreconditionError when live handles pin the whole "
+           "cuda_cache_gb budget). NotSupportedError for CUDA in a build without it "
+           "(SHOTDB_WITH_CUDA) or without a device; InvalidArgumentError for another device.")
+      .def(
+          "_cuda_stats",
+          [](PyStore& s, const std::string& device) {
+            nb::dict d;
+#ifdef SHOTDB_PYTHON_CUDA
+            int index = ParseDevice(device);
+            if (index == -1) Raise(Status::InvalidArgument("_cuda_stats: a CUDA device"));
+            if (index == -2) index = Check(CudaCurrentDevice());
+            if (std::shared_ptr<DeviceStager> stager = s.DeviceIfAny(index)) {
+              for (const auto& [key, value] : DeviceStats(*stager)) d[key.c_str()] = value;
+              d["map_status"] = DeviceMapStatus(*stager);
+            }
+#else
+            (void)s;
+            ParseDevice(device);
+#endif
+            return d;
+          },
+          "device"_a = "cuda",
+          "Internal: counters of this object's device page cache and Stager on `device` "
+          "(empty before its first load_kv there).")
+      .def(
+          "_cuda_clear",
+          [](PyStore& s, const std::string& device) {
+            size_t freed = 0;
+#ifdef SHOTDB_PYTHON_CUDA
+            int index = ParseDevice(device);
+            if (index == -1) Raise(Status::InvalidArgument("_cuda_clear: a CUDA device"));
+            if (index == -2) index = Check(CudaCurrentDevice());
+            if (std::shared_ptr<DeviceStager> stager = s.DeviceIfAny(index)) {
+              freed = DeviceClear(*stager);
+            }
+#else
+            (void)s;
+            ParseDevice(device);
+#endif
+            return freed;
+          },
+          "device"_a = "cuda",
+          "Internal (benchmarks): drops the unpinned pages of the device page cache; returns how "
+          "many.")
       .def(
           "create_task", &CreateTask, "name"_a, "architecture"_a, "dtype"_a, "tokenizer_hash"_a,
           "num_layers"_a, "kv_heads"_a, "head_dim"_a, "labels"_a, "demos_per_block"_a = 5,
@@ -667,4 +835,30 @@ NB_MODULE(_shotdb, m) {
           "Internal: the engine store, for shotdb.Session.")
       .def("__enter__", [](nb::handle self) { return self; })
       .def("__exit__", [](PyStore& s, nb::args) { s.Close(); });
+
+  // The prompt format (engine/prompt_format.h) of a task's template and separator, for callers
+  // that encode or query outside the C++ runtime (shotdb.hf). InvalidArgumentError for a template
+  // without exactly one {text} before one {label}.
+  m.def(
+      "format_block",
+      [](const std::string& tmpl, const std::string& separator,
+         const std::vector<std::pair<std::string, std::string>>& demos, bool first_block) {
+        return Check(PromptFormat::Create(tmpl, separator)).FormatBlock(demos, first_block);
+      },
+      "template"_a, "separator"_a, "demos"_a, "first_block"_a,
+      "The text of a block holding `demos` ((text, label) pairs), as append_block stores it.");
+  m.def(
+      "format_query",
+      [](const std::string& tmpl, const std::string& separator, const std::string& text) {
+        return Check(PromptFormat::Create(tmpl, separator)).FormatQuery(text);
+      },
+      "template"_a, "separator"_a, "text"_a,
+      "The query prompt placed after the selected blocks (as `shotdb query` builds it).");
+  m.def(
+      "label_continuation",
+      [](const std::string& tmpl, const std::string& separator, const std::string& label) {
+        return Check(PromptFormat::Create(tmpl, separator)).LabelContinuation(label);
+      },
+      "template"_a, "separator"_a, "label"_a,
+      "What the model must generate for `label` right after format_query's text.");
 }

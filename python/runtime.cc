@@ -5,7 +5,9 @@
 // A Session uses the engine store of a `shotdb.Store` object (handed over as a capsule holding a
 // shared reference, so one directory is opened once per process, as LMDB requires).
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
 #include <memory>
@@ -13,11 +15,13 @@
 #include <thread>
 
 #include "engine/store.h"
+#include "format/gguf.h"
 #include "python/status_error.h"
 #include "query/dbsa/dbsa.h"
 #include "query/dbsa/kv_tensor.h"
 #include "query/model/llama.h"
 #include "query/tokenizer/tokenizer.h"
+#include "util/file_util.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -115,6 +119,60 @@ class Session {
   std::unique_ptr<DbsaSession> session_;
 };
 
+// The fingerprint PoolEncoder (MakeFingerprint) records for `model` with K/V stored in `kv_dtype`,
+// without loading the weights (the same MakeFingerprint, from the config), plus what tokenizing a
+// block needs: for shotdb.hf, so that a task it encodes is accepted by the C++ runtime and the CLI.
+nb::dict ModelFingerprintOf(const std::string& model, const std::string& kv_dtype) {
+  const auto dtype = ParseDType(kv_dtype);
+  if (!dtype) {
+    Raise(Status::InvalidArgument("dtype '" + kv_dtype + "': expected f32, f16, bf16 or f64"));
+  }
+  ModelConfig config;
+  std::unique_ptr<Tokenizer> tokenizer;
+  std::string digest;
+  {
+    nb::gil_scoped_release release;
+    if (IsDirectory(model)) {
+      config = Check(LoadHfConfig(JoinPath(model, "config.json")));
+    } else {
+      const GgufFile gguf = Check(GgufFile::Open(model));
+      config = Check(ConfigFromGguf(gguf, model));
+    }
+    tokenizer = Check(LoadTokenizer(model));
+    digest = Check(WeightsDigest(model));
+  }
+  const ModelFingerprint f = MakeFingerprint(config, *tokenizer, digest, *dtype);
+  nb::dict d;
+  d["architecture"] = f.architecture;
+  d["dtype"] = std::string(DTypeName(f.dtype));
+  d["tokenizer_hash"] = f.tokenizer_hash;
+  d["num_layers"] = f.num_layers;
+  d["kv_heads"] = f.kv_heads;
+  d["head_dim"] = f.head_dim;
+  d["weights_digest"] = digest;
+  d["max_position_embeddings"] = config.max_position_embeddings;
+  d["add_bos"] = tokenizer->add_bos_default() && tokenizer->bos_id() >= 0;
+  d["bos_id"] = tokenizer->bos_id();
+  return d;
+}
+
+// PlanBlocks: the grouping (and demonstration ids) `shotdb build` uses for `demos` and `seed`.
+std::vector<std::vector<std::tuple<uint64_t, std::string, std::string>>> PlanBlocksOf(
+    const std::vector<std::pair<std::string, std::string>>& demos, uint32_t demos_per_block,
+    uint64_t seed) {
+  if (demos_per_block == 0) {
+    Raise(Status::InvalidArgument("demonstrations per block must be at least 1"));
+  }
+  std::vector<LabeledText> rows;
+  for (const auto& [text, label] : demos) rows.push_back({text, label});
+  std::vector<std::vector<std::tuple<uint64_t, std::string, std::string>>> out;
+  for (const auto& group : PlanBlocks(rows, demos_per_block, seed)) {
+    out.emplace_back();
+    for (const Demonstration& d : group) out.back().emplace_back(d.id, d.text, d.label);
+  }
+  return out;
+}
+
 }  // namespace
 }  // namespace shotdb::python
 
@@ -141,4 +199,13 @@ NB_MODULE(_runtime, m) {
            "decode, total).")
       .def_prop_ro("labels", &Session::labels)
       .def_prop_ro("max_context", &Session::max_context);
+  m.def("model_fingerprint", &ModelFingerprintOf, "model"_a, "kv_dtype"_a = "f32",
+        "The task fingerprint `shotdb build` records for `model` (HF directory or GGUF file) with "
+        "K/V stored in kv_dtype: a dict of architecture (with the weights digest), dtype, "
+        "tokenizer_hash, num_layers, kv_heads, head_dim, plus weights_digest, "
+        "max_position_embeddings, add_bos and bos_id (what block 0's tokens start with). Loads "
+        "no weights.");
+  m.def("plan_blocks", &PlanBlocksOf, "demos"_a, "demos_per_block"_a, "seed"_a,
+        "How `shotdb build --seed` groups `demos` ((text, label) pairs): a list of blocks, each a "
+        "list of (id, text, label).");
 }

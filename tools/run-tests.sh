@@ -20,11 +20,17 @@ py=/usr/bin/python3
 [ -x "$py" ] || py=python3
 rm -rf .venv-test
 "$py" -m venv --system-site-packages .venv-test
-# With the model runtime (shotdb.Session), which links Debian's libtorch; `import shotdb` still
-# loads only the engine.
+# With the model runtime (shotdb.Session), which links Debian's libtorch, and with CUDA where nvcc
+# is found (load_kv(device="cuda"); python/tests/test_cuda.py skips its GPU cases without a device);
+# `import shotdb` still loads only the engine.
 .venv-test/bin/python -m pip install --quiet --disable-pip-version-check . \
-  --config-settings=cmake.define.SHOTDB_WITH_TORCH=ON
-SHOTDB_CLI=build/tools/shotdb .venv-test/bin/python -m pytest -q python/tests
+  --config-settings=cmake.define.SHOTDB_WITH_TORCH=ON \
+  --config-settings=cmake.define.SHOTDB_WITH_CUDA=ON
+# shotdb.hf's tests (python/tests/test_hf.py) against HF transformers: 4.46 is the newest release that
+# runs on Debian's torch 1.13 (no PyPI torch). Without it (offline) they skip, saying so.
+.venv-test/bin/python -m pip install --quiet --disable-pip-version-check 'transformers>=4.45,<4.47' \
+  || echo "run-tests: transformers not installed; python/tests/test_hf.py will skip"
+SHOTDB_CLI=build/tools/shotdb .venv-test/bin/python -m pytest -q -rs python/tests
 
 echo "== ASan+UBSan build (format, engine, tools, and gpu/ host code where nvcc is found) =="
 cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DSHOTDB_SANITIZE=ON \

@@ -242,8 +242,8 @@ def test_bad_input_is_refused_and_nothing_is_written(filled):
             store.load_kv("t", [9])
         with pytest.raises(ValueError, match="layer 7"):
             store.load_kv("t", [0], layers=[7])
-        with pytest.raises(NotImplementedError, match="CPU memory only"):
-            store.load_kv("t", [0], device="cuda")
+        with pytest.raises(ValueError, match="device 'tpu'"):
+            store.load_kv("t", [0], device="tpu")
         with pytest.raises(shotdb.AlreadyExistsError):
             store.create_task("t", labels=LABELS, **fingerprint())
         with pytest.raises(ValueError, match="positions"):

@@ -29,11 +29,15 @@ torch::Tensor Positions(uint64_t start, int64_t count, torch::Device device) {
 }  // namespace
 
 ModelFingerprint MakeFingerprint(const PoolModel& m, DType kv_dtype) {
-  const ModelConfig& c = m.model->config();
+  return MakeFingerprint(m.model->config(), *m.tokenizer, m.weights_digest, kv_dtype);
+}
+
+ModelFingerprint MakeFingerprint(const ModelConfig& c, const Tokenizer& tokenizer,
+                                 const std::string& weights_digest, DType kv_dtype) {
   ModelFingerprint f;
-  f.architecture = c.architecture + "@" + m.weights_digest;
+  f.architecture = c.architecture + "@" + weights_digest;
   f.dtype = kv_dtype;
-  f.tokenizer_hash = m.tokenizer->Fingerprint();
+  f.tokenizer_hash = tokenizer.Fingerprint();
   f.num_layers = static_cast<uint32_t>(c.num_layers);
   f.kv_heads = static_cast<uint32_t>(c.num_kv_heads);
   f.head_dim = static_cast<uint32_t>(c.head_dim);

@@ -37,6 +37,9 @@ struct PoolModel {
 // The fingerprint a task records: architecture and weights digest, stored K/V dtype, tokenizer
 // fingerprint, and the K/V shape (layers, kv heads, head dim).
 ModelFingerprint MakeFingerprint(const PoolModel& model, DType kv_dtype);
+// The same from the checkpoint's config, without loading its weights (shotdb.hf records it).
+ModelFingerprint MakeFingerprint(const ModelConfig& config, const Tokenizer& tokenizer,
+                                 const std::string& weights_digest, DType kv_dtype);
 
 struct PoolTaskOptions {
   std::string demo_template = std::string(PromptFormat::kDefaultTemplate);
