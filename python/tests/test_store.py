@@ -304,3 +304,28 @@ def test_a_writer_thread_and_readers(tmp_path):
             readers = [pool.submit(reader, i) for i in range(4)]
             pool.submit(writer).result()
             assert [r.result() for r in readers] == [12] * 4
+
+
+def test_python_m_shotdb_runs_the_cli(tmp_path):
+    """`python -m shotdb ARGS` is the CLI with ARGS (its output and exit code), or a clear error."""
+    import sys
+    cli = os.environ.get("SHOTDB_CLI") or shutil.which("shotdb")
+    if not cli:
+        pytest.skip("no shotdb CLI (set SHOTDB_CLI)")
+    path = str(tmp_path / "st")
+    with shotdb.Store(path) as store:
+        store.create_task("t", labels=LABELS, **fingerprint())
+    env = dict(os.environ, SHOTDB_CLI=cli)
+    direct = subprocess.run([cli, "--store", path, "ls"], capture_output=True, text=True)
+    via = subprocess.run([sys.executable, "-m", "shotdb", "--store", path, "ls"],
+                         capture_output=True, text=True, env=env)
+    assert via.returncode == direct.returncode == 0
+    assert via.stdout == direct.stdout and "t" in via.stdout
+    bad = subprocess.run([sys.executable, "-m", "shotdb", "--store", path, "info", "nope"],
+                         capture_output=True, text=True, env=env)
+    assert bad.returncode != 0 and "nope" in bad.stderr
+    env.pop("SHOTDB_CLI")
+    env["PATH"] = str(tmp_path)  # no shotdb there
+    missing = subprocess.run([sys.executable, "-m", "shotdb", "ls"], capture_output=True,
+                             text=True, env=env)
+    assert missing.returncode == 2 and "SHOTDB_CLI" in missing.stderr
