@@ -14,6 +14,13 @@ using lmdb::Val;
 constexpr size_t kPostingSize = 12;   // BE32 doc, BE32 tf, BE32 check word (format 3)
 constexpr size_t kPostingSizeV1 = 8;  // BE32 doc, BE32 tf (formats 1 and 2)
 
+// Whether the checked posting at `p` (kPostingSize bytes) matches its check word, for a term key
+// whose lmdb::PostingSeed is `seed`.
+bool PostingIntact(const uint8_t* p, uint64_t seed) {
+  return lmdb::LoadBE32(p + 8) ==
+         lmdb::PostingCheck(seed, lmdb::LoadBE32(p), lmdb::LoadBE32(p + 4));
+}
+
 std::string TaskKey(uint32_t task_id) {
   std::string key;
   AppendBE32(&key, task_id);
@@ -55,6 +62,8 @@ Result<Bm25CorpusStats> DecodeStats(std::string_view bytes, const std::string& w
 }
 
 }  // namespace
+
+size_t Bm25LmdbIndex::posting_size() const { return checked_ ? kPostingSize : kPostingSizeV1; }
 
 Result<uint32_t> Bm25LmdbIndex::DecodeLength(std::string_view key, std::string_view stored,
                                              const std::string& what) const {
@@ -162,9 +171,7 @@ Status Bm25LmdbIndex::CheckNeighbours(MDB_cursor* c, const std::string& key,
       return Status::Corruption(what + ": the key " + side + " term '" + token +
                                 "' holds a posting of " + std::to_string(v.mv_size) + " bytes");
     }
-    const auto* b = static_cast<const uint8_t*>(v.mv_data);
-    if (lmdb::LoadBE32(b + 8) !=
-        lmdb::PostingCheck(lmdb::View(k), lmdb::LoadBE32(b), lmdb::LoadBE32(b + 4))) {
+    if (!PostingIntact(static_cast<const uint8_t*>(v.mv_data), lmdb::PostingSeed(lmdb::View(k)))) {
       return Status::Corruption(what + ": the postings " + side + " term '" + token +
                                 "' fail their check (a damaged term key?)");
     }
@@ -206,7 +213,8 @@ Result<std::vector<ScoredDoc>> Bm25LmdbIndex::Search(MDB_txn* txn, uint32_t task
       QueryTerm term;
       MDB_val kv = Val(key), v;
       rc = mdb_cursor_get(c.get(), &kv, &v, MDB_SET);
-      if (rc == MDB_SUCCESS && v.mv_size != (checked_ ? kPostingSize : kPostingSizeV1)) {
+      const size_t size = posting_size();
+      if (rc == MDB_SUCCESS && v.mv_size != size) {
         // MDB_SET returns one duplicate: its size is the list's item size (a damaged size field
         // in the list's page would make MDB_GET_MULTIPLE split the items differently).
         return Status::Corruption(what + ": the postings of term '" + token + "' are " +
@@ -215,7 +223,6 @@ Result<std::vector<ScoredDoc>> Bm25LmdbIndex::Search(MDB_txn* txn, uint32_t task
       if (rc == MDB_SUCCESS) {
         // DUPFIXED: MDB_GET_MULTIPLE / MDB_NEXT_MULTIPLE return a page's worth of dups at once.
         rc = mdb_cursor_get(c.get(), &kv, &v, MDB_GET_MULTIPLE);
-        const size_t size = checked_ ? kPostingSize : kPostingSizeV1;
         const uint64_t seed = lmdb::PostingSeed(key);
         while (rc == MDB_SUCCESS) {
           if (v.mv_size % size != 0) {
@@ -226,8 +233,7 @@ Result<std::vector<ScoredDoc>> Bm25LmdbIndex::Search(MDB_txn* txn, uint32_t task
           const auto* p = static_cast<const uint8_t*>(v.mv_data);
           for (size_t i = 0; i < v.mv_size; i += size) {
             Posting posting{lmdb::LoadBE32(p + i), lmdb::LoadBE32(p + i + 4)};
-            if (checked_ &&
-                lmdb::LoadBE32(p + i + 8) != lmdb::PostingCheck(seed, posting.doc, posting.tf)) {
+            if (checked_ && !PostingIntact(p + i, seed)) {
               return Status::Corruption(what + ": a posting of term '" + token +
                                         "' fails its check");
             }
@@ -255,8 +261,9 @@ Result<std::vector<ScoredDoc>> Bm25LmdbIndex::Search(MDB_txn* txn, uint32_t task
   }
 
   Status length_error;
+  std::string doc_key = DocKey(task_id, 0);  // its document number is rewritten for each lookup
   auto doc_length = [&](uint32_t doc) -> uint32_t {
-    const std::string doc_key = DocKey(task_id, doc);
+    for (int i = 0; i < 4; ++i) doc_key[4 + i] = static_cast<char>(doc >> (24 - 8 * i));
     MDB_val dk = Val(doc_key), dv;
     int get_rc = mdb_get(txn, dbs_.doc_lengths, &dk, &dv);
     Result<uint32_t> length =
@@ -310,7 +317,7 @@ Status Bm25LmdbIndex::Verify(MDB_txn* txn, uint32_t task_id, uint32_t num_docs) 
   lmdb::Cursor p;
   rc = p.Open(txn, dbs_.postings);
   if (rc != MDB_SUCCESS) return lmdb::ToStatus(rc, what + ": postings cursor");
-  const size_t size = checked_ ? kPostingSize : kPostingSizeV1;
+  const size_t size = posting_size();
   std::map<uint32_t, uint64_t> histogram;
   k = Val(prefix);
   rc = mdb_cursor_get(p.get(), &k, &v, MDB_SET_RANGE);
@@ -325,8 +332,7 @@ Status Bm25LmdbIndex::Verify(MDB_txn* txn, uint32_t task_id, uint32_t num_docs) 
       }
       const auto* b = static_cast<const uint8_t*>(v.mv_data);
       const uint32_t doc = lmdb::LoadBE32(b), tf = lmdb::LoadBE32(b + 4);
-      if ((checked_ && lmdb::LoadBE32(b + 8) != lmdb::PostingCheck(seed, doc, tf)) ||
-          doc >= num_docs || tf == 0) {
+      if ((checked_ && !PostingIntact(b, seed)) || doc >= num_docs || tf == 0) {
         return Status::Corruption(what + ": posting (doc " + std::to_string(doc) + ", tf " +
                                   std::to_string(tf) + ") of a term fails its check");
       }

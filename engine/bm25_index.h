@@ -81,6 +81,8 @@ class Bm25LmdbIndex {
   // fails its check word, i.e. the term's key was damaged but still sorts in its place.
   Status CheckNeighbours(MDB_cursor* c, const std::string& key, const std::string& token,
                          const std::string& what) const;
+  // The size of a stored posting: 12 bytes with its check word (format 3), else 8.
+  size_t posting_size() const;
   // A document's length from its stored doc_lengths value (unsealed when checked_).
   Result<uint32_t> DecodeLength(std::string_view key, std::string_view stored,
                                 const std::string& what) const;

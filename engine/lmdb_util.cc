@@ -42,7 +42,6 @@ uint64_t LoadBE64(const void* p) {
   return v;
 }
 
-// Deletes every key of `dbi` that starts with `prefix` (all duplicates included).
 namespace {
 uint64_t SealHash(std::string_view key, std::string_view value) {
   return XXH3_64bits_withSeed(value.data(), value.size(), XXH3_64bits(key.data(), key.size()));
@@ -94,6 +93,7 @@ uint32_t PostingCheck(std::string_view term_key, uint32_t doc, uint32_t tf) {
   return PostingCheck(PostingSeed(term_key), doc, tf);
 }
 
+// Deletes every key of `dbi` that starts with `prefix` (all duplicates included).
 Status DeletePrefix(lmdb::WriteTxn* txn, MDB_dbi dbi, const std::string& prefix,
                     std::string_view what) {
   Cursor c;

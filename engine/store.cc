@@ -119,6 +119,16 @@ Result<uint32_t> DecodeTaskId(std::string_view value, const std::string& name) {
   return lmdb::LoadBE32(value.data());
 }
 
+// The id task_names holds for `name`: NotFound ("task NAME: no such task") when absent,
+// Corruption when the record is damaged.
+Result<uint32_t> LookupTaskId(MDB_txn* txn, MDB_dbi task_names, const std::string& name,
+                              bool checked) {
+  Result<std::string_view> value = GetValue(txn, task_names, name, checked, "task " + name);
+  if (value.status().IsNotFound()) return Status::NotFound("task " + name + ": no such task");
+  if (!value.ok()) return value.status();
+  return DecodeTaskId(*value, name);
+}
+
 // Checks a record's header against its key and its task. The header itself was already checked
 // (ParseBlockRecord); this catches a record that is intact but in the wrong place.
 Status CheckRecordMatches(const BlockRecordView& view, const TaskInfo& task, uint32_t layer,
@@ -150,11 +160,7 @@ Snapshot::~Snapshot() {
 }
 
 Result<uint32_t> Snapshot::TaskId(const std::string& name) {
-  Result<std::string_view> value =
-      GetValue(txn_, store_->dbs_.task_names, name, store_->checked(), "task " + name);
-  if (value.status().IsNotFound()) return Status::NotFound("task " + name + ": no such task");
-  if (!value.ok()) return value.status();
-  return DecodeTaskId(*value, name);
+  return LookupTaskId(txn_, store_->dbs_.task_names, name, store_->checked());
 }
 
 Result<TaskInfo> Snapshot::TaskById(uint32_t id, const std::string& name) {
@@ -668,10 +674,8 @@ Status Store::CreateTask(const TaskInfo& task) {
 Status Store::DeleteTask(const std::string& name) {
   const std::string what = "task " + name;
   return Write([&](lmdb::WriteTxn* txn) -> Status {
-    Result<std::string_view> value = GetValue(txn->txn, dbs_.task_names, name, checked(), what);
-    if (value.status().IsNotFound()) return Status::NotFound(what + ": no such task");
-    if (!value.ok()) return value.status();
-    SHOTDB_ASSIGN_OR_RETURN(const uint32_t id, DecodeTaskId(*value, name));
+    SHOTDB_ASSIGN_OR_RETURN(const uint32_t id,
+                            LookupTaskId(txn->txn, dbs_.task_names, name, checked()));
     MDB_val nk = Val(name);
     SHOTDB_RETURN_IF_ERROR(
         txn->Check(mdb_del(txn->txn, dbs_.task_names, &nk, nullptr), what + ": delete name"));
@@ -702,13 +706,8 @@ Status Store::AppendBlock(const std::string& task, const NewBlock& block) {
   }
 
   return Write([&](lmdb::WriteTxn* txn) -> Status {
-    Result<std::string_view> name_value =
-        GetValue(txn->txn, dbs_.task_names, task, checked(), what);
-    if (name_value.status().IsNotFound()) {
-      return Status::NotFound("task " + task + ": no such task");
-    }
-    if (!name_value.ok()) return name_value.status();
-    SHOTDB_ASSIGN_OR_RETURN(const uint32_t id, DecodeTaskId(*name_value, task));
+    SHOTDB_ASSIGN_OR_RETURN(const uint32_t id,
+                            LookupTaskId(txn->txn, dbs_.task_names, task, checked()));
     const std::string task_key = TaskKey(id);
     SHOTDB_ASSIGN_OR_RETURN(std::string_view task_value,
                             GetValue(txn->txn, dbs_.tasks, task_key, checked(), what));
@@ -889,10 +888,7 @@ Status Store::CheckNoOrphans(Snapshot& snap, const std::vector<TaskInfo>& tasks)
     Status status;
     for (rc = mdb_cursor_get(cursor, &k, &v, MDB_FIRST); rc == MDB_SUCCESS;
          rc = mdb_cursor_get(cursor, &k, &v, MDB_NEXT_NODUP)) {
-      const auto* b = static_cast<const uint8_t*>(k.mv_data);
-      const uint32_t id = k.mv_size < 4 ? 0
-                                        : (uint32_t{b[0]} << 24 | uint32_t{b[1]} << 16 |
-                                           uint32_t{b[2]} << 8 | uint32_t{b[3]});
+      const uint32_t id = k.mv_size < 4 ? 0 : lmdb::LoadBE32(k.mv_data);
       if (k.mv_size < 4 || ids.count(id) == 0) {
         status = Status::Corruption(what + " holds a record of task id " + std::to_string(id) +
                                     (k.mv_size < 4 ? " (a key too short)" : "") +

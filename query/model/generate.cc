@@ -131,6 +131,11 @@ class DecodeClock {
   PhaseClock clock_;
 };
 
+// Position of the first prompt token: DecodeContext::prompt_position, or right after the context.
+int64_t PromptStart(const DecodeContext& ctx, int64_t context_len) {
+  return ctx.prompt_position >= 0 ? ctx.prompt_position : context_len;
+}
+
 // Runs the prompt after the (optional) context, leaving context + prompt K/V in `cache`.
 Result<ForwardResult> RunPrompt(const LlamaModel& model, const std::vector<int32_t>& prompt,
                                 const DecodeContext& ctx, int64_t context_len, KvCache* cache,
@@ -140,7 +145,7 @@ Result<ForwardResult> RunPrompt(const LlamaModel& model, const std::vector<int32
                                .WithContext("DecodeContext"));
   }
   clock->Cache();
-  const int64_t start = ctx.prompt_position >= 0 ? ctx.prompt_position : context_len;
+  const int64_t start = PromptStart(ctx, context_len);
   ForwardRequest r;
   r.tokens = IdsTensor(prompt, model.device());
   r.positions = Range(start, static_cast<int64_t>(prompt.size()), model.device());
@@ -274,7 +279,7 @@ Result<LabelDecodeResult> DecodeLabel(const LlamaModel& model, const std::vector
     const int64_t p = static_cast<int64_t>(prompt.size());
     const int64_t n = static_cast<int64_t>(internal.size());
     const int64_t c = context_len;
-    const int64_t start = context.prompt_position >= 0 ? context.prompt_position : c;
+    const int64_t start = PromptStart(context, c);
     std::vector<int32_t> tokens = prompt;
     std::vector<int64_t> positions(static_cast<size_t>(p));
     for (int64_t i = 0; i < p; ++i) positions[static_cast<size_t>(i)] = start + i;
