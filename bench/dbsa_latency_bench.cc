@@ -4,7 +4,12 @@
 // weights created on the device (the real checkpoint is not needed for timing).
 //
 //   dbsa_latency_bench [--pools 30000,90000] [--layers 32] [--queries 8] [--device cuda]
-//                      [--store DIR] [--json FILE]
+//                      [--batches 1,4,16,64 (empty: none)] [--store DIR] [--json FILE]
+//
+// Next to every DBSA time it prints the memory floor: the bytes one forward must read (every
+// weight matrix once, plus the context's K/V; cold, the K/V also cross PCIe at best overlapped)
+// divided by the device-memory and pinned host-to-device bandwidths measured at the start of the
+// run, and the ratio of the measured time to it. BM25 and tokenization are not in the floor.
 //
 // Texts are synthetic (random words from a 4,000-word vocabulary, 50 labels) and tokenized one
 // token per word, so a pool of N tokens holds about N / 17 demonstrations (k = 50, j = 2, block 0
@@ -102,6 +107,49 @@ std::string Words(std::mt19937& rng, int n) {
   return s;
 }
 
+// Measured in the run: device-memory bandwidth (a 2 GiB device-to-device copy, read + write
+// bytes) and pinned host-to-device bandwidth (1 GiB), best of 5, GB/s.
+struct Bandwidth {
+  double device_gbs = 0, h2d_gbs = 0;
+};
+Bandwidth MeasureBandwidth(torch::Device device) {
+  Bandwidth bw;
+  if (!device.is_cuda()) return bw;
+  auto best_gbs = [](double bytes, const std::function<void()>& fn) {
+    double best = 0;
+    for (int i = 0; i < 6; ++i) {
+      torch::cuda::synchronize();
+      const auto t0 = std::chrono::steady_clock::now();
+      fn();
+      torch::cuda::synchronize();
+      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      if (i > 0) best = std::max(best, bytes / s / 1e9);  // the first is a warm-up
+    }
+    return best;
+  };
+  const int64_t n = int64_t(1) << 30;  // bf16 elements: 2 GiB
+  auto opts = torch::TensorOptions().dtype(torch::kBFloat16).device(device);
+  torch::Tensor a = torch::empty({n}, opts), b = torch::empty({n}, opts);
+  bw.device_gbs = best_gbs(2.0 * 2 * n, [&] { b.copy_(a); });
+  torch::Tensor host =
+      torch::empty({n / 2}, torch::TensorOptions().dtype(torch::kBFloat16).pinned_memory(true));
+  torch::Tensor dev = torch::empty({n / 2}, opts);
+  bw.h2d_gbs = best_gbs(2.0 * (n / 2), [&] { dev.copy_(host, /*non_blocking=*/true); });
+  return bw;
+}
+
+// Bytes of weights a forward reads (every matrix once; the embedding only by row, not counted).
+double WeightBytes(const ModelConfig& c, size_t element_bytes) {
+  double n = 0;
+  for (const auto& [name, shape] : ExpectedWeightShapes(c)) {
+    if (name == "model.embed_tokens.weight") continue;
+    double numel = 1;
+    for (int64_t d : shape) numel *= static_cast<double>(d);
+    n += numel;
+  }
+  return n * static_cast<double>(element_bytes);
+}
+
 double Median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v.empty() ? 0 : v[v.size() / 2];
@@ -114,6 +162,7 @@ int Run(int argc, char** argv) {
   std::string device_name = "cuda";
   std::string store_root = "/tmp/shotdb_latency_bench";
   std::string json_path;
+  std::vector<int> batches = {1, 4, 16, 64};
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i], v = argv[i + 1];
     if (a == "--pools") {
@@ -128,6 +177,12 @@ int Run(int argc, char** argv) {
       device_name = v;
     } else if (a == "--store") {
       store_root = v;
+    } else if (a == "--batches") {
+      batches.clear();
+      std::stringstream ss(v);
+      for (std::string p; std::getline(ss, p, ',');) {
+        if (!p.empty()) batches.push_back(std::stoi(p));
+      }
     } else if (a == "--json") {
       json_path = v;
     } else {
@@ -159,6 +214,13 @@ int Run(int argc, char** argv) {
   const PoolModel pool{model->get(), &tokenizer, "random-llama31-8b-shape"};
   std::vector<std::string> labels;
   for (int l = 0; l < 50; ++l) labels.push_back("label" + std::to_string(l));
+
+  const Bandwidth bw = MeasureBandwidth(device);
+  const double weight_bytes = WeightBytes((*model)->config(), device.is_cuda() ? 2 : 4);
+  if (device.is_cuda()) {
+    std::printf("measured: device memory %.0f GB/s (copy), pinned host->device %.1f GB/s\n",
+                bw.device_gbs, bw.h2d_gbs);
+  }
 
   nlohmann::json report = nlohmann::json::array();
   std::printf("device %s, Llama-3.1-8B shape (%lld layers), bf16 K/V, k=50 j=2, 30%% of blocks\n",
@@ -238,6 +300,8 @@ int Run(int argc, char** argv) {
         row.sum.attention += t.attention / count;
         row.sum.mlp += t.mlp / count;
         row.sum.sampling += t.sampling / count;
+        row.sum.qkv += t.qkv / count;
+        row.sum.attention_core += t.attention_core / count;
         row.sum.total += t.total / count;
       }
       return row;
@@ -266,14 +330,33 @@ int Run(int argc, char** argv) {
                 static_cast<unsigned long long>(info.num_blocks),
                 static_cast<unsigned long long>(info.num_demos),
                 static_cast<unsigned long long>(rows[3].ctx));
-    std::printf("%-10s %10s %12s %10s | %8s %8s %8s %9s %9s\n", "method", "setup s", "query ms",
-                "vs RetICL", "bm25", "load", "gather", "encode", "decode");
-    for (const auto& r : rows) {
+    // The memory floor of a DBSA query: one forward reads every weight matrix and the context's
+    // K/V once (hot: from device memory); cold, the K/V also cross PCIe, which at best overlaps
+    // the forward.
+    const auto& mc = (*model)->config();
+    const double kv_bytes = 2.0 * mc.num_layers * mc.num_kv_heads * mc.head_dim * 2.0 *
+                            static_cast<double>(rows[3].ctx);
+    const double hot_floor =
+        bw.device_gbs > 0 ? (weight_bytes + kv_bytes) / bw.device_gbs / 1e6 : 0;
+    const double cold_floor = bw.h2d_gbs > 0 ? std::max(hot_floor, kv_bytes / bw.h2d_gbs / 1e6) : 0;
+    std::printf("memory floor: %.2f GB weights + %.2f GB context K/V: hot %.2f ms, cold %.2f ms\n",
+                weight_bytes / 1e9, kv_bytes / 1e9, hot_floor, cold_floor);
+    std::printf("%-10s %10s %12s %10s %9s | %8s %8s %8s %9s %9s\n", "method", "setup s", "query ms",
+                "vs RetICL", "vs floor", "bm25", "load", "gather", "encode", "decode");
+    for (size_t i = 0; i < rows.size(); ++i) {
+      const Row& r = rows[i];
       const double med = Median(r.ms);
-      std::printf("%-10s %10.2f %12.2f %9.4fx | %8.2f %8.2f %8.2f %9.2f %9.2f\n", r.name.c_str(),
-                  r.setup, med, med / reticl, r.sum.select, r.sum.load, r.sum.gather, r.sum.encode,
-                  r.sum.decode);
+      const double floor_ms = i == 2 ? cold_floor : i == 3 ? hot_floor : 0;
+      char vs_floor[32] = "-";
+      if (floor_ms > 0) std::snprintf(vs_floor, sizeof vs_floor, "%.2fx", med / floor_ms);
+      std::printf("%-10s %10.2f %12.2f %9.4fx %9s | %8.2f %8.2f %8.2f %9.2f %9.2f\n",
+                  r.name.c_str(), r.setup, med, med / reticl, vs_floor, r.sum.select, r.sum.load,
+                  r.sum.gather, r.sum.encode, r.sum.decode);
       report.push_back({{"pool_tokens", info.num_tokens},
+                        {"floor_ms", floor_ms},
+                        {"ratio_vs_floor", floor_ms > 0 ? med / floor_ms : 0.0},
+                        {"device_gbs", bw.device_gbs},
+                        {"h2d_gbs", bw.h2d_gbs},
                         {"method", r.name},
                         {"setup_s", r.setup},
                         {"query_ms_median", med},
@@ -285,6 +368,55 @@ int Run(int argc, char** argv) {
                           {"gather", r.sum.gather},
                           {"encode", r.sum.encode},
                           {"decode", r.sum.decode}}}});
+    }
+    // Throughput of hot DBSA queries answered in batches (AskBatch: the union of the batch's
+    // blocks staged once, one forward for all), against batch 1 in the same run. The floor of a
+    // batch: the weights once plus every query's context K/V (each query reads its own blocks).
+    if (!batches.empty()) {
+      std::vector<std::string> batch_texts;
+      for (int q = 0; q < 64; ++q) batch_texts.push_back(Words(rng, 12));
+      AnswerOptions o;
+      auto warm = (*session)->AskBatch(batch_texts, o);  // every block of the batches cached
+      if (!warm.ok()) {
+        std::fprintf(stderr, "batch warm-up: %s\n", warm.status().ToString().c_str());
+        return 1;
+      }
+      std::printf("batched hot DBSA queries (64 queries per batch size, 2 rounds, best round)\n");
+      std::printf("%6s %12s %12s %12s %12s %10s\n", "batch", "ms/batch", "queries/s", "vs batch 1",
+                  "floor ms", "vs floor");
+      double qps1 = 0;
+      for (int b : batches) {
+        double best = 1e30;
+        for (int round = 0; round < 2; ++round) {
+          const auto t0 = std::chrono::steady_clock::now();
+          for (size_t first = 0; first + b <= batch_texts.size(); first += b) {
+            std::vector<std::string> part(batch_texts.begin() + first,
+                                          batch_texts.begin() + first + b);
+            auto r = (*session)->AskBatch(part, o);
+            if (!r.ok()) {
+              std::fprintf(stderr, "batch %d: %s\n", b, r.status().ToString().c_str());
+              return 1;
+            }
+          }
+          best = std::min(
+              best, std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0)
+                        .count());
+        }
+        const double per_batch = best / (batch_texts.size() / b);
+        const double qps = 1000.0 * b / per_batch;
+        if (qps1 == 0) qps1 = qps;  // the first batch size (1 by default) is the baseline
+        const double floor_ms =
+            bw.device_gbs > 0 ? (weight_bytes + b * kv_bytes) / bw.device_gbs / 1e6 : 0;
+        std::printf("%6d %12.2f %12.1f %11.2fx %12.2f %9.2fx\n", b, per_batch, qps, qps / qps1,
+                    floor_ms, floor_ms > 0 ? per_batch / floor_ms : 0.0);
+        report.push_back({{"pool_tokens", info.num_tokens},
+                          {"method", "DBSA hot batch"},
+                          {"batch", b},
+                          {"ms_per_batch", per_batch},
+                          {"queries_per_s", qps},
+                          {"ratio_vs_batch1", qps / qps1},
+                          {"floor_ms", floor_ms}});
+      }
     }
     const auto cs = (*session)->cache_stats();
     std::printf("device cache: %llu hits, %llu misses, %.2f GB resident\n",
@@ -302,8 +434,8 @@ int Run(int argc, char** argv) {
     }
     std::printf(
         "profiled (1 query each, device-synchronised; not part of the timings above), ms\n");
-    std::printf("%-10s %8s %8s %8s %9s %8s %9s %9s %9s\n", "method", "bm25", "load", "gather",
-                "attention", "mlp", "sampling", "encode", "total");
+    std::printf("%-10s %8s %8s %8s %9s %8s %8s %8s %9s %9s %9s\n", "method", "bm25", "load",
+                "gather", "attention", "(qkv", "core)", "mlp", "sampling", "encode", "total");
     for (size_t i = 0; i < methods.size(); ++i) {
       const auto& [name, method, cold] = methods[i];
       auto row = measure(profiled->get(), name, method, cold, 1);
@@ -312,12 +444,15 @@ int Run(int argc, char** argv) {
         return 1;
       }
       const Timing& t = row->sum;
-      std::printf("%-10s %8.2f %8.2f %8.2f %9.2f %8.2f %9.2f %9.2f %9.2f\n", name, t.select, t.load,
-                  t.gather, t.attention, t.mlp, t.sampling, t.encode, t.total);
+      std::printf("%-10s %8.2f %8.2f %8.2f %9.2f %8.2f %8.2f %8.2f %9.2f %9.2f %9.2f\n", name,
+                  t.select, t.load, t.gather, t.attention, t.qkv, t.attention_core, t.mlp,
+                  t.sampling, t.encode, t.total);
       report[report.size() - methods.size() + i]["profile_ms"] = {
-          {"bm25", t.select},         {"load", t.load},  {"gather", t.gather},
-          {"attention", t.attention}, {"mlp", t.mlp},    {"sampling", t.sampling},
-          {"encode", t.encode},       {"total", t.total}};
+          {"bm25", t.select},   {"load", t.load},
+          {"gather", t.gather}, {"attention", t.attention},
+          {"qkv", t.qkv},       {"attention_core", t.attention_core},
+          {"mlp", t.mlp},       {"sampling", t.sampling},
+          {"encode", t.encode}, {"total", t.total}};
     }
     profiled->reset();
     (void)RemoveAll(dir);  // best effort: a leftover benchmark pool is harmless

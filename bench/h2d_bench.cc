@@ -9,8 +9,9 @@
 //    map and through pinned slabs, with and without checksum verification, each as GB/s and as a
 //    ratio to the pinned copy (goal >= 0.9).
 // 2. Kernels on Llama-3.1-8B shapes (8 kv heads, head_dim 128, 32 query heads, bf16) for pools of
-//    30k and 90k tokens with 30% of the blocks selected: gather+RoPE, attention over the gathered
-//    buffer, and attention that rotates the pages on the fly.
+//    30k and 90k tokens with 30% of the blocks selected: gather+RoPE, single-token attention
+//    (LaunchPagedAttention, rows 1) over the gathered buffer, and the same attention rotating the
+//    pages on the fly (paged_attention_bench measures that kernel's bandwidth in detail).
 #include <cuda_runtime_api.h>
 #include <stdlib.h>
 
@@ -25,6 +26,7 @@
 
 #include "engine/store.h"
 #include "gpu/cuda_util.h"
+#include "gpu/paged_attention.h"
 #include "gpu/rope_gather.h"
 #include "gpu/stager.h"
 #include "gpu/stream.h"
@@ -257,7 +259,7 @@ int Main(int argc, char** argv) {
     DeviceBuffer q = Must(DeviceBuffer::Allocate(kQHeads * kHeadDim * 2));
     CHECK_OK(CudaStatus(cudaMemset(q.get(), 0x3c, q.size()), "cudaMemset", "bench"));
     DeviceBuffer out = Must(DeviceBuffer::Allocate(kQHeads * kHeadDim * 4));
-    const size_t ws_bytes = DecodeAttentionWorkspaceBytes(kQHeads, kHeadDim, total);
+    const size_t ws_bytes = PagedAttentionWorkspaceBytes(kQHeads, kKvHeads, 1, kHeadDim, total);
     DeviceBuffer ws = Must(DeviceBuffer::Allocate(ws_bytes));
     RopeParams rope;
     rope.llama3_scaling = true;
@@ -270,17 +272,18 @@ int Main(int argc, char** argv) {
     g.rope = rope;
     g.k_out = k_out.get();
     g.v_out = v_out.get();
-    DecodeAttentionArgs a;
+    PagedAttentionArgs a;
     a.dtype = DType::kBF16;
     a.q_heads = kQHeads;
     a.kv_heads = kKvHeads;
     a.head_dim = kHeadDim;
+    a.rows = 1;
     a.q = q.get();
     a.rope = rope;
     a.out = out.as<float>();
     a.workspace = ws.get();
     a.workspace_bytes = ws_bytes;
-    DecodeAttentionArgs contiguous = a;
+    PagedAttentionArgs contiguous = a;
     contiguous.rotate_keys = false;
     contiguous.blocks = {{k_out.get(), v_out.get(), total}};
     a.blocks = refs;
@@ -288,8 +291,8 @@ int Main(int argc, char** argv) {
 
     const double gather_ms = time_ms([&] { CHECK_OK(LaunchGatherRope(g, stream.get())); });
     const double attn_ms =
-        time_ms([&] { CHECK_OK(LaunchDecodeAttention(contiguous, stream.get())); });
-    const double fly_ms = time_ms([&] { CHECK_OK(LaunchDecodeAttention(a, stream.get())); });
+        time_ms([&] { CHECK_OK(LaunchPagedAttention(contiguous, stream.get())); });
+    const double fly_ms = time_ms([&] { CHECK_OK(LaunchPagedAttention(a, stream.get())); });
     const std::string tag = " (pool " + std::to_string(pool_tokens / 1000) + "k, " +
                             std::to_string(total) + " tokens selected)";
     const double moved = 2.0 * 2 * out_bytes;  // gather reads and writes K and V

@@ -13,7 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def main(src, dst):
-    rows = json.load(open(src))
+    # Per-query rows only (the batch-throughput rows have no query_ms_median).
+    rows = [r for r in json.load(open(src)) if "query_ms_median" in r]
     methods = []
     for r in rows:
         if r["method"] not in methods:

@@ -134,6 +134,11 @@ int main(int argc, char** argv) {
     auto out = model->Forward(r);
     if (!out.ok()) std::abort();
   });
+  // One more forward with the per-part split (its synchronisation does not change CPU timings).
+  shotdb::ForwardProfile prof;
+  r.profile = &prof;
+  if (!model->Forward(r).ok()) std::abort();
+  r.profile = nullptr;
 
   // The forward's GEMMs: fused qkv, o_proj, fused gate/up, down per layer; lm_head on 1 row.
   const int64_t h = c.hidden_size, q = c.num_heads * c.head_dim;
@@ -162,6 +167,8 @@ int main(int argc, char** argv) {
   const double fwd_flops = gemm_flops + attn_flops;
   std::printf("prefill:        %.3f s  %.1f tokens/s  %.2f GFLOP/s (%.2f GFLOP incl. attention)\n",
               t_fwd, tokens / t_fwd, fwd_flops / t_fwd / 1e9, fwd_flops / 1e9);
+  std::printf("  split of one forward: attention %.3f s, mlp %.3f s, embedding+lm_head %.3f s\n",
+              prof.attention_ms / 1e3, prof.mlp_ms / 1e3, prof.other_ms / 1e3);
   std::printf("matmuls alone:  %.3f s  %.2f GFLOP/s (same GEMM shapes, %.2f GFLOP)\n", gemm_seconds,
               gemm_flops / gemm_seconds / 1e9, gemm_flops / 1e9);
   std::printf(

@@ -1,8 +1,8 @@
 // Rotary position embedding (RoPE) parameters and inverse frequencies, as in Hugging Face Llama.
 //
 // shotdb stores K before RoPE, so that a block can be placed at any position at query time; the
-// kernels in rope_gather.h and the float64 reference in rope_reference.h both take their
-// frequencies from RopeInvFreq. Plain C++ (no CUDA), thread-safe, pure.
+// kernels in rope_gather.h and paged_attention.h and the float64 reference in rope_reference.h
+// all take their frequencies from RopeInvFreq. Plain C++ (no CUDA), thread-safe, pure.
 #ifndef SHOTDB_GPU_ROPE_H_
 #define SHOTDB_GPU_ROPE_H_
 

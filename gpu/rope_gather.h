@@ -1,18 +1,17 @@
-// Kernels that turn the selected blocks' stored (pre-RoPE) K/V pages into attention inputs.
+// The gather kernel: the selected blocks' stored (pre-RoPE) K/V pages as contiguous attention
+// inputs, and the page reference both kernels of gpu/ take.
 //
 // DBSA stores each block's K before RoPE and re-applies RoPE at query time at new, contiguous
-// positions (the selected blocks are concatenated in their retrieval order). Two ways are offered:
-//   - LaunchGatherRope: one pass that copies the blocks' K/V into contiguous
-//     [kv_heads, total_tokens, head_dim] buffers, rotating K to positions first_position + 0..L-1
-//     (what a standard attention kernel or libtorch then consumes);
-//   - LaunchDecodeAttention with rotate_keys: single-token decode attention that reads the pages in
-//     place and rotates K on the fly (no gathered copy); with rotate_keys false it is plain
-//     attention over already-rotated K (e.g. the gathered buffer as one block), for comparison.
+// positions (the selected blocks are concatenated in their retrieval order). LaunchGatherRope
+// copies the blocks' K/V in one pass into contiguous [kv_heads, total_tokens, head_dim] buffers,
+// rotating K to positions first_position + 0..L-1 (what a standard attention kernel or libtorch
+// then consumes). The alternative that reads the pages in place and rotates K on the fly is
+// LaunchPagedAttention (paged_attention.h).
 // RoPE is the rotate-half convention of HF Llama with frequencies from RopeInvFreq (rope.h); the
 // angle pos * inv_freq is formed in float64 and reduced mod 2*pi before the float sin/cos, so
 // positions in the hundreds of thousands keep full float accuracy. Arithmetic is float32.
 //
-// Plain C++ header (the kernels live in rope_gather.cu). Launches are asynchronous on `stream`;
+// Plain C++ header (the kernel lives in rope_gather.cu). Launches are asynchronous on `stream`;
 // argument errors are returned before anything is enqueued, launch errors as IOError.
 // Thread-safety: the functions are thread-safe.
 #ifndef SHOTDB_GPU_ROPE_GATHER_H_
@@ -36,7 +35,7 @@ constexpr uint32_t kMaxKernelBlocks = 1024;
 constexpr uint32_t kMaxKernelHeadDim = 256;
 
 // One block's pages on the device: k and v are [kv_heads, tokens, head_dim] in the kernel dtype
-// (e.g. a PageHandle's k()/v()), 4-byte aligned.
+// (e.g. a PageHandle's k()/v()), 4-byte aligned (16-byte for LaunchPagedAttention).
 struct KvBlockRef {
   const void* k = nullptr;
   const void* v = nullptr;
@@ -59,32 +58,6 @@ struct GatherRopeArgs {
 // many blocks, a block with 0 tokens or null pointers, null outputs, or bad RoPE parameters;
 // IOError if the launch fails.
 Status LaunchGatherRope(const GatherRopeArgs& args, cudaStream_t stream);
-
-struct DecodeAttentionArgs {
-  DType dtype = DType::kBF16;  // of q, K and V: kBF16 or kF16
-  uint32_t q_heads = 0;        // a multiple of kv_heads, at most 8 query heads per kv head
-  uint32_t kv_heads = 0;
-  uint32_t head_dim = 0;           // 64 or 128
-  const void* q = nullptr;         // [q_heads, head_dim], already rotated to the query's position
-  std::vector<KvBlockRef> blocks;  // 1..kMaxKernelBlocks
-  // True: K pages are pre-RoPE and token i of the concatenation is rotated to first_position + i
-  // while it is read. False: K is used as stored.
-  bool rotate_keys = true;
-  RopeParams rope;
-  int64_t first_position = 0;
-  float* out = nullptr;  // [q_heads, head_dim] float32
-  // Scratch of at least DecodeAttentionWorkspaceBytes(...) bytes.
-  void* workspace = nullptr;
-  size_t workspace_bytes = 0;
-};
-
-// Scratch bytes LaunchDecodeAttention needs for these shapes.
-size_t DecodeAttentionWorkspaceBytes(uint32_t q_heads, uint32_t head_dim, uint64_t total_tokens);
-
-// Enqueues out = softmax(q K^T / sqrt(head_dim)) V per query head (split over the tokens, then
-// combined). InvalidArgument for unsupported shapes or dtype, bad blocks, null pointers, a too
-// small workspace or bad RoPE parameters; IOError if a launch fails.
-Status LaunchDecodeAttention(const DecodeAttentionArgs& args, cudaStream_t stream);
 
 }  // namespace gpu
 }  // namespace shotdb

@@ -42,33 +42,40 @@ void GatherRopeReference(const std::vector<ReferenceBlock>& blocks, uint32_t kv_
   }
 }
 
-void DecodeAttentionReference(const std::vector<double>& q, const std::vector<double>& k,
-                              const std::vector<double>& v, uint32_t q_heads, uint32_t kv_heads,
-                              uint32_t tokens, uint32_t head_dim, std::vector<double>* out) {
-  out->assign(static_cast<size_t>(q_heads) * head_dim, 0.0);
+void PagedAttentionReference(const std::vector<double>& q, const std::vector<double>& k,
+                             const std::vector<double>& v, uint32_t q_heads, uint32_t kv_heads,
+                             uint32_t rows, uint32_t tokens, uint32_t head_dim,
+                             std::vector<double>* out, std::vector<double>* lse) {
+  out->assign(static_cast<size_t>(q_heads) * rows * head_dim, 0.0);
+  lse->assign(static_cast<size_t>(q_heads) * rows, 0.0);
   const uint32_t group = q_heads / kv_heads;
   const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
   std::vector<double> scores(tokens);
   for (uint32_t h = 0; h < q_heads; ++h) {
     const size_t kv = h / group;
-    const double* qh = &q[static_cast<size_t>(h) * head_dim];
-    double max_score = -INFINITY;
-    for (uint32_t t = 0; t < tokens; ++t) {
-      const double* kt = &k[(kv * tokens + t) * head_dim];
-      double dot = 0;
-      for (uint32_t i = 0; i < head_dim; ++i) dot += qh[i] * kt[i];
-      scores[t] = dot * scale;
-      max_score = std::max(max_score, scores[t]);
-    }
-    double sum = 0;
-    for (double& s : scores) {
-      s = std::exp(s - max_score);
-      sum += s;
-    }
-    double* oh = &(*out)[static_cast<size_t>(h) * head_dim];
-    for (uint32_t t = 0; t < tokens; ++t) {
-      const double* vt = &v[(kv * tokens + t) * head_dim];
-      for (uint32_t i = 0; i < head_dim; ++i) oh[i] += scores[t] / sum * vt[i];
+    for (uint32_t r = 0; r < rows; ++r) {
+      const size_t qv = static_cast<size_t>(h) * rows + r;
+      const double* qh = &q[qv * head_dim];
+      double max_score = -INFINITY;
+      for (uint32_t t = 0; t < tokens; ++t) {
+        const double* kt = &k[(kv * tokens + t) * head_dim];
+        double dot = 0;
+        for (uint32_t i = 0; i < head_dim; ++i) dot += qh[i] * kt[i];
+        scores[t] = dot * scale;
+        max_score = std::max(max_score, scores[t]);
+      }
+      double sum = 0;
+      for (double& s : scores) {
+        s = std::exp(s - max_score);
+        sum += s;
+      }
+      double* oh = &(*out)[qv * head_dim];
+      for (uint32_t t = 0; t < tokens; ++t) {
+        const double w = scores[t] / sum;
+        const double* vt = &v[(kv * tokens + t) * head_dim];
+        for (uint32_t i = 0; i < head_dim; ++i) oh[i] += w * vt[i];
+      }
+      (*lse)[qv] = max_score + std::log(sum);
     }
   }
 }

@@ -1,4 +1,5 @@
-// Float64 reference implementations of the kernels in rope_gather.h, for tests.
+// Float64 reference implementations of the kernels in rope_gather.h and paged_attention.h, for
+// tests.
 //
 // Straightforward loops in double precision over tensors already converted to double; the kernels
 // are checked against these with bf16/f16 tolerances. Plain C++, pure, thread-safe.
@@ -32,13 +33,17 @@ void GatherRopeReference(const std::vector<ReferenceBlock>& blocks, uint32_t kv_
                          int64_t first_position, std::vector<double>* k_out,
                          std::vector<double>* v_out);
 
-// Single-token attention with grouped queries: q is [q_heads, head_dim] (already rotated), k and
-// v are [kv_heads, tokens, head_dim] (k already rotated); query head h uses kv head
-// h / (q_heads / kv_heads). out[h] = softmax(q[h] . k^T / sqrt(head_dim)) v. Resizes out to
-// [q_heads, head_dim]. q_heads must be a multiple of kv_heads.
-void DecodeAttentionReference(const std::vector<double>& q, const std::vector<double>& k,
-                              const std::vector<double>& v, uint32_t q_heads, uint32_t kv_heads,
-                              uint32_t tokens, uint32_t head_dim, std::vector<double>* out);
+// Attention of `rows` query tokens per query head over a context without mask, with grouped
+// queries: q is [q_heads, rows, head_dim] (already rotated), k and v are
+// [kv_heads, tokens, head_dim] (k already rotated); query head h uses kv head
+// h / (q_heads / kv_heads). With s_j = q[h][r] . k_j / sqrt(head_dim):
+//   out[h][r] = sum_j softmax(s)_j v_j,   lse[h][r] = ln sum_j exp(s_j).
+// Resizes out to [q_heads, rows, head_dim] and lse to [q_heads, rows]. q_heads must be a multiple
+// of kv_heads and tokens > 0.
+void PagedAttentionReference(const std::vector<double>& q, const std::vector<double>& k,
+                             const std::vector<double>& v, uint32_t q_heads, uint32_t kv_heads,
+                             uint32_t rows, uint32_t tokens, uint32_t head_dim,
+                             std::vector<double>* out, std::vector<double>* lse);
 
 }  // namespace gpu
 }  // namespace shotdb

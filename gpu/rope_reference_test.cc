@@ -131,23 +131,131 @@ TEST(GatherRopeReferenceTest, LayoutAndPositions) {
   for (int d = 0; d < 4; ++d) EXPECT_DOUBLE_EQ(k[d], expect[d]);
 }
 
-TEST(DecodeAttentionReferenceTest, LimitingCases) {
-  // 4 query heads on 2 kv heads, 3 tokens, head_dim 2.
+TEST(PagedAttentionReferenceTest, LimitingCases) {
+  // 4 query heads on 2 kv heads, 1 row, 3 tokens, head_dim 2.
   const std::vector<double> k = {1, 0, 0, 1, 1, 1, /* head 1 */ 2, 0, 0, 2, 0, 0};
   const std::vector<double> v = {1, 2, 3, 4, 5, 6, /* head 1 */ 7, 8, 9, 10, 11, 12};
-  std::vector<double> q(8, 0.0), out;
-  // q = 0: uniform weights, the mean of V of the head's kv head.
-  DecodeAttentionReference(q, k, v, 4, 2, 3, 2, &out);
+  std::vector<double> q(8, 0.0), out, lse;
+  // q = 0: uniform weights, the mean of V of the head's kv head; lse = log(3).
+  PagedAttentionReference(q, k, v, 4, 2, 1, 3, 2, &out, &lse);
+  ASSERT_EQ(out.size(), 8u);
+  ASSERT_EQ(lse.size(), 4u);
   EXPECT_NEAR(out[0], 3.0, 1e-12);
   EXPECT_NEAR(out[1], 4.0, 1e-12);
   EXPECT_NEAR(out[4], 9.0, 1e-12);  // head 2 uses kv head 1
   EXPECT_NEAR(out[7], 10.0, 1e-12);
+  for (double x : lse) EXPECT_NEAR(x, std::log(3.0), 1e-12);
   // Query head 1 = (s, 0): weights exp(s/sqrt2 * [1, 0, 1]) by hand.
   q[2] = 3.0;
-  DecodeAttentionReference(q, k, v, 4, 2, 3, 2, &out);
+  PagedAttentionReference(q, k, v, 4, 2, 1, 3, 2, &out, &lse);
   const double e = std::exp(3.0 / std::sqrt(2.0));
   EXPECT_NEAR(out[2], (e * 1 + 1 * 3 + e * 5) / (2 * e + 1), 1e-12);
   EXPECT_NEAR(out[3], (e * 2 + 1 * 4 + e * 6) / (2 * e + 1), 1e-12);
+  EXPECT_NEAR(lse[1], std::log(2 * e + 1), 1e-12);
+}
+
+TEST(PagedAttentionReferenceTest, OneTokenGivesItsValueAndScore) {
+  // 2 query heads on 1 kv head, 2 rows, head_dim 4, one token: out = v, lse = q.k / 2.
+  const std::vector<double> k = {0.5, -1, 2, 0.25};
+  const std::vector<double> v = {3, -4, 5, -6};
+  const std::vector<double> q = {1,
+                                 2,
+                                 3,
+                                 4,
+                                 /* row 1 */ -1,
+                                 0,
+                                 1,
+                                 0,
+                                 /* head 1 */ 0,
+                                 0,
+                                 0,
+                                 0,
+                                 /* row 1 */ 2,
+                                 2,
+                                 2,
+                                 2};
+  std::vector<double> out, lse;
+  PagedAttentionReference(q, k, v, 2, 1, 2, 1, 4, &out, &lse);
+  for (int qv = 0; qv < 4; ++qv) {
+    double dot = 0;
+    for (int i = 0; i < 4; ++i) {
+      EXPECT_NEAR(out[qv * 4 + i], v[i], 1e-12) << qv;
+      dot += q[qv * 4 + i] * k[i];
+    }
+    EXPECT_NEAR(lse[qv], dot / 2, 1e-12) << qv;
+  }
+}
+
+TEST(PagedAttentionReferenceTest, EqualKeysAverageValues) {
+  // n equal keys: uniform weights whatever q is; lse = score + log(n).
+  const uint32_t n = 7, d = 4;
+  const std::vector<double> key = {0.3, -0.2, 0.9, 1.5};
+  std::vector<double> k, v;
+  std::vector<double> mean(d, 0.0);
+  for (uint32_t t = 0; t < n; ++t) {
+    k.insert(k.end(), key.begin(), key.end());
+    for (uint32_t i = 0; i < d; ++i) {
+      v.push_back(t * 1.5 - i);
+      mean[i] += (t * 1.5 - i) / n;
+    }
+  }
+  const std::vector<double> q = {2, -1, 0.5, 3, /* row 1 */ -4, 0, 1, 1};
+  std::vector<double> out, lse;
+  PagedAttentionReference(q, k, v, 1, 1, 2, n, d, &out, &lse);
+  for (int r = 0; r < 2; ++r) {
+    double dot = 0;
+    for (uint32_t i = 0; i < d; ++i) {
+      EXPECT_NEAR(out[r * d + i], mean[i], 1e-12);
+      dot += q[r * d + i] * key[i];
+    }
+    EXPECT_NEAR(lse[r], dot / 2 + std::log(double(n)), 1e-12);
+  }
+}
+
+TEST(PagedAttentionReferenceTest, RowsAreIndependentAndMergeByLse) {
+  // Random shapes: each (head, row) equals a one-row call with that query alone, and attention
+  // over the two halves of the context merged through lse equals attention over the whole (the
+  // merge a caller does with the kernel's result).
+  const uint32_t q_heads = 4, kv_heads = 2, rows = 3, d = 8, n1 = 5, n2 = 9, n = n1 + n2;
+  std::mt19937 rng(3);
+  std::normal_distribution<double> nd;
+  std::vector<double> q(q_heads * rows * d), k(kv_heads * n * d), v(k.size());
+  for (double& x : q) x = nd(rng);
+  for (double& x : k) x = nd(rng);
+  for (double& x : v) x = nd(rng);
+  std::vector<double> out, lse;
+  PagedAttentionReference(q, k, v, q_heads, kv_heads, rows, n, d, &out, &lse);
+  // Halves: tokens [0, n1) and [n1, n) of every kv head.
+  std::vector<double> k1, v1, k2, v2;
+  for (uint32_t h = 0; h < kv_heads; ++h) {
+    const size_t base = size_t(h) * n * d;
+    k1.insert(k1.end(), k.begin() + base, k.begin() + base + n1 * d);
+    v1.insert(v1.end(), v.begin() + base, v.begin() + base + n1 * d);
+    k2.insert(k2.end(), k.begin() + base + n1 * d, k.begin() + base + n * d);
+    v2.insert(v2.end(), v.begin() + base + n1 * d, v.begin() + base + n * d);
+  }
+  std::vector<double> o1, l1, o2, l2;
+  PagedAttentionReference(q, k1, v1, q_heads, kv_heads, rows, n1, d, &o1, &l1);
+  PagedAttentionReference(q, k2, v2, q_heads, kv_heads, rows, n2, d, &o2, &l2);
+  for (uint32_t h = 0; h < q_heads; ++h) {
+    for (uint32_t r = 0; r < rows; ++r) {
+      const size_t qv = size_t(h) * rows + r;
+      std::vector<double> one_q(q.begin() + qv * d, q.begin() + (qv + 1) * d);
+      std::vector<double> one_k(k.begin() + (h / 2) * n * d, k.begin() + (h / 2 + 1) * n * d);
+      std::vector<double> one_v(v.begin() + (h / 2) * n * d, v.begin() + (h / 2 + 1) * n * d);
+      std::vector<double> one_out, one_lse;
+      PagedAttentionReference(one_q, one_k, one_v, 1, 1, 1, n, d, &one_out, &one_lse);
+      EXPECT_NEAR(lse[qv], one_lse[0], 1e-12);
+      const double lse_merged = std::log(std::exp(l1[qv]) + std::exp(l2[qv]));
+      EXPECT_NEAR(lse[qv], lse_merged, 1e-12);
+      for (uint32_t i = 0; i < d; ++i) {
+        EXPECT_NEAR(out[qv * d + i], one_out[i], 1e-12);
+        const double merged = std::exp(l1[qv] - lse_merged) * o1[qv * d + i] +
+                              std::exp(l2[qv] - lse_merged) * o2[qv * d + i];
+        EXPECT_NEAR(out[qv * d + i], merged, 1e-12);
+      }
+    }
+  }
 }
 
 }  // namespace

@@ -63,6 +63,34 @@ class Session {
 
   nb::dict Ask(const std::string& text, const std::string& method, double ratio, uint32_t count,
                const std::string& order, bool free, int64_t max_new_tokens) {
+    const AnswerOptions o = Options(method, ratio, count, order, free, max_new_tokens);
+    Answer a;
+    {
+      nb::gil_scoped_release release;
+      a = Check(session_->Ask(text, o));
+    }
+    return ToDict(a);
+  }
+
+  nb::list AskBatch(const std::vector<std::string>& texts, double ratio, uint32_t count,
+                    const std::string& order) {
+    const AnswerOptions o = Options("dbsa", ratio, count, order, false, 0);
+    std::vector<Answer> answers;
+    {
+      nb::gil_scoped_release release;
+      answers = Check(session_->AskBatch(texts, o));
+    }
+    nb::list out;
+    for (const Answer& a : answers) out.append(ToDict(a));
+    return out;
+  }
+
+  std::vector<std::string> labels() const { return session_->task().labels; }
+  int64_t max_context() const { return session_->max_context(); }
+
+ private:
+  static AnswerOptions Options(const std::string& method, double ratio, uint32_t count,
+                               const std::string& order, bool free, int64_t max_new_tokens) {
     AnswerOptions o;
     const auto m = ParseMethod(method);
     if (!m) {
@@ -78,11 +106,10 @@ class Session {
     o.selection.ascending_score = order == "score";
     o.free_text = free;
     o.max_new_tokens = max_new_tokens;
-    Answer a;
-    {
-      nb::gil_scoped_release release;
-      a = Check(session_->Ask(text, o));
-    }
+    return o;
+  }
+
+  static nb::dict ToDict(const Answer& a) {
     nb::dict timing;
     for (const auto& [key, value] : {std::pair{"select", a.timing.select},
                                      {"load", a.timing.load},
@@ -109,10 +136,6 @@ class Session {
     return d;
   }
 
-  std::vector<std::string> labels() const { return session_->task().labels; }
-  int64_t max_context() const { return session_->max_context(); }
-
- private:
   std::shared_ptr<Store> store_;  // declared first: destroyed last
   std::unique_ptr<LlamaModel> model_;
   std::unique_ptr<Tokenizer> tokenizer_;
@@ -197,6 +220,11 @@ NB_MODULE(_runtime, m) {
            "text (free=True), blocks/block_scores (RetICL: demos/demo_scores), context_tokens, "
            "prompt_tokens, budget, budget_bound and timing_ms (select, load, gather, encode, "
            "decode, total).")
+      .def("ask_batch", &Session::AskBatch, "texts"_a, "ratio"_a = 0.3, "count"_a = 0,
+           "order"_a = "encoding",
+           "Answers several DBSA label queries in one forward (the union of their blocks staged "
+           "once on CUDA): a list of ask()'s dicts in query order, each as ask() would answer "
+           "it; every timing_ms holds the whole batch's.")
       .def_prop_ro("labels", &Session::labels)
       .def_prop_ro("max_context", &Session::max_context);
   m.def("model_fingerprint", &ModelFingerprintOf, "model"_a, "kv_dtype"_a = "f32",

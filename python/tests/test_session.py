@@ -64,3 +64,17 @@ def test_session_errors(store_dir):
         session.ask("wake me up at seven")
     with pytest.raises(ValueError, match="method"):
         session.ask("x", method="oracle")
+
+
+def test_ask_batch_answers_each_query_as_ask(store_dir):
+    store = shotdb.Store(store_dir, readonly=True)
+    session = shotdb.Session(store, "t", MODEL, threads=2)
+    queries = ["wake me up at seven", "is it going to rain tomorrow", "play some jazz",
+               "wake me up at seven"]
+    batch = session.ask_batch(queries, ratio=0.5)
+    assert len(batch) == len(queries)
+    for query, b in zip(queries, batch):
+        a = session.ask(query, ratio=0.5)
+        assert b["label"] == a["label"] and b["blocks"] == a["blocks"]
+        assert b["label_scores"] == pytest.approx(a["label_scores"], rel=1e-4)
+    assert session.ask_batch([]) == []

@@ -104,15 +104,12 @@ Result<std::unique_ptr<DbsaSession>> DbsaSession::Open(const Store* store,
                               ? options.max_context
                               : session->model_.model->config().max_position_embeddings;
   const torch::Device device = session->model_.model->device();
-#ifdef SHOTDB_HAVE_GPU
-  if (options.cache_bytes > 0 && device.is_cuda() &&
-      StagedKvSourceSupports(session->task_.model.dtype)) {
-    SHOTDB_ASSIGN_OR_RETURN(session->staged_, MakeStagedKvSource(options.cache_bytes,
-                                                                 std::max(0, int(device.index()))));
-  }
-#endif
-  if (options.cache_bytes > 0 && !session->staged_) {
-    session->cache_ = std::make_unique<BlockCache>(options.cache_bytes, device);
+  if (options.cache_bytes > 0 && device.is_cuda() && DeviceKvSourceAvailable()) {
+    SHOTDB_ASSIGN_OR_RETURN(
+        session->kv_source_,
+        MakeDeviceKvSource(options.cache_bytes, std::max(0, int(device.index()))));
+  } else {
+    session->kv_source_ = MakeHostKvSource();
   }
   for (const auto& label : session->task_.labels) {
     SHOTDB_ASSIGN_OR_RETURN(
@@ -243,64 +240,6 @@ Result<std::vector<int32_t>> DbsaSession::SelectDemos(Snapshot* snapshot, std::s
   }
 }
 
-Result<std::vector<LayerKV>> DbsaSession::LoadStoredContext(Snapshot* snapshot,
-                                                            const std::vector<uint32_t>& blocks,
-                                                            uint64_t* tokens, bool* rotated,
-                                                            Timing* timing) {
-  const LlamaModel& model = *model_.model;
-  const uint32_t layers = task_.model.num_layers;
-  if (staged_) {
-    SHOTDB_ASSIGN_OR_RETURN(
-        StagedContext staged,
-        staged_->Gather(snapshot, task_, blocks, model.config(),
-                        torch::TensorOptions().dtype(model.dtype()).device(model.device()),
-                        &timing->load, &timing->gather));
-    *tokens = static_cast<uint64_t>(staged.kv.front().k.size(1));  // a task has >= 1 layer
-    *rotated = staged.rotated;
-    return std::move(staged.kv);
-  }
-  Stopwatch lap(model.device());
-  // Each selected block's K/V, per layer: device-resident from the cache, or views of the store's
-  // map (zero-copy for raw payloads) while the snapshot lives.
-  std::vector<std::shared_ptr<const BlockCache::BlockKV>> cached;
-  std::vector<std::vector<PayloadRef>> payloads;
-  std::vector<int64_t> lengths;
-  uint64_t total = 0;
-  for (uint32_t b : blocks) {
-    SHOTDB_ASSIGN_OR_RETURN(BlockInfo info, snapshot->GetBlock(task_.name, b));
-    lengths.push_back(info.token_count);
-    total += info.token_count;
-    if (cache_) {
-      SHOTDB_ASSIGN_OR_RETURN(auto kv, cache_->Get(snapshot, task_, b));
-      cached.push_back(std::move(kv));
-      continue;
-    }
-    std::vector<PayloadRef> refs;
-    for (uint32_t l = 0; l < layers; ++l) {
-      for (TensorKind kind : {TensorKind::kKey, TensorKind::kValue}) {
-        SHOTDB_ASSIGN_OR_RETURN(PayloadRef ref, snapshot->GetPayload(task_.name, b, l, kind));
-        refs.push_back(std::move(ref));
-      }
-    }
-    payloads.push_back(std::move(refs));
-  }
-  timing->load = lap.LapMs();
-
-  const auto stored = torch::TensorOptions().dtype(TorchType(task_.model.dtype));
-  std::vector<LayerKV> context = ConcatenateBlocks(
-      layers, task_.model.kv_heads, task_.model.head_dim, lengths,
-      torch::TensorOptions().dtype(model.dtype()).device(model.device()),
-      [&](size_t i, uint32_t l, int kv) {
-        if (cache_) return kv == 0 ? (*cached[i])[l].k : (*cached[i])[l].v;
-        const PayloadRef& ref = payloads[i][2 * l + kv];
-        return torch::from_blob(const_cast<void*>(ref.data),
-                                {task_.model.kv_heads, lengths[i], task_.model.head_dim}, stored);
-      });
-  timing->gather = lap.LapMs();
-  *tokens = total;
-  return context;
-}
-
 Result<std::vector<int32_t>> DbsaSession::BlockTokens(Snapshot* snapshot,
                                                       const std::vector<uint32_t>& blocks) {
   std::vector<int32_t> ids;
@@ -343,15 +282,18 @@ Result<std::vector<LayerKV>> DbsaSession::EncodeTokens(const std::vector<int32_t
   return kv;
 }
 
-Status DbsaSession::Decode(const std::vector<LayerKV>* context, uint64_t context_tokens,
-                           bool context_rotated, const std::vector<int32_t>& prompt,
+Status DbsaSession::Decode(const QueryContext& context, const std::vector<int32_t>& prompt,
                            const AnswerOptions& options, Answer* answer) {
   const LlamaModel& model = *model_.model;
   DecodeContext ctx;
-  ctx.kv = context->empty() ? nullptr : context;
-  ctx.positions = torch::arange(static_cast<int64_t>(context_tokens),
-                                torch::TensorOptions().dtype(torch::kInt64).device(model.device()));
-  ctx.rotated = context_rotated;
+  ctx.attention = context.attention.get();
+  ctx.kv = context.attention || context.kv.empty() ? nullptr : &context.kv;
+  if (ctx.kv != nullptr) {
+    ctx.positions =
+        torch::arange(static_cast<int64_t>(context.tokens),
+                      torch::TensorOptions().dtype(torch::kInt64).device(model.device()));
+  }
+  ctx.rotated = context.rotated;
   ctx.profile = profile();
   ctx.sampling_ms = &sampling_ms_;
   if (options.free_text) {
@@ -372,15 +314,12 @@ Status DbsaSession::Decode(const std::vector<LayerKV>* context, uint64_t context
   return Status::OK();
 }
 
-Result<Answer> DbsaSession::Ask(std::string_view query, const AnswerOptions& options) {
-  Stopwatch total(model_.model->device()), lap(model_.model->device());
-  Answer answer;
-  profile_ = ForwardProfile();
-  sampling_ms_ = 0;
+Result<std::vector<int32_t>> DbsaSession::Prompt(std::string_view query,
+                                                 const AnswerOptions& options, Answer* answer) {
   SHOTDB_ASSIGN_OR_RETURN(std::vector<int32_t> prompt,
                           model_.tokenizer->Encode(format_.FormatQuery(query), /*add_bos=*/false,
                                                    /*parse_special=*/false));
-  answer.prompt_tokens = prompt.size();
+  answer->prompt_tokens = prompt.size();
   // What the context may take: the limit less the prompt and the longest label (generation may
   // run up to max_new_tokens instead).
   const uint64_t answer_tokens =
@@ -395,21 +334,88 @@ Result<Answer> DbsaSession::Ask(std::string_view query, const AnswerOptions& opt
           std::to_string(answer_tokens) + ") leave no room for a context within the limit of " +
           std::to_string(limit) + " tokens (--max-context)");
     }
-    answer.budget = limit - prompt.size() - answer_tokens;
+    answer->budget = limit - prompt.size() - answer_tokens;
   }
+  return prompt;
+}
+
+Result<std::vector<Answer>> DbsaSession::AskBatch(const std::vector<std::string>& queries,
+                                                  const AnswerOptions& options) {
+  if (options.method != Method::kDbsa || options.free_text) {
+    return Status::InvalidArgument(
+        "AskBatch answers DBSA label queries; ask free text and the baselines one by one");
+  }
+  if (queries.empty()) return std::vector<Answer>();
+  Stopwatch total(model_.model->device()), lap(model_.model->device());
+  profile_ = ForwardProfile();
+  sampling_ms_ = 0;
+  std::vector<Answer> answers(queries.size());
+  std::vector<std::vector<int32_t>> prompts;
+  std::vector<std::vector<uint32_t>> blocks;
   SHOTDB_ASSIGN_OR_RETURN(auto snapshot, store_->BeginSnapshot());
-  std::vector<LayerKV> context;
-  const std::vector<LayerKV>* use = &context;
-  bool rotated = false;  // DBSA on the GPU path: K arrives with RoPE applied
+  for (size_t q = 0; q < queries.size(); ++q) {
+    Answer& a = answers[q];
+    SHOTDB_ASSIGN_OR_RETURN(std::vector<int32_t> prompt, Prompt(queries[q], options, &a));
+    prompts.push_back(std::move(prompt));
+    SHOTDB_RETURN_IF_ERROR(
+        SelectBlocks(snapshot.get(), queries[q], options.selection, a.budget, &a));
+    blocks.push_back(a.blocks);
+  }
+  Timing timing;
+  timing.select = lap.LapMs();
+  SHOTDB_ASSIGN_OR_RETURN(std::vector<QueryContext> contexts,
+                          kv_source_->LoadBatch(snapshot.get(), task_, blocks, *model_.model,
+                                                &timing.load, &timing.gather));
+  lap.Restart();
+  std::vector<DecodeContext> decode(queries.size());
+  for (size_t q = 0; q < queries.size(); ++q) {
+    answers[q].context_tokens = contexts[q].tokens;
+    decode[q].attention = contexts[q].attention.get();
+  }
+  decode.front().profile = profile();
+  decode.front().sampling_ms = &sampling_ms_;
+  SHOTDB_ASSIGN_OR_RETURN(std::vector<LabelDecodeResult> results,
+                          DecodeLabelBatch(*model_.model, prompts, label_tokens_, decode));
+  timing.decode = lap.LapMs();
+  contexts.clear();  // waits for the kernels reading their pages, before the snapshot ends
+  snapshot.reset();
+  timing.total = total.LapMs();
+  if (options_.profile) {
+    timing.attention = profile_.attention_ms;
+    timing.mlp = profile_.mlp_ms;
+    timing.sampling = profile_.other_ms + sampling_ms_;
+    timing.qkv = profile_.qkv_ms;
+    timing.attention_core = profile_.core_ms;
+  }
+  for (size_t q = 0; q < queries.size(); ++q) {
+    const LabelDecodeResult& r = results[q];
+    answers[q].label = task_.labels[r.label];
+    answers[q].score = r.score;
+    answers[q].label_scores = r.sum_logprob;
+    answers[q].timing = timing;
+  }
+  return answers;
+}
+
+Result<Answer> DbsaSession::Ask(std::string_view query, const AnswerOptions& options) {
+  Stopwatch total(model_.model->device()), lap(model_.model->device());
+  Answer answer;
+  profile_ = ForwardProfile();
+  sampling_ms_ = 0;
+  SHOTDB_ASSIGN_OR_RETURN(std::vector<int32_t> prompt, Prompt(query, options, &answer));
+  SHOTDB_ASSIGN_OR_RETURN(auto snapshot, store_->BeginSnapshot());
+  QueryContext context;
+  const QueryContext* use = &context;
   switch (options.method) {
     case Method::kDbsa: {
       SHOTDB_RETURN_IF_ERROR(
           SelectBlocks(snapshot.get(), query, options.selection, answer.budget, &answer));
       answer.timing.select = lap.LapMs();
-      uint64_t tokens = 0;
-      SHOTDB_ASSIGN_OR_RETURN(context, LoadStoredContext(snapshot.get(), answer.blocks, &tokens,
-                                                         &rotated, &answer.timing));
-      answer.context_tokens = tokens;
+      SHOTDB_ASSIGN_OR_RETURN(
+          context, kv_source_->Load(snapshot.get(), task_, answer.blocks, *model_.model,
+                                    /*want_tensors=*/options.free_text, &answer.timing.load,
+                                    &answer.timing.gather));
+      answer.context_tokens = context.tokens;
       lap.Restart();
       break;
     }
@@ -426,7 +432,8 @@ Result<Answer> DbsaSession::Ask(std::string_view query, const AnswerOptions& opt
       answer.budget_bound = dbsa.budget_bound;
       answer.timing.select = lap.LapMs();
       answer.context_tokens = ids.size();
-      SHOTDB_ASSIGN_OR_RETURN(context, EncodeTokens(ids));
+      context.tokens = ids.size();
+      SHOTDB_ASSIGN_OR_RETURN(context.kv, EncodeTokens(ids));
       answer.timing.encode = lap.LapMs();
       break;
     }
@@ -436,7 +443,8 @@ Result<Answer> DbsaSession::Ask(std::string_view query, const AnswerOptions& opt
       answer.timing.select = lap.LapMs();
       SHOTDB_ASSIGN_OR_RETURN(std::vector<int32_t> ids, BlockTokens(snapshot.get(), answer.blocks));
       answer.context_tokens = ids.size();
-      SHOTDB_ASSIGN_OR_RETURN(context, EncodeTokens(ids));
+      context.tokens = ids.size();
+      SHOTDB_ASSIGN_OR_RETURN(context.kv, EncodeTokens(ids));
       answer.timing.encode = lap.LapMs();
       break;
     }
@@ -460,8 +468,8 @@ Result<Answer> DbsaSession::Ask(std::string_view query, const AnswerOptions& opt
       }
       if (fixed_blocks_ != prefix.size()) {
         SHOTDB_ASSIGN_OR_RETURN(std::vector<int32_t> ids, BlockTokens(snapshot.get(), prefix));
-        SHOTDB_ASSIGN_OR_RETURN(fixed_context_, EncodeTokens(ids));
-        fixed_tokens_ = ids.size();
+        SHOTDB_ASSIGN_OR_RETURN(fixed_context_.kv, EncodeTokens(ids));
+        fixed_context_.tokens = ids.size();
         fixed_blocks_ = static_cast<uint32_t>(prefix.size());
         answer.timing.encode = lap.LapMs();
         fixed_seconds_ = answer.timing.encode / 1000.0;
@@ -469,18 +477,23 @@ Result<Answer> DbsaSession::Ask(std::string_view query, const AnswerOptions& opt
       answer.blocks = prefix;
       answer.block_scores.assign(prefix.size(), 0.0);
       use = &fixed_context_;
-      answer.context_tokens = fixed_tokens_;
+      answer.context_tokens = fixed_context_.tokens;
       break;
     }
   }
-  snapshot.reset();  // DBSA's context was copied out of the map; release the read transaction
-  SHOTDB_RETURN_IF_ERROR(Decode(use, answer.context_tokens, rotated, prompt, options, &answer));
+  // The snapshot stays open through the decode: a device context's cold copies may still read
+  // the map (kv_source.h).
+  SHOTDB_RETURN_IF_ERROR(Decode(*use, prompt, options, &answer));
   answer.timing.decode = lap.LapMs();
+  context = QueryContext();  // waits for the kernels reading its pages, before the snapshot ends
+  snapshot.reset();
   answer.timing.total = total.LapMs();
   if (options_.profile) {
     answer.timing.attention = profile_.attention_ms;
     answer.timing.mlp = profile_.mlp_ms;
     answer.timing.sampling = profile_.other_ms + sampling_ms_;
+    answer.timing.qkv = profile_.qkv_ms;
+    answer.timing.attention_core = profile_.core_ms;
   }
   return answer;
 }

@@ -30,10 +30,9 @@
 #include <vector>
 
 #include "engine/store.h"
-#include "query/dbsa/block_cache.h"
+#include "query/dbsa/kv_source.h"
 #include "query/dbsa/pool_encoder.h"
 #include "query/dbsa/prompt.h"
-#include "query/dbsa/staged_kv_source.h"
 
 namespace shotdb {
 
@@ -74,6 +73,9 @@ struct Timing {       // milliseconds
   double attention = 0;
   double mlp = 0;
   double sampling = 0;
+  // Parts of attention (ForwardProfile): the norm and QKV projection; RoPE and attention itself.
+  double qkv = 0;
+  double attention_core = 0;
 };
 
 struct Answer {
@@ -101,9 +103,10 @@ struct Answer {
 };
 
 struct SessionOptions {
-  // Bytes of blocks' K/V kept on the model's device between queries (0 = read every query's
-  // blocks from the store). On CUDA, for bf16/f16 tasks, in a build with gpu/, the blocks are
-  // staged by gpu::Stager into a gpu::BlockPageCache (StagedKvSource), else held by BlockCache.
+  // Where DBSA's K/V come from (kv_source.h). With a CUDA model in a build with gpu/ and
+  // cache_bytes > 0: the device source, whose page cache keeps up to this many bytes of blocks'
+  // K/V on the GPU between queries. Otherwise (CPU models, or 0) the host source reads every
+  // query's blocks from the store's memory map.
   size_t cache_bytes = 0;
   // RetICL/FixedICL re-encode their context in chunks of this many tokens (each chunk attends to
   // the K/V of the chunks before it), which bounds attention memory to chunk x context.
@@ -130,19 +133,23 @@ class DbsaSession {
   // gives the numbers); NotSupported for RetICL on a task without a per-demonstration index.
   Result<Answer> Ask(std::string_view query, const AnswerOptions& options);
 
+  // Answers several DBSA label queries together: each selects its blocks as Ask does, the union of
+  // the blocks is read (staged) once, and ONE Forward runs every query's prompt and label tree,
+  // each query attending to its own blocks in its own order (the model's weights are read once
+  // for the batch). Answers in query order, each as Ask's up to the rounding of batched products;
+  // every answer's timing holds the whole batch's. InvalidArgument for another method or free
+  // text; otherwise Ask's errors.
+  Result<std::vector<Answer>> AskBatch(const std::vector<std::string>& queries,
+                                       const AnswerOptions& options);
+
   const TaskInfo& task() const { return task_; }
   // The limit Ask applies (0: none): SessionOptions::max_context or the model's.
   int64_t max_context() const { return max_context_; }
   // Seconds spent encoding FixedICL's prefix (0 until a FixedICL query ran).
   double fixed_prefix_seconds() const { return fixed_seconds_; }
-  // Device block cache statistics (all zero without a cache).
-  BlockCache::Stats cache_stats() const {
-    return staged_ ? staged_->stats() : cache_ ? cache_->stats() : BlockCache::Stats{};
-  }
-  void ClearCache() {
-    if (cache_) cache_->Clear();
-    if (staged_) staged_->Clear();
-  }
+  // The K/V source's cache statistics (all zero for the host source, which keeps no cache).
+  KvSource::Stats cache_stats() const { return kv_source_->stats(); }
+  void ClearCache() { kv_source_->Clear(); }
 
  private:
   DbsaSession(const Store* store, TaskInfo task, PoolModel model, PromptFormat format,
@@ -153,6 +160,10 @@ class DbsaSession {
         format_(std::move(format)),
         options_(options) {}
 
+  // The query's prompt tokens; sets prompt_tokens and budget (InvalidArgument when the limit
+  // leaves no room for a context).
+  Result<std::vector<int32_t>> Prompt(std::string_view query, const AnswerOptions& options,
+                                      Answer* answer);
   // DBSA's blocks for `query`: the sink blocks, then the best-scoring others while the selection
   // size and `budget` (0: none) allow, ordered as options say. Fills blocks, block_scores,
   // budget_bound and context_tokens.
@@ -163,20 +174,14 @@ class DbsaSession {
   Result<std::vector<int32_t>> SelectDemos(Snapshot* snapshot, std::string_view query,
                                            const SelectionOptions& options, uint64_t target,
                                            Answer* answer);
-  // DBSA: stored K/V of `blocks`, concatenated in that order, in the model's dtype and device.
-  // *rotated: K already carries RoPE at positions 0..tokens-1 (the GPU gather kernel applied it);
-  // else it is pre-RoPE.
-  Result<std::vector<LayerKV>> LoadStoredContext(Snapshot* snapshot,
-                                                 const std::vector<uint32_t>& blocks,
-                                                 uint64_t* tokens, bool* rotated, Timing* timing);
   // The token ids of the blocks' texts, in order (what the baselines re-encode).
   Result<std::vector<int32_t>> BlockTokens(Snapshot* snapshot, const std::vector<uint32_t>& blocks);
   // Baselines: `ids` encoded with full causal attention from position 0.
   Result<std::vector<LayerKV>> EncodeTokens(const std::vector<int32_t>& ids);
-  // Answers after `context` (K rotated at positions 0..context_tokens-1 if context_rotated, else
-  // pre-RoPE); `prompt` is the query's token ids.
-  Status Decode(const std::vector<LayerKV>* context, uint64_t context_tokens, bool context_rotated,
-                const std::vector<int32_t>& prompt, const AnswerOptions& options, Answer* answer);
+  // Answers after `context` (its tensors or its attention, placed at positions
+  // 0..context.tokens-1); `prompt` is the query's token ids.
+  Status Decode(const QueryContext& context, const std::vector<int32_t>& prompt,
+                const AnswerOptions& options, Answer* answer);
 
   // With options_.profile: the current query's split (reset by Ask), else null.
   ForwardProfile* profile() { return options_.profile ? &profile_ : nullptr; }
@@ -186,16 +191,14 @@ class DbsaSession {
   PoolModel model_;
   PromptFormat format_;
   SessionOptions options_;
-  std::unique_ptr<BlockCache> cache_;
-  std::unique_ptr<StagedKvSource> staged_;  // replaces cache_ on CUDA where gpu/ is built
+  std::unique_ptr<KvSource> kv_source_;
   std::vector<std::vector<int32_t>> label_tokens_;
   size_t longest_label_ = 0;            // tokens of the longest label continuation
   int64_t max_context_ = 0;             // 0: no limit
   std::vector<uint32_t> block_tokens_;  // token_count of every block, by index
   // FixedICL's cached prefix, for the block count it was built for.
   uint32_t fixed_blocks_ = 0;
-  uint64_t fixed_tokens_ = 0;
-  std::vector<LayerKV> fixed_context_;
+  QueryContext fixed_context_;
   double fixed_seconds_ = 0;
   ForwardProfile profile_;
   double sampling_ms_ = 0;

@@ -773,7 +773,7 @@ TEST(DemoFileTest, RowsAreCheckedNamingFileRowAndColumn) {
   EXPECT_TRUE(RemoveAll(dir).ok());
 }
 
-TEST_F(DbsaExactnessTest, DeviceCacheAndChunkedPrefillChangeNothing) {
+TEST_F(DbsaExactnessTest, CacheOptionAndChunkedPrefillChangeNothing) {
   BlockConfig cfg;
   cfg.demos_per_block = 3;
   auto store = MakeTask(dir_.Sub("c"), DType::kF64, cfg);
@@ -803,11 +803,46 @@ TEST_F(DbsaExactnessTest, DeviceCacheAndChunkedPrefillChangeNothing) {
       }
     }
   }
-  const BlockCache::Stats stats = (*b)->cache_stats();
-  EXPECT_GT(stats.hits, 0u);
-  EXPECT_EQ(stats.misses + stats.hits, 9u);  // three DBSA queries of three blocks each
-  EXPECT_EQ(stats.evictions, 0u);
-  EXPECT_EQ((*a)->cache_stats().misses, 0u);
+  // On the CPU both read through the host source, which keeps no cache (kv_source.h).
+  const KvSource::Stats stats = (*b)->cache_stats();
+  EXPECT_EQ(stats.hits + stats.misses + stats.bytes_resident, 0u);
+}
+
+// A batch answers each query as Ask alone does: the same blocks, labels and scores (float64 on the
+// CPU: equal up to the rounding of the batched products), for queries whose selections overlap.
+TEST_F(DbsaExactnessTest, AskBatchEqualsAskOneByOne) {
+  BlockConfig cfg;
+  cfg.demos_per_block = 3;
+  auto store = MakeTask(dir_.Sub("batch"), DType::kF64, cfg);
+  ASSERT_TRUE(PoolEncoder(store.get(), pool_).EncodeBlocks("t", MakeGroups(6, 3)).ok());
+  auto session = DbsaSession::Open(store.get(), "t", pool_, Unbounded());
+  ASSERT_TRUE(session.ok());
+  const std::vector<std::string> queries = {"sky fire", "rose", "grass sea leaf", "apple",
+                                            "sky fire"};
+  AnswerOptions options;
+  options.selection.count = 3;
+  auto batch = (*session)->AskBatch(queries, options);
+  ASSERT_TRUE(batch.ok()) << batch.status().ToString();
+  ASSERT_EQ(batch->size(), queries.size());
+  for (size_t q = 0; q < queries.size(); ++q) {
+    auto one = (*session)->Ask(queries[q], options);
+    ASSERT_TRUE(one.ok());
+    const Answer& b = (*batch)[q];
+    EXPECT_EQ(b.blocks, one->blocks) << queries[q];
+    EXPECT_EQ(b.label, one->label) << queries[q];
+    EXPECT_EQ(b.context_tokens, one->context_tokens);
+    ASSERT_EQ(b.label_scores.size(), one->label_scores.size());
+    for (size_t i = 0; i < b.label_scores.size(); ++i) {
+      EXPECT_NEAR(b.label_scores[i], one->label_scores[i], 1e-9 * std::abs(one->label_scores[i]))
+          << queries[q] << " label " << i;
+    }
+  }
+  // Only DBSA label queries batch.
+  options.free_text = true;
+  EXPECT_TRUE((*session)->AskBatch(queries, options).status().IsInvalidArgument());
+  options.free_text = false;
+  options.method = Method::kRetIcl;
+  EXPECT_TRUE((*session)->AskBatch(queries, options).status().IsInvalidArgument());
 }
 
 // GPU: the same pipeline on CUDA tensors. A pool encoded on the GPU matches the CPU pool, and
@@ -908,10 +943,11 @@ TEST_F(DbsaExactnessTest, CudaEncodeAndDecodeMatchCpu) {
   }
   EXPECT_GT((*gpu_session)->cache_stats().hits, 0u);
 
-  // A bf16 model on the bf16 pool: the staged path gathers with gpu::LaunchGatherRope, so the
-  // model receives K already rotated (on CUDA builds with gpu/; else BlockCache). bf16 activations
-  // may flip near-ties of the untrained model, but the decisions must agree, and the scores stay
-  // close to the CPU's float64 reading of the same K/V.
+  // A bf16 model on the bf16 pool: on CUDA builds with gpu/ the device source gives the model the
+  // attention form (gpu::LaunchPagedAttention over the cached pages; free text gets tensors
+  // gathered by gpu::LaunchGatherRope). bf16 activations may flip near-ties of the untrained model,
+  // but the decisions must agree, and the scores stay close to the CPU's float64 reading of the
+  // same K/V.
   options.dtype = torch::kBFloat16;
   auto bf16_model = LlamaModel::Load(
       std::string(SHOTDB_SOURCE_DIR) + "/tests/fixtures/model/tiny_llama", options);
@@ -936,6 +972,29 @@ TEST_F(DbsaExactnessTest, CudaEncodeAndDecodeMatchCpu) {
     }
   }
   EXPECT_GE(agree, total - 2);
+  EXPECT_GT((*bf16_session)->cache_stats().hits, 0u);
+  // A batch over the staged pages answers as the queries one by one on the same session.
+  const std::vector<std::string> queries = {"sky fire", "rose", "grass sea leaf", "apple"};
+  AnswerOptions batch_options;
+  batch_options.selection.count = 3;
+  auto batch = (*bf16_session)->AskBatch(queries, batch_options);
+  ASSERT_TRUE(batch.ok()) << batch.status().ToString();
+  for (size_t q = 0; q < queries.size(); ++q) {
+    auto one = (*bf16_session)->Ask(queries[q], batch_options);
+    ASSERT_TRUE(one.ok());
+    EXPECT_EQ((*batch)[q].blocks, one->blocks);
+    for (size_t i = 0; i < one->label_scores.size(); ++i) {
+      EXPECT_NEAR((*batch)[q].label_scores[i], one->label_scores[i],
+                  2e-2 * std::max(1.0, std::abs(one->label_scores[i])));
+    }
+  }
+  AnswerOptions text;
+  text.selection.count = 3;
+  text.free_text = true;
+  text.max_new_tokens = 4;
+  auto generated = (*bf16_session)->Ask("sky fire", text);
+  ASSERT_TRUE(generated.ok()) << generated.status().ToString();
+  EXPECT_EQ(generated->blocks, (*cpu_session)->Ask("sky fire", text)->blocks);
 }
 
 TEST(GroupIntoBlocksTest, PartitionIsCompleteSeededAndSized) {

@@ -3,6 +3,7 @@
 #include <map>
 #include <utility>
 
+#include "query/model/context_attention.h"
 #include "query/model/phase_clock.h"
 
 namespace shotdb {
@@ -31,6 +32,12 @@ Status CheckIds(const LlamaModel& model, const std::vector<int32_t>& ids, const 
 
 // Context length C after checking that the context is complete and consistently shaped.
 Result<int64_t> ContextLength(const LlamaModel& model, const DecodeContext& ctx) {
+  if (ctx.attention != nullptr) {
+    if (ctx.kv != nullptr) {
+      return Status::InvalidArgument("DecodeContext: kv and attention given together");
+    }
+    return ctx.attention->tokens();
+  }
   if (ctx.kv == nullptr) return int64_t{0};
   const ModelConfig& c = model.config();
   if (static_cast<int64_t>(ctx.kv->size()) != c.num_layers || !ctx.positions.defined() ||
@@ -171,6 +178,10 @@ Result<GenerateResult> GenerateGreedy(const LlamaModel& model, const std::vector
     return Status::InvalidArgument("GenerateGreedy: stop_strings need a detokenize function");
   }
   SHOTDB_RETURN_IF_ERROR(CheckIds(model, prompt, "GenerateGreedy prompt"));
+  if (context.attention != nullptr) {
+    return Status::InvalidArgument(
+        "GenerateGreedy: needs the context as K/V tensors (DecodeContext::kv), not attention");
+  }
   SHOTDB_ASSIGN_OR_RETURN(int64_t context_len, ContextLength(model, context));
   GenerateResult result;
   try {
@@ -229,16 +240,42 @@ Result<GenerateResult> GenerateGreedy(const LlamaModel& model, const std::vector
 Result<LabelDecodeResult> DecodeLabel(const LlamaModel& model, const std::vector<int32_t>& prompt,
                                       const std::vector<std::vector<int32_t>>& labels,
                                       const DecodeContext& context, LabelScoring scoring) {
-  if (prompt.empty()) return Status::InvalidArgument("DecodeLabel: empty prompt");
+  SHOTDB_ASSIGN_OR_RETURN(std::vector<LabelDecodeResult> results,
+                          DecodeLabelBatch(model, {prompt}, labels, {context}, scoring));
+  return std::move(results.front());
+}
+
+Result<std::vector<LabelDecodeResult>> DecodeLabelBatch(
+    const LlamaModel& model, const std::vector<std::vector<int32_t>>& prompts,
+    const std::vector<std::vector<int32_t>>& labels, const std::vector<DecodeContext>& contexts,
+    LabelScoring scoring) {
+  if (prompts.empty() || prompts.size() != contexts.size()) {
+    return Status::InvalidArgument("DecodeLabel: need one context per prompt (" +
+                                   std::to_string(prompts.size()) + " prompts, " +
+                                   std::to_string(contexts.size()) + " contexts)");
+  }
+  const size_t batch = prompts.size();
+  for (size_t q = 0; q < batch; ++q) {
+    if (prompts[q].empty()) return Status::InvalidArgument("DecodeLabel: empty prompt");
+    SHOTDB_RETURN_IF_ERROR(CheckIds(model, prompts[q], "DecodeLabel prompt"));
+    if (batch > 1 && contexts[q].kv != nullptr) {
+      return Status::InvalidArgument(
+          "DecodeLabel: a batch takes its contexts as attention (DecodeContext::attention), not "
+          "kv");
+    }
+  }
   if (labels.empty()) return Status::InvalidArgument("DecodeLabel: no labels");
-  SHOTDB_RETURN_IF_ERROR(CheckIds(model, prompt, "DecodeLabel prompt"));
   for (size_t i = 0; i < labels.size(); ++i) {
     if (labels[i].empty()) {
       return Status::InvalidArgument("DecodeLabel: label " + std::to_string(i) + " has no tokens");
     }
     SHOTDB_RETURN_IF_ERROR(CheckIds(model, labels[i], "DecodeLabel label " + std::to_string(i)));
   }
-  SHOTDB_ASSIGN_OR_RETURN(int64_t context_len, ContextLength(model, context));
+  std::vector<int64_t> context_lens;
+  for (const DecodeContext& c : contexts) {
+    SHOTDB_ASSIGN_OR_RETURN(int64_t len, ContextLength(model, c));
+    context_lens.push_back(len);
+  }
 
   // Token trie; node 0 is the root (the prompt's last position).
   struct Node {
@@ -269,48 +306,73 @@ Result<LabelDecodeResult> DecodeLabel(const LlamaModel& model, const std::vector
     }
   }
 
-  LabelDecodeResult result;
-  result.trie_nodes = static_cast<int64_t>(nodes.size()) - 1;
+  std::vector<LabelDecodeResult> results(batch);
+  const DecodeContext& first = contexts.front();  // its profile and clock serve the batch
   try {
     c10::InferenceMode guard;
-    DecodeClock clock(model, context);
-    // One Forward: the prompt's tokens, then every internal trie node. The context K/V is passed
-    // as it is (no copy into a cache; Forward rotates it unless the caller did).
-    const int64_t p = static_cast<int64_t>(prompt.size());
+    DecodeClock clock(model, first);
+    // One Forward for the batch: per query its prompt's tokens, then every internal trie node.
+    // A tensor context (one query) is passed as it is (no copy into a cache; Forward rotates it
+    // unless the caller did); attention contexts are stacked, one per query's rows.
     const int64_t n = static_cast<int64_t>(internal.size());
-    const int64_t c = context_len;
-    const int64_t start = PromptStart(context, c);
-    std::vector<int32_t> tokens = prompt;
-    std::vector<int64_t> positions(static_cast<size_t>(p));
-    for (int64_t i = 0; i < p; ++i) positions[static_cast<size_t>(i)] = start + i;
-    std::vector<int64_t> rows = {p - 1};  // logits after the prompt, then after each node
-    for (int64_t r = 0; r < n; ++r) {
-      const Node& node = nodes[internal[r]];
-      tokens.push_back(node.token);
-      positions.push_back(start + p + node.depth - 1);
-      rows.push_back(p + r);
+    const bool tensor_context = first.kv != nullptr;
+    const int64_t c = tensor_context ? context_lens.front() : 0;  // mask columns before the rows
+    std::vector<int32_t> tokens;
+    std::vector<int64_t> positions, rows, first_row;
+    int64_t total = 0;
+    for (size_t q = 0; q < batch; ++q) {
+      const int64_t p = static_cast<int64_t>(prompts[q].size());
+      first_row.push_back(total);
+      const int64_t start = PromptStart(contexts[q], context_lens[q]);
+      tokens.insert(tokens.end(), prompts[q].begin(), prompts[q].end());
+      for (int64_t i = 0; i < p; ++i) positions.push_back(start + i);
+      rows.push_back(total + p - 1);  // logits after the prompt, then after each node
+      for (int64_t r = 0; r < n; ++r) {
+        const Node& node = nodes[internal[r]];
+        tokens.push_back(node.token);
+        positions.push_back(start + p + node.depth - 1);
+        rows.push_back(total + p + r);
+      }
+      total += p + n;
     }
     ForwardRequest req;
     req.tokens = IdsTensor(tokens, model.device());
     req.positions = torch::tensor(positions, torch::kInt64).to(model.device());
-    if (context.kv != nullptr) {
-      req.context = context.kv;
-      req.context_positions = context.positions.to(model.device());
-      req.context_rotated = context.rotated;
+    if (tensor_context) {
+      req.context = first.kv;
+      req.context_positions = first.positions.to(model.device());
+      req.context_rotated = first.rotated;
     }
-    if (n > 0) {
-      // Prompt rows: the context and the causal prefix of the prompt. Node rows: the context, the
-      // whole prompt and the node's ancestors up to itself (tree attention).
-      torch::Tensor mask = torch::zeros({p + n, c + p + n}, torch::kBool);
+    std::unique_ptr<StackedContextAttention> stacked;
+    if (first.attention != nullptr) {
+      std::vector<StackedContextAttention::Part> parts;
+      for (size_t q = 0; q < batch; ++q) {
+        if (contexts[q].attention == nullptr) {
+          return Status::InvalidArgument("DecodeLabel: query " + std::to_string(q) +
+                                         " of a batch has no context");
+        }
+        parts.push_back({contexts[q].attention, static_cast<int64_t>(prompts[q].size()) + n});
+      }
+      stacked = std::make_unique<StackedContextAttention>(std::move(parts));
+      req.context_attention = stacked.get();
+    }
+    if (n > 0 || batch > 1) {
+      // Per query: prompt rows see the context and the causal prefix of the prompt; node rows the
+      // context, the whole prompt and the node's ancestors up to itself (tree attention). No row
+      // sees another query's tokens. Attention contexts are implied ([T, T] mask).
+      torch::Tensor mask = torch::zeros({total, c + total}, torch::kBool);
       mask.narrow(1, 0, c).fill_(true);
       auto m = mask.accessor<bool, 2>();
-      for (int64_t i = 0; i < p; ++i) {
-        for (int64_t j = 0; j <= i; ++j) m[i][c + j] = true;
-      }
-      for (int64_t r = 0; r < n; ++r) {
-        for (int64_t j = 0; j < p; ++j) m[p + r][c + j] = true;
-        for (int64_t a = internal[r]; a != 0; a = nodes[a].parent) {
-          m[p + r][c + p + nodes[a].row] = true;
+      for (size_t q = 0; q < batch; ++q) {
+        const int64_t p = static_cast<int64_t>(prompts[q].size()), o = first_row[q];
+        for (int64_t i = 0; i < p; ++i) {
+          for (int64_t j = 0; j <= i; ++j) m[o + i][c + o + j] = true;
+        }
+        for (int64_t r = 0; r < n; ++r) {
+          for (int64_t j = 0; j < p; ++j) m[o + p + r][c + o + j] = true;
+          for (int64_t a = internal[r]; a != 0; a = nodes[a].parent) {
+            m[o + p + r][c + o + p + nodes[a].row] = true;
+          }
         }
       }
       req.mask = mask.to(model.device());
@@ -318,32 +380,37 @@ Result<LabelDecodeResult> DecodeLabel(const LlamaModel& model, const std::vector
     req.logit_rows = torch::tensor(rows, torch::kInt64);
     clock.Sampling();
     SHOTDB_ASSIGN_OR_RETURN(ForwardResult out, clock.Forward(&req));
-    result.forward_calls = 1;
-    // Row 0 = after the prompt, row 1 + r = after internal node `internal[r]`.
+    // Per query: row 0 = after the prompt, row 1 + r = after internal node `internal[r]`.
     torch::Tensor logp = torch::log_softmax(out.logits.to(torch::kFloat64), -1);
     logp = logp.cpu();
     auto lp = logp.accessor<double, 2>();
-    for (size_t i = 0; i < labels.size(); ++i) {
-      double sum = 0;
-      for (int64_t node : paths[i]) {
-        const int64_t parent = nodes[node].parent;
-        sum += lp[parent == 0 ? 0 : 1 + nodes[parent].row][nodes[node].token];
+    for (size_t q = 0; q < batch; ++q) {
+      LabelDecodeResult& result = results[q];
+      result.trie_nodes = static_cast<int64_t>(nodes.size()) - 1;
+      result.forward_calls = 1;
+      const int64_t base = static_cast<int64_t>(q) * (1 + n);
+      for (size_t i = 0; i < labels.size(); ++i) {
+        double sum = 0;
+        for (int64_t node : paths[i]) {
+          const int64_t parent = nodes[node].parent;
+          sum += lp[base + (parent == 0 ? 0 : 1 + nodes[parent].row)][nodes[node].token];
+        }
+        result.sum_logprob.push_back(sum);
+        result.mean_logprob.push_back(sum / static_cast<double>(labels[i].size()));
       }
-      result.sum_logprob.push_back(sum);
-      result.mean_logprob.push_back(sum / static_cast<double>(labels[i].size()));
+      const std::vector<double>& s =
+          scoring == LabelScoring::kSum ? result.sum_logprob : result.mean_logprob;
+      for (size_t i = 1; i < s.size(); ++i) {
+        if (s[i] > s[result.label]) result.label = i;
+      }
+      result.score = s[result.label];
     }
     clock.Sampling();
   } catch (const c10::Error& e) {
     return Status::IOError(std::string("DecodeLabel: libtorch failed: ") +
                            e.what_without_backtrace());
   }
-  const std::vector<double>& s =
-      scoring == LabelScoring::kSum ? result.sum_logprob : result.mean_logprob;
-  for (size_t i = 1; i < s.size(); ++i) {
-    if (s[i] > s[result.label]) result.label = i;
-  }
-  result.score = s[result.label];
-  return result;
+  return results;
 }
 
 }  // namespace shotdb

@@ -28,6 +28,10 @@ struct DecodeContext {
   const std::vector<LayerKV>* kv = nullptr;
   // [C] int64 RoPE positions of the context tokens; required with `kv`.
   torch::Tensor positions;
+  // Alternative to `kv` (not both): a context the model attends to through a ContextAttention
+  // (e.g. K/V pages on the GPU read in place). Not owned. DecodeLabel only: GenerateGreedy
+  // appends to a K/V cache and needs `kv`.
+  const ContextAttention* attention = nullptr;
   // Position of the first prompt token; the following tokens take consecutive positions.
   // -1 = C (directly after the context), i.e. 0 without context.
   int64_t prompt_position = -1;
@@ -95,12 +99,24 @@ struct LabelDecodeResult {
 // runs only on the rows that are scored (the last prompt token and the nodes). The context K/V is
 // read in place (no cache copy). This equals restricting each decoding step to the children of the
 // current trie node, evaluated for every branch, so the winner is the best label under `scoring`,
-// not just the greedy path. InvalidArgument for an empty prompt, no labels, an empty label or a token id
-// outside the vocabulary.
+// not just the greedy path. InvalidArgument for an empty prompt, no labels, an empty label or a
+// token id outside the vocabulary.
 Result<LabelDecodeResult> DecodeLabel(const LlamaModel& model, const std::vector<int32_t>& prompt,
                                       const std::vector<std::vector<int32_t>>& labels,
                                       const DecodeContext& context = {},
                                       LabelScoring scoring = LabelScoring::kSum);
+
+// DecodeLabel for several prompts in ONE Forward (the weights are read once for the batch):
+// prompts[q] after contexts[q], each query's rows attending to its own context and tokens only.
+// With more than one prompt every context is given as `attention` (a ContextAttention per query,
+// e.g. views of one set of staged pages); the first context's profile and sampling_ms collect the
+// batch's times. Results in prompt order, each equal to DecodeLabel of that prompt alone up to
+// the rounding of batched matrix products. InvalidArgument as DecodeLabel, or for a count
+// mismatch or a batch with a tensor context.
+Result<std::vector<LabelDecodeResult>> DecodeLabelBatch(
+    const LlamaModel& model, const std::vector<std::vector<int32_t>>& prompts,
+    const std::vector<std::vector<int32_t>>& labels, const std::vector<DecodeContext>& contexts,
+    LabelScoring scoring = LabelScoring::kSum);
 
 }  // namespace shotdb
 

@@ -21,6 +21,13 @@ namespace {
 
 // New tokens from which CUDA attention uses the fused kernel (see LlamaModel::Attend).
 constexpr int64_t kFusedMinTokens = 64;
+// Query rows per chunk of CPU prefill attention (see LlamaModel::Run).
+constexpr int64_t kRowChunk = 128;
+
+// A ContextAttention's error, carried out of Run to Forward.
+struct ContextAttentionError {
+  Status status;
+};
 
 std::string SizesString(const torch::Tensor& t) {
   std::string s = "[";
@@ -43,6 +50,60 @@ torch::Tensor RotateHalf(const torch::Tensor& x) {
 torch::Tensor ApplyRope(const torch::Tensor& x, const torch::Tensor& cos,
                         const torch::Tensor& sin) {
   return x * cos + RotateHalf(x) * sin;
+}
+
+// Eager attention of query rows qg [kvh, R, hd] over the context keys (undefined: none) and N
+// new keys, all K rotated. `bias` [R, C+N] in the score dtype is 0 where allowed and -inf
+// elsewhere. Returns [kvh, R, hd] in q's dtype.
+torch::Tensor EagerAttention(const torch::Tensor& qg, const torch::Tensor& ctx_k,
+                             const torch::Tensor& ctx_v, const torch::Tensor& k,
+                             const torch::Tensor& v, const torch::Tensor& bias, double scale) {
+  const int64_t c = ctx_k.defined() ? ctx_k.size(1) : 0, n = k.size(1);
+  torch::Tensor scores;  // [kvh, R, C+N] in the score dtype, scaled and masked
+  if (qg.scalar_type() == bias.scalar_type()) {
+    // float32/float64 models: scale and mask are applied by the GEMM itself (baddbmm), so the
+    // scores are written once before the softmax instead of three times.
+    scores = torch::baddbmm(bias.narrow(1, c, n), qg, k.transpose(1, 2), 1.0, scale);
+    if (c > 0) {
+      scores = torch::cat(
+          {torch::baddbmm(bias.narrow(1, 0, c), qg, ctx_k.transpose(1, 2), 1.0, scale), scores},
+          -1);
+    }
+  } else {
+    // bfloat16/half: the products in the model dtype, the softmax in float32 (as HF).
+    scores = torch::matmul(qg, k.transpose(1, 2));
+    if (c > 0) scores = torch::cat({torch::matmul(qg, ctx_k.transpose(1, 2)), scores}, -1);
+    scores = scores.to(bias.scalar_type()).mul_(scale).add_(bias);
+  }
+  torch::Tensor probs = torch::softmax(scores, -1).to(qg.scalar_type());
+  torch::Tensor attn = torch::matmul(probs.narrow(-1, c, n), v);  // [kvh, R, hd]
+  if (c > 0) attn = attn + torch::matmul(probs.narrow(-1, 0, c), ctx_v);
+  return attn;
+}
+
+// Attention of q [nh, T, hd] over the T new tokens only (k, v [kvh, T, hd] rotated; `bias`
+// [group*T, T] the new tokens' columns), merged with a ContextAttention's result over the
+// context through the log-sum-exps: with m the larger of the two maxima, out = (sum_j p_j v_j +
+// exp(lse_ctx - m) out_ctx) / (sum_j p_j + exp(lse_ctx - m)), p_j = exp(s_j - m). The context's
+// lse is finite, so m is too, even for a row that sees no new token. Few, whole-tensor operations:
+// on a GPU this path is bound by kernel launches, not bytes. Returns [nh, T, hd] in q's dtype.
+torch::Tensor MergeContextAttention(const torch::Tensor& q, const torch::Tensor& k,
+                                    const torch::Tensor& v, const torch::Tensor& bias, double scale,
+                                    const torch::Tensor& ctx_out, const torch::Tensor& ctx_lse) {
+  const int64_t nh = q.size(0), t = q.size(1), hd = q.size(2), kvh = k.size(0);
+  const int64_t group = nh / kvh;
+  const auto acc = bias.scalar_type();
+  // Scores in the accumulation dtype: [kvh, g*T, T].
+  torch::Tensor scores = torch::baddbmm(bias, q.reshape({kvh, group * t, hd}).to(acc),
+                                        k.to(acc).transpose(1, 2), 1.0, scale);
+  const torch::Tensor c_lse = ctx_lse.view({kvh, group * t, 1});
+  const torch::Tensor m = torch::maximum(std::get<0>(scores.max(-1, /*keepdim=*/true)), c_lse);
+  scores.sub_(m).exp_();
+  const torch::Tensor w_ctx = (c_lse - m).exp_();
+  torch::Tensor num = torch::baddbmm(ctx_out.view({kvh, group * t, hd}) * w_ctx, scores,
+                                     v.to(acc));  // context part + sum_j p_j v_j
+  num.div_(scores.sum(-1, /*keepdim=*/true).add_(w_ctx));
+  return num.view({nh, t, hd}).to(q.scalar_type());
 }
 
 }  // namespace
@@ -194,6 +255,11 @@ Status LlamaModel::Validate(const ForwardRequest& r) const {
   } else if (r.context_positions.defined() && r.context_positions.numel() > 0) {
     return bad("context_positions given without context");
   }
+  if (r.context_attention != nullptr) {
+    if (r.context != nullptr) return bad("context and context_attention given together");
+    c = r.context_attention->tokens();
+    if (c < 1) return bad("context_attention has no tokens");
+  }
   if (r.logit_rows.defined()) {
     if (r.logit_rows.dim() != 1 || r.logit_rows.scalar_type() != torch::kInt64 ||
         r.logit_rows.numel() == 0) {
@@ -205,13 +271,23 @@ Status LlamaModel::Validate(const ForwardRequest& r) const {
     }
   }
   if (r.mask.defined()) {
-    if (r.mask.dim() != 2 || r.mask.size(0) != t || r.mask.size(1) != c + t ||
+    // With context_attention the mask may leave out the context's columns.
+    const int64_t cols =
+        r.context_attention != nullptr && r.mask.dim() == 2 && r.mask.size(1) == t ? t : c + t;
+    if (r.mask.dim() != 2 || r.mask.size(0) != t || r.mask.size(1) != cols ||
         r.mask.scalar_type() != torch::kBool) {
       return bad("mask is " + SizesString(r.mask) + " " + c10::toString(r.mask.scalar_type()) +
-                 ", expected bool [" + std::to_string(t) + ", " + std::to_string(c + t) + "]");
+                 ", expected bool [" + std::to_string(t) + ", " + std::to_string(c + t) + "]" +
+                 (r.context_attention != nullptr
+                      ? " or [" + std::to_string(t) + ", " + std::to_string(t) + "]"
+                      : std::string()));
     }
-    if (!r.mask.any(1).all().item<bool>()) {
+    if (!r.mask.any(1).all().item<bool>() && r.context_attention == nullptr) {
       return bad("mask has a row that allows no column (a query must attend to something)");
+    }
+    if (r.context_attention != nullptr && cols == c + t &&
+        !r.mask.narrow(1, 0, c).all().item<bool>()) {
+      return bad("mask hides a context column from a row; context_attention attends to all");
     }
   }
   return Status::OK();
@@ -234,7 +310,8 @@ std::pair<torch::Tensor, torch::Tensor> LlamaModel::RopeTables(
 torch::Tensor LlamaModel::Attend(const torch::Tensor& q, const torch::Tensor& ctx_k,
                                  const torch::Tensor& ctx_v, const torch::Tensor& k,
                                  const torch::Tensor& v, const torch::Tensor& allowed,
-                                 const torch::Tensor& bias) const {
+                                 const torch::Tensor& bias,
+                                 const std::vector<RowChunk>& row_chunks) const {
   const int64_t nh = config_.num_heads, kvh = config_.num_kv_heads, hd = config_.head_dim;
   const int64_t group = nh / kvh, t = q.size(1);
   const int64_t c = ctx_k.defined() ? ctx_k.size(1) : 0;
@@ -268,23 +345,35 @@ torch::Tensor LlamaModel::Attend(const torch::Tensor& q, const torch::Tensor& ct
   // Eager grouped-query attention without repeating K/V: each KV head's query group is folded
   // into rows. The context and the new tokens are scored by separate matmuls and only the scores
   // are concatenated, so the context K/V (C can be ~100k tokens) is never copied.
-  torch::Tensor qg = q.reshape({kvh, group * t, hd});
-  torch::Tensor scores = torch::matmul(qg, k.transpose(1, 2));  // [kvh, g*T, T]
-  if (c > 0) scores = torch::cat({torch::matmul(qg, ctx_k.transpose(1, 2)), scores}, -1);
-  scores = scores.to(bias.scalar_type()) * scale;
-  scores = scores.view({kvh, group, t, c + t}) + bias;
-  torch::Tensor probs =
-      torch::softmax(scores, -1).to(q.scalar_type()).view({kvh, group * t, c + t});
-  torch::Tensor attn = torch::matmul(probs.narrow(-1, c, t), v);  // [kvh, g*T, hd]
-  if (c > 0) attn = attn + torch::matmul(probs.narrow(-1, 0, c), ctx_v);
-  return attn.view({nh, t, hd});
+  if (row_chunks.empty()) {
+    return EagerAttention(q.reshape({kvh, group * t, hd}), ctx_k, ctx_v, k, v, bias, scale)
+        .view({nh, t, hd});
+  }
+  torch::Tensor out = torch::empty_like(q);
+  const torch::Tensor bias3 = bias.view({group, t, c + t});
+  for (const RowChunk& rc : row_chunks) {
+    const int64_t new_keys = rc.keys - c;
+    torch::Tensor part =
+        EagerAttention(q.narrow(1, rc.first_row, rc.rows).reshape({kvh, group * rc.rows, hd}),
+                       ctx_k, ctx_v, k.narrow(1, 0, new_keys), v.narrow(1, 0, new_keys),
+                       bias3.narrow(1, rc.first_row, rc.rows)
+                           .narrow(2, 0, rc.keys)
+                           .reshape({group * rc.rows, rc.keys}),
+                       scale);
+    out.narrow(1, rc.first_row, rc.rows).copy_(part.view({nh, rc.rows, hd}));
+  }
+  return out;
 }
 
 ForwardResult LlamaModel::Run(const ForwardRequest& r) const {
   const ModelConfig& cf = config_;
   const int64_t t = r.tokens.size(0);
-  const int64_t c = r.context != nullptr ? r.context_positions.size(0) : 0;
+  const ContextAttention* paged = r.context_attention;
+  const int64_t c = r.context != nullptr ? r.context_positions.size(0)
+                    : paged != nullptr   ? paged->tokens()
+                                         : 0;
   const int64_t nh = cf.num_heads, kvh = cf.num_kv_heads, hd = cf.head_dim;
+  const int64_t group = nh / kvh;
   const int64_t q_width = nh * hd, kv_width = kvh * hd;
   ForwardProfile unused;
   ForwardProfile& prof = r.profile != nullptr ? *r.profile : unused;
@@ -296,21 +385,43 @@ ForwardResult LlamaModel::Run(const ForwardRequest& r) const {
 
   auto [cos, sin] = RopeTables(r.positions);  // [T, hd]
   torch::Tensor ctx_cos, ctx_sin;
-  if (c > 0 && !r.context_rotated) std::tie(ctx_cos, ctx_sin) = RopeTables(r.context_positions);
+  if (r.context != nullptr && c > 0 && !r.context_rotated) {
+    std::tie(ctx_cos, ctx_sin) = RopeTables(r.context_positions);
+  }
 
   torch::Tensor allowed = r.mask.defined() ? r.mask.to(device_) : torch::Tensor();
   if (!allowed.defined()) {
     auto opts = torch::TensorOptions().dtype(torch::kBool).device(device_);
-    allowed = torch::cat({torch::ones({t, c}, opts), torch::ones({t, t}, opts).tril()}, 1);
+    allowed = paged != nullptr  // the context's columns are implied
+                  ? torch::ones({t, t}, opts).tril()
+                  : torch::cat({torch::ones({t, c}, opts), torch::ones({t, t}, opts).tril()}, 1);
   }
-  // Eager attention takes an additive mask [T, C+T] in the score dtype (0 where allowed, -inf
+  // Eager attention takes an additive mask [group*T, C+T] in the score dtype (0 where allowed, -inf
   // elsewhere); the fused kernel (see Attend) takes `allowed` itself and needs no bias.
+  // It is repeated for the query heads of a group, which the eager path folds into rows. With a
+  // ContextAttention it covers the new tokens' columns only.
   torch::Tensor bias;
-  const bool fused = SHOTDB_HAVE_SDPA && device_.is_cuda() && t >= kFusedMinTokens;
+  const bool fused =
+      SHOTDB_HAVE_SDPA && device_.is_cuda() && t >= kFusedMinTokens && paged == nullptr;
   if (!fused) {
-    bias = torch::zeros({t, c + t},
+    const torch::Tensor cols =
+        paged != nullptr && allowed.size(1) != t ? allowed.narrow(1, c, t) : allowed;
+    bias = torch::zeros(cols.sizes(),
                         torch::TensorOptions().dtype(AccumulationType(dtype_)).device(device_))
-               .masked_fill(allowed.logical_not(), -std::numeric_limits<double>::infinity());
+               .masked_fill(cols.logical_not(), -std::numeric_limits<double>::infinity())
+               .repeat({group, 1});
+  }
+  // CPU prefill: query rows in chunks that skip the key columns no row of theirs may see (a
+  // causal mask hides the upper triangle: about a third less attention work at 512 tokens).
+  std::vector<RowChunk> row_chunks;
+  if (!fused && paged == nullptr && device_.is_cpu() && t >= 2 * kRowChunk) {
+    const torch::Tensor any_row = allowed.cpu();
+    for (int64_t first = 0; first < t; first += kRowChunk) {
+      const int64_t rows = std::min(kRowChunk, t - first);
+      const torch::Tensor seen = any_row.narrow(0, first, rows).any(0).nonzero();
+      const int64_t keys = std::max(seen.numel() > 0 ? seen.max().item<int64_t>() + 1 : 0, c + 1);
+      row_chunks.push_back({first, rows, keys});
+    }
   }
   clock.Charge(&prof.attention_ms);
 
@@ -325,22 +436,41 @@ ForwardResult LlamaModel::Run(const ForwardRequest& r) const {
     torch::Tensor v =
         qkv.narrow(1, q_width + kv_width, kv_width).view({t, kvh, hd}).transpose(0, 1);
     if (r.return_kv) result.kv.push_back({k.contiguous(), v.contiguous()});
+    double qkv_ms = 0, core_ms = 0, out_ms = 0;
+    clock.Charge(&qkv_ms);
 
-    torch::Tensor ctx_k, ctx_v;
-    if (c > 0) {
-      const LayerKV& ctx = (*r.context)[l];
-      ctx_k = r.context_rotated ? ctx.k : ApplyRope(ctx.k, ctx_cos, ctx_sin);
-      ctx_v = ctx.v;
+    torch::Tensor attn;  // [nh, T, hd]
+    if (paged != nullptr) {
+      // Q and K rotated together (adjacent in qkv): one RoPE instead of two.
+      const torch::Tensor qk = ApplyRope(
+          qkv.narrow(1, 0, q_width + kv_width).view({t, nh + kvh, hd}).transpose(0, 1), cos, sin);
+      const torch::Tensor qr = qk.narrow(0, 0, nh).contiguous();
+      torch::Tensor ctx_out, ctx_lse;
+      const Status st = paged->Attend(l, qr, &ctx_out, &ctx_lse);
+      if (!st.ok()) throw ContextAttentionError{st};
+      attn = MergeContextAttention(qr, qk.narrow(0, nh, kvh), v, bias,
+                                   1.0 / std::sqrt(static_cast<double>(hd)), ctx_out, ctx_lse);
+    } else {
+      torch::Tensor ctx_k, ctx_v;
+      if (c > 0) {
+        const LayerKV& ctx = (*r.context)[l];
+        ctx_k = r.context_rotated ? ctx.k : ApplyRope(ctx.k, ctx_cos, ctx_sin);
+        ctx_v = ctx.v;
+      }
+      attn = Attend(ApplyRope(q, cos, sin), ctx_k, ctx_v, ApplyRope(k, cos, sin), v, allowed, bias,
+                    row_chunks);
     }
-    torch::Tensor attn = Attend(ApplyRope(q, cos, sin), ctx_k, ctx_v, ApplyRope(k, cos, sin), v,
-                                allowed, bias);  // [nh, T, hd]
+    clock.Charge(&core_ms);
     attn = attn.transpose(0, 1).reshape({t, q_width});
-    x = x + torch::matmul(attn, L.wo.t());
-    clock.Charge(&prof.attention_ms);
+    x = torch::addmm(x, attn, L.wo.t());  // the residual added by the GEMM
+    clock.Charge(&out_ms);
+    prof.attention_ms += qkv_ms + core_ms + out_ms;
+    prof.qkv_ms += qkv_ms;
+    prof.core_ms += core_ms;
 
     h = RmsNorm(x, L.ffn_norm);
     auto gate_up = torch::matmul(h, L.w_gate_up.t()).chunk(2, -1);
-    x = x + torch::matmul(torch::silu(gate_up[0]) * gate_up[1], L.w_down.t());
+    x = torch::addmm(x, torch::silu_(gate_up[0]).mul_(gate_up[1]), L.w_down.t());
     clock.Charge(&prof.mlp_ms);
   }
   if (r.logit_rows.defined()) {
@@ -359,6 +489,8 @@ Result<ForwardResult> LlamaModel::Forward(const ForwardRequest& request) const {
     c10::InferenceMode guard;
     SHOTDB_RETURN_IF_ERROR(Validate(request));
     return Run(request);
+  } catch (const ContextAttentionError& e) {
+    return e.status;
   } catch (const c10::Error& e) {
     return Status::IOError(std::string("Forward: libtorch failed: ") + e.what_without_backtrace());
   }

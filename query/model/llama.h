@@ -36,16 +36,41 @@ namespace shotdb {
 //              attention itself and the output projection, summed over layers;
 //   mlp:       MLP RMSNorm, gate/up projection, SiLU and down projection, summed over layers;
 //   other:     token embedding, final RMSNorm and the LM head.
+// Two parts of attention are also given apart (and included in it):
+//   qkv:       attention RMSNorm and the QKV projection;
+//   core:      RoPE and the attention itself (a ContextAttention's Attend and the merge, or the
+//              eager / fused attention over context and new tokens).
 // Measuring waits for the device at every part boundary (torch::cuda::synchronize() on CUDA),
 // which serialises the host with the GPU and makes the call slower: for measurement only.
 struct ForwardProfile {
   double attention_ms = 0, mlp_ms = 0, other_ms = 0;
+  double qkv_ms = 0, core_ms = 0;  // parts of attention_ms
 };
 
 // One layer's keys (pre-RoPE) and values for T tokens, each [num_kv_heads, T, head_dim], in the
 // model's dtype and on the model's device.
 struct LayerKV {
   torch::Tensor k, v;
+};
+
+// Attention of new tokens over a context that the model does not receive as tensors, e.g. K/V
+// pages on a GPU that a kernel reads where they lie (query/dbsa's device K/V source). Every new
+// token attends to every context token; the context's RoPE positions are the implementation's
+// (DBSA: 0..C-1). Forward merges the result with the new tokens' attention among themselves
+// through the log-sum-exp, as flash attention merges its splits.
+class ContextAttention {
+ public:
+  virtual ~ContextAttention() = default;
+  // C, the context's token count.
+  virtual int64_t tokens() const = 0;
+  // Layer `layer`'s attention: q is [num_heads, T, head_dim], RoPE applied, in the model's dtype
+  // and on its device, contiguous. Sets *out to [num_heads, T, head_dim] float32,
+  // softmax(q K^T / sqrt(head_dim)) V over the C context tokens (query head h reads K/V head
+  // h / (num_heads / num_kv_heads)), and *lse to [num_heads, T] float32, the natural log of the
+  // softmax's denominator, sum over the context of exp(q.k / sqrt(head_dim)). Both on the model's
+  // device; the work may still be queued on the device's current stream.
+  virtual Status Attend(int64_t layer, const torch::Tensor& q, torch::Tensor* out,
+                        torch::Tensor* lse) const = 0;
 };
 
 struct ForwardRequest {
@@ -64,6 +89,11 @@ struct ForwardRequest {
   // a fixed context rotates it once rather than once per step. context_positions is still
   // required (its length is C).
   bool context_rotated = false;
+  // Alternative to `context` (not both; context_positions then stays empty): a context of C =
+  // context_attention->tokens() tokens that the caller attends to. Not owned; must outlive the
+  // call. Every row attends to the whole context: the mask, if any, is [T, T] (the new tokens'
+  // columns only), or [T, C + T] allowing every context column.
+  const ContextAttention* context_attention = nullptr;
   // Optional [T, C + T] bool on the model's device, true = query row may attend to key column
   // (columns: the C context tokens, then the T new tokens). Every row must allow at least one
   // column. Default: every context token plus the causal prefix of the new tokens.
@@ -129,11 +159,19 @@ class LlamaModel {
   ForwardResult Run(const ForwardRequest& r) const;
   // Attention output [num_heads, T, head_dim] of rotated q [num_heads, T, hd] over the context
   // (rotated K, V of C tokens, or undefined for C = 0) and the new tokens' rotated K and V.
-  // `allowed` is the bool mask [T, C+T]; `bias` its additive form in the score dtype for the eager
-  // path. An undefined bias selects the fused kernel (libtorch >= 2.1 on CUDA, see Run).
+  // `allowed` is the bool mask [T, C+T]; `bias` its additive form [group*T, C+T] in the score dtype
+  // for the eager path. An undefined bias selects the fused kernel (libtorch >= 2.1 on CUDA, see
+  // Run).
+  // `row_chunks` (eager path, may be empty): query rows split into chunks, each of which attends
+  // only to the keys before its limit (a causal mask allows no more), so prefill skips the masked
+  // half of the scores.
+  struct RowChunk {
+    int64_t first_row, rows, keys;  // keys: context + new-token columns the chunk may attend to
+  };
   torch::Tensor Attend(const torch::Tensor& q, const torch::Tensor& ctx_k,
                        const torch::Tensor& ctx_v, const torch::Tensor& k, const torch::Tensor& v,
-                       const torch::Tensor& allowed, const torch::Tensor& bias) const;
+                       const torch::Tensor& allowed, const torch::Tensor& bias,
+                       const std::vector<RowChunk>& row_chunks) const;
   torch::Tensor RmsNorm(const torch::Tensor& x, const torch::Tensor& w) const;
   // cos and sin, each [N, head_dim] in the model dtype, for positions [N].
   std::pair<torch::Tensor, torch::Tensor> RopeTables(const torch::Tensor& positions) const;

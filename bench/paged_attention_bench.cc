@@ -1,0 +1,242 @@
+// LaunchPagedAttention's memory bandwidth on Llama-3.1-8B shapes, as a ratio to the device's own
+// copy bandwidth measured in the same run (docs/gpu.md).
+//
+//   paged_attention_bench [--reps N] [--block-tokens N] [--rows 1,8,32,128] [--json FILE]
+//
+// Shape: 32 query heads, 8 kv heads, head_dim 128, bf16, RoPE with Llama-3 scaling applied on
+// the fly (rotate_keys), contexts of 4k, 28k and 128k tokens in blocks of 1000 tokens, each block's
+// K and V a separate cudaMalloc (as pages of the block cache are), and 1, 8, 32 and 128 query rows
+// (4 to 512 query vectors per kv head). Each measurement is the median over N launches (cudaEvent
+// around one LaunchPagedAttention: the split kernel plus, when the context is split, the merge),
+// with L2 flushed before every launch, so K/V come from HBM. Bandwidth counts the K/V bytes read
+// once (what an ideal kernel reads); the ratio is to a device-to-device cudaMemcpyAsync of 2 GiB,
+// counting its read and write bytes (the goal is >= 0.7).
+//
+// Self-check: K and V are constant-byte fills, so every output element must equal V's value
+// (whatever the softmax weights are) and lse must be ln(tokens) within 0.01 (every score is
+// ~1e-2); a run that fails this exits with status 1 before timing.
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "format/dtype.h"
+#include "gpu/cuda_util.h"
+#include "gpu/paged_attention.h"
+#include "gpu/stream.h"
+
+namespace shotdb {
+namespace gpu {
+namespace {
+
+constexpr uint32_t kQHeads = 32, kKvHeads = 8, kHeadDim = 128;
+
+#define CHECK_OK(expr)                                                                \
+  do {                                                                                \
+    ::shotdb::Status s_ = (expr);                                                     \
+    if (!s_.ok()) {                                                                   \
+      std::fprintf(stderr, "%s:%d: %s\n", __FILE__, __LINE__, s_.ToString().c_str()); \
+      std::exit(1);                                                                   \
+    }                                                                                 \
+  } while (0)
+#define CHECK_CUDA(call) CHECK_OK(CudaStatus((call), #call, "paged_attention_bench"))
+
+template <typename T>
+T Must(Result<T> r) {
+  CHECK_OK(r.status());
+  return std::move(r).value();
+}
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.size() % 2 ? v[v.size() / 2] : (v[v.size() / 2 - 1] + v[v.size() / 2]) / 2;
+}
+
+struct Row {
+  uint32_t context, rows, splits;
+  double us, kv_bytes, gbs, ratio;
+};
+
+int Main(int argc, char** argv) {
+  int reps = 50;
+  uint32_t block_tokens = 1000;  // tokens per page (DBSA blocks of k = 50 short demos: ~100)
+  std::vector<uint32_t> row_counts = {1, 8, 32, 128};
+  std::string json;
+  for (int i = 1; i < argc; ++i) {
+    if (!std::strcmp(argv[i], "--reps") && i + 1 < argc) {
+      reps = std::max(1, std::atoi(argv[++i]));
+    } else if (!std::strcmp(argv[i], "--block-tokens") && i + 1 < argc) {
+      block_tokens = static_cast<uint32_t>(std::max(1, std::atoi(argv[++i])));
+    } else if (!std::strcmp(argv[i], "--rows") && i + 1 < argc) {
+      row_counts.clear();
+      for (char* p = std::strtok(argv[++i], ","); p != nullptr; p = std::strtok(nullptr, ",")) {
+        row_counts.push_back(static_cast<uint32_t>(std::max(1, std::atoi(p))));
+      }
+    } else if (!std::strcmp(argv[i], "--json") && i + 1 < argc) {
+      json = argv[++i];
+    } else {
+      std::fprintf(stderr,
+                   "usage: paged_attention_bench [--reps N] [--block-tokens N] [--rows 1,8,32,128] "
+                   "[--json FILE]\n");
+      return 2;
+    }
+  }
+  if (CudaDeviceCount() == 0) {
+    std::fprintf(stderr, "paged_attention_bench: no CUDA device\n");
+    return 1;
+  }
+  const DeviceInfo dev = Must(QueryDevice(0));
+  std::printf("device: %s, %d SMs, L2 %.0f MiB\n", dev.name.c_str(), dev.multiprocessors,
+              dev.l2_cache_bytes / 1048576.0);
+  CudaStream stream = Must(CudaStream::Create());
+  CudaEvent e0 = Must(CudaEvent::Create(true)), e1 = Must(CudaEvent::Create(true));
+  // Times `fn` (enqueues on the stream) between two events, L2 flushed before; median of reps.
+  const size_t flush_bytes = std::max<size_t>(2 * dev.l2_cache_bytes, size_t(64) << 20);
+  DeviceBuffer flush = Must(DeviceBuffer::Allocate(flush_bytes));
+  auto median_ms = [&](int n, auto fn) {
+    std::vector<double> ms;
+    for (int i = 0; i < n; ++i) {
+      CHECK_CUDA(cudaMemsetAsync(flush.get(), i & 0xff, flush_bytes, stream.get()));
+      CHECK_OK(e0.Record(stream.get()));
+      fn();
+      CHECK_OK(e1.Record(stream.get()));
+      CHECK_OK(e1.Synchronize());
+      ms.push_back(Must(e1.ElapsedMsSince(e0)));
+    }
+    return Median(ms);
+  };
+
+  // ---- the ceiling: device-to-device copy of 2 GiB (read + write) ----
+  double copy_gbs = 0;
+  {
+    const size_t bytes = size_t(2) << 30;
+    DeviceBuffer src = Must(DeviceBuffer::Allocate(bytes));
+    DeviceBuffer dst = Must(DeviceBuffer::Allocate(bytes));
+    CHECK_CUDA(cudaMemset(src.get(), 1, bytes));
+    auto copy = [&] {
+      CHECK_CUDA(
+          cudaMemcpyAsync(dst.get(), src.get(), bytes, cudaMemcpyDeviceToDevice, stream.get()));
+    };
+    copy();  // warm-up
+    const double ms = median_ms(std::max(5, reps / 5), copy);
+    copy_gbs = 2.0 * bytes / (ms * 1e-3) / 1e9;
+    std::printf("device-to-device cudaMemcpyAsync, 2 GiB: %.3f ms, %.0f GB/s (read + write)\n", ms,
+                copy_gbs);
+  }
+
+  // K/V fills: bf16 0x3c3c (~0.0114) for K and q, 0x3f3f (0.74609375) for V.
+  const float v_value = 0.74609375f;
+  std::vector<Row> rows_out;
+  for (uint32_t context : {4096u, 28672u, 131072u}) {
+    std::vector<DeviceBuffer> pages;
+    std::vector<KvBlockRef> blocks;
+    if ((context + block_tokens - 1) / block_tokens > kMaxKernelBlocks) continue;
+    for (uint32_t first = 0; first < context; first += block_tokens) {
+      const uint32_t tokens = std::min(block_tokens, context - first);
+      const size_t bytes = size_t(kKvHeads) * tokens * kHeadDim * 2;
+      DeviceBuffer k = Must(DeviceBuffer::Allocate(bytes));
+      DeviceBuffer v = Must(DeviceBuffer::Allocate(bytes));
+      CHECK_CUDA(cudaMemset(k.get(), 0x3c, bytes));
+      CHECK_CUDA(cudaMemset(v.get(), 0x3f, bytes));
+      blocks.push_back({k.get(), v.get(), tokens});
+      pages.push_back(std::move(k));
+      pages.push_back(std::move(v));
+    }
+    const double kv_bytes = 2.0 * kKvHeads * context * kHeadDim * 2;
+    for (uint32_t rows : row_counts) {
+      const size_t qvecs = size_t(kQHeads) * rows;
+      DeviceBuffer q = Must(DeviceBuffer::Allocate(qvecs * kHeadDim * 2));
+      CHECK_CUDA(cudaMemset(q.get(), 0x3c, q.size()));
+      DeviceBuffer out = Must(DeviceBuffer::Allocate(qvecs * kHeadDim * 4));
+      DeviceBuffer lse = Must(DeviceBuffer::Allocate(qvecs * 4));
+      const size_t ws_bytes =
+          PagedAttentionWorkspaceBytes(kQHeads, kKvHeads, rows, kHeadDim, context);
+      DeviceBuffer ws = Must(DeviceBuffer::Allocate(ws_bytes));
+      PagedAttentionArgs a;
+      a.dtype = DType::kBF16;
+      a.q_heads = kQHeads;
+      a.kv_heads = kKvHeads;
+      a.head_dim = kHeadDim;
+      a.rows = rows;
+      a.q = q.get();
+      a.blocks = blocks;
+      a.rotate_keys = true;
+      a.rope.llama3_scaling = true;
+      a.out = out.as<float>();
+      a.lse = lse.as<float>();
+      a.workspace = ws.get();
+      a.workspace_bytes = ws_bytes;
+      auto launch = [&] { CHECK_OK(LaunchPagedAttention(a, stream.get())); };
+
+      launch();
+      CHECK_OK(stream.Synchronize());
+      std::vector<float> got(qvecs * kHeadDim), got_lse(qvecs);
+      CHECK_CUDA(cudaMemcpy(got.data(), out.get(), got.size() * 4, cudaMemcpyDeviceToHost));
+      CHECK_CUDA(cudaMemcpy(got_lse.data(), lse.get(), got_lse.size() * 4, cudaMemcpyDeviceToHost));
+      for (size_t i = 0; i < got.size(); ++i) {
+        if (!(std::fabs(got[i] - v_value) <= 1e-2 * v_value)) {
+          std::fprintf(stderr, "self-check failed: context %u rows %u out[%zu] = %g, want %g\n",
+                       context, rows, i, got[i], v_value);
+          return 1;
+        }
+      }
+      for (size_t i = 0; i < got_lse.size(); ++i) {
+        if (!(std::fabs(got_lse[i] - std::log(double(context))) <= 1e-2)) {
+          std::fprintf(stderr, "self-check failed: context %u rows %u lse[%zu] = %g, want %g\n",
+                       context, rows, i, got_lse[i], std::log(double(context)));
+          return 1;
+        }
+      }
+
+      const double ms = median_ms(reps, launch);
+      Row r;
+      r.context = context;
+      r.rows = rows;
+      r.splits = ws_bytes == 0 ? 1 : static_cast<uint32_t>(ws_bytes / (qvecs * (kHeadDim + 2) * 4));
+      r.us = ms * 1e3;
+      r.kv_bytes = kv_bytes;
+      r.gbs = kv_bytes / (ms * 1e-3) / 1e9;
+      r.ratio = r.gbs / copy_gbs;
+      rows_out.push_back(r);
+      std::printf("  context %6u rows %3u: %9.1f us, %7.1f MB of K/V, %6.0f GB/s, %.2f of copy\n",
+                  context, rows, r.us, kv_bytes / 1e6, r.gbs, r.ratio);
+    }
+  }
+
+  std::printf("\n%8s %5s %7s %10s %10s %8s %7s\n", "context", "rows", "splits", "time us", "K/V MB",
+              "GB/s", "ratio");
+  for (const Row& r : rows_out) {
+    std::printf("%8u %5u %7u %10.1f %10.1f %8.0f %7.2f\n", r.context, r.rows, r.splits, r.us,
+                r.kv_bytes / 1e6, r.gbs, r.ratio);
+  }
+  std::printf(
+      "\nratio: K/V bytes per second over the device-to-device copy's read+write bytes per "
+      "second (%.0f GB/s); goal >= 0.7. Median of %d launches, L2 flushed before each.\n",
+      copy_gbs, reps);
+  if (!json.empty()) {
+    std::ofstream f(json);
+    f << "{\"device\": \"" << dev.name << "\", \"copy_gbs\": " << copy_gbs << ", \"reps\": " << reps
+      << ", \"rows\": [";
+    for (size_t i = 0; i < rows_out.size(); ++i) {
+      const Row& r = rows_out[i];
+      f << (i ? ", " : "") << "{\"context\": " << r.context << ", \"rows\": " << r.rows
+        << ", \"splits\": " << r.splits << ", \"us\": " << r.us
+        << ", \"kv_bytes\": " << static_cast<uint64_t>(r.kv_bytes) << ", \"gbs\": " << r.gbs
+        << ", \"ratio\": " << r.ratio << "}";
+    }
+    f << "]}\n";
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace gpu
+}  // namespace shotdb
+
+int main(int argc, char** argv) { return shotdb::gpu::Main(argc, argv); }

@@ -1,0 +1,115 @@
+// Internal to gpu/*.cu: the block table the kernels receive as a parameter, its host-side
+// validation, and small device helpers (16-bit loads/stores, RoPE angles, block lookup).
+// Include only from .cu files (it needs the CUDA fp16/bf16 headers); no libtorch.
+#ifndef SHOTDB_GPU_KERNEL_COMMON_CUH_
+#define SHOTDB_GPU_KERNEL_COMMON_CUH_
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "format/dtype.h"
+#include "gpu/rope.h"
+#include "gpu/rope_gather.h"
+#include "util/status.h"
+
+namespace shotdb {
+namespace gpu {
+namespace internal {
+
+// Passed by value as a __grid_constant__ parameter (CUDA 12.1+ allows 32 KiB of parameters): no
+// upload per launch, and launches can be captured in a CUDA graph.
+struct BlockTable {
+  const void* k[kMaxKernelBlocks];
+  const void* v[kMaxKernelBlocks];
+  uint32_t offset[kMaxKernelBlocks + 1];  // offset[b]: first concatenated token of block b
+  uint32_t num_blocks;
+  double inv_freq[kMaxKernelHeadDim / 2];
+};
+
+inline bool IsKernelDType(DType t) { return t == DType::kBF16 || t == DType::kF16; }
+
+// Validates the blocks (1..kMaxKernelBlocks, non-null, > 0 tokens, k and v aligned to
+// `alignment` bytes) and the RoPE parameters, and fills the table; returns the total token count.
+// Makes no CUDA call.
+inline Result<uint32_t> BuildTable(const std::vector<KvBlockRef>& blocks, const RopeParams& rope,
+                                   uint32_t head_dim, uintptr_t alignment, const char* what,
+                                   BlockTable* tab) {
+  if (blocks.empty() || blocks.size() > kMaxKernelBlocks) {
+    return Status::InvalidArgument(std::string(what) + ": need 1.." +
+                                   std::to_string(kMaxKernelBlocks) + " blocks, got " +
+                                   std::to_string(blocks.size()));
+  }
+  SHOTDB_ASSIGN_OR_RETURN(std::vector<double> inv, RopeInvFreq(rope, head_dim));
+  uint64_t total = 0;
+  for (size_t b = 0; b < blocks.size(); ++b) {
+    const KvBlockRef& r = blocks[b];
+    if (r.k == nullptr || r.v == nullptr || r.tokens == 0) {
+      return Status::InvalidArgument(std::string(what) + ": block " + std::to_string(b) +
+                                     " has a null pointer or 0 tokens");
+    }
+    if (reinterpret_cast<uintptr_t>(r.k) % alignment != 0 ||
+        reinterpret_cast<uintptr_t>(r.v) % alignment != 0) {
+      return Status::InvalidArgument(std::string(what) + ": block " + std::to_string(b) +
+                                     " pointers are not " + std::to_string(alignment) +
+                                     "-byte aligned");
+    }
+    tab->k[b] = r.k;
+    tab->v[b] = r.v;
+    tab->offset[b] = static_cast<uint32_t>(total);
+    total += r.tokens;
+    if (total > UINT32_MAX / 2) {
+      return Status::InvalidArgument(std::string(what) + ": more than 2^31 tokens");
+    }
+  }
+  tab->offset[blocks.size()] = static_cast<uint32_t>(total);
+  tab->num_blocks = static_cast<uint32_t>(blocks.size());
+  for (size_t i = 0; i < inv.size(); ++i) tab->inv_freq[i] = inv[i];
+  return static_cast<uint32_t>(total);
+}
+
+__device__ __forceinline__ float2 Load2(const __nv_bfloat16* p) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
+}
+__device__ __forceinline__ float2 Load2(const __half* p) {
+  return __half22float2(*reinterpret_cast<const __half2*>(p));
+}
+__device__ __forceinline__ void Store2(__nv_bfloat16* p, float2 v) {
+  *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(v.x, v.y);
+}
+__device__ __forceinline__ void Store2(__half* p, float2 v) {
+  *reinterpret_cast<__half2*>(p) = __floats2half2_rn(v.x, v.y);
+}
+
+// sin and cos of pos * inv_freq: the product and its reduction mod 2*pi in float64 (a float32
+// product at position 1e5 would be off by ~1e-2 rad), the trigonometry in float32.
+__device__ __forceinline__ void SinCos(int64_t pos, double inv_freq, float* s, float* c) {
+  constexpr double kTwoPi = 6.283185307179586476925286766559;
+  double a = static_cast<double>(pos) * inv_freq;
+  a -= rint(a * (1.0 / kTwoPi)) * kTwoPi;
+  sincosf(static_cast<float>(a), s, c);
+}
+
+// The block holding concatenated token t (offset[b] <= t < offset[b + 1]).
+__device__ __forceinline__ int FindBlock(const BlockTable& tab, uint32_t t) {
+  int lo = 0, hi = static_cast<int>(tab.num_blocks) - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (tab.offset[mid] <= t) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
+
+}  // namespace internal
+}  // namespace gpu
+}  // namespace shotdb
+
+#endif  // SHOTDB_GPU_KERNEL_COMMON_CUH_

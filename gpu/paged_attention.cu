@@ -1,0 +1,599 @@
+// Kernels of paged_attention.h. Includes only CUDA headers and plain shotdb headers.
+//
+// Layout of the work (docs/gpu.md has the reasoning):
+//   - M = group * rows query vectors share each kv head; they are contiguous in q ([q_heads, rows,
+//     d] with the group's heads adjacent) and in out. A CTA (4 warps) takes one kv head, one tile
+//     of 16 * WM of those vectors (WM = 1, 2 or 4 warps along M; the other 4 / WM warps split each
+//     K/V tile's tokens) and one split of the context (`chunk` tokens).
+//   - K/V tiles of kTileN tokens stream through a kStages-deep cp.async ring in shared memory
+//     (16-byte copies, rows padded by 16 bytes so ldmatrix is conflict-free); a tile may straddle
+//     blocks (each thread keeps a cursor into the block table). K is rotated in place in shared
+//     memory before use.
+//   - S = Q K^T and O += P V on the tensor cores (mma.sync m16n8k16, bf16/f16 in, float32
+//     accumulators), online softmax in float32 in the log2 domain, P kept in registers.
+//   - Each CTA writes its split's (max, sum, unnormalized O) per query vector; a second kernel
+//     merges the splits into out and lse. With one split the CTA writes out and lse itself.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+
+#include "gpu/cuda_util.h"
+#include "gpu/kernel_common.cuh"
+#include "gpu/paged_attention.h"
+
+namespace shotdb {
+namespace gpu {
+namespace {
+
+using internal::BlockTable;
+using internal::FindBlock;
+using internal::SinCos;
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kTileN = 64;              // tokens per K/V tile
+constexpr int kStages = 3;              // K/V tiles in flight (cp.async ring)
+constexpr int kPad = 8;                 // elements of padding per shared-memory row (16 bytes)
+constexpr int kOutPad = 8;              // floats of padding per row of the epilogue's O buffer
+constexpr uint32_t kMinChunk = 128;     // tokens per split at least
+constexpr uint64_t kTargetCtas = 1024;  // several waves of a 132-SM GPU at 2 CTAs per SM
+constexpr float kLn2 = 0.693147180559945309f;
+constexpr float kLog2e = 1.44269504088896341f;
+
+// ---- how the work is cut ----
+
+struct Plan {
+  uint32_t m = 0;        // query vectors per kv head: group * rows
+  int wm = 1;            // warps along M (1, 2 or 4); 16 * wm vectors per CTA
+  uint32_t m_tiles = 0;  // CTAs along M per kv head and split
+  uint32_t chunk = 0;    // tokens per split, a multiple of kTileN
+  uint32_t splits = 0;
+};
+
+Plan MakePlan(uint32_t q_heads, uint32_t kv_heads, uint32_t rows, uint64_t total) {
+  Plan p;
+  p.m = q_heads / kv_heads * rows;
+  p.wm = p.m <= 16 ? 1 : p.m <= 32 ? 2 : 4;
+  const uint32_t m_tile = 16u * p.wm;
+  p.m_tiles = (p.m + m_tile - 1) / m_tile;
+  // Enough CTAs to fill the GPU several times, but each split long enough that writing and
+  // reading back its partial results (2 * M * (d + 2) floats) stays small next to its K/V
+  // (2 * chunk * d 16-bit values): chunk >= 8 M keeps that below ~1/4.
+  const uint64_t ctas_per_split = static_cast<uint64_t>(kv_heads) * p.m_tiles;
+  const uint64_t target_splits = std::max<uint64_t>(1, kTargetCtas / ctas_per_split);
+  uint64_t chunk = (total + target_splits - 1) / target_splits;
+  chunk = std::max<uint64_t>(chunk, kMinChunk);
+  chunk = std::max<uint64_t>(chunk, 8ull * p.m);
+  chunk = (chunk + kTileN - 1) / kTileN * kTileN;
+  if (chunk > total) chunk = (total + kTileN - 1) / kTileN * kTileN;
+  p.chunk = static_cast<uint32_t>(chunk);
+  p.splits = static_cast<uint32_t>((total + chunk - 1) / chunk);
+  return p;
+}
+
+template <int D>
+constexpr size_t StageElems() {
+  return static_cast<size_t>(kTileN) * (D + kPad);  // one K or V tile
+}
+
+template <int D>
+constexpr size_t SmemBytes() {
+  return kStages * 2 * StageElems<D>() * 2;  // 16-bit elements
+}
+
+// The epilogue reuses the ring for the warps' partial results.
+template <int D>
+constexpr size_t EpilogueBytes() {
+  return (static_cast<size_t>(kWarps) * 16 * (D + kOutPad) + 2 * kWarps * 16) * sizeof(float);
+}
+static_assert(EpilogueBytes<64>() <= SmemBytes<64>(), "epilogue must fit in the ring");
+static_assert(EpilogueBytes<128>() <= SmemBytes<128>(), "epilogue must fit in the ring");
+
+// ---- device helpers ----
+
+__device__ __forceinline__ void CpAsync16(void* smem, const void* gmem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void CpAsyncCommit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void CpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void LdMatrixX4(uint32_t* r, const void* smem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(s)
+               : "memory");
+}
+__device__ __forceinline__ void LdMatrixX4Trans(uint32_t* r, const void* smem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(s)
+               : "memory");
+}
+
+// c (16x8 float) += a (16x16, row) * b (16x8, col).
+template <typename T>
+__device__ __forceinline__ void Mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void Mma<__nv_bfloat16>(float* c, const uint32_t* a, uint32_t b0,
+                                                   uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void Mma<__half>(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats as one 32-bit register of two 16-bit values (a in the low half).
+template <typename T>
+__device__ __forceinline__ uint32_t Pack2(float a, float b);
+template <>
+__device__ __forceinline__ uint32_t Pack2<__nv_bfloat16>(float a, float b) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+template <>
+__device__ __forceinline__ uint32_t Pack2<__half>(float a, float b) {
+  const __half2 v = __floats2half2_rn(a, b);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+__device__ __forceinline__ float2 Unpack2(uint32_t u, __nv_bfloat16) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u));
+}
+__device__ __forceinline__ float2 Unpack2(uint32_t u, __half) {
+  return __half22float2(*reinterpret_cast<const __half2*>(&u));
+}
+
+// ---- the split kernel ----
+
+// CTA (m tile, kv head, split), flattened into blockIdx.x with the m tile fastest, so that the CTAs
+// reading the same K/V run together and share it through L2.
+template <typename T, int D, int WM>
+__global__ void __launch_bounds__(kThreads, 2)
+    PagedAttentionKernel(const __grid_constant__ BlockTable tab, const T* __restrict__ q,
+                         uint32_t m_total, uint32_t m_tiles, uint32_t kv_heads, uint32_t total,
+                         uint32_t chunk, uint32_t splits, int64_t first_position, bool rotate,
+                         float scale_log2, float* __restrict__ out, float* __restrict__ lse,
+                         float* __restrict__ ws_acc, float* __restrict__ ws_ml) {
+  constexpr int WN = kWarps / WM;   // warps along the tile's tokens
+  constexpr int kNw = kTileN / WN;  // tokens of a tile per warp: 16, 32 or 64
+  constexpr int kRs = D + kPad;     // shared-memory row stride, elements
+  constexpr int kKc = D / 16;       // k steps of Q K^T
+  constexpr int kSn = kNw / 8;      // n tiles of S per warp
+  constexpr int kOn = D / 8;        // n tiles of O
+  static_assert(kNw % 16 == 0, "a warp's tokens must be whole k steps of P V");
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* const ring = reinterpret_cast<T*>(smem_raw);
+  __shared__ double s_inv[D / 2];   // RoPE frequencies
+  __shared__ float2 s_step[D / 2];  // (cos, sin) of kRotRows * inv_freq
+
+  const uint32_t bx = blockIdx.x;
+  const uint32_t mt = bx % m_tiles;
+  const uint32_t kvh = (bx / m_tiles) % kv_heads;
+  const uint32_t split = bx / m_tiles / kv_heads;
+  const uint32_t start = split * chunk;
+  const uint32_t end = min(start + chunk, total);
+  const int ntiles = static_cast<int>((end - start + kTileN - 1) / kTileN);
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, tg = lane % 4;  // mma fragment coordinates
+
+  // -- K/V tile loads: thread copies 16-byte pieces `lc` of rows lr, lr + kLoadRows, ... --
+  constexpr int kLoadCols = D / 8;
+  constexpr int kLoadRows = kThreads / kLoadCols;
+  const int lc = tid % kLoadCols, lr = tid / kLoadCols;
+  int cursor = FindBlock(tab, start + lr);  // block of the thread's next token (monotone)
+  auto load_tile = [&](int tile, int stage) {
+    T* const sk = ring + static_cast<size_t>(stage) * 2 * StageElems<D>();
+    T* const sv = sk + StageElems<D>();
+    const uint32_t t0 = start + static_cast<uint32_t>(tile) * kTileN;
+#pragma unroll
+    for (int i = 0; i < kTileN / kLoadRows; ++i) {
+      const int n = lr + i * kLoadRows;
+      const uint32_t t = t0 + n;
+      T* const dk = sk + n * kRs + lc * 8;
+      T* const dv = sv + n * kRs + lc * 8;
+      if (t < end) {
+        while (t >= tab.offset[cursor + 1]) ++cursor;
+        const uint32_t first = tab.offset[cursor];
+        const uint32_t block_tokens = tab.offset[cursor + 1] - first;
+        const size_t off = (static_cast<size_t>(kvh) * block_tokens + (t - first)) * D +
+                           static_cast<size_t>(lc) * 8;
+        CpAsync16(dk, static_cast<const T*>(tab.k[cursor]) + off);
+        CpAsync16(dv, static_cast<const T*>(tab.v[cursor]) + off);
+      } else {  // past the split: zeros (never NaN garbage in P V)
+        *reinterpret_cast<uint4*>(dk) = make_uint4(0, 0, 0, 0);
+        *reinterpret_cast<uint4*>(dv) = make_uint4(0, 0, 0, 0);
+      }
+    }
+  };
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < ntiles) load_tile(s, s);
+    CpAsyncCommit();
+  }
+
+  // -- RoPE in shared memory: thread rotates pairs 8 rc..8 rc+7 of rows rr, rr + kRotRows, ... --
+  constexpr int kRotCols = D / 16;
+  constexpr int kRotRows = kThreads / kRotCols;
+  const int rc = tid % kRotCols, rr = tid / kRotCols;
+  if (rotate) {
+    for (int i = tid; i < D / 2; i += kThreads) {
+      const double f = tab.inv_freq[i];
+      s_inv[i] = f;
+      float sn, cs;
+      SinCos(kRotRows, f, &sn, &cs);
+      s_step[i] = make_float2(cs, sn);
+    }
+  }
+
+  // -- this warp's query vectors as mma A fragments, straight from global (rows >= M are 0) --
+  const int wm = warp / WN, wn = warp % WN;
+  const uint32_t row0 = mt * (16u * WM) + 16u * wm;
+  const bool warp_active = row0 < m_total;
+  uint32_t qf[kKc][4];
+  {
+    const T* const qb = q + static_cast<size_t>(kvh) * m_total * D;
+    const uint32_t ra = row0 + g, rb = row0 + g + 8;
+#pragma unroll
+    for (int kc = 0; kc < kKc; ++kc) {
+      const int c = kc * 16 + 2 * tg;
+      qf[kc][0] = ra < m_total ? *reinterpret_cast<const uint32_t*>(qb + ra * D + c) : 0u;
+      qf[kc][1] = rb < m_total ? *reinterpret_cast<const uint32_t*>(qb + rb * D + c) : 0u;
+      qf[kc][2] = ra < m_total ? *reinterpret_cast<const uint32_t*>(qb + ra * D + c + 8) : 0u;
+      qf[kc][3] = rb < m_total ? *reinterpret_cast<const uint32_t*>(qb + rb * D + c + 8) : 0u;
+    }
+  }
+
+  float o[kOn][4];
+#pragma unroll
+  for (int i = 0; i < kOn; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float m_run[2] = {-INFINITY, -INFINITY};  // running max of rows g and g + 8 (log2 domain)
+  float l_run[2] = {0.f, 0.f};              // this thread's part of the running sums
+  const int n0 = wn * kNw;                  // the warp's first token within a tile
+
+  for (int it = 0; it < ntiles; ++it) {
+    CpAsyncWait<kStages - 2>();  // tile `it` has landed (this thread's copies)
+    __syncthreads();             // ... everyone's; and tile it - 1 is consumed by all warps
+    if (it + kStages - 1 < ntiles) load_tile(it + kStages - 1, (it + kStages - 1) % kStages);
+    CpAsyncCommit();
+
+    T* const sk = ring + static_cast<size_t>(it % kStages) * 2 * StageElems<D>();
+    const T* const sv = sk + StageElems<D>();
+    const uint32_t t0 = start + static_cast<uint32_t>(it) * kTileN;
+
+    if (rotate) {
+      // Angles of the thread's first row exactly, the next rows by rotating by kRotRows tokens.
+      float cs[8], sn[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        SinCos(first_position + static_cast<int64_t>(t0) + rr, s_inv[8 * rc + e], &sn[e], &cs[e]);
+      }
+#pragma unroll
+      for (int p = 0; p < kTileN / kRotRows; ++p) {
+        T* const row = sk + (rr + p * kRotRows) * kRs;
+        uint4 xa = *reinterpret_cast<const uint4*>(row + 8 * rc);
+        uint4 ya = *reinterpret_cast<const uint4*>(row + D / 2 + 8 * rc);
+        uint32_t* const xw = reinterpret_cast<uint32_t*>(&xa);
+        uint32_t* const yw = reinterpret_cast<uint32_t*>(&ya);
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+          const float2 x = Unpack2(xw[w], T()), y = Unpack2(yw[w], T());
+          const float c0 = cs[2 * w], s0 = sn[2 * w], c1 = cs[2 * w + 1], s1 = sn[2 * w + 1];
+          xw[w] = Pack2<T>(x.x * c0 - y.x * s0, x.y * c1 - y.y * s1);
+          yw[w] = Pack2<T>(y.x * c0 + x.x * s0, y.y * c1 + x.y * s1);
+        }
+        *reinterpret_cast<uint4*>(row + 8 * rc) = xa;
+        *reinterpret_cast<uint4*>(row + D / 2 + 8 * rc) = ya;
+        if (p + 1 < kTileN / kRotRows) {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            const float2 st = s_step[8 * rc + e];
+            const float c = cs[e] * st.x - sn[e] * st.y;
+            sn[e] = sn[e] * st.x + cs[e] * st.y;
+            cs[e] = c;
+          }
+        }
+      }
+      __syncthreads();
+    }
+
+    if (warp_active) {
+      // S = Q K^T over the warp's kNw tokens.
+      float s[kSn][4];
+#pragma unroll
+      for (int i = 0; i < kSn; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+#pragma unroll
+      for (int kc = 0; kc < kKc; ++kc) {
+#pragma unroll
+        for (int np = 0; np < kNw / 16; ++np) {
+          uint32_t b[4];
+          const int n = n0 + np * 16 + (lane & 7) + ((lane >> 4) & 1) * 8;
+          LdMatrixX4(b, sk + n * kRs + kc * 16 + ((lane >> 3) & 1) * 8);
+          Mma<T>(s[2 * np], qf[kc], b[0], b[1]);
+          Mma<T>(s[2 * np + 1], qf[kc], b[2], b[3]);
+        }
+      }
+      // Scale to the log2 domain; mask tokens past the split.
+      const bool partial = t0 + kTileN > end;
+#pragma unroll
+      for (int nt = 0; nt < kSn; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          s[nt][e] *= scale_log2;
+          if (partial && t0 + n0 + nt * 8 + 2 * tg + (e & 1) >= end) s[nt][e] = -INFINITY;
+        }
+      }
+      // Online softmax per row (r = 0: row g, elements 0, 1; r = 1: row g + 8, elements 2, 3).
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float mx = m_run[r];
+#pragma unroll
+        for (int nt = 0; nt < kSn; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float ref = mx == -INFINITY ? 0.f : mx;  // no token yet: keep everything 0
+        const float corr = exp2f(m_run[r] - ref);
+        m_run[r] = mx;
+        float sum = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < kSn; ++nt) {
+          s[nt][2 * r] = exp2f(s[nt][2 * r] - ref);
+          s[nt][2 * r + 1] = exp2f(s[nt][2 * r + 1] - ref);
+          sum += s[nt][2 * r] + s[nt][2 * r + 1];
+        }
+        l_run[r] = l_run[r] * corr + sum;
+#pragma unroll
+        for (int i = 0; i < kOn; ++i) {
+          o[i][2 * r] *= corr;
+          o[i][2 * r + 1] *= corr;
+        }
+      }
+      // O += P V, P converted in registers from the S accumulators to A fragments.
+#pragma unroll
+      for (int kc = 0; kc < kNw / 16; ++kc) {
+        uint32_t pa[4];
+        pa[0] = Pack2<T>(s[2 * kc][0], s[2 * kc][1]);
+        pa[1] = Pack2<T>(s[2 * kc][2], s[2 * kc][3]);
+        pa[2] = Pack2<T>(s[2 * kc + 1][0], s[2 * kc + 1][1]);
+        pa[3] = Pack2<T>(s[2 * kc + 1][2], s[2 * kc + 1][3]);
+        const int n = n0 + kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+#pragma unroll
+        for (int dp = 0; dp < D / 16; ++dp) {
+          uint32_t b[4];
+          LdMatrixX4Trans(b, sv + n * kRs + dp * 16 + (lane >> 4) * 8);
+          Mma<T>(o[2 * dp], pa, b[0], b[1]);
+          Mma<T>(o[2 * dp + 1], pa, b[2], b[3]);
+        }
+      }
+    }
+  }
+
+  // -- epilogue: merge the WN warps sharing rows, then write the result or the split's partial --
+  CpAsyncWait<0>();
+  __syncthreads();                                         // the ring is free
+  float* const sm_o = reinterpret_cast<float*>(smem_raw);  // [kWarps][16][D + kOutPad]
+  float* const sm_m = sm_o + kWarps * 16 * (D + kOutPad);  // [kWarps][16]
+  float* const sm_l = sm_m + kWarps * 16;                  // [kWarps][16]
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = l_run[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    if (tg == 0) {
+      sm_m[warp * 16 + g + 8 * r] = m_run[r];
+      sm_l[warp * 16 + g + 8 * r] = l;
+    }
+    float* const orow = sm_o + (warp * 16 + g + 8 * r) * (D + kOutPad);
+#pragma unroll
+    for (int i = 0; i < kOn; ++i) {
+      *reinterpret_cast<float2*>(orow + i * 8 + 2 * tg) = make_float2(o[i][2 * r], o[i][2 * r + 1]);
+    }
+  }
+  __syncthreads();
+  for (int idx = tid; idx < 16 * WM * D; idx += kThreads) {
+    const int row = idx / D, d = idx % D;
+    const uint32_t mrow = mt * (16u * WM) + row;
+    if (mrow >= m_total) break;  // rows grow with idx
+    const int w0 = (row / 16) * WN, r = row % 16;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < WN; ++w) mx = fmaxf(mx, sm_m[(w0 + w) * 16 + r]);
+    float sum = 0.f, acc = 0.f;
+#pragma unroll
+    for (int w = 0; w < WN; ++w) {
+      const float f = exp2f(sm_m[(w0 + w) * 16 + r] - mx);  // a warp without tokens: m = -inf
+      sum += sm_l[(w0 + w) * 16 + r] * f;
+      acc += sm_o[((w0 + w) * 16 + r) * (D + kOutPad) + d] * f;
+    }
+    const size_t qv = static_cast<size_t>(kvh) * m_total + mrow;
+    if (splits == 1) {
+      out[qv * D + d] = acc / sum;
+      if (d == 0 && lse != nullptr) lse[qv] = (mx + log2f(sum)) * kLn2;
+    } else {
+      const size_t slot = qv * splits + split;
+      ws_acc[slot * D + d] = acc;
+      if (d == 0) {
+        ws_ml[slot * 2] = mx;
+        ws_ml[slot * 2 + 1] = sum;
+      }
+    }
+  }
+}
+
+// ---- the merge of the splits: one warp per query vector ----
+
+constexpr int kCombineWarps = 4;
+
+template <int D>
+__global__ void __launch_bounds__(kCombineWarps * 32)
+    CombineSplitsKernel(const float* __restrict__ ws_acc, const float* __restrict__ ws_ml,
+                        uint32_t splits, size_t qvecs, float* __restrict__ out,
+                        float* __restrict__ lse) {
+  const size_t qv = static_cast<size_t>(blockIdx.x) * kCombineWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (qv >= qvecs) return;
+  const float* const ml = ws_ml + qv * splits * 2;
+  float mx = -INFINITY;
+  for (uint32_t s = lane; s < splits; s += 32) mx = fmaxf(mx, ml[2 * s]);
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  float sum = 0.f;
+  for (uint32_t s = lane; s < splits; s += 32) sum += ml[2 * s + 1] * exp2f(ml[2 * s] - mx);
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  float acc[D / 32];
+#pragma unroll
+  for (int i = 0; i < D / 32; ++i) acc[i] = 0.f;
+  const float* const a = ws_acc + qv * splits * D;
+#pragma unroll 4
+  for (uint32_t s = 0; s < splits; ++s) {
+    const float f = exp2f(ml[2 * s] - mx);
+#pragma unroll
+    for (int i = 0; i < D / 32; ++i) acc[i] += a[static_cast<size_t>(s) * D + lane + 32 * i] * f;
+  }
+  const float inv = 1.f / sum;
+#pragma unroll
+  for (int i = 0; i < D / 32; ++i) out[qv * D + lane + 32 * i] = acc[i] * inv;
+  if (lane == 0 && lse != nullptr) lse[qv] = (mx + log2f(sum)) * kLn2;
+}
+
+// ---- host side ----
+
+template <typename T, int D, int WM>
+Status LaunchSplits(const BlockTable& tab, const PagedAttentionArgs& a, const Plan& p,
+                    uint32_t total, float* ws_acc, float* ws_ml, cudaStream_t stream) {
+  auto* kernel = &PagedAttentionKernel<T, D, WM>;
+  constexpr size_t kSmem = SmemBytes<D>();
+  SHOTDB_CUDA_RETURN_IF_ERROR(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+  const uint64_t grid = static_cast<uint64_t>(p.m_tiles) * a.kv_heads * p.splits;
+  const float scale_log2 = kLog2e / std::sqrt(static_cast<float>(D));
+  kernel<<<static_cast<unsigned>(grid), kThreads, kSmem, stream>>>(
+      tab, static_cast<const T*>(a.q), p.m, p.m_tiles, a.kv_heads, total, p.chunk, p.splits,
+      a.first_position, a.rotate_keys, scale_log2, a.out, a.lse, ws_acc, ws_ml);
+  SHOTDB_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return Status::OK();
+}
+
+template <typename T, int D>
+Status LaunchTyped(const BlockTable& tab, const PagedAttentionArgs& a, const Plan& p,
+                   uint32_t total, float* ws_acc, float* ws_ml, cudaStream_t stream) {
+  switch (p.wm) {
+    case 1:
+      SHOTDB_RETURN_IF_ERROR((LaunchSplits<T, D, 1>(tab, a, p, total, ws_acc, ws_ml, stream)));
+      break;
+    case 2:
+      SHOTDB_RETURN_IF_ERROR((LaunchSplits<T, D, 2>(tab, a, p, total, ws_acc, ws_ml, stream)));
+      break;
+    default:
+      SHOTDB_RETURN_IF_ERROR((LaunchSplits<T, D, 4>(tab, a, p, total, ws_acc, ws_ml, stream)));
+      break;
+  }
+  if (p.splits > 1) {
+    const size_t qvecs = static_cast<size_t>(a.q_heads) * a.rows;
+    const size_t grid = (qvecs + kCombineWarps - 1) / kCombineWarps;
+    CombineSplitsKernel<D><<<static_cast<unsigned>(grid), kCombineWarps * 32, 0, stream>>>(
+        ws_acc, ws_ml, p.splits, qvecs, a.out, a.lse);
+    SHOTDB_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  }
+  return Status::OK();
+}
+
+}  // namespace
+
+size_t PagedAttentionWorkspaceBytes(uint32_t q_heads, uint32_t kv_heads, uint32_t rows,
+                                    uint32_t head_dim, uint64_t total_tokens) {
+  if (kv_heads == 0 || q_heads == 0 || rows == 0 || total_tokens == 0) return 0;
+  const Plan p = MakePlan(q_heads, kv_heads, rows, total_tokens);
+  if (p.splits <= 1) return 0;
+  return static_cast<size_t>(q_heads) * rows * p.splits * (head_dim + 2) * sizeof(float);
+}
+
+Status LaunchPagedAttention(const PagedAttentionArgs& args, cudaStream_t stream) {
+  if (!internal::IsKernelDType(args.dtype)) {
+    return Status::InvalidArgument("PagedAttention: dtype must be bf16 or f16, got " +
+                                   std::string(DTypeName(args.dtype)));
+  }
+  if (args.head_dim != 64 && args.head_dim != 128) {
+    return Status::InvalidArgument("PagedAttention: head_dim must be 64 or 128, got " +
+                                   std::to_string(args.head_dim));
+  }
+  if (args.kv_heads == 0 || args.q_heads == 0 || args.q_heads % args.kv_heads != 0 ||
+      args.q_heads / args.kv_heads > kMaxPagedAttentionGroup) {
+    return Status::InvalidArgument(
+        "PagedAttention: q_heads must be a positive multiple of kv_heads with at most " +
+        std::to_string(kMaxPagedAttentionGroup) + " query heads per kv head, got " +
+        std::to_string(args.q_heads) + " and " + std::to_string(args.kv_heads));
+  }
+  if (args.rows == 0 || args.rows > kMaxPagedAttentionRows) {
+    return Status::InvalidArgument("PagedAttention: rows must be 1.." +
+                                   std::to_string(kMaxPagedAttentionRows) + ", got " +
+                                   std::to_string(args.rows));
+  }
+  if (args.q == nullptr || args.out == nullptr) {
+    return Status::InvalidArgument("PagedAttention: null q or out");
+  }
+  if (reinterpret_cast<uintptr_t>(args.q) % 4 != 0) {
+    return Status::InvalidArgument("PagedAttention: q is not 4-byte aligned");
+  }
+  BlockTable tab;
+  SHOTDB_ASSIGN_OR_RETURN(
+      uint32_t total,
+      internal::BuildTable(args.blocks, args.rope, args.head_dim, 16, "PagedAttention", &tab));
+  const Plan plan = MakePlan(args.q_heads, args.kv_heads, args.rows, total);
+  const uint64_t ctas = static_cast<uint64_t>(plan.m_tiles) * args.kv_heads * plan.splits;
+  if (ctas > static_cast<uint64_t>(INT32_MAX)) {
+    return Status::InvalidArgument("PagedAttention: " + std::to_string(ctas) +
+                                   " CTAs exceed the grid limit");
+  }
+  const size_t need =
+      PagedAttentionWorkspaceBytes(args.q_heads, args.kv_heads, args.rows, args.head_dim, total);
+  if (need > 0 && (args.workspace == nullptr || args.workspace_bytes < need)) {
+    return Status::InvalidArgument(
+        "PagedAttention: workspace holds " +
+        std::to_string(args.workspace == nullptr ? 0 : args.workspace_bytes) + " bytes, need " +
+        std::to_string(need));
+  }
+  if (reinterpret_cast<uintptr_t>(args.workspace) % 4 != 0) {
+    return Status::InvalidArgument("PagedAttention: workspace is not 4-byte aligned");
+  }
+  // Partial outputs first, then (max, sum) pairs.
+  float* const ws_acc = static_cast<float*>(args.workspace);
+  float* const ws_ml = ws_acc == nullptr ? nullptr
+                                         : ws_acc + static_cast<size_t>(args.q_heads) * args.rows *
+                                                        plan.splits * args.head_dim;
+  if (args.dtype == DType::kBF16) {
+    return args.head_dim == 128
+               ? LaunchTyped<__nv_bfloat16, 128>(tab, args, plan, total, ws_acc, ws_ml, stream)
+               : LaunchTyped<__nv_bfloat16, 64>(tab, args, plan, total, ws_acc, ws_ml, stream);
+  }
+  return args.head_dim == 128
+             ? LaunchTyped<__half, 128>(tab, args, plan, total, ws_acc, ws_ml, stream)
+             : LaunchTyped<__half, 64>(tab, args, plan, total, ws_acc, ws_ml, stream);
+}
+
+}  // namespace gpu
+}  // namespace shotdb

@@ -1,0 +1,480 @@
+// LaunchPagedAttention against the float64 reference (rope_reference.h) over many shapes, in bf16
+// and f16. The kernel cases need a GPU and skip without one; the argument checks run everywhere
+// (they fail before any CUDA call).
+#include "gpu/paged_attention.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gpu/cuda_util.h"
+#include "gpu/rope_gather.h"
+#include "gpu/rope_reference.h"
+#include "gpu/stream.h"
+
+namespace shotdb {
+namespace gpu {
+namespace {
+
+struct Case {
+  std::string name;
+  DType dtype;
+  uint32_t kv_heads, group, head_dim, rows;
+  std::vector<uint32_t> blocks;  // tokens per block, in concatenation order
+  bool rotate;
+  bool llama3;
+  int64_t first_position;
+};
+// GoogleTest prints parameters with this instead of dumping the struct's bytes.
+void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
+
+std::vector<uint32_t> Repeat(uint32_t tokens, uint32_t n, std::vector<uint32_t> tail = {}) {
+  std::vector<uint32_t> b(n, tokens);
+  b.insert(b.end(), tail.begin(), tail.end());
+  return b;
+}
+
+// Random values rounded to the dtype: `values` (as double) is exactly what the kernel reads.
+struct HostTensor {
+  std::vector<uint16_t> bits;
+  std::vector<double> values;
+};
+HostTensor Random(DType dtype, size_t n, float range, std::mt19937* rng) {
+  std::uniform_real_distribution<float> u(-range, range);
+  std::vector<float> f(n);
+  for (float& x : f) x = u(*rng);
+  HostTensor t;
+  t.bits.resize(n);
+  ConvertFromFloat(dtype, f.data(), t.bits.data(), n);
+  ConvertToFloat(dtype, t.bits.data(), f.data(), n);
+  t.values.assign(f.begin(), f.end());
+  return t;
+}
+
+// Rounds float64 values to the dtype (through float32), in place.
+void RoundTo(DType dtype, std::vector<double>* x) {
+  constexpr size_t kChunk = 1 << 20;
+  std::vector<float> f(kChunk);
+  std::vector<uint16_t> bits(kChunk);
+  for (size_t i = 0; i < x->size(); i += kChunk) {
+    const size_t n = std::min(kChunk, x->size() - i);
+    for (size_t j = 0; j < n; ++j) f[j] = static_cast<float>((*x)[i + j]);
+    ConvertFromFloat(dtype, f.data(), bits.data(), n);
+    ConvertToFloat(dtype, bits.data(), f.data(), n);
+    for (size_t j = 0; j < n; ++j) (*x)[i + j] = f[j];
+  }
+}
+
+// Unit roundoff of the dtype: products with P (rounded to it) carry this relative error.
+double Roundoff(DType dtype) { return dtype == DType::kBF16 ? 1.0 / 256 : 1.0 / 2048; }
+
+// The pages of all blocks in one device arena, each tensor at an offset that is 16-byte but not
+// 32-byte aligned (the kernel promises to need no more than 16).
+struct DevicePages {
+  DeviceBuffer arena;
+  std::vector<KvBlockRef> refs;
+};
+Result<DevicePages> UploadPages(const std::vector<HostTensor>& k, const std::vector<HostTensor>& v,
+                                const std::vector<uint32_t>& tokens) {
+  auto slot = [](size_t bytes) { return (bytes + 255) / 256 * 256 + 256; };
+  size_t total = 0;
+  for (size_t b = 0; b < tokens.size(); ++b) total += slot(k[b].bits.size() * 2) * 2;
+  DevicePages p;
+  SHOTDB_ASSIGN_OR_RETURN(p.arena, DeviceBuffer::Allocate(total));
+  uint8_t* base = p.arena.as<uint8_t>();
+  size_t off = 0;
+  for (size_t b = 0; b < tokens.size(); ++b) {
+    const size_t bytes = k[b].bits.size() * 2;
+    uint8_t* dk = base + off + 16;
+    off += slot(bytes);
+    uint8_t* dv = base + off + 16;
+    off += slot(bytes);
+    SHOTDB_CUDA_RETURN_IF_ERROR(cudaMemcpy(dk, k[b].bits.data(), bytes, cudaMemcpyHostToDevice));
+    SHOTDB_CUDA_RETURN_IF_ERROR(cudaMemcpy(dv, v[b].bits.data(), bytes, cudaMemcpyHostToDevice));
+    p.refs.push_back(KvBlockRef{dk, dv, tokens[b]});
+  }
+  return p;
+}
+
+Result<DeviceBuffer> Upload(const std::vector<uint16_t>& bits) {
+  SHOTDB_ASSIGN_OR_RETURN(DeviceBuffer b, DeviceBuffer::Allocate(bits.size() * 2));
+  SHOTDB_CUDA_RETURN_IF_ERROR(
+      cudaMemcpy(b.get(), bits.data(), bits.size() * 2, cudaMemcpyHostToDevice));
+  return b;
+}
+
+std::vector<float> Download(const DeviceBuffer& b, size_t n) {
+  std::vector<float> f(n);
+  EXPECT_EQ(cudaMemcpy(f.data(), b.get(), n * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+  return f;
+}
+
+// Compares out and lse with the reference: out within 2 roundoffs of the dtype relative to the
+// largest |value| of its row (P is rounded to the dtype before multiplying V), lse within 1e-3.
+void ExpectClose(const Case& c, const std::vector<float>& out, const std::vector<float>& lse,
+                 const std::vector<double>& want_out, const std::vector<double>& want_lse,
+                 const std::string& what) {
+  const uint32_t d = c.head_dim;
+  const double rel = 2 * Roundoff(c.dtype);
+  double worst_out = 0, worst_lse = 0;  // as fractions of the tolerance
+  for (size_t qv = 0; qv < want_lse.size(); ++qv) {
+    double scale = 0;
+    for (uint32_t i = 0; i < d; ++i) scale = std::max(scale, std::fabs(want_out[qv * d + i]));
+    const double tol = rel * scale + 1e-6;
+    for (uint32_t i = 0; i < d; ++i) {
+      const double err = std::fabs(out[qv * d + i] - want_out[qv * d + i]);
+      worst_out = std::max(worst_out, err / tol);
+      ASSERT_LE(err, tol) << what << ": out of query vector " << qv << " (head " << qv / c.rows
+                          << ", row " << qv % c.rows << "), element " << i << ": got "
+                          << out[qv * d + i] << ", want " << want_out[qv * d + i] << ", row scale "
+                          << scale;
+    }
+    const double err = std::fabs(lse[qv] - want_lse[qv]);
+    worst_lse = std::max(worst_lse, err / 1e-3);
+    ASSERT_LE(err, 1e-3) << what << ": lse of query vector " << qv << ": got " << lse[qv]
+                         << ", want " << want_lse[qv];
+  }
+  std::printf("  %s: worst out error %.3f, worst lse error %.3f of the tolerance\n", what.c_str(),
+              worst_out, worst_lse);
+}
+
+class PagedAttentionTest : public ::testing::TestWithParam<Case> {
+ protected:
+  void SetUp() override {
+    if (CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device";
+  }
+};
+
+TEST_P(PagedAttentionTest, MatchesReference) {
+  const Case& c = GetParam();
+  const uint32_t d = c.head_dim, q_heads = c.kv_heads * c.group;
+  std::mt19937 rng(static_cast<uint32_t>(std::hash<std::string>()(c.name)));
+  RopeParams rope;
+  rope.llama3_scaling = c.llama3;
+  auto inv = RopeInvFreq(rope, d);
+  ASSERT_TRUE(inv.ok());
+
+  std::vector<HostTensor> hk, hv;
+  std::vector<ReferenceBlock> ref_blocks;
+  uint32_t total = 0;
+  for (uint32_t t : c.blocks) {
+    hk.push_back(Random(c.dtype, size_t(c.kv_heads) * t * d, 1.f, &rng));
+    hv.push_back(Random(c.dtype, size_t(c.kv_heads) * t * d, 1.f, &rng));
+    ref_blocks.push_back(ReferenceBlock{hk.back().values, hv.back().values, t});
+    hk.back().values.clear();
+    hv.back().values.clear();
+    total += t;
+  }
+  auto pages = UploadPages(hk, hv, c.blocks);
+  ASSERT_TRUE(pages.ok()) << pages.status().ToString();
+  hk.clear();
+  hv.clear();
+  // Queries in [-2, 2]: scores with a standard deviation of ~0.7, a softmax far from uniform.
+  HostTensor q = Random(c.dtype, size_t(q_heads) * c.rows * d, 2.f, &rng);
+  auto dq = Upload(q.bits);
+  ASSERT_TRUE(dq.ok());
+
+  // The reference's K: concatenated, rotated in float64 (zero frequencies: not rotated), then
+  // rounded to the dtype as the kernel does before its tensor-core products.
+  std::vector<double> k_ref, v_ref;
+  const std::vector<double> no_rotation(d / 2, 0.0);
+  GatherRopeReference(ref_blocks, c.kv_heads, d, c.rotate ? *inv : no_rotation, c.first_position,
+                      &k_ref, &v_ref);
+  ref_blocks.clear();
+  if (c.rotate) RoundTo(c.dtype, &k_ref);
+  std::vector<double> want_out, want_lse;
+  PagedAttentionReference(q.values, k_ref, v_ref, q_heads, c.kv_heads, c.rows, total, d, &want_out,
+                          &want_lse);
+
+  const size_t qvecs = size_t(q_heads) * c.rows;
+  auto out = DeviceBuffer::Allocate(qvecs * d * 4), lse = DeviceBuffer::Allocate(qvecs * 4);
+  const size_t ws_bytes = PagedAttentionWorkspaceBytes(q_heads, c.kv_heads, c.rows, d, total);
+  auto ws = DeviceBuffer::Allocate(ws_bytes);
+  ASSERT_TRUE(out.ok() && lse.ok() && ws.ok());
+  ASSERT_EQ(cudaMemset(out->get(), 0xff, qvecs * d * 4), cudaSuccess);  // NaN if never written
+  ASSERT_EQ(cudaMemset(lse->get(), 0xff, qvecs * 4), cudaSuccess);
+  PagedAttentionArgs a;
+  a.dtype = c.dtype;
+  a.q_heads = q_heads;
+  a.kv_heads = c.kv_heads;
+  a.head_dim = d;
+  a.rows = c.rows;
+  a.q = dq->get();
+  a.blocks = pages->refs;
+  a.rotate_keys = c.rotate;
+  a.rope = rope;
+  a.first_position = c.first_position;
+  a.out = out->as<float>();
+  a.lse = lse->as<float>();
+  a.workspace = ws->get();
+  a.workspace_bytes = ws_bytes;
+  std::printf("  %u tokens in %zu blocks, %zu query vectors, workspace %zu bytes\n", total,
+              c.blocks.size(), qvecs, ws_bytes);
+  Status st = LaunchPagedAttention(a, nullptr);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  const std::vector<float> got_out = Download(*out, qvecs * d);
+  const std::vector<float> got_lse = Download(*lse, qvecs);
+  ASSERT_NO_FATAL_FAILURE(
+      ExpectClose(c, got_out, got_lse, want_out, want_lse, "kernel vs float64"));
+
+  // Again without lse: bit-identical out (no atomics, no order dependence).
+  ASSERT_EQ(cudaMemset(out->get(), 0xff, qvecs * d * 4), cudaSuccess);
+  a.lse = nullptr;
+  st = LaunchPagedAttention(a, nullptr);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  const std::vector<float> again = Download(*out, qvecs * d);
+  ASSERT_EQ(std::memcmp(again.data(), got_out.data(), again.size() * 4), 0)
+      << "a second launch gave different bits";
+}
+
+// Query vectors per kv head M = group * rows picks the CTA shape (M <= 16, <= 32, more: m tiles
+// of 64); the context length and M pick the splits (one split writes out directly, several go
+// through the merge kernel).
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, PagedAttentionTest,
+    ::testing::Values(
+        Case{"bf16_g4_d128_r1_mixed_blocks",
+             DType::kBF16,
+             2,
+             4,
+             128,
+             1,
+             {5, 130, 1, 64, 77},
+             true,
+             true,
+             0},
+        Case{"f16_g1_d64_r3_one_token_blocks", DType::kF16, 3, 1, 64, 3,
+             Repeat(1, 17, {63, 1, 1, 1, 1, 1, 2, 129}), true, false, 7},
+        Case{"bf16_g8_d128_r16_pos100k",
+             DType::kBF16,
+             1,
+             8,
+             128,
+             16,
+             {1000, 24, 1, 300},
+             true,
+             true,
+             100000},
+        Case{"bf16_g2_d64_r33_unrotated", DType::kBF16, 2, 2, 64, 33, {200, 313}, false, false, 0},
+        Case{"f16_g4_d128_r130", DType::kF16, 2, 4, 128, 130, {700, 300, 1500}, true, true, 12345},
+        Case{"bf16_g1_d128_r1_one_token", DType::kBF16, 1, 1, 128, 1, {1}, true, true, 5},
+        Case{"f16_g2_d128_r1_one_tile", DType::kF16, 1, 2, 128, 1, {64}, true, false, 0},
+        Case{"bf16_g8_d64_r3_m24",
+             DType::kBF16,
+             2,
+             8,
+             64,
+             3,
+             {63, 65, 1, 2, 130, 700},
+             true,
+             true,
+             1},
+        Case{"f16_g2_d128_r16_m32_unrotated",
+             DType::kF16,
+             4,
+             2,
+             128,
+             16,
+             {1500, 1500, 1},
+             false,
+             false,
+             0},
+        Case{"bf16_g1_d64_r130_splits", DType::kBF16, 2, 1, 64, 130, {3000, 2001}, true, false, 0},
+        Case{"bf16_g4_d128_r32_llama8b_shape",
+             DType::kBF16,
+             8,
+             4,
+             128,
+             32,
+             {1000, 1000, 1000, 1096},
+             true,
+             true,
+             0},
+        Case{"f16_g4_d64_r2_28k", DType::kF16, 2, 4, 64, 2, Repeat(997, 29), true, false, 0},
+        Case{"f16_g8_d128_r16_40k", DType::kF16, 1, 8, 128, 16, Repeat(4096, 10), true, true,
+             65536},
+        Case{"bf16_g8_d128_r1_128k_far", DType::kBF16, 1, 8, 128, 1, Repeat(1024, 128), true, true,
+             3000000},
+        Case{"bf16_g4_d128_r1_128k_unrotated", DType::kBF16, 1, 4, 128, 1, Repeat(1000, 131, {72}),
+             false, false, 0}),
+    [](const ::testing::TestParamInfo<Case>& info) { return info.param.name; });
+
+// The on-the-fly rotation against LaunchGatherRope's rotated copy read with rotate_keys false:
+// the same K up to float rounding in the angles, so nearly the same result.
+TEST(PagedAttentionGatherTest, PagesMatchGatheredCopy) {
+  if (CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device";
+  for (DType dtype : {DType::kBF16, DType::kF16}) {
+    const uint32_t kv_heads = 2, q_heads = 8, d = 128, rows = 5;
+    const std::vector<uint32_t> tokens = {300, 1, 2000, 77, 1500};
+    std::mt19937 rng(5);
+    std::vector<HostTensor> hk, hv;
+    uint32_t total = 0;
+    for (uint32_t t : tokens) {
+      hk.push_back(Random(dtype, size_t(kv_heads) * t * d, 1.f, &rng));
+      hv.push_back(Random(dtype, size_t(kv_heads) * t * d, 1.f, &rng));
+      total += t;
+    }
+    auto pages = UploadPages(hk, hv, tokens);
+    ASSERT_TRUE(pages.ok());
+    HostTensor q = Random(dtype, size_t(q_heads) * rows * d, 2.f, &rng);
+    auto dq = Upload(q.bits);
+    const size_t n = size_t(kv_heads) * total * d;
+    auto k_all = DeviceBuffer::Allocate(n * 2), v_all = DeviceBuffer::Allocate(n * 2);
+    ASSERT_TRUE(dq.ok() && k_all.ok() && v_all.ok());
+    RopeParams rope;
+    rope.llama3_scaling = true;
+    GatherRopeArgs g;
+    g.dtype = dtype;
+    g.kv_heads = kv_heads;
+    g.head_dim = d;
+    g.blocks = pages->refs;
+    g.rope = rope;
+    g.first_position = 40000;
+    g.k_out = k_all->get();
+    g.v_out = v_all->get();
+    ASSERT_TRUE(LaunchGatherRope(g, nullptr).ok());
+
+    const size_t qvecs = size_t(q_heads) * rows;
+    const size_t ws_bytes = PagedAttentionWorkspaceBytes(q_heads, kv_heads, rows, d, total);
+    auto ws = DeviceBuffer::Allocate(ws_bytes);
+    auto out1 = DeviceBuffer::Allocate(qvecs * d * 4), out2 = DeviceBuffer::Allocate(qvecs * d * 4);
+    auto lse1 = DeviceBuffer::Allocate(qvecs * 4), lse2 = DeviceBuffer::Allocate(qvecs * 4);
+    ASSERT_TRUE(ws.ok() && out1.ok() && out2.ok() && lse1.ok() && lse2.ok());
+    PagedAttentionArgs a;
+    a.dtype = dtype;
+    a.q_heads = q_heads;
+    a.kv_heads = kv_heads;
+    a.head_dim = d;
+    a.rows = rows;
+    a.q = dq->get();
+    a.rope = rope;
+    a.first_position = g.first_position;
+    a.workspace = ws->get();
+    a.workspace_bytes = ws_bytes;
+    a.blocks = pages->refs;
+    a.rotate_keys = true;
+    a.out = out1->as<float>();
+    a.lse = lse1->as<float>();
+    ASSERT_TRUE(LaunchPagedAttention(a, nullptr).ok());
+    a.blocks = {KvBlockRef{k_all->get(), v_all->get(), total}};
+    a.rotate_keys = false;
+    a.out = out2->as<float>();
+    a.lse = lse2->as<float>();
+    ASSERT_TRUE(LaunchPagedAttention(a, nullptr).ok());
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    const std::vector<float> o1 = Download(*out1, qvecs * d), o2 = Download(*out2, qvecs * d);
+    const std::vector<float> l1 = Download(*lse1, qvecs), l2 = Download(*lse2, qvecs);
+    for (size_t qv = 0; qv < qvecs; ++qv) {
+      float scale = 0;
+      for (uint32_t i = 0; i < d; ++i) scale = std::max(scale, std::fabs(o2[qv * d + i]));
+      for (uint32_t i = 0; i < d; ++i) {
+        ASSERT_NEAR(o1[qv * d + i], o2[qv * d + i], Roundoff(dtype) * scale + 1e-6)
+            << DTypeName(dtype) << " query vector " << qv << " element " << i;
+      }
+      ASSERT_NEAR(l1[qv], l2[qv], 5e-4) << DTypeName(dtype) << " query vector " << qv;
+    }
+  }
+}
+
+TEST(PagedAttentionWorkspaceTest, ShortContextsNeedNone) {
+  EXPECT_EQ(PagedAttentionWorkspaceBytes(32, 8, 1, 128, 1), 0u);
+  EXPECT_EQ(PagedAttentionWorkspaceBytes(32, 8, 1, 128, 128), 0u);
+  EXPECT_EQ(PagedAttentionWorkspaceBytes(32, 8, 32, 128, 1024), 0u);  // chunk >= 8 * M = 1024
+  // Long contexts are split; the partial results are (head_dim + 2) floats per split and vector.
+  const size_t ws = PagedAttentionWorkspaceBytes(32, 8, 1, 128, 131072);
+  EXPECT_GT(ws, 0u);
+  EXPECT_EQ(ws % (32 * 130 * sizeof(float)), 0u);
+  const size_t splits = ws / (32 * 130 * sizeof(float));
+  EXPECT_GE(splits, 64u);  // enough CTAs for a large GPU
+  EXPECT_LE(splits, 2048u);
+  EXPECT_GT(PagedAttentionWorkspaceBytes(32, 8, 32, 128, 131072), 0u);
+}
+
+// Valid except for the one field each check breaks; the pointers are never dereferenced because
+// validation fails first (so this runs without a GPU, and never launches on one).
+PagedAttentionArgs FakeArgs() {
+  PagedAttentionArgs a;
+  a.dtype = DType::kBF16;
+  a.q_heads = 8;
+  a.kv_heads = 2;
+  a.head_dim = 128;
+  a.rows = 4;
+  a.q = reinterpret_cast<const void*>(uintptr_t{0x10000});
+  a.blocks = {KvBlockRef{reinterpret_cast<const void*>(uintptr_t{0x20000}),
+                         reinterpret_cast<const void*>(uintptr_t{0x30000}), 10}};
+  a.out = reinterpret_cast<float*>(uintptr_t{0x40000});
+  return a;
+}
+
+TEST(PagedAttentionArgsTest, RejectsBadArgumentsBeforeAnyCudaCall) {
+  struct Bad {
+    const char* what;
+    void (*mutate)(PagedAttentionArgs*);
+  };
+  const Bad bad[] = {
+      {"f32 dtype", [](PagedAttentionArgs* a) { a->dtype = DType::kF32; }},
+      {"head_dim 96", [](PagedAttentionArgs* a) { a->head_dim = 96; }},
+      {"head_dim 0", [](PagedAttentionArgs* a) { a->head_dim = 0; }},
+      {"q_heads not a multiple", [](PagedAttentionArgs* a) { a->q_heads = 3; }},
+      {"group of 9", [](PagedAttentionArgs* a) { a->q_heads = 18; }},
+      {"kv_heads 0", [](PagedAttentionArgs* a) { a->kv_heads = 0; }},
+      {"q_heads 0", [](PagedAttentionArgs* a) { a->q_heads = 0; }},
+      {"rows 0", [](PagedAttentionArgs* a) { a->rows = 0; }},
+      {"too many rows", [](PagedAttentionArgs* a) { a->rows = kMaxPagedAttentionRows + 1; }},
+      {"null q", [](PagedAttentionArgs* a) { a->q = nullptr; }},
+      {"null out", [](PagedAttentionArgs* a) { a->out = nullptr; }},
+      {"misaligned q",
+       [](PagedAttentionArgs* a) { a->q = reinterpret_cast<const void*>(uintptr_t{0x10002}); }},
+      {"no blocks", [](PagedAttentionArgs* a) { a->blocks.clear(); }},
+      {"too many blocks",
+       [](PagedAttentionArgs* a) { a->blocks.resize(kMaxKernelBlocks + 1, a->blocks[0]); }},
+      {"block of 0 tokens", [](PagedAttentionArgs* a) { a->blocks[0].tokens = 0; }},
+      {"null k", [](PagedAttentionArgs* a) { a->blocks[0].k = nullptr; }},
+      {"null v", [](PagedAttentionArgs* a) { a->blocks[0].v = nullptr; }},
+      {"k only 8-byte aligned",
+       [](PagedAttentionArgs* a) {
+         a->blocks[0].k = reinterpret_cast<const void*>(uintptr_t{0x20008});
+       }},
+      {"v only 4-byte aligned",
+       [](PagedAttentionArgs* a) {
+         a->blocks[0].v = reinterpret_cast<const void*>(uintptr_t{0x30004});
+       }},
+      {"bad rope theta", [](PagedAttentionArgs* a) { a->rope.theta = 1.0; }},
+      {"bad llama3 scaling",
+       [](PagedAttentionArgs* a) {
+         a->rope.llama3_scaling = true;
+         a->rope.factor = 0;
+       }},
+      {"no workspace for a long context",
+       [](PagedAttentionArgs* a) { a->blocks[0].tokens = 100000; }},
+      {"workspace one byte short",
+       [](PagedAttentionArgs* a) {
+         a->blocks[0].tokens = 100000;
+         a->workspace = reinterpret_cast<void*>(uintptr_t{0x50000});
+         a->workspace_bytes = PagedAttentionWorkspaceBytes(8, 2, 4, 128, 100000) - 1;
+       }},
+      {"misaligned workspace",
+       [](PagedAttentionArgs* a) {
+         a->blocks[0].tokens = 100000;
+         a->workspace = reinterpret_cast<void*>(uintptr_t{0x50002});
+         a->workspace_bytes = PagedAttentionWorkspaceBytes(8, 2, 4, 128, 100000);
+       }},
+  };
+  for (const Bad& b : bad) {
+    PagedAttentionArgs a = FakeArgs();
+    b.mutate(&a);
+    const Status st = LaunchPagedAttention(a, nullptr);
+    EXPECT_TRUE(st.IsInvalidArgument()) << b.what << ": " << st.ToString();
+  }
+}
+
+}  // namespace
+}  // namespace gpu
+}  // namespace shotdb

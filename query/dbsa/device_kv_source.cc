@@ -1,0 +1,312 @@
+// The device KvSource (kv_source.h): gpu::Stager + gpu::BlockPageCache, attention over the pages in
+// place with gpu::LaunchPagedAttention. Built only with gpu/.
+#include <chrono>
+#include <map>
+#include <memory>
+#include <numeric>
+#include <optional>
+
+#include "gpu/cuda_util.h"
+#include "gpu/paged_attention.h"
+#include "gpu/rope_gather.h"
+#include "gpu/stager.h"
+#include "query/dbsa/kv_source.h"
+#include "query/dbsa/kv_tensor.h"
+#include "query/model/context_attention.h"
+
+namespace shotdb {
+
+namespace {
+
+// The default (legacy) stream, where libtorch's kernels run unless a current stream is set
+// (shotdb sets none): the kernels here go there too, so the model's kernels are ordered after
+// them without a host wait.
+const cudaStream_t kTorchStream = nullptr;
+
+double MsSince(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
+      .count();
+}
+
+// The model's RoPE in the kernels' terms; nullopt for a scaling the kernels do not implement.
+std::optional<gpu::RopeParams> KernelRope(const ModelConfig& config) {
+  gpu::RopeParams rope;
+  rope.theta = config.rope_theta;
+  switch (config.rope_scaling.type) {
+    case RopeScaling::Type::kNone:
+      rope.llama3_scaling = false;
+      return rope;
+    case RopeScaling::Type::kLlama3:
+      rope.llama3_scaling = true;
+      rope.factor = config.rope_scaling.factor;
+      rope.low_freq_factor = config.rope_scaling.low_freq_factor;
+      rope.high_freq_factor = config.rope_scaling.high_freq_factor;
+      rope.original_max_position_embeddings =
+          static_cast<double>(config.rope_scaling.original_max_position_embeddings);
+      return rope;
+  }
+  return std::nullopt;
+}
+
+// The attention form: one query's blocks among a staged batch's pages (pinned while any view of
+// the batch lives), read in place.
+class PagedContext final : public ContextAttention {
+ public:
+  // `index`: the query's blocks as positions in the batch's block order, in the query's order.
+  PagedContext(std::shared_ptr<const gpu::StagedBatch> batch, std::vector<uint32_t> index,
+               gpu::RopeParams rope, const ModelConfig& config)
+      : batch_(std::move(batch)), index_(std::move(index)), rope_(rope), config_(config) {
+    for (uint32_t i : index_) tokens_ += batch_->block_tokens[i];
+  }
+
+  ~PagedContext() override {
+    // The pages go back to the cache when the batch dies; attention kernels may still read them.
+    cudaStreamSynchronize(kTorchStream);
+  }
+
+  int64_t tokens() const override { return static_cast<int64_t>(tokens_); }
+
+  Status Attend(int64_t layer, const torch::Tensor& q, torch::Tensor* out,
+                torch::Tensor* lse) const override {
+    const gpu::StagedLayer& staged = batch_->layers.at(static_cast<size_t>(layer));
+    SHOTDB_RETURN_IF_ERROR(staged.ready.WaitOn(kTorchStream));  // this layer's copies
+    const int64_t heads = q.size(0), rows = q.size(1), dim = q.size(2);
+    const auto f32 = torch::TensorOptions().dtype(torch::kFloat32).device(q.device());
+    *out = torch::empty({heads, rows, dim}, f32);
+    *lse = torch::empty({heads, rows}, f32);
+    gpu::PagedAttentionArgs args;
+    args.dtype = batch_->dtype;
+    args.q_heads = static_cast<uint32_t>(heads);
+    args.kv_heads = static_cast<uint32_t>(config_.num_kv_heads);
+    args.head_dim = static_cast<uint32_t>(dim);
+    args.rows = static_cast<uint32_t>(rows);
+    args.q = q.data_ptr();
+    args.blocks.reserve(index_.size());
+    for (uint32_t i : index_) args.blocks.push_back(staged.blocks[i]);
+    args.rotate_keys = true;
+    args.rope = rope_;
+    args.first_position = 0;
+    args.out = out->data_ptr<float>();
+    args.lse = lse->data_ptr<float>();
+    const size_t bytes = gpu::PagedAttentionWorkspaceBytes(args.q_heads, args.kv_heads, args.rows,
+                                                           args.head_dim, tokens_);
+    if (bytes > 0 && workspace_.numel() < static_cast<int64_t>(bytes)) {
+      workspace_ = torch::empty({static_cast<int64_t>(bytes)},
+                                torch::TensorOptions().dtype(torch::kUInt8).device(q.device()));
+    }
+    args.workspace = bytes > 0 ? workspace_.data_ptr() : nullptr;
+    args.workspace_bytes = bytes;
+    return gpu::LaunchPagedAttention(args, kTorchStream);
+  }
+
+ private:
+  std::shared_ptr<const gpu::StagedBatch> batch_;
+  std::vector<uint32_t> index_;
+  uint64_t tokens_ = 0;
+  gpu::RopeParams rope_;
+  ModelConfig config_;
+  mutable torch::Tensor workspace_;  // reused across layers (stream-ordered on kTorchStream)
+};
+
+class DeviceKvSource final : public KvSource {
+ public:
+  DeviceKvSource(int device, std::unique_ptr<gpu::Stager> stager,
+                 std::unique_ptr<gpu::BlockPageCache> cache)
+      : device_(device), stager_(std::move(stager)), cache_(std::move(cache)) {}
+
+  ~DeviceKvSource() override {
+    cache_.reset();  // its pages are freed on the stager's stream
+    stager_.reset();
+  }
+
+  Result<QueryContext> Load(Snapshot* snapshot, const TaskInfo& task,
+                            const std::vector<uint32_t>& blocks, const LlamaModel& model,
+                            bool want_tensors, double* load_ms, double* gather_ms) override {
+    auto start = std::chrono::steady_clock::now();
+    SHOTDB_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    const ModelConfig& config = model.config();
+    const uint32_t num_layers = task.model.num_layers;
+    std::vector<uint32_t> layers(num_layers);
+    std::iota(layers.begin(), layers.end(), 0u);
+    const int64_t heads = task.model.kv_heads, dim = task.model.head_dim;
+    const std::optional<gpu::RopeParams> rope = KernelRope(config);
+    const bool paged = rope.has_value() && Paged(task, model, blocks.size(), want_tensors);
+    const bool gather = rope.has_value() && KernelDType(task, model) && !paged &&
+                        blocks.size() <= gpu::kMaxKernelBlocks && dim % 4 == 0 &&
+                        dim <= gpu::kMaxKernelHeadDim;
+    const auto options = torch::TensorOptions().dtype(model.dtype()).device(model.device());
+
+    QueryContext context;
+    context.rotated = gather;
+    gpu::Stager::LayerCallback gather_layer;
+    if (gather) {
+      // As each layer's pages arrive, copy them into the context tensors, rotating K.
+      gather_layer = [&](size_t index, const gpu::StagedLayer& layer) -> Status {
+        if (context.kv.empty()) {  // the first layer: the Stager has read the blocks' lengths
+          int64_t total = 0;
+          for (const gpu::KvBlockRef& b : layer.blocks) total += b.tokens;
+          for (uint32_t l = 0; l < num_layers; ++l) {
+            context.kv.push_back({torch::empty({heads, total, dim}, options),
+                                  torch::empty({heads, total, dim}, options)});
+          }
+        }
+        SHOTDB_RETURN_IF_ERROR(layer.ready.WaitOn(kTorchStream));
+        gpu::GatherRopeArgs args;
+        args.dtype = task.model.dtype;
+        args.kv_heads = static_cast<uint32_t>(heads);
+        args.head_dim = static_cast<uint32_t>(dim);
+        args.blocks = layer.blocks;
+        args.rope = *rope;
+        args.first_position = 0;
+        args.k_out = context.kv[index].k.data_ptr();
+        args.v_out = context.kv[index].v.data_ptr();
+        return gpu::LaunchGatherRope(args, kTorchStream);
+      };
+    }
+    Result<gpu::StagedBatch> staged =
+        stager_->StageLayers(snapshot, task.name, blocks, layers, cache_.get(), gather_layer);
+    if (!staged.ok()) {
+      // Gathers of the layers before the failure may still read their pages.
+      torch::cuda::synchronize();
+      return staged.status();
+    }
+    *load_ms = MsSince(start);
+    start = std::chrono::steady_clock::now();
+    context.tokens = staged->total_tokens;
+    if (paged) {
+      std::vector<uint32_t> index(blocks.size());
+      std::iota(index.begin(), index.end(), 0u);
+      context.attention = std::make_unique<PagedContext>(
+          std::make_shared<const gpu::StagedBatch>(std::move(staged).value()), std::move(index),
+          *rope, config);
+      *gather_ms = MsSince(start);
+      return context;
+    }
+    if (!gather) {
+      // libtorch's kernels run on its own stream: let the copies finish first.
+      SHOTDB_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stager_->stream()));
+      const gpu::StagedBatch& batch = *staged;
+      const auto stored =
+          torch::TensorOptions().dtype(TorchType(batch.dtype)).device(torch::kCUDA, device_);
+      const std::vector<int64_t> lengths(batch.block_tokens.begin(), batch.block_tokens.end());
+      context.kv = ConcatenateBlocks(
+          num_layers, heads, dim, lengths, options, [&](size_t i, uint32_t l, int kv) {
+            const gpu::KvBlockRef& ref = batch.layers[l].blocks[i];
+            return torch::from_blob(const_cast<void*>(kv == 0 ? ref.k : ref.v),
+                                    {heads, lengths[i], dim}, stored);
+          });
+    }
+    // The batch unpins its pages when it goes out of scope; the reads above must be done by then.
+    torch::cuda::synchronize();
+    *gather_ms = MsSince(start);
+    return context;
+  }
+
+  Result<std::vector<QueryContext>> LoadBatch(Snapshot* snapshot, const TaskInfo& task,
+                                              const std::vector<std::vector<uint32_t>>& blocks,
+                                              const LlamaModel& model, double* load_ms,
+                                              double* gather_ms) override {
+    // The union of the queries' blocks, staged once; each query views its own.
+    std::vector<uint32_t> all;
+    std::map<uint32_t, uint32_t> position;  // block -> position in `all`
+    for (const std::vector<uint32_t>& query : blocks) {
+      for (uint32_t b : query) {
+        if (position.emplace(b, static_cast<uint32_t>(all.size())).second) all.push_back(b);
+      }
+    }
+    const ModelConfig& config = model.config();
+    const std::optional<gpu::RopeParams> rope = KernelRope(config);
+    if (!Paged(task, model, all.size(), /*want_tensors=*/false) || !rope) {
+      // Not for the kernels: each query's tensors, as TensorContextAttention.
+      std::vector<QueryContext> contexts;
+      *load_ms = *gather_ms = 0;
+      for (const std::vector<uint32_t>& query : blocks) {
+        double load = 0, gather = 0;
+        SHOTDB_ASSIGN_OR_RETURN(QueryContext c, Load(snapshot, task, query, model,
+                                                     /*want_tensors=*/true, &load, &gather));
+        const auto int64 = torch::TensorOptions().dtype(torch::kInt64).device(model.device());
+        SHOTDB_ASSIGN_OR_RETURN(
+            c.attention, TensorContextAttention::Create(
+                             model, std::move(c.kv),
+                             torch::arange(static_cast<int64_t>(c.tokens), int64), c.rotated));
+        c.kv.clear();
+        *load_ms += load;
+        *gather_ms += gather;
+        contexts.push_back(std::move(c));
+      }
+      return contexts;
+    }
+    auto start = std::chrono::steady_clock::now();
+    SHOTDB_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    std::vector<uint32_t> layers(task.model.num_layers);
+    std::iota(layers.begin(), layers.end(), 0u);
+    Result<gpu::StagedBatch> staged =
+        stager_->StageLayers(snapshot, task.name, all, layers, cache_.get());
+    if (!staged.ok()) return staged.status();
+    auto batch = std::make_shared<const gpu::StagedBatch>(std::move(staged).value());
+    *load_ms = MsSince(start);
+    std::vector<QueryContext> contexts;
+    for (const std::vector<uint32_t>& query : blocks) {
+      std::vector<uint32_t> index;
+      for (uint32_t b : query) index.push_back(position.at(b));
+      QueryContext c;
+      c.attention = std::make_unique<PagedContext>(batch, std::move(index), *rope, config);
+      c.tokens = static_cast<uint64_t>(c.attention->tokens());
+      contexts.push_back(std::move(c));
+    }
+    *gather_ms = 0;
+    return contexts;
+  }
+
+  Stats stats() const override {
+    const gpu::BlockPageCache::Stats s = cache_->stats();
+    Stats out;
+    out.hits = s.hits;
+    out.misses = s.misses;
+    out.evictions = s.evictions;
+    out.bytes_loaded = stager_->stats().bytes_copied;
+    out.bytes_resident = s.bytes_in_use;
+    return out;
+  }
+
+  void Clear() override { cache_->Clear(); }
+
+ private:
+  // The model computes in the stored dtype, one the kernels take.
+  static bool KernelDType(const TaskInfo& task, const LlamaModel& model) {
+    return model.dtype() == TorchType(task.model.dtype) &&
+           (task.model.dtype == DType::kBF16 || task.model.dtype == DType::kF16);
+  }
+  // The attention form applies: LaunchPagedAttention takes these shapes (RoPE checked apart).
+  static bool Paged(const TaskInfo& task, const LlamaModel& model, size_t blocks,
+                    bool want_tensors) {
+    const ModelConfig& c = model.config();
+    const int64_t group = c.num_heads / c.num_kv_heads;
+    return !want_tensors && KernelDType(task, model) && blocks <= gpu::kMaxKernelBlocks &&
+           (c.head_dim == 64 || c.head_dim == 128) &&
+           group <= static_cast<int64_t>(gpu::kMaxPagedAttentionGroup);
+  }
+
+  int device_;
+  std::unique_ptr<gpu::Stager> stager_;
+  std::unique_ptr<gpu::BlockPageCache> cache_;
+};
+
+}  // namespace
+
+bool DeviceKvSourceAvailable() { return true; }
+
+Result<std::unique_ptr<KvSource>> MakeDeviceKvSource(size_t cache_bytes, int device_index) {
+  SHOTDB_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_index));
+  gpu::Stager::Options options;
+  options.threads = 16;  // reading the map into pinned slabs is the bottleneck (docs/gpu.md)
+  // Any stored dtype: the kernels take bf16/f16, the others are concatenated by libtorch.
+  options.kernel_dtypes_only = false;
+  SHOTDB_ASSIGN_OR_RETURN(std::unique_ptr<gpu::Stager> stager, gpu::Stager::Create(options));
+  SHOTDB_ASSIGN_OR_RETURN(std::unique_ptr<gpu::BlockPageCache> cache,
+                          stager->CreateCache(cache_bytes));
+  return std::unique_ptr<KvSource>(
+      new DeviceKvSource(device_index, std::move(stager), std::move(cache)));
+}
+
+}  // namespace shotdb

@@ -1,0 +1,99 @@
+#include "query/dbsa/kv_source.h"
+
+#include <chrono>
+
+#include "query/dbsa/kv_tensor.h"
+#include "query/model/context_attention.h"
+
+namespace shotdb {
+
+namespace {
+
+double MsSince(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
+      .count();
+}
+
+class HostKvSource final : public KvSource {
+ public:
+  Result<QueryContext> Load(Snapshot* snapshot, const TaskInfo& task,
+                            const std::vector<uint32_t>& blocks, const LlamaModel& model,
+                            bool want_tensors, double* load_ms, double* gather_ms) override {
+    auto start = std::chrono::steady_clock::now();
+    const uint32_t layers = task.model.num_layers;
+    // Per block, per layer K then V: views of the map (raw) or decoded copies (LZ4), verified.
+    std::vector<std::vector<PayloadRef>> payloads;
+    std::vector<int64_t> lengths;
+    QueryContext context;
+    for (uint32_t b : blocks) {
+      SHOTDB_ASSIGN_OR_RETURN(BlockInfo info, snapshot->GetBlock(task.name, b));
+      lengths.push_back(info.token_count);
+      context.tokens += info.token_count;
+      std::vector<PayloadRef> refs;
+      for (uint32_t l = 0; l < layers; ++l) {
+        for (TensorKind kind : {TensorKind::kKey, TensorKind::kValue}) {
+          SHOTDB_ASSIGN_OR_RETURN(PayloadRef ref, snapshot->GetPayload(task.name, b, l, kind));
+          refs.push_back(std::move(ref));
+        }
+      }
+      payloads.push_back(std::move(refs));
+    }
+    *load_ms = MsSince(start);
+    start = std::chrono::steady_clock::now();
+    const auto stored = torch::TensorOptions().dtype(TorchType(task.model.dtype));
+    context.kv = ConcatenateBlocks(
+        layers, task.model.kv_heads, task.model.head_dim, lengths,
+        torch::TensorOptions().dtype(model.dtype()).device(model.device()),
+        [&](size_t i, uint32_t l, int kv) {
+          const PayloadRef& ref = payloads[i][2 * l + kv];
+          return torch::from_blob(const_cast<void*>(ref.data),
+                                  {task.model.kv_heads, lengths[i], task.model.head_dim}, stored);
+        });
+    if (model.device().is_cuda()) torch::cuda::synchronize();  // the copies read `payloads`
+    if (!want_tensors) {
+      const auto int64 = torch::TensorOptions().dtype(torch::kInt64).device(model.device());
+      SHOTDB_ASSIGN_OR_RETURN(
+          context.attention,
+          TensorContextAttention::Create(model, std::move(context.kv),
+                                         torch::arange(static_cast<int64_t>(context.tokens), int64),
+                                         /*rotated=*/false));
+      context.kv.clear();
+    }
+    *gather_ms = MsSince(start);
+    return context;
+  }
+
+  Result<std::vector<QueryContext>> LoadBatch(Snapshot* snapshot, const TaskInfo& task,
+                                              const std::vector<std::vector<uint32_t>>& blocks,
+                                              const LlamaModel& model, double* load_ms,
+                                              double* gather_ms) override {
+    std::vector<QueryContext> contexts;
+    *load_ms = *gather_ms = 0;
+    for (const std::vector<uint32_t>& b : blocks) {
+      double load = 0, gather = 0;
+      SHOTDB_ASSIGN_OR_RETURN(QueryContext c, Load(snapshot, task, b, model,
+                                                   /*want_tensors=*/false, &load, &gather));
+      *load_ms += load;
+      *gather_ms += gather;
+      contexts.push_back(std::move(c));
+    }
+    return contexts;
+  }
+
+  Stats stats() const override { return {}; }
+  void Clear() override {}
+};
+
+}  // namespace
+
+std::unique_ptr<KvSource> MakeHostKvSource() { return std::make_unique<HostKvSource>(); }
+
+#ifndef SHOTDB_HAVE_GPU
+bool DeviceKvSourceAvailable() { return false; }
+
+Result<std::unique_ptr<KvSource>> MakeDeviceKvSource(size_t, int) {
+  return Status::NotSupported("this build has no gpu/ (configure with CUDA to stage K/V)");
+}
+#endif
+
+}  // namespace shotdb

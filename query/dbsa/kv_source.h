@@ -1,0 +1,93 @@
+// KvSource: where a DBSA query's context K/V comes from. DbsaSession reads stored K/V through this
+// interface only; one source per session.
+//
+// Given the selected blocks (in placement order), a source returns the query's context, C tokens
+// whose K/V are the blocks' stored pre-RoPE K/V concatenated, K placed with RoPE at positions
+// 0..C-1, in one of two forms:
+//   - attention: a ContextAttention (query/model/llama.h) that attends to the blocks where they
+//     lie, with RoPE applied on the fly; the model never sees the context as tensors;
+//   - tensors: per layer [kv_heads, C, head_dim] K and V in the model's dtype and device, K either
+//     already rotated to 0..C-1 (`rotated`) or pre-RoPE.
+// Callers that need tensors (free-text generation, which appends to a K/V cache) ask for them.
+//
+// Implementations:
+//   - MakeHostKvSource: reads the blocks from the snapshot on every query (zero-copy views into
+//     the memory map for raw payloads, decoded for LZ4; checksums verified) and concatenates them
+//     in the model's dtype on the model's device. No cache of its own: on the CPU the store's map
+//     is already in memory (the OS page cache), and a copy into the model's layout is needed
+//     either way. Tensors have K pre-RoPE; the attention form is a TensorContextAttention
+//     (query/model/context_attention.h) over them.
+//   - MakeDeviceKvSource (builds with gpu/, CUDA models): gpu::Stager stages the blocks' pages
+//     into a gpu::BlockPageCache kept between queries (a hot query copies nothing from the host).
+//     When the model's dtype is the stored one and the kernels take it (bf16, f16; head_dim 64 or
+//     128; at most 8 query heads per K/V head) the query gets the attention form:
+//     gpu::LaunchPagedAttention reads the cached pages in place, layer l waiting only for layer
+//     l's copies (a cold query's later layers still travel while earlier ones compute). Otherwise
+//     tensors: gathered and rotated by gpu::LaunchGatherRope when the dtype matches, else
+//     concatenated and converted by libtorch (K pre-RoPE).
+//
+// A returned context reads the snapshot's map (direct copies of cold blocks, host tensors that
+// are views): keep the snapshot open while the context is in use.
+// Not thread-safe: one source per session.
+#ifndef SHOTDB_QUERY_DBSA_KV_SOURCE_H_
+#define SHOTDB_QUERY_DBSA_KV_SOURCE_H_
+
+#include <torch/torch.h>
+
+#include <memory>
+#include <vector>
+
+#include "engine/store.h"
+#include "query/model/llama.h"
+
+namespace shotdb {
+
+struct QueryContext {
+  uint64_t tokens = 0;  // C
+  // The attention form (non-null), or else the tensors.
+  std::unique_ptr<ContextAttention> attention;
+  std::vector<LayerKV> kv;
+  bool rotated = false;  // kv's K has RoPE at 0..C-1 applied
+};
+
+class KvSource {
+ public:
+  struct Stats {
+    uint64_t hits = 0, misses = 0, evictions = 0;  // cache pages (a block's K and V of one layer)
+    uint64_t bytes_loaded = 0;                     // copied from the host to the device
+    uint64_t bytes_resident = 0;                   // held by the cache now
+  };
+
+  virtual ~KvSource() = default;
+
+  // The context of `blocks` of `task` for `model` (see above); `want_tensors` asks for the tensor
+  // form. `load_ms` receives the time until every block is read (host) or every copy is enqueued
+  // and its checksum verified (device), `gather_ms` the rest (concatenation or gather; 0 for the
+  // attention form, whose copies are waited for by the attention itself). Errors from the store
+  // (NotFound, Corruption naming the record), libtorch or CUDA.
+  virtual Result<QueryContext> Load(Snapshot* snapshot, const TaskInfo& task,
+                                    const std::vector<uint32_t>& blocks, const LlamaModel& model,
+                                    bool want_tensors, double* load_ms, double* gather_ms) = 0;
+  // The contexts of several queries (blocks[q] in that order for query q) in the attention form,
+  // for one batched forward (DecodeLabelBatch). The device source stages the union of the blocks
+  // once and gives each query a view of its pages; the host source loads each query's blocks.
+  // `load_ms`/`gather_ms` as Load's, for the whole batch. Errors as Load's.
+  virtual Result<std::vector<QueryContext>> LoadBatch(
+      Snapshot* snapshot, const TaskInfo& task, const std::vector<std::vector<uint32_t>>& blocks,
+      const LlamaModel& model, double* load_ms, double* gather_ms) = 0;
+  virtual Stats stats() const = 0;
+  // Drops cached blocks (nothing for the host source).
+  virtual void Clear() = 0;
+};
+
+std::unique_ptr<KvSource> MakeHostKvSource();
+
+// True when this build has gpu/ (MakeDeviceKvSource exists).
+bool DeviceKvSourceAvailable();
+// A device source on CUDA device `device_index` whose page cache keeps up to `cache_bytes`.
+// NotSupported without gpu/; IOError from CUDA (no device, out of memory).
+Result<std::unique_ptr<KvSource>> MakeDeviceKvSource(size_t cache_bytes, int device_index);
+
+}  // namespace shotdb
+
+#endif  // SHOTDB_QUERY_DBSA_KV_SOURCE_H_

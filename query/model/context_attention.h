@@ -1,0 +1,66 @@
+// ContextAttention implementations on libtorch (the interface is in llama.h):
+//
+//   - TensorContextAttention: a context given as per-layer K/V tensors (the host K/V source, and
+//     any device where the GPU kernels do not apply). K is rotated once, at construction, to the
+//     context's positions; Attend computes scores, log-sum-exp and output in the accumulation
+//     dtype (float32, float64 for float64 models), query head h reading K/V head h / group.
+//   - StackedContextAttention: several queries' contexts for one batched Forward. The new tokens
+//     are the queries' rows one after the other; rows [first_i, first_i + rows_i) attend to
+//     context i only (the Forward's mask keeps the queries' own tokens apart). tokens() is the
+//     longest context; give Forward a [T, T] mask.
+//
+// Thread-safety: Attend is const and re-entrant; the objects are immutable after construction.
+#ifndef SHOTDB_QUERY_MODEL_CONTEXT_ATTENTION_H_
+#define SHOTDB_QUERY_MODEL_CONTEXT_ATTENTION_H_
+
+#include <torch/torch.h>
+
+#include <memory>
+#include <vector>
+
+#include "query/model/llama.h"
+#include "util/status.h"
+
+namespace shotdb {
+
+class TensorContextAttention final : public ContextAttention {
+ public:
+  // `kv`: num_layers entries of [num_kv_heads, C, head_dim] in the model's dtype and device, K
+  // pre-RoPE (rotated here to `positions` [C] int64) or already rotated (`rotated`).
+  // InvalidArgument for malformed tensors (RotateKeys' errors).
+  static Result<std::unique_ptr<TensorContextAttention>> Create(const LlamaModel& model,
+                                                                std::vector<LayerKV> kv,
+                                                                const torch::Tensor& positions,
+                                                                bool rotated);
+  int64_t tokens() const override { return tokens_; }
+  Status Attend(int64_t layer, const torch::Tensor& q, torch::Tensor* out,
+                torch::Tensor* lse) const override;
+
+ private:
+  TensorContextAttention(std::vector<LayerKV> kv, int64_t tokens, int64_t group)
+      : kv_(std::move(kv)), tokens_(tokens), group_(group) {}
+  std::vector<LayerKV> kv_;  // K rotated
+  int64_t tokens_;
+  int64_t group_;
+};
+
+class StackedContextAttention final : public ContextAttention {
+ public:
+  struct Part {
+    const ContextAttention* context;  // not owned
+    int64_t rows;                     // this query's new tokens
+  };
+  explicit StackedContextAttention(std::vector<Part> parts);
+  int64_t tokens() const override { return tokens_; }
+  // InvalidArgument if q's rows are not the parts' rows summed; a part's error otherwise.
+  Status Attend(int64_t layer, const torch::Tensor& q, torch::Tensor* out,
+                torch::Tensor* lse) const override;
+
+ private:
+  std::vector<Part> parts_;
+  int64_t tokens_ = 0, rows_ = 0;
+};
+
+}  // namespace shotdb
+
+#endif  // SHOTDB_QUERY_MODEL_CONTEXT_ATTENTION_H_
