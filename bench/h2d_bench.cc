@@ -24,6 +24,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/bench_check.h"
 #include "engine/store.h"
 #include "gpu/cuda_util.h"
 #include "gpu/paged_attention.h"
@@ -49,20 +50,9 @@ double Seconds(std::chrono::steady_clock::time_point a) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - a).count();
 }
 
-#define CHECK_OK(expr)                                                                \
-  do {                                                                                \
-    ::shotdb::Status s_ = (expr);                                                     \
-    if (!s_.ok()) {                                                                   \
-      std::fprintf(stderr, "%s:%d: %s\n", __FILE__, __LINE__, s_.ToString().c_str()); \
-      std::exit(1);                                                                   \
-    }                                                                                 \
-  } while (0)
+#define CHECK_OK(expr) SHOTDB_BENCH_CHECK_OK(expr)
 
-template <typename T>
-T Must(Result<T> r) {
-  CHECK_OK(r.status());
-  return std::move(r).value();
-}
+using ::shotdb::bench::Must;
 
 // Best of kReps of `fn` (which returns seconds).
 template <typename F>

@@ -26,6 +26,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/bench_check.h"
 #include "format/dtype.h"
 #include "gpu/cuda_util.h"
 #include "gpu/paged_attention.h"
@@ -37,21 +38,10 @@ namespace {
 
 constexpr uint32_t kQHeads = 32, kKvHeads = 8, kHeadDim = 128;
 
-#define CHECK_OK(expr)                                                                \
-  do {                                                                                \
-    ::shotdb::Status s_ = (expr);                                                     \
-    if (!s_.ok()) {                                                                   \
-      std::fprintf(stderr, "%s:%d: %s\n", __FILE__, __LINE__, s_.ToString().c_str()); \
-      std::exit(1);                                                                   \
-    }                                                                                 \
-  } while (0)
+#define CHECK_OK(expr) SHOTDB_BENCH_CHECK_OK(expr)
 #define CHECK_CUDA(call) CHECK_OK(CudaStatus((call), #call, "paged_attention_bench"))
 
-template <typename T>
-T Must(Result<T> r) {
-  CHECK_OK(r.status());
-  return std::move(r).value();
-}
+using ::shotdb::bench::Must;
 
 double Median(std::vector<double> v) {
   std::sort(v.begin(), v.end());

@@ -7,12 +7,12 @@
 #include <optional>
 
 #include "gpu/cuda_util.h"
+#include "gpu/merge_attention.h"
 #include "gpu/paged_attention.h"
 #include "gpu/rope_gather.h"
 #include "gpu/stager.h"
 #include "query/dbsa/kv_source.h"
 #include "query/dbsa/kv_tensor.h"
-#include "query/model/context_attention.h"
 
 namespace shotdb {
 
@@ -66,14 +66,20 @@ class PagedContext final : public ContextAttention {
 
   int64_t tokens() const override { return static_cast<int64_t>(tokens_); }
 
-  Status Attend(int64_t layer, const torch::Tensor& q, torch::Tensor* out,
-                torch::Tensor* lse) const override {
+  Result<torch::Tensor> Attend(int64_t layer, const torch::Tensor& q, const torch::Tensor& k,
+                               const torch::Tensor& v,
+                               const torch::Tensor& allowed) const override {
+    if (!q.is_contiguous() || k.stride(2) != 1 || v.stride(2) != 1 || !allowed.is_contiguous() ||
+        allowed.scalar_type() != torch::kBool) {
+      return Status::InvalidArgument(
+          "PagedContext: q and allowed (bool) must be contiguous, k and v contiguous per row");
+    }
     const gpu::StagedLayer& staged = batch_->layers.at(static_cast<size_t>(layer));
     SHOTDB_RETURN_IF_ERROR(staged.ready.WaitOn(kTorchStream));  // this layer's copies
     const int64_t heads = q.size(0), rows = q.size(1), dim = q.size(2);
     const auto f32 = torch::TensorOptions().dtype(torch::kFloat32).device(q.device());
-    *out = torch::empty({heads, rows, dim}, f32);
-    *lse = torch::empty({heads, rows}, f32);
+    const torch::Tensor ctx_out = torch::empty({heads, rows, dim}, f32);
+    const torch::Tensor ctx_lse = torch::empty({heads, rows}, f32);
     gpu::PagedAttentionArgs args;
     args.dtype = batch_->dtype;
     args.q_heads = static_cast<uint32_t>(heads);
@@ -86,8 +92,8 @@ class PagedContext final : public ContextAttention {
     args.rotate_keys = true;
     args.rope = rope_;
     args.first_position = 0;
-    args.out = out->data_ptr<float>();
-    args.lse = lse->data_ptr<float>();
+    args.out = ctx_out.data_ptr<float>();
+    args.lse = ctx_lse.data_ptr<float>();
     const size_t bytes = gpu::PagedAttentionWorkspaceBytes(args.q_heads, args.kv_heads, args.rows,
                                                            args.head_dim, tokens_);
     if (bytes > 0 && workspace_.numel() < static_cast<int64_t>(bytes)) {
@@ -96,7 +102,31 @@ class PagedContext final : public ContextAttention {
     }
     args.workspace = bytes > 0 ? workspace_.data_ptr() : nullptr;
     args.workspace_bytes = bytes;
-    return gpu::LaunchPagedAttention(args, kTorchStream);
+    SHOTDB_RETURN_IF_ERROR(gpu::LaunchPagedAttention(args, kTorchStream));
+
+    // The new tokens among themselves, merged with the context's result, in one kernel.
+    torch::Tensor out = torch::empty({rows, heads * dim}, q.options());
+    gpu::MergeAttentionArgs m;
+    m.dtype = batch_->dtype;
+    m.q_heads = args.q_heads;
+    m.kv_heads = args.kv_heads;
+    m.head_dim = args.head_dim;
+    m.rows = args.rows;
+    m.q = q.data_ptr();
+    m.q_head_stride = q.stride(0);
+    m.q_row_stride = q.stride(1);
+    m.k = k.data_ptr();
+    m.k_head_stride = k.stride(0);
+    m.k_row_stride = k.stride(1);
+    m.v = v.data_ptr();
+    m.v_head_stride = v.stride(0);
+    m.v_row_stride = v.stride(1);
+    m.mask = static_cast<const uint8_t*>(allowed.data_ptr());  // bool: one byte each
+    m.ctx_out = ctx_out.data_ptr<float>();
+    m.ctx_lse = ctx_lse.data_ptr<float>();
+    m.out = out.data_ptr();
+    SHOTDB_RETURN_IF_ERROR(gpu::LaunchMergeAttention(m, kTorchStream));
+    return out;
   }
 
  private:
@@ -224,12 +254,7 @@ class DeviceKvSource final : public KvSource {
         double load = 0, gather = 0;
         SHOTDB_ASSIGN_OR_RETURN(QueryContext c, Load(snapshot, task, query, model,
                                                      /*want_tensors=*/true, &load, &gather));
-        const auto int64 = torch::TensorOptions().dtype(torch::kInt64).device(model.device());
-        SHOTDB_ASSIGN_OR_RETURN(
-            c.attention, TensorContextAttention::Create(
-                             model, std::move(c.kv),
-                             torch::arange(static_cast<int64_t>(c.tokens), int64), c.rotated));
-        c.kv.clear();
+        SHOTDB_RETURN_IF_ERROR(ToAttentionForm(model, &c));
         *load_ms += load;
         *gather_ms += gather;
         contexts.push_back(std::move(c));

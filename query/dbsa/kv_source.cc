@@ -50,15 +50,7 @@ class HostKvSource final : public KvSource {
                                   {task.model.kv_heads, lengths[i], task.model.head_dim}, stored);
         });
     if (model.device().is_cuda()) torch::cuda::synchronize();  // the copies read `payloads`
-    if (!want_tensors) {
-      const auto int64 = torch::TensorOptions().dtype(torch::kInt64).device(model.device());
-      SHOTDB_ASSIGN_OR_RETURN(
-          context.attention,
-          TensorContextAttention::Create(model, std::move(context.kv),
-                                         torch::arange(static_cast<int64_t>(context.tokens), int64),
-                                         /*rotated=*/false));
-      context.kv.clear();
-    }
+    if (!want_tensors) SHOTDB_RETURN_IF_ERROR(ToAttentionForm(model, &context));
     *gather_ms = MsSince(start);
     return context;
   }
@@ -85,6 +77,18 @@ class HostKvSource final : public KvSource {
 };
 
 }  // namespace
+
+Status ToAttentionForm(const LlamaModel& model, QueryContext* context) {
+  const auto int64 = torch::TensorOptions().dtype(torch::kInt64).device(model.device());
+  SHOTDB_ASSIGN_OR_RETURN(
+      context->attention,
+      TensorContextAttention::Create(model, std::move(context->kv),
+                                     torch::arange(static_cast<int64_t>(context->tokens), int64),
+                                     context->rotated));
+  context->kv.clear();
+  context->rotated = false;
+  return Status::OK();
+}
 
 std::unique_ptr<KvSource> MakeHostKvSource() { return std::make_unique<HostKvSource>(); }
 

@@ -80,6 +80,10 @@ class KvSource {
   virtual void Clear() = 0;
 };
 
+// Turns a context in the tensor form into the attention form (a TensorContextAttention over the
+// same K/V; the tensors move into it). Errors from RotateKeys.
+Status ToAttentionForm(const LlamaModel& model, QueryContext* context);
+
 std::unique_ptr<KvSource> MakeHostKvSource();
 
 // True when this build has gpu/ (MakeDeviceKvSource exists).

@@ -6,8 +6,8 @@
 //     dtype (float32, float64 for float64 models), query head h reading K/V head h / group.
 //   - StackedContextAttention: several queries' contexts for one batched Forward. The new tokens
 //     are the queries' rows one after the other; rows [first_i, first_i + rows_i) attend to
-//     context i only (the Forward's mask keeps the queries' own tokens apart). tokens() is the
-//     longest context; give Forward a [T, T] mask.
+//     context i and to their own query's tokens only. tokens() is the longest context; give
+//     Forward a [T, T] mask.
 //
 // Thread-safety: Attend is const and re-entrant; the objects are immutable after construction.
 #ifndef SHOTDB_QUERY_MODEL_CONTEXT_ATTENTION_H_
@@ -23,6 +23,15 @@
 
 namespace shotdb {
 
+// The libtorch merge (what LaunchMergeAttention does in one kernel on the GPU): the new tokens'
+// attention among themselves (q [nh, T, hd] contiguous, k/v [kvh, T, hd], allowed [T, T] bool),
+// combined with the context's result `ctx_out` [nh, T, hd] and `ctx_lse` [nh, T] (float32 or
+// float64) through the log-sum-exps. Returns [T, nh * hd] in q's dtype; float32 arithmetic
+// (float64 for float64 models).
+torch::Tensor MergeWithContext(const torch::Tensor& q, const torch::Tensor& k,
+                               const torch::Tensor& v, const torch::Tensor& allowed,
+                               const torch::Tensor& ctx_out, const torch::Tensor& ctx_lse);
+
 class TensorContextAttention final : public ContextAttention {
  public:
   // `kv`: num_layers entries of [num_kv_heads, C, head_dim] in the model's dtype and device, K
@@ -33,8 +42,8 @@ class TensorContextAttention final : public ContextAttention {
                                                                 const torch::Tensor& positions,
                                                                 bool rotated);
   int64_t tokens() const override { return tokens_; }
-  Status Attend(int64_t layer, const torch::Tensor& q, torch::Tensor* out,
-                torch::Tensor* lse) const override;
+  Result<torch::Tensor> Attend(int64_t layer, const torch::Tensor& q, const torch::Tensor& k,
+                               const torch::Tensor& v, const torch::Tensor& allowed) const override;
 
  private:
   TensorContextAttention(std::vector<LayerKV> kv, int64_t tokens, int64_t group)
@@ -52,9 +61,10 @@ class StackedContextAttention final : public ContextAttention {
   };
   explicit StackedContextAttention(std::vector<Part> parts);
   int64_t tokens() const override { return tokens_; }
-  // InvalidArgument if q's rows are not the parts' rows summed; a part's error otherwise.
-  Status Attend(int64_t layer, const torch::Tensor& q, torch::Tensor* out,
-                torch::Tensor* lse) const override;
+  // InvalidArgument if q's rows are not the parts' rows summed; a part's error otherwise. Only the
+  // diagonal blocks of `allowed` are read (a query never sees another's tokens).
+  Result<torch::Tensor> Attend(int64_t layer, const torch::Tensor& q, const torch::Tensor& k,
+                               const torch::Tensor& v, const torch::Tensor& allowed) const override;
 
  private:
   std::vector<Part> parts_;

@@ -81,31 +81,6 @@ torch::Tensor EagerAttention(const torch::Tensor& qg, const torch::Tensor& ctx_k
   return attn;
 }
 
-// Attention of q [nh, T, hd] over the T new tokens only (k, v [kvh, T, hd] rotated; `bias`
-// [group*T, T] the new tokens' columns), merged with a ContextAttention's result over the
-// context through the log-sum-exps: with m the larger of the two maxima, out = (sum_j p_j v_j +
-// exp(lse_ctx - m) out_ctx) / (sum_j p_j + exp(lse_ctx - m)), p_j = exp(s_j - m). The context's
-// lse is finite, so m is too, even for a row that sees no new token. Few, whole-tensor operations:
-// on a GPU this path is bound by kernel launches, not bytes. Returns [nh, T, hd] in q's dtype.
-torch::Tensor MergeContextAttention(const torch::Tensor& q, const torch::Tensor& k,
-                                    const torch::Tensor& v, const torch::Tensor& bias, double scale,
-                                    const torch::Tensor& ctx_out, const torch::Tensor& ctx_lse) {
-  const int64_t nh = q.size(0), t = q.size(1), hd = q.size(2), kvh = k.size(0);
-  const int64_t group = nh / kvh;
-  const auto acc = bias.scalar_type();
-  // Scores in the accumulation dtype: [kvh, g*T, T].
-  torch::Tensor scores = torch::baddbmm(bias, q.reshape({kvh, group * t, hd}).to(acc),
-                                        k.to(acc).transpose(1, 2), 1.0, scale);
-  const torch::Tensor c_lse = ctx_lse.view({kvh, group * t, 1});
-  const torch::Tensor m = torch::maximum(std::get<0>(scores.max(-1, /*keepdim=*/true)), c_lse);
-  scores.sub_(m).exp_();
-  const torch::Tensor w_ctx = (c_lse - m).exp_();
-  torch::Tensor num = torch::baddbmm(ctx_out.view({kvh, group * t, hd}) * w_ctx, scores,
-                                     v.to(acc));  // context part + sum_j p_j v_j
-  num.div_(scores.sum(-1, /*keepdim=*/true).add_(w_ctx));
-  return num.view({nh, t, hd}).to(q.scalar_type());
-}
-
 }  // namespace
 
 torch::Tensor RopeInverseFrequencies(const ModelConfig& c) {
@@ -400,15 +375,15 @@ ForwardResult LlamaModel::Run(const ForwardRequest& r) const {
   // elsewhere); the fused kernel (see Attend) takes `allowed` itself and needs no bias.
   // It is repeated for the query heads of a group, which the eager path folds into rows. With a
   // ContextAttention it covers the new tokens' columns only.
-  torch::Tensor bias;
+  torch::Tensor bias, allowed_new;  // allowed_new: with a ContextAttention, [T, T]
   const bool fused =
       SHOTDB_HAVE_SDPA && device_.is_cuda() && t >= kFusedMinTokens && paged == nullptr;
-  if (!fused) {
-    const torch::Tensor cols =
-        paged != nullptr && allowed.size(1) != t ? allowed.narrow(1, c, t) : allowed;
-    bias = torch::zeros(cols.sizes(),
+  if (paged != nullptr) {
+    allowed_new = (allowed.size(1) != t ? allowed.narrow(1, c, t) : allowed).contiguous();
+  } else if (!fused) {
+    bias = torch::zeros(allowed.sizes(),
                         torch::TensorOptions().dtype(AccumulationType(dtype_)).device(device_))
-               .masked_fill(cols.logical_not(), -std::numeric_limits<double>::infinity())
+               .masked_fill(allowed.logical_not(), -std::numeric_limits<double>::infinity())
                .repeat({group, 1});
   }
   // CPU prefill: query rows in chunks that skip the key columns no row of theirs may see (a
@@ -439,17 +414,15 @@ ForwardResult LlamaModel::Run(const ForwardRequest& r) const {
     double qkv_ms = 0, core_ms = 0, out_ms = 0;
     clock.Charge(&qkv_ms);
 
-    torch::Tensor attn;  // [nh, T, hd]
+    torch::Tensor attn;  // [T, nh * hd]
     if (paged != nullptr) {
       // Q and K rotated together (adjacent in qkv): one RoPE instead of two.
       const torch::Tensor qk = ApplyRope(
           qkv.narrow(1, 0, q_width + kv_width).view({t, nh + kvh, hd}).transpose(0, 1), cos, sin);
-      const torch::Tensor qr = qk.narrow(0, 0, nh).contiguous();
-      torch::Tensor ctx_out, ctx_lse;
-      const Status st = paged->Attend(l, qr, &ctx_out, &ctx_lse);
-      if (!st.ok()) throw ContextAttentionError{st};
-      attn = MergeContextAttention(qr, qk.narrow(0, nh, kvh), v, bias,
-                                   1.0 / std::sqrt(static_cast<double>(hd)), ctx_out, ctx_lse);
+      Result<torch::Tensor> out =
+          paged->Attend(l, qk.narrow(0, 0, nh).contiguous(), qk.narrow(0, nh, kvh), v, allowed_new);
+      if (!out.ok()) throw ContextAttentionError{out.status()};
+      attn = std::move(out).value();
     } else {
       torch::Tensor ctx_k, ctx_v;
       if (c > 0) {
@@ -458,10 +431,11 @@ ForwardResult LlamaModel::Run(const ForwardRequest& r) const {
         ctx_v = ctx.v;
       }
       attn = Attend(ApplyRope(q, cos, sin), ctx_k, ctx_v, ApplyRope(k, cos, sin), v, allowed, bias,
-                    row_chunks);
+                    row_chunks)
+                 .transpose(0, 1)
+                 .reshape({t, q_width});
     }
     clock.Charge(&core_ms);
-    attn = attn.transpose(0, 1).reshape({t, q_width});
     x = torch::addmm(x, attn, L.wo.t());  // the residual added by the GEMM
     clock.Charge(&out_ms);
     prof.attention_ms += qkv_ms + core_ms + out_ms;

@@ -54,23 +54,26 @@ struct LayerKV {
 };
 
 // Attention of new tokens over a context that the model does not receive as tensors, e.g. K/V
-// pages on a GPU that a kernel reads where they lie (query/dbsa's device K/V source). Every new
-// token attends to every context token; the context's RoPE positions are the implementation's
-// (DBSA: 0..C-1). Forward merges the result with the new tokens' attention among themselves
-// through the log-sum-exp, as flash attention merges its splits.
+// pages on a GPU that a kernel reads where they lie (query/dbsa's device K/V source), and over the
+// new tokens themselves. Every new token attends to every context token; the context's RoPE
+// positions are the implementation's (DBSA: 0..C-1). Implementations combine the two parts
+// flash-attention style, through the log-sum-exp of each (query/model/context_attention.h has the
+// libtorch one and MergeWithContext).
 class ContextAttention {
  public:
   virtual ~ContextAttention() = default;
   // C, the context's token count.
   virtual int64_t tokens() const = 0;
-  // Layer `layer`'s attention: q is [num_heads, T, head_dim], RoPE applied, in the model's dtype
-  // and on its device, contiguous. Sets *out to [num_heads, T, head_dim] float32,
-  // softmax(q K^T / sqrt(head_dim)) V over the C context tokens (query head h reads K/V head
-  // h / (num_heads / num_kv_heads)), and *lse to [num_heads, T] float32, the natural log of the
-  // softmax's denominator, sum over the context of exp(q.k / sqrt(head_dim)). Both on the model's
-  // device; the work may still be queued on the device's current stream.
-  virtual Status Attend(int64_t layer, const torch::Tensor& q, torch::Tensor* out,
-                        torch::Tensor* lse) const = 0;
+  // Layer `layer`'s attention output for the T new tokens: q is [num_heads, T, head_dim], RoPE
+  // applied, contiguous; k (RoPE applied) and v are the new tokens' [num_kv_heads, T, head_dim]
+  // (views; the last dimension contiguous); all in the model's dtype and on its device.
+  // `allowed` [T, T] bool, contiguous, on the model's device: the new tokens each row may see.
+  // Returns [T, num_heads * head_dim] in the model's dtype: per row and query head h,
+  // softmax(q K^T / sqrt(head_dim)) V over the C context tokens and the allowed new tokens (K/V
+  // head h / (num_heads / num_kv_heads)). The work may still be queued on the device's stream.
+  virtual Result<torch::Tensor> Attend(int64_t layer, const torch::Tensor& q,
+                                       const torch::Tensor& k, const torch::Tensor& v,
+                                       const torch::Tensor& allowed) const = 0;
 };
 
 struct ForwardRequest {

@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cmath>
 
+#include "query/model/context_attention.h"
 #include "query/model/test_util.h"
 
 namespace shotdb {
@@ -244,19 +245,22 @@ class TensorContextAttention : public ContextAttention {
   TensorContextAttention(std::vector<LayerKV> rotated, int64_t group)
       : kv_(std::move(rotated)), group_(group) {}
   int64_t tokens() const override { return kv_.front().k.size(1); }
-  Status Attend(int64_t layer, const torch::Tensor& q, torch::Tensor* out,
-                torch::Tensor* lse) const override {
+  Result<torch::Tensor> Attend(int64_t layer, const torch::Tensor& q, const torch::Tensor& k_new,
+                               const torch::Tensor& v_new,
+                               const torch::Tensor& allowed) const override {
     ++calls;
-    if (fail_layer == layer)
+    if (fail_layer == layer) {
       return Status::IOError("injected failure at layer " + std::to_string(layer));
+    }
     const LayerKV& kv = kv_[static_cast<size_t>(layer)];
     torch::Tensor k = kv.k.to(torch::kFloat64).repeat_interleave(group_, 0);
     torch::Tensor v = kv.v.to(torch::kFloat64).repeat_interleave(group_, 0);
     torch::Tensor s = torch::matmul(q.to(torch::kFloat64), k.transpose(1, 2)) /
                       std::sqrt(static_cast<double>(q.size(2)));
-    *lse = torch::logsumexp(s, -1).to(torch::kFloat32);
-    *out = torch::matmul(torch::softmax(s, -1), v).to(torch::kFloat32);
-    return Status::OK();
+    // The context's part in float32, as the GPU kernel hands it over; the merge is the product's.
+    return MergeWithContext(q, k_new, v_new, allowed,
+                            torch::matmul(torch::softmax(s, -1), v).to(torch::kFloat32),
+                            torch::logsumexp(s, -1).to(torch::kFloat32));
   }
   mutable int calls = 0;
   int64_t fail_layer = -1;
