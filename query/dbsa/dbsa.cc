@@ -314,6 +314,15 @@ Status DbsaSession::Decode(const QueryContext& context, const std::vector<int32_
   return Status::OK();
 }
 
+void DbsaSession::FillProfileTiming(Timing* timing) const {
+  if (!options_.profile) return;
+  timing->attention = profile_.attention_ms;
+  timing->mlp = profile_.mlp_ms;
+  timing->sampling = profile_.other_ms + sampling_ms_;
+  timing->qkv = profile_.qkv_ms;
+  timing->attention_core = profile_.core_ms;
+}
+
 Result<std::vector<int32_t>> DbsaSession::Prompt(std::string_view query,
                                                  const AnswerOptions& options, Answer* answer) {
   SHOTDB_ASSIGN_OR_RETURN(std::vector<int32_t> prompt,
@@ -380,13 +389,7 @@ Result<std::vector<Answer>> DbsaSession::AskBatch(const std::vector<std::string>
   contexts.clear();  // waits for the kernels reading their pages, before the snapshot ends
   snapshot.reset();
   timing.total = total.LapMs();
-  if (options_.profile) {
-    timing.attention = profile_.attention_ms;
-    timing.mlp = profile_.mlp_ms;
-    timing.sampling = profile_.other_ms + sampling_ms_;
-    timing.qkv = profile_.qkv_ms;
-    timing.attention_core = profile_.core_ms;
-  }
+  FillProfileTiming(&timing);
   for (size_t q = 0; q < queries.size(); ++q) {
     const LabelDecodeResult& r = results[q];
     answers[q].label = task_.labels[r.label];
@@ -488,13 +491,7 @@ Result<Answer> DbsaSession::Ask(std::string_view query, const AnswerOptions& opt
   context = QueryContext();  // waits for the kernels reading its pages, before the snapshot ends
   snapshot.reset();
   answer.timing.total = total.LapMs();
-  if (options_.profile) {
-    answer.timing.attention = profile_.attention_ms;
-    answer.timing.mlp = profile_.mlp_ms;
-    answer.timing.sampling = profile_.other_ms + sampling_ms_;
-    answer.timing.qkv = profile_.qkv_ms;
-    answer.timing.attention_core = profile_.core_ms;
-  }
+  FillProfileTiming(&answer.timing);
   return answer;
 }
 

@@ -183,6 +183,8 @@ class DbsaSession {
   Status Decode(const QueryContext& context, const std::vector<int32_t>& prompt,
                 const AnswerOptions& options, Answer* answer);
 
+  // With options_.profile: copies the current query's split into `timing`'s profile fields.
+  void FillProfileTiming(Timing* timing) const;
   // With options_.profile: the current query's split (reset by Ask), else null.
   ForwardProfile* profile() { return options_.profile ? &profile_ : nullptr; }
 

@@ -228,6 +228,7 @@ class DeviceKvSource final : public KvSource {
     }
     // The batch unpins its pages when it goes out of scope; the reads above must be done by then.
     torch::cuda::synchronize();
+    if (!want_tensors) SHOTDB_RETURN_IF_ERROR(ToAttentionForm(model, &context));
     *gather_ms = MsSince(start);
     return context;
   }
@@ -247,19 +248,8 @@ class DeviceKvSource final : public KvSource {
     const ModelConfig& config = model.config();
     const std::optional<gpu::RopeParams> rope = KernelRope(config);
     if (!Paged(task, model, all.size(), /*want_tensors=*/false) || !rope) {
-      // Not for the kernels: each query's tensors, as TensorContextAttention.
-      std::vector<QueryContext> contexts;
-      *load_ms = *gather_ms = 0;
-      for (const std::vector<uint32_t>& query : blocks) {
-        double load = 0, gather = 0;
-        SHOTDB_ASSIGN_OR_RETURN(QueryContext c, Load(snapshot, task, query, model,
-                                                     /*want_tensors=*/true, &load, &gather));
-        SHOTDB_RETURN_IF_ERROR(ToAttentionForm(model, &c));
-        *load_ms += load;
-        *gather_ms += gather;
-        contexts.push_back(std::move(c));
-      }
-      return contexts;
+      // Not for the kernels: each query on its own (TensorContextAttention over its tensors).
+      return KvSource::LoadBatch(snapshot, task, blocks, model, load_ms, gather_ms);
     }
     auto start = std::chrono::steady_clock::now();
     SHOTDB_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));

@@ -55,28 +55,27 @@ class HostKvSource final : public KvSource {
     return context;
   }
 
-  Result<std::vector<QueryContext>> LoadBatch(Snapshot* snapshot, const TaskInfo& task,
-                                              const std::vector<std::vector<uint32_t>>& blocks,
-                                              const LlamaModel& model, double* load_ms,
-                                              double* gather_ms) override {
-    std::vector<QueryContext> contexts;
-    *load_ms = *gather_ms = 0;
-    for (const std::vector<uint32_t>& b : blocks) {
-      double load = 0, gather = 0;
-      SHOTDB_ASSIGN_OR_RETURN(QueryContext c, Load(snapshot, task, b, model,
-                                                   /*want_tensors=*/false, &load, &gather));
-      *load_ms += load;
-      *gather_ms += gather;
-      contexts.push_back(std::move(c));
-    }
-    return contexts;
-  }
-
   Stats stats() const override { return {}; }
   void Clear() override {}
 };
 
 }  // namespace
+
+Result<std::vector<QueryContext>> KvSource::LoadBatch(
+    Snapshot* snapshot, const TaskInfo& task, const std::vector<std::vector<uint32_t>>& blocks,
+    const LlamaModel& model, double* load_ms, double* gather_ms) {
+  std::vector<QueryContext> contexts;
+  *load_ms = *gather_ms = 0;
+  for (const std::vector<uint32_t>& b : blocks) {
+    double load = 0, gather = 0;
+    SHOTDB_ASSIGN_OR_RETURN(QueryContext c, Load(snapshot, task, b, model,
+                                                 /*want_tensors=*/false, &load, &gather));
+    *load_ms += load;
+    *gather_ms += gather;
+    contexts.push_back(std::move(c));
+  }
+  return contexts;
+}
 
 Status ToAttentionForm(const LlamaModel& model, QueryContext* context) {
   const auto int64 = torch::TensorOptions().dtype(torch::kInt64).device(model.device());

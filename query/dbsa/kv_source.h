@@ -8,7 +8,8 @@
 //     lie, with RoPE applied on the fly; the model never sees the context as tensors;
 //   - tensors: per layer [kv_heads, C, head_dim] K and V in the model's dtype and device, K either
 //     already rotated to 0..C-1 (`rotated`) or pre-RoPE.
-// Callers that need tensors (free-text generation, which appends to a K/V cache) ask for them.
+// Both sources give the attention form unless asked for tensors; callers that need tensors
+// (free-text generation, which appends to a K/V cache) ask for them.
 //
 // Implementations:
 //   - MakeHostKvSource: reads the blocks from the snapshot on every query (zero-copy views into
@@ -23,8 +24,9 @@
 //     128; at most 8 query heads per K/V head) the query gets the attention form:
 //     gpu::LaunchPagedAttention reads the cached pages in place, layer l waiting only for layer
 //     l's copies (a cold query's later layers still travel while earlier ones compute). Otherwise
-//     tensors: gathered and rotated by gpu::LaunchGatherRope when the dtype matches, else
-//     concatenated and converted by libtorch (K pre-RoPE).
+//     (and for tensors) the pages are gathered and rotated by gpu::LaunchGatherRope when the dtype
+//     matches, else concatenated and converted by libtorch (K pre-RoPE); the attention form is
+//     then a TensorContextAttention over those tensors.
 //
 // A returned context reads the snapshot's map (direct copies of cold blocks, host tensors that
 // are views): keep the snapshot open while the context is in use.
@@ -70,11 +72,12 @@ class KvSource {
                                     bool want_tensors, double* load_ms, double* gather_ms) = 0;
   // The contexts of several queries (blocks[q] in that order for query q) in the attention form,
   // for one batched forward (DecodeLabelBatch). The device source stages the union of the blocks
-  // once and gives each query a view of its pages; the host source loads each query's blocks.
-  // `load_ms`/`gather_ms` as Load's, for the whole batch. Errors as Load's.
+  // once and gives each query a view of its pages; by default (the host source, and the device
+  // source where the kernels do not apply) each query is loaded on its own. `load_ms`/`gather_ms`
+  // as Load's, for the whole batch. Errors as Load's.
   virtual Result<std::vector<QueryContext>> LoadBatch(
       Snapshot* snapshot, const TaskInfo& task, const std::vector<std::vector<uint32_t>>& blocks,
-      const LlamaModel& model, double* load_ms, double* gather_ms) = 0;
+      const LlamaModel& model, double* load_ms, double* gather_ms);
   virtual Stats stats() const = 0;
   // Drops cached blocks (nothing for the host source).
   virtual void Clear() = 0;

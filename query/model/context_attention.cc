@@ -26,16 +26,19 @@ Result<std::unique_ptr<TensorContextAttention>> TensorContextAttention::Create(
       new TensorContextAttention(std::move(kv), tokens, c.num_heads / c.num_kv_heads));
 }
 
+torch::Tensor AdditiveMask(const torch::Tensor& allowed, int64_t group, torch::ScalarType dtype) {
+  return torch::zeros(allowed.sizes(), allowed.options().dtype(dtype))
+      .masked_fill(allowed.logical_not(), -std::numeric_limits<double>::infinity())
+      .repeat({group, 1});
+}
+
 torch::Tensor MergeWithContext(const torch::Tensor& q, const torch::Tensor& k,
                                const torch::Tensor& v, const torch::Tensor& allowed,
                                const torch::Tensor& ctx_out, const torch::Tensor& ctx_lse) {
   const int64_t nh = q.size(0), t = q.size(1), hd = q.size(2), kvh = k.size(0);
   const int64_t group = nh / kvh;
   const auto acc = q.scalar_type() == torch::kFloat64 ? torch::kFloat64 : torch::kFloat32;
-  const torch::Tensor bias =
-      torch::zeros({t, t}, torch::TensorOptions().dtype(acc).device(q.device()))
-          .masked_fill(allowed.logical_not(), -std::numeric_limits<double>::infinity())
-          .repeat({group, 1});
+  const torch::Tensor bias = AdditiveMask(allowed, group, acc);
   // Scores [kvh, g*T, T]; m, the larger of each row's maxima (finite: the context's lse is).
   torch::Tensor scores =
       torch::baddbmm(bias, q.reshape({kvh, group * t, hd}).to(acc), k.to(acc).transpose(1, 2), 1.0,

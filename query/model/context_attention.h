@@ -23,6 +23,11 @@
 
 namespace shotdb {
 
+// The additive form of a bool attention mask `allowed` [T, N] (0 where allowed, -inf elsewhere) in
+// `dtype`, repeated `group` times along the rows ([group*T, N]): eager grouped-query attention
+// folds each K/V head's query heads into rows.
+torch::Tensor AdditiveMask(const torch::Tensor& allowed, int64_t group, torch::ScalarType dtype);
+
 // The libtorch merge (what LaunchMergeAttention does in one kernel on the GPU): the new tokens'
 // attention among themselves (q [nh, T, hd] contiguous, k/v [kvh, T, hd], allowed [T, T] bool),
 // combined with the context's result `ctx_out` [nh, T, hd] and `ctx_lse` [nh, T] (float32 or

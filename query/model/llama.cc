@@ -3,9 +3,9 @@
 #include <torch/version.h>
 
 #include <cmath>
-#include <limits>
 #include <utility>
 
+#include "query/model/context_attention.h"
 #include "query/model/phase_clock.h"
 
 // at::scaled_dot_product_attention (with its `scale` argument) exists from libtorch 2.1; Debian's
@@ -381,10 +381,7 @@ ForwardResult LlamaModel::Run(const ForwardRequest& r) const {
   if (paged != nullptr) {
     allowed_new = (allowed.size(1) != t ? allowed.narrow(1, c, t) : allowed).contiguous();
   } else if (!fused) {
-    bias = torch::zeros(allowed.sizes(),
-                        torch::TensorOptions().dtype(AccumulationType(dtype_)).device(device_))
-               .masked_fill(allowed.logical_not(), -std::numeric_limits<double>::infinity())
-               .repeat({group, 1});
+    bias = AdditiveMask(allowed, group, AccumulationType(dtype_));
   }
   // CPU prefill: query rows in chunks that skip the key columns no row of theirs may see (a
   // causal mask hides the upper triangle: about a third less attention work at 512 tokens).
@@ -406,7 +403,6 @@ ForwardResult LlamaModel::Run(const ForwardRequest& r) const {
     torch::Tensor qkv =
         L.bqkv.defined() ? torch::addmm(L.bqkv, h, L.wqkv.t()) : torch::matmul(h, L.wqkv.t());
     // [T, heads*hd] -> [heads, T, hd]
-    torch::Tensor q = qkv.narrow(1, 0, q_width).view({t, nh, hd}).transpose(0, 1);
     torch::Tensor k = qkv.narrow(1, q_width, kv_width).view({t, kvh, hd}).transpose(0, 1);
     torch::Tensor v =
         qkv.narrow(1, q_width + kv_width, kv_width).view({t, kvh, hd}).transpose(0, 1);
@@ -414,13 +410,13 @@ ForwardResult LlamaModel::Run(const ForwardRequest& r) const {
     double qkv_ms = 0, core_ms = 0, out_ms = 0;
     clock.Charge(&qkv_ms);
 
+    // Q and K rotated together (adjacent in qkv): one RoPE instead of two.
+    const torch::Tensor qk = ApplyRope(
+        qkv.narrow(1, 0, q_width + kv_width).view({t, nh + kvh, hd}).transpose(0, 1), cos, sin);
+    const torch::Tensor q_rot = qk.narrow(0, 0, nh), k_rot = qk.narrow(0, nh, kvh);
     torch::Tensor attn;  // [T, nh * hd]
     if (paged != nullptr) {
-      // Q and K rotated together (adjacent in qkv): one RoPE instead of two.
-      const torch::Tensor qk = ApplyRope(
-          qkv.narrow(1, 0, q_width + kv_width).view({t, nh + kvh, hd}).transpose(0, 1), cos, sin);
-      Result<torch::Tensor> out =
-          paged->Attend(l, qk.narrow(0, 0, nh).contiguous(), qk.narrow(0, nh, kvh), v, allowed_new);
+      Result<torch::Tensor> out = paged->Attend(l, q_rot.contiguous(), k_rot, v, allowed_new);
       if (!out.ok()) throw ContextAttentionError{out.status()};
       attn = std::move(out).value();
     } else {
@@ -430,8 +426,7 @@ ForwardResult LlamaModel::Run(const ForwardRequest& r) const {
         ctx_k = r.context_rotated ? ctx.k : ApplyRope(ctx.k, ctx_cos, ctx_sin);
         ctx_v = ctx.v;
       }
-      attn = Attend(ApplyRope(q, cos, sin), ctx_k, ctx_v, ApplyRope(k, cos, sin), v, allowed, bias,
-                    row_chunks)
+      attn = Attend(q_rot, ctx_k, ctx_v, k_rot, v, allowed, bias, row_chunks)
                  .transpose(0, 1)
                  .reshape({t, q_width});
     }
