@@ -4,7 +4,11 @@
 // weights created on the device (the real checkpoint is not needed for timing).
 //
 //   dbsa_latency_bench [--pools 30000,90000] [--layers 32] [--queries 8] [--device cuda]
-//                      [--batches 1,4,16,64 (empty: none)] [--store DIR] [--json FILE]
+//                      [--batches 1,4,16,64 (empty: none)] [--kv-dtype bf16|f8e4m3]
+//                      [--store DIR] [--json FILE]
+//
+// --kv-dtype f8e4m3 stores the pool as scaled fp8 (format/kv_values.h): half the bytes on disk
+// and over PCIe, dequantised to bf16 pages as they land (gpu/dequantize_kv.h).
 //
 // Next to every DBSA time it prints the memory floor: the bytes one forward must read (every
 // weight matrix once, plus the context's K/V; cold, the K/V also cross PCIe at best overlapped)
@@ -12,13 +16,13 @@
 // run, and the ratio of the measured time to it. BM25 and tokenization are not in the floor.
 //
 // Texts are synthetic (random words from a 4,000-word vocabulary, 50 labels) and tokenized one
-// token per word, so a pool of N tokens holds about N / 17 demonstrations (k = 50, j = 2, block 0
-// always selected, 30% of the blocks per query). DBSA is timed cold (device block cache emptied
-// before each query: K/V read from the store and uploaded) and hot (every selected block already
-// on the device). After the timed queries of a pool, one more query per method runs in a separate
-// session with SessionOptions::profile (device synchronisations at every part boundary) to split
-// its time into attention / MLP / sampling; those numbers are printed apart and never enter the
-// timed medians.
+// token per word, so a pool of N tokens holds about N / 19 demonstrations (the task defaults:
+// k = 5, j = 2, one sink block; blocks of ~95 tokens; 30% of the blocks per query). DBSA is timed
+// cold (device block cache emptied before each query: K/V read from the store and uploaded) and hot
+// (every selected block already on the device). After the timed queries of a pool, one more query
+// per method runs in a separate session with SessionOptions::profile (device synchronisations at
+// every part boundary) to split its time into attention / MLP / sampling; those numbers are printed
+// apart and never enter the timed medians.
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -27,6 +31,7 @@
 #include <fstream>
 #include <functional>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <random>
 #include <sstream>
 #include <string>
@@ -163,6 +168,7 @@ int Run(int argc, char** argv) {
   std::string store_root = "/tmp/shotdb_latency_bench";
   std::string json_path;
   std::vector<int> batches = {1, 4, 16, 64};
+  DType kv_dtype = DType::kBF16;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i], v = argv[i + 1];
     if (a == "--pools") {
@@ -183,6 +189,13 @@ int Run(int argc, char** argv) {
       for (std::string p; std::getline(ss, p, ',');) {
         if (!p.empty()) batches.push_back(std::stoi(p));
       }
+    } else if (a == "--kv-dtype") {
+      const std::optional<DType> d = ParseDType(v);
+      if (!d || (*d != DType::kBF16 && *d != DType::kF8E4M3)) {
+        std::fprintf(stderr, "--kv-dtype %s: expected bf16 or f8e4m3\n", v.c_str());
+        return 2;
+      }
+      kv_dtype = *d;
     } else if (a == "--json") {
       json_path = v;
     } else {
@@ -223,8 +236,10 @@ int Run(int argc, char** argv) {
   }
 
   nlohmann::json report = nlohmann::json::array();
-  std::printf("device %s, Llama-3.1-8B shape (%lld layers), bf16 K/V, k=50 j=2, 30%% of blocks\n",
-              device_name.c_str(), static_cast<long long>(layers));
+  const BlockConfig blocks;  // the task defaults: k = 5, j = 2, one sink block
+  std::printf("device %s, Llama-3.1-8B shape (%lld layers), %s K/V, k=%u j=%u, 30%% of blocks\n",
+              device_name.c_str(), static_cast<long long>(layers),
+              std::string(DTypeName(kv_dtype)).c_str(), blocks.demos_per_block, blocks.window);
   for (int64_t pool_tokens : pools) {
     const std::string dir = store_root + "/pool" + std::to_string(pool_tokens);
     Status fresh = RemoveAll(dir);
@@ -248,6 +263,8 @@ int Run(int argc, char** argv) {
       demos.push_back({Words(rng, 12), labels[rng() % 50]});
     PoolTaskOptions task_options;
     task_options.labels = labels;
+    task_options.kv_dtype = kv_dtype;
+    task_options.blocks = blocks;
     PoolEncoder encoder(store->get(), pool);
     auto t0 = std::chrono::steady_clock::now();
     Status s = encoder.AddDemonstrations("bench", task_options, demos, 1);
@@ -333,14 +350,22 @@ int Run(int argc, char** argv) {
     // The memory floor of a DBSA query: one forward reads every weight matrix and the context's
     // K/V once (hot: from device memory); cold, the K/V also cross PCIe, which at best overlaps
     // the forward.
+    // Pages hold 16-bit K/V whatever the stored dtype (fp8 is dequantised as it lands), so the
+    // hot floor reads 2 bytes an element; PCIe carries the stored bytes (fp8: 1, plus a scale per
+    // head and record, under 0.1% here).
     const auto& mc = (*model)->config();
-    const double kv_bytes = 2.0 * mc.num_layers * mc.num_kv_heads * mc.head_dim * 2.0 *
-                            static_cast<double>(rows[3].ctx);
+    const double kv_elements =
+        2.0 * mc.num_layers * mc.num_kv_heads * mc.head_dim * static_cast<double>(rows[3].ctx);
+    const double kv_bytes = kv_elements * 2.0;
+    const double pcie_bytes = kv_elements * static_cast<double>(DTypeSize(kv_dtype));
     const double hot_floor =
         bw.device_gbs > 0 ? (weight_bytes + kv_bytes) / bw.device_gbs / 1e6 : 0;
-    const double cold_floor = bw.h2d_gbs > 0 ? std::max(hot_floor, kv_bytes / bw.h2d_gbs / 1e6) : 0;
-    std::printf("memory floor: %.2f GB weights + %.2f GB context K/V: hot %.2f ms, cold %.2f ms\n",
-                weight_bytes / 1e9, kv_bytes / 1e9, hot_floor, cold_floor);
+    const double cold_floor =
+        bw.h2d_gbs > 0 ? std::max(hot_floor, pcie_bytes / bw.h2d_gbs / 1e6) : 0;
+    std::printf(
+        "memory floor: %.2f GB weights + %.2f GB context K/V (%.2f GB over PCIe): hot %.2f ms, "
+        "cold %.2f ms\n",
+        weight_bytes / 1e9, kv_bytes / 1e9, pcie_bytes / 1e9, hot_floor, cold_floor);
     std::printf("%-10s %10s %12s %10s %9s | %8s %8s %8s %9s %9s\n", "method", "setup s", "query ms",
                 "vs RetICL", "vs floor", "bm25", "load", "gather", "encode", "decode");
     for (size_t i = 0; i < rows.size(); ++i) {
@@ -353,6 +378,7 @@ int Run(int argc, char** argv) {
                   r.name.c_str(), r.setup, med, med / reticl, vs_floor, r.sum.select, r.sum.load,
                   r.sum.gather, r.sum.encode, r.sum.decode);
       report.push_back({{"pool_tokens", info.num_tokens},
+                        {"kv_dtype", std::string(DTypeName(kv_dtype))},
                         {"floor_ms", floor_ms},
                         {"ratio_vs_floor", floor_ms > 0 ? med / floor_ms : 0.0},
                         {"device_gbs", bw.device_gbs},

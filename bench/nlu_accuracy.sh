@@ -15,7 +15,9 @@
 #              previous blocks each block attends to (j, default 2).
 # Options: --bin PATH (shotdb, default build/tools/shotdb), --data DIR (default ../shared/data),
 #          --work DIR (stores and results, default /tmp/shotdb-nlu), --device cpu|cuda,
-#          --dtype f32|bf16 (default f32), --jobs N (configs run at once, default 1),
+#          --dtype f32|bf16 (default f32), --kv-dtype bf16|f16|f32|f8e4m3 (stored K/V, default
+#          bf16; other than bf16 it is part of the store and result names), --jobs N (configs run
+#          at once, default 1),
 #          --limit N (first N test utterances; default all 250), --model PATH.
 # Each config builds (or resumes) its pool in WORK/stores/<pool>-<positions>-<bm25>-k<K>-s<S>-j<J>
 # and writes WORK/eval/<config>.json (`shotdb eval --json-out`) and .txt; a config whose .json
@@ -27,6 +29,7 @@ data=../shared/data
 work=/tmp/shotdb-nlu
 device=cpu
 dtype=f32
+kv_dtype=bf16
 jobs=1
 limit=0
 model_args=()
@@ -38,6 +41,7 @@ while [ $# -gt 0 ]; do
     --work) work=$2; shift 2 ;;
     --device) device=$2; shift 2 ;;
     --dtype) dtype=$2; shift 2 ;;
+    --kv-dtype) kv_dtype=$2; shift 2 ;;
     --jobs) jobs=$2; shift 2 ;;
     --limit) limit=$2; shift 2 ;;
     --model) model_args=(--model "$2"); shift 2 ;;
@@ -50,18 +54,20 @@ test=$data/nlu_evaluation_data_test.csv
 labels=$data/nlu_labels.txt
 if [ ! -f "$train" ]; then echo "nlu_accuracy: no NLU data under $data" >&2; exit 2; fi
 mkdir -p "$work/stores" "$work/eval" "$work/locks"
+kv_tag=
+[ "$kv_dtype" = bf16 ] || kv_tag="-kv$kv_dtype"
 common=(--device "$device" --dtype "$dtype" --threads 2 "${model_args[@]}")
 
 # Builds a pool once even when several configs need it at the same time (flock on its name).
 build_pool() {  # POOL POSITIONS BM25 K SINKS WINDOW -> prints the store dir
   local pool=$1 positions=$2 bm25=$3 k=$4 sinks=$5 window=$6
-  local name="$pool-$positions-$bm25-k$k-s$sinks-j$window" sample=()
+  local name="$pool-$positions-$bm25-k$k-s$sinks-j$window$kv_tag" sample=()
   [ "$pool" = all ] || sample=(--sample "$pool" --seed 1)
   (
     flock 9
     "$bin" --store "$work/stores/$name" build --task nlu --demos "$train" --label-map "$labels" \
       "${sample[@]}" --positions "$positions" --bm25 "$bm25" -k "$k" --sink-blocks "$sinks" -j "$window" \
-      "${common[@]}" >> "$work/stores/$name.build.txt" 2>&1 \
+      --kv-dtype "$kv_dtype" "${common[@]}" >> "$work/stores/$name.build.txt" 2>&1 \
       || { echo "nlu_accuracy: build $name failed:" >&2; tail -5 "$work/stores/$name.build.txt" >&2; exit 1; }
   ) 9> "$work/locks/$name" || return 1
   echo "$work/stores/$name"
@@ -71,7 +77,7 @@ run_config() {  # CONFIG
   local cfg=$1 pool positions bm25 count methods k sinks window
   IFS=: read -r pool positions bm25 count methods k sinks window <<< "$cfg"
   k=${k:-50}; sinks=${sinks:-1}; window=${window:-2}
-  local tag="$pool-$positions-$bm25-k$k-s$sinks-j$window-c$count-${methods//,/+}"
+  local tag="$pool-$positions-$bm25-k$k-s$sinks-j$window$kv_tag-c$count-${methods//,/+}"
   local out="$work/eval/$tag"
   [ -f "$out.json" ] && { echo "== $tag (done before)"; return 0; }
   local store

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -15,6 +16,7 @@
 
 #include "engine/store.h"
 #include "format/dtype.h"
+#include "format/kv_values.h"
 
 namespace shotdb {
 namespace testing_util {
@@ -106,8 +108,10 @@ inline std::vector<uint8_t> TensorBytes(const ModelFingerprint& model, uint32_t 
     const float scale = 1.0f + static_cast<float>(i % model.head_dim) * 0.25f;
     f[i] = (u - 2.0f) * scale;
   }
-  std::vector<uint8_t> bytes(n * DTypeSize(model.dtype));
-  ConvertFromFloat(model.dtype, f.data(), bytes.data(), n);
+  std::vector<uint8_t> bytes(*KvRawBytes(model.dtype, model.kv_heads, tokens, model.head_dim));
+  const Status s = KvFromFloat(model.dtype, model.kv_heads, uint64_t{tokens} * model.head_dim,
+                               f.data(), bytes.data());
+  if (!s.ok()) std::abort();  // finite inputs: cannot fail
   return bytes;
 }
 

@@ -8,6 +8,8 @@
 #include <cstring>
 #include <memory>
 
+#include "format/kv_values.h"
+
 namespace shotdb {
 namespace {
 
@@ -86,11 +88,7 @@ std::string_view TensorKindName(TensorKind kind) {
 }
 
 std::optional<uint64_t> BlockRecordRawSize(const BlockRecordMeta& meta) {
-  uint64_t n = DTypeSize(meta.dtype);
-  for (uint64_t d : {uint64_t{meta.kv_heads}, uint64_t{meta.tokens}, uint64_t{meta.head_dim}}) {
-    if (__builtin_mul_overflow(n, d, &n)) return std::nullopt;
-  }
-  return n;
+  return KvRawBytes(meta.dtype, meta.kv_heads, meta.tokens, meta.head_dim);
 }
 
 void EncodedBlockRecord::WriteTo(void* dst) const {
@@ -123,7 +121,10 @@ Result<EncodedBlockRecord> EncodeBlockRecord(const BlockRecordMeta& meta, Codec 
         std::string(TensorKindName(meta.kind)) + ": " + std::to_string(raw_size) +
         " raw bytes given, expected kv_heads " + std::to_string(meta.kv_heads) + " x tokens " +
         std::to_string(meta.tokens) + " x head_dim " + std::to_string(meta.head_dim) + " x " +
-        std::to_string(DTypeSize(meta.dtype)) + " (" + std::string(DTypeName(meta.dtype)) + ")");
+        std::to_string(DTypeSize(meta.dtype)) + " (" + std::string(DTypeName(meta.dtype)) + ")" +
+        (KvScaleBytes(meta.dtype, meta.kv_heads) > 0
+             ? " + " + std::to_string(KvScaleBytes(meta.dtype, meta.kv_heads)) + " scale bytes"
+             : std::string()));
   }
   if (raw == nullptr && raw_size > 0) {
     return Status::InvalidArgument("EncodeBlockRecord: null raw pointer for a non-empty tensor");
@@ -230,11 +231,15 @@ Result<BlockRecordView> ParseBlockRecord(const void* data, size_t size, std::str
 
   const std::optional<uint64_t> expected_raw = BlockRecordRawSize(m);
   if (!expected_raw || *expected_raw != h.raw_size) {
-    return FieldError(false, what, "raw_size", std::to_string(h.raw_size),
-                      (expected_raw ? std::to_string(*expected_raw) : std::string("(overflow)")) +
-                          " = kv_heads " + std::to_string(m.kv_heads) + " x tokens " +
-                          std::to_string(m.tokens) + " x head_dim " + std::to_string(m.head_dim) +
-                          " x " + std::to_string(DTypeSize(m.dtype)));
+    return FieldError(
+        false, what, "raw_size", std::to_string(h.raw_size),
+        (expected_raw ? std::to_string(*expected_raw) : std::string("(overflow)")) +
+            " = kv_heads " + std::to_string(m.kv_heads) + " x tokens " + std::to_string(m.tokens) +
+            " x head_dim " + std::to_string(m.head_dim) + " x " +
+            std::to_string(DTypeSize(m.dtype)) +
+            (KvScaleBytes(m.dtype, m.kv_heads) > 0
+                 ? " + " + std::to_string(KvScaleBytes(m.dtype, m.kv_heads)) + " scale bytes"
+                 : std::string()));
   }
   const uint64_t payload_size = size - kBlockRecordHeaderSize;
   if (h.stored_size != payload_size) {

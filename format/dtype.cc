@@ -1,6 +1,8 @@
 #include "format/dtype.h"
 
+#include <array>
 #include <cmath>
+#include <limits>
 
 namespace shotdb {
 
@@ -14,6 +16,8 @@ std::string_view DTypeName(DType t) {
       return "bf16";
     case DType::kF64:
       return "f64";
+    case DType::kF8E4M3:
+      return "f8e4m3";
   }
   return "?";
 }
@@ -23,6 +27,7 @@ std::optional<DType> ParseDType(std::string_view name) {
   if (name == "f32" || name == "float32") return DType::kF32;
   if (name == "f16" || name == "float16") return DType::kF16;
   if (name == "bf16" || name == "bfloat16") return DType::kBF16;
+  if (name == "f8e4m3" || name == "fp8" || name == "float8_e4m3fn") return DType::kF8E4M3;
   return std::nullopt;
 }
 
@@ -83,6 +88,35 @@ uint16_t FloatToBFloat16(float f) {
 
 namespace {
 
+float Fp8E4M3Value(uint8_t code) {
+  const bool negative = (code & 0x80u) != 0;
+  const int exp = (code >> 3) & 0xf;
+  const int mant = code & 0x7;
+  float v;
+  if (exp == 0xf && mant == 0x7) {
+    v = std::numeric_limits<float>::quiet_NaN();
+  } else if (exp == 0) {
+    v = std::ldexp(static_cast<float>(mant), -9);  // subnormal: mant/8 * 2^-6
+  } else {
+    v = std::ldexp(static_cast<float>(8 + mant), exp - 10);  // (1 + mant/8) * 2^(exp-7)
+  }
+  return negative ? -v : v;
+}
+
+}  // namespace
+
+float Fp8E4M3ToFloat(uint8_t code) {
+  // A table: the conversion runs once per stored element when fp8 K/V are read on the host.
+  static const std::array<float, 256> kTable = [] {
+    std::array<float, 256> t{};
+    for (int c = 0; c < 256; ++c) t[c] = Fp8E4M3Value(static_cast<uint8_t>(c));
+    return t;
+  }();
+  return kTable[code];
+}
+
+namespace {
+
 // Element i of an array that may sit at any address (e.g. inside a memory-mapped file).
 template <typename T>
 T LoadUnaligned(const void* base, size_t i) {
@@ -107,6 +141,11 @@ void ConvertToFloat(DType from, const void* src, float* dst, size_t n) {
     case DType::kF64:
       for (size_t i = 0; i < n; ++i) dst[i] = static_cast<float>(LoadUnaligned<double>(src, i));
       return;
+    case DType::kF8E4M3: {
+      const auto* s = static_cast<const uint8_t*>(src);
+      for (size_t i = 0; i < n; ++i) dst[i] = Fp8E4M3ToFloat(s[i]);
+      return;
+    }
   }
 }
 
@@ -128,6 +167,11 @@ void ConvertFromFloat(DType to, const float* src, void* dst, size_t n) {
     case DType::kF64: {
       auto* d = static_cast<double*>(dst);
       for (size_t i = 0; i < n; ++i) d[i] = src[i];
+      return;
+    }
+    case DType::kF8E4M3: {
+      auto* d = static_cast<uint8_t*>(dst);
+      for (size_t i = 0; i < n; ++i) d[i] = FloatToFp8E4M3(src[i]);
       return;
     }
   }

@@ -18,16 +18,35 @@ enum class DType : uint8_t {
   kF16 = 1,
   kBF16 = 2,
   kF64 = 3,  // exactness tests and float64 reference runs
+  // OCP fp8 E4M3 ("e4m3fn": 4 exponent bits of bias 7, 3 mantissa bits, no infinities, 0x7f and
+  // 0xff are NaN, largest finite value 448). Stored K/V of this type carry one float32 scale per
+  // kv head in front of the elements (format/kv_values.h); the element conversions below are
+  // unscaled.
+  kF8E4M3 = 4,
 };
 
-// Bytes per element: 8 for kF64, 4 for kF32, 2 for the 16-bit types.
-inline size_t DTypeSize(DType t) { return t == DType::kF64 ? 8 : t == DType::kF32 ? 4 : 2; }
-// "f64", "f32", "f16", "bf16".
+// Bytes per element: 8 for kF64, 4 for kF32, 2 for the 16-bit types, 1 for kF8E4M3.
+inline size_t DTypeSize(DType t) {
+  switch (t) {
+    case DType::kF64:
+      return 8;
+    case DType::kF32:
+      return 4;
+    case DType::kF16:
+    case DType::kBF16:
+      return 2;
+    case DType::kF8E4M3:
+      return 1;
+  }
+  return 0;
+}
+// "f64", "f32", "f16", "bf16", "f8e4m3".
 std::string_view DTypeName(DType t);
-// Parses "f64"/"float64", "f32"/"float32", "f16"/"float16", "bf16"/"bfloat16"; nullopt otherwise.
+// Parses "f64"/"float64", "f32"/"float32", "f16"/"float16", "bf16"/"bfloat16",
+// "f8e4m3"/"fp8"/"float8_e4m3fn"; nullopt otherwise.
 std::optional<DType> ParseDType(std::string_view name);
 // True if `raw` is one of the enumerators (used when validating a header byte).
-inline bool IsValidDType(uint8_t raw) { return raw <= static_cast<uint8_t>(DType::kF64); }
+inline bool IsValidDType(uint8_t raw) { return raw <= static_cast<uint8_t>(DType::kF8E4M3); }
 
 // IEEE binary16 -> float32 (exact, handles subnormals, inf and NaN).
 float HalfToFloat(uint16_t h);
@@ -43,6 +62,37 @@ inline float BFloat16ToFloat(uint16_t b) {
 }
 // float32 -> bfloat16, round to nearest even; NaN stays a quiet NaN.
 uint16_t FloatToBFloat16(float f);
+
+// fp8 E4M3 -> float32 (exact; 0x7f and 0xff give NaN).
+float Fp8E4M3ToFloat(uint8_t code);
+// float32 -> fp8 E4M3, round to nearest even. Finite values beyond the largest code saturate to
+// +-448 (the format has no infinity; this is also what CUDA's __nv_cvt_float_to_fp8 with
+// __NV_SATFINITE does); infinities saturate too, NaN gives 0x7f (with its sign bit). Inline: the
+// pool encoder calls it once per stored element.
+inline uint8_t FloatToFp8E4M3(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, sizeof x);
+  const uint8_t sign = static_cast<uint8_t>((x >> 24) & 0x80u);
+  const uint32_t abs = x & 0x7fffffffu;
+  if (abs > 0x7f800000u) return sign | 0x7fu;   // NaN
+  if (abs >= 0x43e80000u) return sign | 0x7eu;  // >= 464, rounds past 448: saturate
+  if (abs < 0x3c800000u) {                      // below the smallest normal (2^-6): units of 2^-9
+    // Adding 2^14, whose float32 ulp is 2^-9, makes the FPU round to nearest even in those units;
+    // the low mantissa bits are then the code (8 is the smallest normal, 0x08).
+    float a;
+    std::memcpy(&a, &abs, sizeof a);
+    const float shifted = a + 16384.0f;
+    uint32_t bits;
+    std::memcpy(&bits, &shifted, sizeof bits);
+    return sign | static_cast<uint8_t>(bits - 0x46800000u);
+  }
+  // Normal: float32 exponent e (2^-6 <= a < 464) -> e4m3 exponent e + 7; round the 20 dropped
+  // mantissa bits to nearest even. A carry out of the mantissa bumps the exponent, as it should.
+  const uint32_t m = abs - ((127u - 7u) << 23);
+  const uint32_t rest = m & 0xfffffu;
+  const uint32_t out = (m >> 20) + ((rest > 0x80000u || (rest == 0x80000u && ((m >> 20) & 1u))));
+  return sign | static_cast<uint8_t>(out);
+}
 
 // Converts `n` elements of type `from` at `src` to float32 at `dst` (kF64 rounds to nearest).
 // `src` may have any alignment (e.g. a record inside a memory-mapped file).

@@ -10,7 +10,9 @@
 #include <unordered_set>
 #include <utility>
 
+#include "format/kv_values.h"
 #include "gpu/cuda_util.h"
+#include "gpu/dequantize_kv.h"
 
 namespace shotdb {
 namespace gpu {
@@ -79,6 +81,8 @@ class Stager::Workers {
 
 namespace {
 
+size_t RoundUp256(uint64_t n) { return static_cast<size_t>((n + 255) / 256 * 256); }
+
 std::string RecordWhat(const std::string& task, uint32_t block, uint32_t layer, TensorKind kind) {
   return "task " + task + " block " + std::to_string(block) + " layer " + std::to_string(layer) +
          " " + std::string(TensorKindName(kind));
@@ -112,8 +116,13 @@ Result<std::unique_ptr<Stager>> Stager::Create(const Options& options) {
   if (options.threads < 1 || options.num_slabs == 0 || options.slab_bytes == 0) {
     return Status::InvalidArgument("Stager: threads, num_slabs and slab_bytes must be > 0");
   }
+  if (options.fp8_pages != DType::kBF16 && options.fp8_pages != DType::kF16) {
+    return Status::InvalidArgument("Stager: fp8_pages must be bf16 or f16, not " +
+                                   std::string(DTypeName(options.fp8_pages)));
+  }
   std::unique_ptr<Stager> s(new Stager(options));
   SHOTDB_ASSIGN_OR_RETURN(s->stream_, CudaStream::Create());
+  SHOTDB_ASSIGN_OR_RETURN(s->landing_, NewCudaPoolAllocator(s->stream_.get()));
   PinnedPool::Options po;
   po.slab_bytes = options.slab_bytes;
   po.max_slabs = options.num_slabs;
@@ -255,11 +264,13 @@ Result<StagedBatch> Stager::Stage(Snapshot* snapshot, const std::string& task,
                                   const LayerCallback& on_layer) {
   SHOTDB_ASSIGN_OR_RETURN(TaskInfo info, snapshot->GetTask(task));
   if (blocks.empty()) return Status::InvalidArgument("StageLayers: task " + task + ": no blocks");
-  if (options_.kernel_dtypes_only && info.model.dtype != DType::kBF16 &&
-      info.model.dtype != DType::kF16) {
+  const DType stored = info.model.dtype;
+  const bool fp8 = stored == DType::kF8E4M3;
+  const DType page_dtype = fp8 ? options_.fp8_pages : stored;
+  if (options_.kernel_dtypes_only && page_dtype != DType::kBF16 && page_dtype != DType::kF16) {
     return Status::InvalidArgument("StageLayers: task " + task + " stores " +
-                                   std::string(DTypeName(info.model.dtype)) +
-                                   "; the kernels take bf16 or f16");
+                                   std::string(DTypeName(stored)) +
+                                   "; the kernels take bf16, f16 or f8e4m3");
   }
   std::unordered_set<uint32_t> seen;
   for (uint32_t b : blocks) {
@@ -276,13 +287,20 @@ Result<StagedBatch> Stager::Stage(Snapshot* snapshot, const std::string& task,
     }
   }
   StagedBatch batch;
-  batch.dtype = info.model.dtype;
+  batch.dtype = page_dtype;
   batch.kv_heads = info.model.kv_heads;
   batch.head_dim = info.model.head_dim;
+  // Per block: the raw bytes of one of its records, and of one 16-bit (or stored-dtype) page.
+  std::vector<size_t> record_bytes, page_bytes;
+  size_t landing_bytes = 0;  // fp8: every record of one layer
   for (uint32_t b : blocks) {
     SHOTDB_ASSIGN_OR_RETURN(BlockInfo bi, snapshot->GetBlock(task, b));
-    const uint64_t bytes = static_cast<uint64_t>(info.model.kv_heads) * bi.token_count *
-                           info.model.head_dim * DTypeSize(info.model.dtype);
+    const uint64_t bytes =
+        *KvRawBytes(stored, info.model.kv_heads, bi.token_count, info.model.head_dim);
+    record_bytes.push_back(bytes);
+    page_bytes.push_back(static_cast<size_t>(info.model.kv_heads) * bi.token_count *
+                         info.model.head_dim * DTypeSize(page_dtype));
+    landing_bytes += 2 * RoundUp256(bytes);
     if (bytes > options_.slab_bytes) {
       return Status::InvalidArgument("StageLayers: task " + task + " block " + std::to_string(b) +
                                      ": a " + std::to_string(bytes) +
@@ -296,6 +314,21 @@ Result<StagedBatch> Stager::Stage(Snapshot* snapshot, const std::string& task,
   const uint32_t task_id = cache->InternTask(task + "@" + std::to_string(info.created_unix));
   const bool direct = info.codec == Codec::kRaw && CoverMap(snapshot);
 
+  // fp8: the records land here, and each layer's dequantisation writes the pages. Freed in stream
+  // order, after the last kernel that reads it.
+  uint8_t* landing = nullptr;
+  if (fp8) {
+    SHOTDB_ASSIGN_OR_RETURN(void* p, landing_->Allocate(landing_bytes));
+    landing = static_cast<uint8_t*>(p);
+  }
+  struct LandingGuard {
+    DeviceAllocator* alloc;
+    void* p;
+    ~LandingGuard() {
+      if (p != nullptr) alloc->Free(p);
+    }
+  } landing_guard{landing_.get(), landing};
+
   std::vector<CopyJob> jobs, direct_jobs;
   PinnedSlab slab;
   size_t slab_used = 0;
@@ -303,12 +336,13 @@ Result<StagedBatch> Stager::Stage(Snapshot* snapshot, const std::string& task,
     const uint32_t layer = layers[li];
     StagedLayer staged;
     staged.layer = layer;
+    std::vector<DequantizeKvJob> dequantize;
+    size_t landing_used = 0;
     for (size_t bi = 0; bi < blocks.size(); ++bi) {
       const uint32_t block = blocks[bi];
-      const size_t bytes = static_cast<size_t>(info.model.kv_heads) * batch.block_tokens[bi] *
-                           info.model.head_dim * DTypeSize(info.model.dtype);
-      SHOTDB_ASSIGN_OR_RETURN(PageHandle page,
-                              cache->Acquire(PageKey{task_id, block, layer}, bytes, bytes));
+      const size_t bytes = record_bytes[bi];
+      SHOTDB_ASSIGN_OR_RETURN(PageHandle page, cache->Acquire(PageKey{task_id, block, layer},
+                                                              page_bytes[bi], page_bytes[bi]));
       staged.blocks.push_back(KvBlockRef{page.k(), page.v(), batch.block_tokens[bi]});
       if (page.filled()) {
         ++batch.pages_hit;
@@ -322,6 +356,12 @@ Result<StagedBatch> Stager::Stage(Snapshot* snapshot, const std::string& task,
                                 snapshot->GetRecord(task, block, layer, kind));
         SHOTDB_RETURN_IF_ERROR(CheckRecord(view, info, layer, kind, batch.block_tokens[bi], what));
         void* dst = kind == TensorKind::kKey ? page.k() : page.v();
+        if (fp8) {
+          dequantize.push_back(
+              DequantizeKvJob{landing + landing_used, dst, batch.block_tokens[bi]});
+          dst = landing + landing_used;
+          landing_used += RoundUp256(bytes);
+        }
         if (direct && view.header.codec == Codec::kRaw && map_->Contains(view.payload, bytes)) {
           direct_jobs.push_back(CopyJob{view, std::move(what), dst, bytes, 0});
           SHOTDB_RETURN_IF_ERROR(CopyFromMap(direct_jobs.back()));
@@ -339,7 +379,7 @@ Result<StagedBatch> Stager::Stage(Snapshot* snapshot, const std::string& task,
         job.size = bytes;
         job.slab_offset = slab_used;
         // 256-byte alignment keeps each job's destination in the slab on its own cache lines.
-        slab_used += (bytes + 255) / 256 * 256;
+        slab_used += RoundUp256(bytes);
         jobs.push_back(std::move(job));
       }
       staged.pages.push_back(std::move(page));
@@ -349,6 +389,14 @@ Result<StagedBatch> Stager::Stage(Snapshot* snapshot, const std::string& task,
     if (slab.valid()) {
       SHOTDB_RETURN_IF_ERROR(Flush(std::move(slab), &jobs));
       slab_used = 0;
+    }
+    if (!dequantize.empty()) {
+      DequantizeKvArgs args;
+      args.dtype = page_dtype;
+      args.kv_heads = info.model.kv_heads;
+      args.head_dim = info.model.head_dim;
+      args.jobs = std::move(dequantize);
+      SHOTDB_RETURN_IF_ERROR(LaunchDequantizeKv(args, stream_.get()));
     }
     SHOTDB_RETURN_IF_ERROR(VerifyDirect(direct_jobs));
     direct_jobs.clear();

@@ -4,6 +4,9 @@
 //                  (threads verify checksums on the host while the DMA runs)
 //   LZ4 records,   store (LMDB map) --decode / copy, parallel threads--> pinned slab
 //   or no direct:      --cudaMemcpyAsync--> page
+//   fp8 records:   either way into a landing buffer on the device, then one LaunchDequantizeKv
+//                  per layer writes the pages in Options::fp8_pages (bf16 or f16): half the
+//                  bytes cross PCIe, and the kernels read the same 16-bit pages as for bf16 tasks.
 //
 // For each requested layer, the selected blocks' K and V pages are looked up in a BlockPageCache;
 // the misses are read from the Snapshot (zero-copy record views into the memory map). Codec::kRaw
@@ -60,7 +63,7 @@ struct StagedLayer {
 };
 
 struct StagedBatch {
-  DType dtype = DType::kBF16;
+  DType dtype = DType::kBF16;  // of the pages: the task's, or Options::fp8_pages for fp8 tasks
   uint32_t kv_heads = 0, head_dim = 0;
   std::vector<uint32_t> block_tokens;  // per requested block
   uint64_t total_tokens = 0;
@@ -84,6 +87,8 @@ class Stager {
     // dtype (shotdb.Store.load_kv(device="cuda")); the batch's KvBlockRefs are then not kernel
     // input.
     bool kernel_dtypes_only = true;
+    // The dtype scaled fp8 tasks (DType::kF8E4M3) are dequantised to in the pages: kBF16 or kF16.
+    DType fp8_pages = DType::kBF16;
   };
   struct Stats {
     uint64_t pages_hit = 0, pages_filled = 0;
@@ -113,7 +118,7 @@ class Stager {
   //   NotFound           unknown task or block, or a missing record;
   //   InvalidArgument    empty or duplicate blocks, a layer >= the task's layer count, a tensor
   //                      larger than slab_bytes, or (kernel_dtypes_only) a task dtype the
-  //                      kernels do not take;
+  //                      kernels do not take (bf16, f16 and fp8 are taken);
   //   Corruption         a record fails its checks (names task, block, layer and K/V);
   //   FailedPrecondition the cache is exhausted by pinned pages;
   //   IOError            CUDA failures;
@@ -163,6 +168,7 @@ class Stager {
 
   const Options options_;
   CudaStream stream_;
+  std::unique_ptr<DeviceAllocator> landing_;  // fp8 landing buffers, stream-ordered on stream_
   std::unique_ptr<PinnedPool> pool_;
   std::unique_ptr<Workers> workers_;
   std::unique_ptr<MapRegistry> map_;

@@ -10,6 +10,7 @@
 #include <tuple>
 
 #include "engine/store_test_util.h"
+#include "format/kv_values.h"
 #include "gpu/cuda_util.h"
 
 namespace shotdb {
@@ -204,6 +205,60 @@ TEST_P(StagerTest, RejectsBadRequests) {
   ASSERT_TRUE(tiny.ok());
   auto r = (*stager)->StageLayers(snap->get(), "t", {5}, {0}, tiny->get());
   EXPECT_TRUE(r.status().IsFailedPrecondition()) << r.status().ToString();
+}
+
+// An fp8 task: half the bytes cross PCIe, and each page holds the 16-bit values the host computes
+// from the record (KvToFloat, then rounding to the page dtype), for bf16 and f16 pages.
+TEST_P(StagerTest, Fp8TaskIsDequantisedIntoSixteenBitPages) {
+  const ModelFingerprint fp8 = SmallModel(DType::kF8E4M3, 3);
+  ASSERT_TRUE(store_->CreateTask(MakeTask("f8", fp8, codec())).ok());
+  std::vector<testing_util::TestBlock> blocks;
+  uint64_t pos = 0;
+  for (uint32_t b = 0; b < 4; ++b) {
+    const uint32_t tokens = b == 2 ? 3000 : 3 + 5 * b;
+    blocks.push_back(MakeBlock(fp8, 7, b, pos, tokens));
+    ASSERT_TRUE(store_->AppendBlock("f8", blocks.back().block).ok());
+    pos += tokens;
+  }
+  for (DType pages : {DType::kBF16, DType::kF16}) {
+    Stager::Options o = StagerOptions();
+    o.fp8_pages = pages;
+    o.slab_bytes = 64 * 1024;
+    auto stager = Stager::Create(o);
+    ASSERT_TRUE(stager.ok()) << stager.status().ToString();
+    auto cache = (*stager)->CreateCache(4 << 20);
+    ASSERT_TRUE(cache.ok());
+    auto snap = store_->BeginSnapshot();
+    ASSERT_TRUE(snap.ok());
+    const std::vector<uint32_t> order = {3, 0, 2, 1};
+    auto batch = (*stager)->StageLayers(snap->get(), "f8", order, {1, 2, 0}, cache->get());
+    ASSERT_TRUE(batch.ok()) << batch.status().ToString();
+    EXPECT_EQ(batch->dtype, pages);
+    uint64_t record_bytes = 0;
+    for (uint32_t b : order) {
+      record_bytes += 3 * 2 * *KvRawBytes(DType::kF8E4M3, 2, blocks[b].block.info.token_count, 8);
+    }
+    EXPECT_EQ(batch->bytes_copied, record_bytes);
+    for (const StagedLayer& l : batch->layers) {
+      ASSERT_TRUE(l.ready.Synchronize().ok());
+      for (size_t i = 0; i < order.size(); ++i) {
+        const uint32_t tokens = blocks[order[i]].block.info.token_count;
+        for (TensorKind kind : {TensorKind::kKey, TensorKind::kValue}) {
+          const std::vector<uint8_t>& raw =
+              blocks[order[i]].tensors[2 * l.layer + (kind == TensorKind::kValue)];
+          std::vector<float> values(2 * tokens * 8);
+          KvToFloat(DType::kF8E4M3, 2, tokens * 8, raw.data(), values.data());
+          std::vector<uint16_t> want(values.size()), got(values.size());
+          ConvertFromFloat(pages, values.data(), want.data(), values.size());
+          const void* src = kind == TensorKind::kKey ? l.pages[i].k() : l.pages[i].v();
+          ASSERT_EQ(cudaMemcpy(got.data(), src, got.size() * 2, cudaMemcpyDeviceToHost),
+                    cudaSuccess);
+          EXPECT_EQ(got, want) << DTypeName(pages) << " block " << order[i] << " layer " << l.layer
+                               << " " << TensorKindName(kind);
+        }
+      }
+    }
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(CodecsAndPaths, StagerTest,

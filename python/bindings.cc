@@ -56,6 +56,8 @@ nb::dlpack::dtype DlpackDtype(DType t) {
       return {static_cast<uint8_t>(nb::dlpack::dtype_code::Bfloat), 16, 1};
     case DType::kF64:
       return {static_cast<uint8_t>(nb::dlpack::dtype_code::Float), 64, 1};
+    case DType::kF8E4M3:  // refused before any array is made (LoadKv, CreateTask)
+      break;
   }
   return {};
 }
@@ -300,6 +302,13 @@ std::unique_ptr<KvHandle> LoadKv(PyStore& py, const std::string& task_name,
 #endif
   std::unique_ptr<Snapshot> snapshot = Check(store->BeginSnapshot());
   TaskInfo task = Check(snapshot->GetTask(task_name));
+  if (task.model.dtype == DType::kF8E4M3) {
+    // Scaled fp8 payloads are codes plus per-head scales (docs/format.md): no array dtype holds
+    // them as values. Session reads them (dequantised); shotdb inspect shows their statistics.
+    Raise(Status::NotSupported("load_kv: task " + task_name +
+                               " stores f8e4m3 K/V (fp8 codes with per-head scales), which "
+                               "load_kv does not return as arrays; query it through Session"));
+  }
   std::vector<uint32_t> layer_list;
   if (layers) {
     layer_list = *layers;
@@ -435,7 +444,11 @@ void CreateTask(PyStore& py, const std::string& name, const std::string& archite
   t.name = name;
   t.model.architecture = architecture;
   const auto dt = ParseDType(dtype);
-  if (!dt) Raise(Status::InvalidArgument("dtype '" + dtype + "': expected f32, f16, bf16 or f64"));
+  // fp8 K/V come only from the pool encoder (shotdb build --kv-dtype f8e4m3), which picks the
+  // scales; put() takes arrays of plain elements.
+  if (!dt || *dt == DType::kF8E4M3) {
+    Raise(Status::InvalidArgument("dtype '" + dtype + "': expected f32, f16, bf16 or f64"));
+  }
   t.model.dtype = *dt;
   t.model.tokenizer_hash = tokenizer_hash;
   t.model.num_layers = num_layers;

@@ -47,7 +47,7 @@ class Session {
     }
     const std::string d = dtype.empty() ? (options.device.is_cuda() ? "bf16" : "f32") : dtype;
     const auto parsed = ParseDType(d);
-    if (!parsed) {
+    if (!parsed || *parsed == DType::kF8E4M3) {  // fp8 is a storage dtype, not a compute one
       Raise(Status::InvalidArgument("dtype '" + d + "': expected f32, bf16 or f64"));
     }
     options.dtype = TorchType(*parsed);
@@ -148,7 +148,8 @@ class Session {
 nb::dict ModelFingerprintOf(const std::string& model, const std::string& kv_dtype) {
   const auto dtype = ParseDType(kv_dtype);
   if (!dtype) {
-    Raise(Status::InvalidArgument("dtype '" + kv_dtype + "': expected f32, f16, bf16 or f64"));
+    Raise(Status::InvalidArgument("dtype '" + kv_dtype +
+                                  "': expected f32, f16, bf16, f64 or f8e4m3"));
   }
   ModelConfig config;
   std::unique_ptr<Tokenizer> tokenizer;

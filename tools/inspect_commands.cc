@@ -18,6 +18,7 @@
 
 #include "engine/export.h"
 #include "engine/store.h"
+#include "format/kv_values.h"
 #include "tools/cli_util.h"
 #include "tools/commands.h"
 #include "util/file_util.h"
@@ -359,11 +360,13 @@ struct ValueStats {
   double mean = std::numeric_limits<double>::quiet_NaN();
 };
 
-// Min, max and mean (accumulated in double) of `n` elements of `dtype`; NaN elements are skipped.
-ValueStats ComputeStats(DType dtype, const void* data, size_t n) {
+// Min, max and mean (accumulated in double) of the values of a record's raw payload (scaled fp8
+// dequantised); NaN elements are skipped.
+ValueStats ComputeStats(const BlockRecordMeta& m, const void* data) {
   ValueStats s;
-  std::vector<float> f(n);
-  ConvertToFloat(dtype, data, f.data(), n);
+  const uint64_t per_head = uint64_t{m.tokens} * m.head_dim;
+  std::vector<float> f(m.kv_heads * per_head);
+  KvToFloat(m.dtype, m.kv_heads, per_head, data, f.data());
   double sum = 0;
   size_t count = 0;
   for (float v : f) {
@@ -433,7 +436,7 @@ int RunShow(const GlobalOptions& global, const ShowOptions& o) {
       auto record = snap.GetRecord(task->name, o.block, layer, kind);
       Status status = record.status();
       // Decoded into our own buffer (8-byte aligned for every dtype) rather than read through
-      // GetPayload's zero-copy pointer: ConvertToFloat needs element-aligned input.
+      // GetPayload's zero-copy pointer: KvToFloat needs element-aligned input.
       std::vector<double> values;
       if (status.ok()) {
         values.resize((record->header.raw_size + sizeof(double) - 1) / sizeof(double));
@@ -451,8 +454,7 @@ int RunShow(const GlobalOptions& global, const ShowOptions& o) {
       }
       const BlockRecordHeader& h = record->header;
       const uint64_t stored = kBlockRecordHeaderSize + record->payload_size;
-      const size_t elements = h.raw_size / DTypeSize(h.meta.dtype);
-      const ValueStats s = ComputeStats(h.meta.dtype, values.data(), elements);
+      const ValueStats s = ComputeStats(h.meta, values.data());
       char payload_sum[9];
       std::snprintf(payload_sum, sizeof payload_sum, "%08" PRIx32, h.payload_checksum);
       const std::string shape = "[" + std::to_string(h.meta.kv_heads) + "," +

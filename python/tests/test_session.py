@@ -78,3 +78,30 @@ def test_ask_batch_answers_each_query_as_ask(store_dir):
         assert b["label"] == a["label"] and b["blocks"] == a["blocks"]
         assert b["label_scores"] == pytest.approx(a["label_scores"], rel=1e-4)
     assert session.ask_batch([]) == []
+
+
+def test_fp8_pool_answers_as_the_cli_and_load_kv_refuses_it(tmp_path):
+    # --kv-dtype f8e4m3: scaled fp8 K/V (docs/format.md). The session reads them dequantised and
+    # answers exactly as the CLI; load_kv, which returns arrays of stored elements, refuses them.
+    path = str(tmp_path / "fp8")
+    subprocess.run([CLI, "--store", path, "build", "--task", "t", "--demos", EXAMPLES, "--limit",
+                    "30", "--model", MODEL, "--threads", "2", "--kv-dtype", "f8e4m3"],
+                   check=True, capture_output=True)
+    store = shotdb.Store(path, readonly=True)
+    session = shotdb.Session(store, "t", MODEL, threads=2)
+    query = "wake me up at seven"
+    a = session.ask(query, ratio=1.0)
+    cli = json.loads(subprocess.run(
+        [CLI, "--store", path, "query", "--task", "t", query, "--ratio", "1", "--json",
+         "--model", MODEL, "--threads", "2"], check=True, capture_output=True, text=True).stdout)
+    assert a["label"] == cli["label"]
+    assert a["score"] == pytest.approx(cli["score"], rel=1e-9)
+    with pytest.raises(shotdb.NotSupportedError, match="f8e4m3"):
+        store.load_kv("t", [0])
+    # shotdb show reads the records' values (dequantised) for its statistics.
+    shown = json.loads(subprocess.run([CLI, "--store", path, "show", "t", "0", "--layers", "0",
+                                       "--json"], check=True, capture_output=True,
+                                      text=True).stdout)
+    for t in shown["tensors"]:
+        assert t["dtype"] == "f8e4m3"
+        assert t["min"] < 0 < t["max"] and abs(t["mean"]) < max(-t["min"], t["max"])

@@ -18,6 +18,10 @@ namespace shotdb {
 
 namespace {
 
+// fp8 tasks are staged as bf16 pages: the dtype DBSA runs its GPU models in (an f16 model reads
+// them through libtorch, converted).
+constexpr DType kFp8Pages = DType::kBF16;
+
 // The default (legacy) stream, where libtorch's kernels run unless a current stream is set
 // (shotdb sets none): the kernels here go there too, so the model's kernels are ordered after
 // them without a host wait.
@@ -182,7 +186,7 @@ class DeviceKvSource final : public KvSource {
         }
         SHOTDB_RETURN_IF_ERROR(layer.ready.WaitOn(kTorchStream));
         gpu::GatherRopeArgs args;
-        args.dtype = task.model.dtype;
+        args.dtype = PageDType(task);
         args.kv_heads = static_cast<uint32_t>(heads);
         args.head_dim = static_cast<uint32_t>(dim);
         args.blocks = layer.blocks;
@@ -287,10 +291,14 @@ class DeviceKvSource final : public KvSource {
   void Clear() override { cache_->Clear(); }
 
  private:
-  // The model computes in the stored dtype, one the kernels take.
+  // The model computes in the pages' dtype (the stored one, or bf16 for fp8 tasks), one the
+  // kernels take.
   static bool KernelDType(const TaskInfo& task, const LlamaModel& model) {
-    return model.dtype() == TorchType(task.model.dtype) &&
-           (task.model.dtype == DType::kBF16 || task.model.dtype == DType::kF16);
+    const DType pages = PageDType(task);
+    return model.dtype() == TorchType(pages) && (pages == DType::kBF16 || pages == DType::kF16);
+  }
+  static DType PageDType(const TaskInfo& task) {
+    return task.model.dtype == DType::kF8E4M3 ? kFp8Pages : task.model.dtype;
   }
   // The attention form applies: LaunchPagedAttention takes these shapes (RoPE checked apart).
   static bool Paged(const TaskInfo& task, const LlamaModel& model, size_t blocks,
@@ -317,6 +325,7 @@ Result<std::unique_ptr<KvSource>> MakeDeviceKvSource(size_t cache_bytes, int dev
   options.threads = 16;  // reading the map into pinned slabs is the bottleneck (docs/gpu.md)
   // Any stored dtype: the kernels take bf16/f16, the others are concatenated by libtorch.
   options.kernel_dtypes_only = false;
+  options.fp8_pages = kFp8Pages;
   SHOTDB_ASSIGN_OR_RETURN(std::unique_ptr<gpu::Stager> stager, gpu::Stager::Create(options));
   SHOTDB_ASSIGN_OR_RETURN(std::unique_ptr<gpu::BlockPageCache> cache,
                           stager->CreateCache(cache_bytes));

@@ -40,14 +40,12 @@ class HostKvSource final : public KvSource {
     }
     *load_ms = MsSince(start);
     start = std::chrono::steady_clock::now();
-    const auto stored = torch::TensorOptions().dtype(TorchType(task.model.dtype));
     context.kv = ConcatenateBlocks(
         layers, task.model.kv_heads, task.model.head_dim, lengths,
         torch::TensorOptions().dtype(model.dtype()).device(model.device()),
         [&](size_t i, uint32_t l, int kv) {
-          const PayloadRef& ref = payloads[i][2 * l + kv];
-          return torch::from_blob(const_cast<void*>(ref.data),
-                                  {task.model.kv_heads, lengths[i], task.model.head_dim}, stored);
+          return StoredKvTensor(task.model.dtype, payloads[i][2 * l + kv].data, task.model.kv_heads,
+                                lengths[i], task.model.head_dim);
         });
     if (model.device().is_cuda()) torch::cuda::synchronize();  // the copies read `payloads`
     if (!want_tensors) SHOTDB_RETURN_IF_ERROR(ToAttentionForm(model, &context));

@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <vector>
 
+#include "format/kv_values.h"
 #include "format/mapped_file.h"
 #include "util/file_util.h"
 
@@ -21,8 +22,35 @@ torch::ScalarType TorchType(DType dtype) {
       return torch::kBFloat16;
     case DType::kF64:
       return torch::kFloat64;
+    case DType::kF8E4M3:
+      return torch::kByte;
   }
   return torch::kFloat32;
+}
+
+torch::Tensor StoredKvTensor(DType dtype, const void* raw, int64_t kv_heads, int64_t tokens,
+                             int64_t head_dim) {
+  if (dtype != DType::kF8E4M3) {
+    return torch::from_blob(const_cast<void*>(raw), {kv_heads, tokens, head_dim},
+                            torch::TensorOptions().dtype(TorchType(dtype)));
+  }
+  torch::Tensor out = torch::empty({kv_heads, tokens, head_dim}, torch::kFloat32);
+  KvToFloat(dtype, static_cast<uint32_t>(kv_heads), static_cast<uint64_t>(tokens * head_dim), raw,
+            out.data_ptr<float>());
+  return out;
+}
+
+Result<torch::Tensor> ToStoredKv(const torch::Tensor& t, DType dtype) {
+  if (dtype != DType::kF8E4M3) return t.to(torch::kCPU, TorchType(dtype)).contiguous();
+  const torch::Tensor f = t.to(torch::kCPU, torch::kFloat32).contiguous();
+  const uint32_t heads = static_cast<uint32_t>(f.size(0));
+  const uint64_t per_head = static_cast<uint64_t>(f.size(1) * f.size(2));
+  torch::Tensor raw =
+      torch::empty({static_cast<int64_t>(*KvRawBytes(dtype, heads, static_cast<uint32_t>(f.size(1)),
+                                                     static_cast<uint32_t>(f.size(2))))},
+                   torch::kByte);
+  SHOTDB_RETURN_IF_ERROR(KvFromFloat(dtype, heads, per_head, f.data_ptr<float>(), raw.data_ptr()));
+  return raw;
 }
 
 Result<DType> StoredType(torch::ScalarType type) {

@@ -1,11 +1,13 @@
 #include "query/dbsa/pool_encoder.h"
 
+#include <ATen/Parallel.h>
 #include <xxhash.h>
 
 #include <algorithm>
 #include <chrono>
 #include <set>
 
+#include "format/kv_values.h"
 #include "query/dbsa/kv_tensor.h"
 
 namespace shotdb {
@@ -180,11 +182,16 @@ Result<PoolEncoder::BlockKV> PoolEncoder::ContextBlock(Snapshot* snapshot, const
   BlockKV kv(task.model.num_layers);
   for (uint32_t layer = 0; layer < task.model.num_layers; ++layer) {
     for (TensorKind kind : {TensorKind::kKey, TensorKind::kValue}) {
-      torch::Tensor t = torch::empty({task.model.kv_heads, info.token_count, task.model.head_dim},
-                                     torch::TensorOptions().dtype(TorchType(task.model.dtype)));
+      // Raw payload bytes in a float64-aligned buffer, whatever the dtype.
+      const uint64_t bytes =
+          *KvRawBytes(task.model.dtype, task.model.kv_heads, info.token_count, task.model.head_dim);
+      torch::Tensor raw = torch::empty({static_cast<int64_t>((bytes + 7) / 8)}, torch::kFloat64);
       SHOTDB_RETURN_IF_ERROR(
-          snapshot->DecodePayloadInto(task.name, index, layer, kind, t.data_ptr(), t.nbytes()));
-      (kind == TensorKind::kKey ? kv[layer].k : kv[layer].v) = t.to(model.device(), model.dtype());
+          snapshot->DecodePayloadInto(task.name, index, layer, kind, raw.data_ptr(), bytes));
+      (kind == TensorKind::kKey ? kv[layer].k : kv[layer].v) =
+          StoredKvTensor(task.model.dtype, raw.data_ptr(), task.model.kv_heads, info.token_count,
+                         task.model.head_dim)
+              .to(model.device(), model.dtype(), /*non_blocking=*/false, /*copy=*/true);
     }
   }
   window_[index] = kv;
@@ -268,16 +275,39 @@ Status PoolEncoder::EncodeBlocks(const std::string& task_name,
     request.return_kv = true;
     SHOTDB_ASSIGN_OR_RETURN(ForwardResult result, model.Forward(request));
 
-    const torch::ScalarType stored = TorchType(task.model.dtype);
+    // The stored payloads, and what later blocks attend to: the values as stored (rounded to the
+    // stored dtype), exactly what a query reads back.
     BlockKV as_stored(task.model.num_layers);
-    std::vector<torch::Tensor> host(2 * task.model.num_layers);
+    std::vector<torch::Tensor> host(2 * task.model.num_layers), values(host.size());
+    // Device -> host on this thread; fp8 quantisation and its read-back (scalar loops) on all
+    // cores, a record each.
+    const torch::ScalarType wide =
+        task.model.dtype == DType::kF8E4M3 ? torch::kFloat32 : TorchType(task.model.dtype);
     for (uint32_t l = 0; l < task.model.num_layers; ++l) {
-      host[2 * l] = result.kv[l].k.to(torch::kCPU, stored).contiguous();
-      host[2 * l + 1] = result.kv[l].v.to(torch::kCPU, stored).contiguous();
+      host[2 * l] = result.kv[l].k.to(torch::kCPU, wide).contiguous();
+      host[2 * l + 1] = result.kv[l].v.to(torch::kCPU, wide).contiguous();
+    }
+    std::vector<Status> quantised(host.size());
+    at::parallel_for(0, static_cast<int64_t>(host.size()), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        Result<torch::Tensor> r = ToStoredKv(host[i], task.model.dtype);
+        if (r.ok()) {
+          host[i] = std::move(r).value();
+          values[i] = StoredKvTensor(task.model.dtype, host[i].data_ptr(), task.model.kv_heads,
+                                     block.info.token_count, task.model.head_dim);
+        } else {
+          quantised[i] =
+              r.status().WithContext("task '" + task_name + "' block " + std::to_string(index) +
+                                     " layer " + std::to_string(i / 2) + (i % 2 ? " V" : " K"));
+        }
+      }
+    });
+    for (const Status& q : quantised) SHOTDB_RETURN_IF_ERROR(q);
+    for (uint32_t l = 0; l < task.model.num_layers; ++l) {
       block.keys.push_back(host[2 * l].data_ptr());
       block.values.push_back(host[2 * l + 1].data_ptr());
-      as_stored[l] = {host[2 * l].to(device, model.dtype()),
-                      host[2 * l + 1].to(device, model.dtype())};
+      as_stored[l] = {values[2 * l].to(device, model.dtype(), false, /*copy=*/true),
+                      values[2 * l + 1].to(device, model.dtype(), false, /*copy=*/true)};
     }
     SHOTDB_RETURN_IF_ERROR(
         store_->AppendBlock(task_name, block)

@@ -1,0 +1,51 @@
+// Stored K/V values: the raw payload layout of a block record's tensor for each dtype, and its
+// conversion to and from float32.
+//
+// A block record holds one layer's K or V of one block, [kv_heads, tokens, head_dim] row-major.
+// Its raw payload (what the record checksum covers, before the codec) is
+//   - kF32, kF16, kBF16, kF64: the elements, little-endian;
+//   - kF8E4M3 (scaled fp8): kv_heads float32 scales, little-endian, then the elements as e4m3
+//     codes; element value = Fp8E4M3ToFloat(code) * scale[head]. The scale of a head is
+//     amax / 448 over that head's elements (448 is e4m3's largest finite value), or 1 for a head
+//     of zeros, so each head uses the whole fp8 range. One scale per (block, layer, K/V, head):
+//     half the bytes of bf16 on disk, in the page cache's staging and over PCIe.
+// All functions are pure and thread-safe; pointers may have any alignment.
+#ifndef SHOTDB_FORMAT_KV_VALUES_H_
+#define SHOTDB_FORMAT_KV_VALUES_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+
+#include "format/dtype.h"
+#include "util/status.h"
+
+namespace shotdb {
+
+constexpr float kFp8E4M3Max = 448.0f;
+
+// Bytes of the per-head scales in front of the elements: 4 * kv_heads for kF8E4M3, else 0.
+inline uint64_t KvScaleBytes(DType dtype, uint32_t kv_heads) {
+  return dtype == DType::kF8E4M3 ? uint64_t{4} * kv_heads : 0;
+}
+
+// Raw payload bytes of a [kv_heads, tokens, head_dim] tensor (scales included), or nullopt if it
+// overflows 64 bits.
+std::optional<uint64_t> KvRawBytes(DType dtype, uint32_t kv_heads, uint32_t tokens,
+                                   uint32_t head_dim);
+
+// Converts a raw payload of `kv_heads` heads of `per_head` elements each to float32 (dst holds
+// kv_heads * per_head floats). Float dtypes convert exactly (f64 rounds to nearest); kF8E4M3
+// multiplies each code's value by its head's scale in float32 (one rounding).
+void KvToFloat(DType dtype, uint32_t kv_heads, uint64_t per_head, const void* raw, float* dst);
+
+// Writes the raw payload (KvRawBytes bytes at `raw`) of the float32 tensor `src`. Float dtypes
+// round to nearest even. kF8E4M3 picks each head's scale (above) and stores
+// FloatToFp8E4M3(x / scale) for every element x. InvalidArgument (naming the head and element) if
+// the dtype is kF8E4M3 and a value is not finite, since no scale represents it; on error the
+// contents of `raw` are unspecified.
+Status KvFromFloat(DType dtype, uint32_t kv_heads, uint64_t per_head, const float* src, void* raw);
+
+}  // namespace shotdb
+
+#endif  // SHOTDB_FORMAT_KV_VALUES_H_

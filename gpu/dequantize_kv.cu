@@ -1,0 +1,111 @@
+// Kernel of dequantize_kv.h. Includes only CUDA headers and plain shotdb headers.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <string>
+
+#include "gpu/cuda_util.h"
+#include "gpu/dequantize_kv.h"
+
+namespace shotdb {
+namespace gpu {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr uint32_t kMaxCtasPerJob = 64;  // a grid-stride loop covers longer records
+
+// Passed by value (__grid_constant__): no upload per launch.
+struct JobTable {
+  const void* src[kMaxDequantizeJobs];
+  void* dst[kMaxDequantizeJobs];
+  uint32_t tokens[kMaxDequantizeJobs];
+};
+
+__device__ __forceinline__ float2 Fp8x2ToFloat2(uint16_t two_codes) {
+  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(two_codes, __NV_E4M3);
+  return __half22float2(*reinterpret_cast<const __half2*>(&h));
+}
+
+__device__ __forceinline__ uint32_t Pack(float a, float b, __nv_bfloat16) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+__device__ __forceinline__ uint32_t Pack(float a, float b, __half) {
+  const __half2 v = __floats2half2_rn(a, b);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// CTA (x, job): groups of 4 elements x * kThreads + tid, stepping by gridDim.x * kThreads.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    DequantizeKvKernel(const __grid_constant__ JobTable tab, uint32_t kv_heads, uint32_t head_dim) {
+  const uint32_t job = blockIdx.y;
+  const uint64_t per_head = static_cast<uint64_t>(tab.tokens[job]) * head_dim;  // % 4 == 0
+  const uint64_t groups = kv_heads * per_head / 4;
+  const float* scales = static_cast<const float*>(tab.src[job]);
+  const uint32_t* codes = reinterpret_cast<const uint32_t*>(scales + kv_heads);
+  uint2* dst = static_cast<uint2*>(tab.dst[job]);
+  for (uint64_t g = static_cast<uint64_t>(blockIdx.x) * kThreads + threadIdx.x; g < groups;
+       g += static_cast<uint64_t>(gridDim.x) * kThreads) {
+    const float scale = scales[g * 4 / per_head];
+    const uint32_t four = codes[g];
+    // A multiply alone (no add to contract into an FMA): the same rounding as the host's.
+    const float2 lo = Fp8x2ToFloat2(static_cast<uint16_t>(four & 0xffffu));
+    const float2 hi = Fp8x2ToFloat2(static_cast<uint16_t>(four >> 16));
+    dst[g] = make_uint2(Pack(__fmul_rn(lo.x, scale), __fmul_rn(lo.y, scale), T()),
+                        Pack(__fmul_rn(hi.x, scale), __fmul_rn(hi.y, scale), T()));
+  }
+}
+
+}  // namespace
+
+Status LaunchDequantizeKv(const DequantizeKvArgs& a, cudaStream_t stream) {
+  if (a.dtype != DType::kBF16 && a.dtype != DType::kF16) {
+    return Status::InvalidArgument("LaunchDequantizeKv: pages must be bf16 or f16, not " +
+                                   std::string(DTypeName(a.dtype)));
+  }
+  if (a.kv_heads == 0 || a.head_dim == 0 || a.head_dim % 4 != 0) {
+    return Status::InvalidArgument(
+        "LaunchDequantizeKv: need kv_heads > 0 and head_dim a "
+        "positive multiple of 4, got kv_heads " +
+        std::to_string(a.kv_heads) + ", head_dim " + std::to_string(a.head_dim));
+  }
+  for (size_t i = 0; i < a.jobs.size(); ++i) {
+    const DequantizeKvJob& j = a.jobs[i];
+    if (j.src == nullptr || j.dst == nullptr || j.tokens == 0 ||
+        reinterpret_cast<uintptr_t>(j.src) % 4 != 0 ||
+        reinterpret_cast<uintptr_t>(j.dst) % 8 != 0) {
+      return Status::InvalidArgument("LaunchDequantizeKv: job " + std::to_string(i) +
+                                     " has a null or misaligned pointer (src 4, dst 8 bytes) or "
+                                     "0 tokens");
+    }
+  }
+  for (size_t first = 0; first < a.jobs.size(); first += kMaxDequantizeJobs) {
+    const size_t n = std::min<size_t>(kMaxDequantizeJobs, a.jobs.size() - first);
+    JobTable tab;
+    uint64_t most = 0;
+    for (size_t i = 0; i < n; ++i) {
+      const DequantizeKvJob& j = a.jobs[first + i];
+      tab.src[i] = j.src;
+      tab.dst[i] = j.dst;
+      tab.tokens[i] = j.tokens;
+      most = std::max<uint64_t>(most, uint64_t{a.kv_heads} * j.tokens * a.head_dim / 4);
+    }
+    const uint32_t ctas =
+        static_cast<uint32_t>(std::min<uint64_t>(kMaxCtasPerJob, (most + kThreads - 1) / kThreads));
+    const dim3 grid(ctas, static_cast<uint32_t>(n));
+    if (a.dtype == DType::kBF16) {
+      DequantizeKvKernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(tab, a.kv_heads, a.head_dim);
+    } else {
+      DequantizeKvKernel<__half><<<grid, kThreads, 0, stream>>>(tab, a.kv_heads, a.head_dim);
+    }
+    SHOTDB_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  }
+  return Status::OK();
+}
+
+}  // namespace gpu
+}  // namespace shotdb
