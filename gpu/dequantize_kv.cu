@@ -9,10 +9,13 @@
 
 #include "gpu/cuda_util.h"
 #include "gpu/dequantize_kv.h"
+#include "gpu/kernel_common.cuh"
 
 namespace shotdb {
 namespace gpu {
 namespace {
+
+using internal::Store2;
 
 constexpr int kThreads = 256;
 constexpr uint32_t kMaxCtasPerJob = 64;  // a grid-stride loop covers longer records
@@ -29,15 +32,6 @@ __device__ __forceinline__ float2 Fp8x2ToFloat2(uint16_t two_codes) {
   return __half22float2(*reinterpret_cast<const __half2*>(&h));
 }
 
-__device__ __forceinline__ uint32_t Pack(float a, float b, __nv_bfloat16) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-__device__ __forceinline__ uint32_t Pack(float a, float b, __half) {
-  const __half2 v = __floats2half2_rn(a, b);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-
 // CTA (x, job): groups of 4 elements x * kThreads + tid, stepping by gridDim.x * kThreads.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
@@ -47,7 +41,7 @@ __global__ void __launch_bounds__(kThreads)
   const uint64_t groups = kv_heads * per_head / 4;
   const float* scales = static_cast<const float*>(tab.src[job]);
   const uint32_t* codes = reinterpret_cast<const uint32_t*>(scales + kv_heads);
-  uint2* dst = static_cast<uint2*>(tab.dst[job]);
+  T* const dst = static_cast<T*>(tab.dst[job]);
   for (uint64_t g = static_cast<uint64_t>(blockIdx.x) * kThreads + threadIdx.x; g < groups;
        g += static_cast<uint64_t>(gridDim.x) * kThreads) {
     const float scale = scales[g * 4 / per_head];
@@ -55,15 +49,15 @@ __global__ void __launch_bounds__(kThreads)
     // A multiply alone (no add to contract into an FMA): the same rounding as the host's.
     const float2 lo = Fp8x2ToFloat2(static_cast<uint16_t>(four & 0xffffu));
     const float2 hi = Fp8x2ToFloat2(static_cast<uint16_t>(four >> 16));
-    dst[g] = make_uint2(Pack(__fmul_rn(lo.x, scale), __fmul_rn(lo.y, scale), T()),
-                        Pack(__fmul_rn(hi.x, scale), __fmul_rn(hi.y, scale), T()));
+    Store2(dst + 4 * g, make_float2(__fmul_rn(lo.x, scale), __fmul_rn(lo.y, scale)));
+    Store2(dst + 4 * g + 2, make_float2(__fmul_rn(hi.x, scale), __fmul_rn(hi.y, scale)));
   }
 }
 
 }  // namespace
 
 Status LaunchDequantizeKv(const DequantizeKvArgs& a, cudaStream_t stream) {
-  if (a.dtype != DType::kBF16 && a.dtype != DType::kF16) {
+  if (!internal::IsKernelDType(a.dtype)) {
     return Status::InvalidArgument("LaunchDequantizeKv: pages must be bf16 or f16, not " +
                                    std::string(DTypeName(a.dtype)));
   }
