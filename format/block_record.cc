@@ -81,6 +81,15 @@ Status FieldError(bool not_supported, std::string_view what, std::string_view fi
   return not_supported ? Status::NotSupported(std::move(msg)) : Status::Corruption(std::move(msg));
 }
 
+// "kv_heads H x tokens T x head_dim D x S[ + N scale bytes]": how a record's raw size is made,
+// for the messages that report a wrong one.
+std::string RawSizeFormula(const BlockRecordMeta& m) {
+  const uint64_t scales = KvScaleBytes(m.dtype, m.kv_heads);
+  return "kv_heads " + std::to_string(m.kv_heads) + " x tokens " + std::to_string(m.tokens) +
+         " x head_dim " + std::to_string(m.head_dim) + " x " + std::to_string(DTypeSize(m.dtype)) +
+         (scales > 0 ? " + " + std::to_string(scales) + " scale bytes" : std::string());
+}
+
 }  // namespace
 
 std::string_view TensorKindName(TensorKind kind) {
@@ -116,15 +125,11 @@ Result<EncodedBlockRecord> EncodeBlockRecord(const BlockRecordMeta& meta, Codec 
   }
   const std::optional<uint64_t> expected = BlockRecordRawSize(meta);
   if (!expected || *expected != raw_size) {
-    return Status::InvalidArgument(
-        "EncodeBlockRecord: layer " + std::to_string(meta.layer) + " " +
-        std::string(TensorKindName(meta.kind)) + ": " + std::to_string(raw_size) +
-        " raw bytes given, expected kv_heads " + std::to_string(meta.kv_heads) + " x tokens " +
-        std::to_string(meta.tokens) + " x head_dim " + std::to_string(meta.head_dim) + " x " +
-        std::to_string(DTypeSize(meta.dtype)) + " (" + std::string(DTypeName(meta.dtype)) + ")" +
-        (KvScaleBytes(meta.dtype, meta.kv_heads) > 0
-             ? " + " + std::to_string(KvScaleBytes(meta.dtype, meta.kv_heads)) + " scale bytes"
-             : std::string()));
+    return Status::InvalidArgument("EncodeBlockRecord: layer " + std::to_string(meta.layer) + " " +
+                                   std::string(TensorKindName(meta.kind)) + ": " +
+                                   std::to_string(raw_size) + " raw bytes given, expected " +
+                                   RawSizeFormula(meta) + " (" +
+                                   std::string(DTypeName(meta.dtype)) + ")");
   }
   if (raw == nullptr && raw_size > 0) {
     return Status::InvalidArgument("EncodeBlockRecord: null raw pointer for a non-empty tensor");
@@ -231,15 +236,9 @@ Result<BlockRecordView> ParseBlockRecord(const void* data, size_t size, std::str
 
   const std::optional<uint64_t> expected_raw = BlockRecordRawSize(m);
   if (!expected_raw || *expected_raw != h.raw_size) {
-    return FieldError(
-        false, what, "raw_size", std::to_string(h.raw_size),
-        (expected_raw ? std::to_string(*expected_raw) : std::string("(overflow)")) +
-            " = kv_heads " + std::to_string(m.kv_heads) + " x tokens " + std::to_string(m.tokens) +
-            " x head_dim " + std::to_string(m.head_dim) + " x " +
-            std::to_string(DTypeSize(m.dtype)) +
-            (KvScaleBytes(m.dtype, m.kv_heads) > 0
-                 ? " + " + std::to_string(KvScaleBytes(m.dtype, m.kv_heads)) + " scale bytes"
-                 : std::string()));
+    return FieldError(false, what, "raw_size", std::to_string(h.raw_size),
+                      (expected_raw ? std::to_string(*expected_raw) : std::string("(overflow)")) +
+                          " = " + RawSizeFormula(m));
   }
   const uint64_t payload_size = size - kBlockRecordHeaderSize;
   if (h.stored_size != payload_size) {

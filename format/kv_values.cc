@@ -44,7 +44,7 @@ Status KvFromFloat(DType dtype, uint32_t kv_heads, uint64_t per_head, const floa
     const float* s = src + h * per_head;
     float amax = 0.f;
     bool finite = true;
-    for (uint64_t i = 0; i < per_head; ++i) {  // branch-free: vectorizes
+    for (uint64_t i = 0; i < per_head; ++i) {  // no early exit: the error path finds the element
       const float a = std::fabs(s[i]);
       finite &= a <= std::numeric_limits<float>::max();  // false for inf and NaN
       amax = a > amax ? a : amax;

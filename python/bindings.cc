@@ -56,7 +56,8 @@ nb::dlpack::dtype DlpackDtype(DType t) {
       return {static_cast<uint8_t>(nb::dlpack::dtype_code::Bfloat), 16, 1};
     case DType::kF64:
       return {static_cast<uint8_t>(nb::dlpack::dtype_code::Float), 64, 1};
-    case DType::kF8E4M3:  // refused before any array is made (LoadKv, CreateTask)
+    case DType::kF8E4M3:  // refused before any array is made or read (LoadKv, CreateTask,
+                          // AppendBlock)
       break;
   }
   return {};
@@ -398,6 +399,13 @@ uint32_t AppendBlock(PyStore& py, const std::string& task_name, const std::vecto
     nb::gil_scoped_release release;
     auto snapshot = Check(store.BeginSnapshot());
     t = Check(snapshot->GetTask(task_name));
+  }
+  if (t.model.dtype == DType::kF8E4M3) {
+    // Its records carry per-head scales that plain arrays do not (their raw bytes would be read
+    // past the array's end): only the pool encoder writes them.
+    Raise(Status::NotSupported("task " + task_name +
+                               " stores f8e4m3 K/V, which append_block cannot write (the pool "
+                               "encoder chooses their scales: shotdb build --kv-dtype f8e4m3)"));
   }
   if (keys.size() != t.model.num_layers || values.size() != t.model.num_layers) {
     Raise(Status::InvalidArgument("expected " + std::to_string(t.model.num_layers) +
@@ -809,7 +817,8 @@ NB_MODULE(_shotdb, m) {
            "(or unsigned integers of its width holding the raw bits), pre-RoPE; demos are "
            "(id, text, label) tuples with ids new to the task. text defaults to the demos "
            "formatted with the task's template. Returns the block index. Nothing is stored on "
-           "any error.")
+           "any error. An f8e4m3 task is refused (NotSupportedError): its scales come from the "
+           "pool encoder.")
       .def(
           "delete_task",
           [](PyStore& s, const std::string& name) {

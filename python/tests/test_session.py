@@ -87,7 +87,17 @@ def test_fp8_pool_answers_as_the_cli_and_load_kv_refuses_it(tmp_path):
     subprocess.run([CLI, "--store", path, "build", "--task", "t", "--demos", EXAMPLES, "--limit",
                     "30", "--model", MODEL, "--threads", "2", "--kv-dtype", "f8e4m3"],
                    check=True, capture_output=True)
+    # append_block cannot write fp8 records (the pool encoder chooses their scales); arrays of
+    # their element width are refused too, before any byte is read.
+    import numpy as np
+    writable = shotdb.Store(path)
+    m = writable.task("t")["model"]
+    zeros = [np.zeros((m["kv_heads"], 3, m["head_dim"]), np.uint8)] * m["num_layers"]
+    with pytest.raises(shotdb.NotSupportedError, match="f8e4m3"):
+        writable.append_block("t", zeros, zeros, [(999999, "x", "set alarm")])
+    writable.close()
     store = shotdb.Store(path, readonly=True)
+    assert store.task("t")["num_blocks"] == 30 // 5
     session = shotdb.Session(store, "t", MODEL, threads=2)
     query = "wake me up at seven"
     a = session.ask(query, ratio=1.0)
