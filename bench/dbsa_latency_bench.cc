@@ -8,7 +8,7 @@
 //                      [--store DIR] [--json FILE]
 //
 // --kv-dtype f8e4m3 stores the pool as scaled fp8 (format/kv_values.h): half the bytes on disk
-// and over PCIe, dequantised to bf16 pages as they land (gpu/dequantize_kv.h).
+// and over PCIe, dequantised to bf16 pages as they land (gpu/unpack_kv.h).
 //
 // Next to every DBSA time it prints the memory floor: the bytes one forward must read (every
 // weight matrix once, plus the context's K/V; cold, the K/V also cross PCIe at best overlapped)
@@ -445,9 +445,10 @@ int Run(int argc, char** argv) {
       }
     }
     const auto cs = (*session)->cache_stats();
-    std::printf("device cache: %llu hits, %llu misses, %.2f GB resident\n",
-                static_cast<unsigned long long>(cs.hits),
-                static_cast<unsigned long long>(cs.misses), cs.bytes_resident / 1e9);
+    std::printf(
+        "device cache: %llu hits, %llu misses, %.2f GB resident; %.2f GB loaded in %llu copies\n",
+        static_cast<unsigned long long>(cs.hits), static_cast<unsigned long long>(cs.misses),
+        cs.bytes_resident / 1e9, cs.bytes_loaded / 1e9, static_cast<unsigned long long>(cs.copies));
     session->reset();
 
     // The split of one query per method, in a fresh profiled session (same cache size; the timed

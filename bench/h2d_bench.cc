@@ -114,6 +114,7 @@ int Main(int argc, char** argv) {
     task.model.kv_heads = kKvHeads;
     task.model.head_dim = kHeadDim;
     task.codec = Codec::kRaw;
+    task.prompt_template = "{text}\n{label}";
     CHECK_OK(store->CreateTask(task));
     std::vector<uint16_t> data(tensor_bytes / 2);
     for (size_t i = 0; i < data.size(); ++i)
@@ -202,8 +203,17 @@ int Main(int argc, char** argv) {
       return s;
     };
     run();  // warm: page cache of the map, map registration, device pool, pinned slabs
+    const Stager::Stats warm = stager->stats();
     const double s = Best(run);
     const Stager::Stats st = stager->stats();
+    const double runs = static_cast<double>(st.pages_filled - warm.pages_filled) /
+                        (static_cast<double>(blocks) * layers);
+    std::printf(
+        "  stager %s, verify %s, %d threads: per run %.0f copies, %.2f ms reading records, "
+        "%.2f ms verifying, %.1f MB between records\n",
+        c.direct ? "direct" : "slabs", verify ? "on" : "off", c.threads,
+        (st.copies - warm.copies) / runs, (st.records_ms - warm.records_ms) / runs,
+        (st.verify_ms - warm.verify_ms) / runs, (st.gap_bytes - warm.gap_bytes) / runs / 1e6);
     std::string path;
     if (c.direct && st.bytes_from_map > 0) {
       path = "direct from the registered map (registering " + std::to_string(bytes >> 20) +

@@ -238,6 +238,42 @@ Result<BlockRecordView> Snapshot::GetRecord(const std::string& task, uint32_t bl
   return ParseBlockRecord(v.mv_data, v.mv_size, what);
 }
 
+Result<std::vector<BlockRecordView>> Snapshot::GetBlockRecords(
+    const std::string& task, uint32_t block, const std::vector<uint32_t>& layers) {
+  SHOTDB_ASSIGN_OR_RETURN(uint32_t id, TaskId(task));
+  lmdb::Cursor c;
+  int rc = c.Open(txn_, store_->dbs_.payloads);
+  if (rc != MDB_SUCCESS) return lmdb::ToStatus(rc, "task " + task + ": payload cursor");
+  std::vector<BlockRecordView> out;
+  out.reserve(2 * layers.size());
+  std::string key = PayloadKey(id, block, 0, TensorKind::kKey);
+  bool positioned = false;  // the cursor is on the previous record
+  for (uint32_t layer : layers) {
+    for (TensorKind kind : {TensorKind::kKey, TensorKind::kValue}) {
+      key.resize(key.size() - 5);
+      AppendBE32(&key, layer);
+      key.push_back(static_cast<char>(kind));
+      MDB_val k, v;
+      // The next key is usually the wanted one (ascending layers, K then V): one step, else a
+      // lookup.
+      rc = positioned ? mdb_cursor_get(c.get(), &k, &v, MDB_NEXT) : MDB_NOTFOUND;
+      if (rc != MDB_SUCCESS || lmdb::View(k) != key) {
+        k = Val(key);
+        rc = mdb_cursor_get(c.get(), &k, &v, MDB_SET_KEY);
+      }
+      positioned = rc == MDB_SUCCESS;
+      if (rc != MDB_SUCCESS) return lmdb::ToStatus(rc, RecordName(task, block, layer, kind));
+      Result<BlockRecordView> view = ParseBlockRecord(v.mv_data, v.mv_size, {});
+      if (!view.ok()) {  // again, for the message with the record's name
+        return ParseBlockRecord(v.mv_data, v.mv_size, RecordName(task, block, layer, kind))
+            .status();
+      }
+      out.push_back(*view);
+    }
+  }
+  return out;
+}
+
 namespace {
 
 // The start of the mapping of `path` at file offset 0 in this process, from /proc/self/maps

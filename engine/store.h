@@ -146,6 +146,13 @@ class Snapshot {
   // into the map and is valid while this Snapshot lives.
   Result<BlockRecordView> GetRecord(const std::string& task, uint32_t block, uint32_t layer,
                                     TensorKind kind);
+  // The K and V records of several layers of one block, as GetRecord returns them (headers
+  // checked, payloads not): out[2 * i] is layers[i]'s K and out[2 * i + 1] its V. One task lookup
+  // and one cursor walking the block's records, which are adjacent keys: for the layers of a block
+  // in ascending order this costs a step per record instead of a lookup from the tree's root (and
+  // builds no record names unless one fails). Layers in any order, repeats allowed.
+  Result<std::vector<BlockRecordView>> GetBlockRecords(const std::string& task, uint32_t block,
+                                                       const std::vector<uint32_t>& layers);
   // The raw tensor. With verify_checksum the raw bytes' xxh3 is recomputed (for compressed codecs
   // decoding always verifies it). Also checks that the header's layer, kind, dtype and shape agree
   // with the key and the task. Returns Corruption if not, never damaged bytes.

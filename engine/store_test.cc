@@ -242,6 +242,54 @@ TEST(StoreTest, RefusesMismatchedBlocks) {
   EXPECT_TRUE(store->Verify("t", nullptr).ok());
 }
 
+// GetBlockRecords walks a block's records with a cursor; it must return exactly what GetRecord
+// returns, record by record, for layers in any order, and name what is missing.
+TEST(StoreTest, BlockRecordsEqualSingleRecordLookups) {
+  TempDir dir;
+  const ModelFingerprint model = SmallModel(DType::kBF16, 4);
+  auto store = OpenOrDie(dir.path());
+  ASSERT_NE(store, nullptr);
+  ASSERT_TRUE(store->CreateTask(MakeTask("t", model, Codec::kRaw)).ok());
+  ASSERT_TRUE(store->CreateTask(MakeTask("u", model, Codec::kLz4)).ok());
+  uint64_t offset = 0;
+  for (uint32_t i = 0; i < 3; ++i) {
+    const uint32_t tokens = i == 1 ? 900 : 5 + i;  // block 1's records span overflow pages
+    ASSERT_TRUE(store->AppendBlock("t", MakeBlock(model, 5, i, offset, tokens).block).ok());
+    ASSERT_TRUE(store->AppendBlock("u", MakeBlock(model, 6, i, offset, tokens).block).ok());
+    offset += tokens;
+  }
+  auto snap = store->BeginSnapshot();
+  ASSERT_TRUE(snap.ok());
+  for (const char* task : {"t", "u"}) {
+    for (uint32_t block = 0; block < 3; ++block) {
+      for (const std::vector<uint32_t>& layers :
+           std::vector<std::vector<uint32_t>>{{0, 1, 2, 3}, {3, 1}, {2}, {1, 1, 0}, {}}) {
+        Result<std::vector<BlockRecordView>> got = (*snap)->GetBlockRecords(task, block, layers);
+        ASSERT_TRUE(got.ok()) << got.status().ToString();
+        ASSERT_EQ(got->size(), 2 * layers.size());
+        for (size_t i = 0; i < layers.size(); ++i) {
+          for (int kv = 0; kv < 2; ++kv) {
+            const TensorKind kind = kv == 0 ? TensorKind::kKey : TensorKind::kValue;
+            Result<BlockRecordView> want = (*snap)->GetRecord(task, block, layers[i], kind);
+            ASSERT_TRUE(want.ok());
+            const BlockRecordView& g = (*got)[2 * i + kv];
+            EXPECT_EQ(g.payload, want->payload) << task << " " << block << " " << layers[i];
+            EXPECT_EQ(g.payload_size, want->payload_size);
+            EXPECT_EQ(g.header.meta.layer, layers[i]);
+            EXPECT_EQ(g.header.meta.kind, kind);
+          }
+        }
+      }
+    }
+  }
+  Result<std::vector<BlockRecordView>> missing = (*snap)->GetBlockRecords("t", 1, {2, 4});
+  EXPECT_TRUE(missing.status().IsNotFound()) << missing.status().ToString();
+  EXPECT_NE(missing.status().message().find("task t block 1 layer 4 K"), std::string::npos)
+      << missing.status().ToString();
+  EXPECT_TRUE((*snap)->GetBlockRecords("t", 3, {0}).status().IsNotFound());
+  EXPECT_TRUE((*snap)->GetBlockRecords("nope", 0, {0}).status().IsNotFound());
+}
+
 class StoreCorruptionTest : public ::testing::TestWithParam<Codec> {};
 
 TEST_P(StoreCorruptionTest, DamagedPayloadAndHeaderAreReported) {
@@ -284,6 +332,11 @@ TEST_P(StoreCorruptionTest, DamagedPayloadAndHeaderAreReported) {
                   .IsCorruption());
   EXPECT_TRUE((*snap)->GetRecord("t", 2, 1, TensorKind::kKey).status().IsCorruption());
   EXPECT_TRUE((*snap)->GetPayload("t", 2, 1, TensorKind::kKey).status().IsCorruption());
+  Result<std::vector<BlockRecordView>> walk = (*snap)->GetBlockRecords("t", 2, {0, 1});
+  EXPECT_TRUE(walk.status().IsCorruption()) << walk.status().ToString();
+  EXPECT_NE(walk.status().message().find("task t block 2 layer 1 K"), std::string::npos)
+      << walk.status().ToString();
+  EXPECT_TRUE((*snap)->GetBlockRecords("t", 2, {0}).ok());  // the damage is in layer 1
   // Undamaged neighbours still read.
   Result<PayloadRef> good = (*snap)->GetPayload("t", 1, 0, TensorKind::kKey);
   ASSERT_TRUE(good.ok()) << good.status().ToString();

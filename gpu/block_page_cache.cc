@@ -228,6 +228,19 @@ void BlockPageCache::MarkFilled(const PageKey& key) {
   entries_.at(key).filled = true;
 }
 
+void BlockPageCache::Invalidate(const PageKey& key) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = entries_.find(key);
+  if (it == entries_.end()) return;
+  Entry& e = it->second;
+  e.filled = false;
+  if (e.refs > 0) return;  // Unpin discards it
+  lru_.erase(e.lru);
+  lru_bytes_ -= e.bytes;
+  EraseLocked(it);
+  ++stats_.discarded;
+}
+
 void BlockPageCache::Unpin(const PageKey& key) {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = entries_.find(key);

@@ -158,6 +158,10 @@ class BlockPageCache {
   bool Contains(const PageKey& key) const;
   // Frees every unpinned page; pinned pages stay. Returns the number freed.
   size_t Clear();
+  // The page of `key` turned out bad after MarkFilled (its records failed a check that ran while
+  // it was in use): later Acquires miss it; it is freed now if unpinned, else when its last handle
+  // goes (Stats::discarded). Nothing if the page is not cached.
+  void Invalidate(const PageKey& key);
   Stats stats() const;
 
  private:

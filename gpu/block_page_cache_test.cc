@@ -103,6 +103,31 @@ TEST_F(BlockPageCacheTest, UnfilledPageIsDiscarded) {
   EXPECT_FALSE(h->filled());
 }
 
+// A page found bad after it was marked filled: unpinned, it is freed at once; pinned, it is no
+// longer found and is freed with its last handle. Other pages are untouched.
+TEST_F(BlockPageCacheTest, InvalidatedPagesAreNoLongerFound) {
+  Make(4096);
+  Fill(1);  // unpinned at once
+  PageHandle pinned = Fill(2);
+  PageHandle other = Fill(3);
+  cache_->Invalidate({0, 1, 0});
+  cache_->Invalidate({0, 2, 0});
+  cache_->Invalidate({0, 9, 0});  // not cached: nothing
+  EXPECT_FALSE(cache_->Contains({0, 1, 0}));
+  EXPECT_FALSE(cache_->Contains({0, 2, 0}));
+  EXPECT_TRUE(cache_->Contains({0, 3, 0}));
+  EXPECT_EQ(cache_->stats().discarded, 1u);
+  EXPECT_EQ(cache_->stats().pages, 2u);
+  EXPECT_EQ(LiveBytes(), 2 * 512u);
+  pinned.Reset();
+  EXPECT_EQ(cache_->stats().discarded, 2u);
+  EXPECT_EQ(LiveBytes(), 512u);
+  auto again = cache_->Acquire({0, 1, 0}, 256, 256);
+  ASSERT_TRUE(again.ok()) << again.status().ToString();
+  EXPECT_FALSE(again->filled());  // read again
+  EXPECT_EQ(cache_->stats().bytes_in_use, LiveBytes());
+}
+
 TEST_F(BlockPageCacheTest, EvictsLeastRecentlyUsedUnpinned) {
   Make(3 * 512);
   Fill(0).Reset();

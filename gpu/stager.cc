@@ -5,14 +5,16 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstring>
+#include <future>
 #include <mutex>
+#include <numeric>
 #include <thread>
 #include <unordered_set>
 #include <utility>
 
 #include "format/kv_values.h"
 #include "gpu/cuda_util.h"
-#include "gpu/dequantize_kv.h"
+#include "gpu/unpack_kv.h"
 
 namespace shotdb {
 namespace gpu {
@@ -90,20 +92,20 @@ std::string RecordWhat(const std::string& task, uint32_t block, uint32_t layer, 
 
 // The store checks these in GetPayload; GetRecord (used here for zero-copy views that worker
 // threads can read) checks only the header itself.
-Status CheckRecord(const BlockRecordView& view, const TaskInfo& task, uint32_t layer,
-                   TensorKind kind, uint32_t tokens, const std::string& what) {
+Status CheckRecord(const BlockRecordView& view, const TaskInfo& task, uint32_t block,
+                   uint32_t layer, TensorKind kind, uint32_t tokens) {
   const BlockRecordMeta& m = view.header.meta;
   if (m.layer != layer || m.kind != kind || m.dtype != task.model.dtype ||
       m.kv_heads != task.model.kv_heads || m.tokens != tokens ||
       m.head_dim != task.model.head_dim) {
     return Status::Corruption(
-        what + ": record header says layer " + std::to_string(m.layer) + " " +
-        std::string(TensorKindName(m.kind)) + " " + std::string(DTypeName(m.dtype)) + " [" +
-        std::to_string(m.kv_heads) + ", " + std::to_string(m.tokens) + ", " +
-        std::to_string(m.head_dim) + "], expected layer " + std::to_string(layer) + " " +
-        std::string(TensorKindName(kind)) + " " + std::string(DTypeName(task.model.dtype)) + " [" +
-        std::to_string(task.model.kv_heads) + ", " + std::to_string(tokens) + ", " +
-        std::to_string(task.model.head_dim) + "]");
+        RecordWhat(task.name, block, layer, kind) + ": record header says layer " +
+        std::to_string(m.layer) + " " + std::string(TensorKindName(m.kind)) + " " +
+        std::string(DTypeName(m.dtype)) + " [" + std::to_string(m.kv_heads) + ", " +
+        std::to_string(m.tokens) + ", " + std::to_string(m.head_dim) + "], expected layer " +
+        std::to_string(layer) + " " + std::string(TensorKindName(kind)) + " " +
+        std::string(DTypeName(task.model.dtype)) + " [" + std::to_string(task.model.kv_heads) +
+        ", " + std::to_string(tokens) + ", " + std::to_string(task.model.head_dim) + "]");
   }
   return Status::OK();
 }
@@ -115,6 +117,9 @@ Stager::Stager(const Options& options) : options_(options) {}
 Result<std::unique_ptr<Stager>> Stager::Create(const Options& options) {
   if (options.threads < 1 || options.num_slabs == 0 || options.slab_bytes == 0) {
     return Status::InvalidArgument("Stager: threads, num_slabs and slab_bytes must be > 0");
+  }
+  if (options.landing_bytes < options.slab_bytes) {
+    return Status::InvalidArgument("Stager: landing_bytes must be >= slab_bytes");
   }
   if (options.fp8_pages != DType::kBF16 && options.fp8_pages != DType::kF16) {
     return Status::InvalidArgument("Stager: fp8_pages must be bf16 or f16, not " +
@@ -139,6 +144,7 @@ Result<std::unique_ptr<Stager>> Stager::Create(const Options& options) {
 Stager::~Stager() {
   // Slabs go back to the pool, and the map is unregistered, only after the copies reading them
   // are done.
+  WaitPending();
   if (stream_.get() != nullptr) cudaStreamSynchronize(stream_.get());
   in_flight_.clear();
   map_.reset();
@@ -200,6 +206,7 @@ Status Stager::Flush(PinnedSlab slab, std::vector<CopyJob>* jobs) {
       return CudaStatus(err, "cudaMemcpyAsync", "Stager::Flush");
     }
     stats_.bytes_copied += j.size;
+    ++stats_.copies;
   }
   CudaEvent done;
   if (!spare_events_.empty()) {
@@ -230,27 +237,18 @@ bool Stager::CoverMap(Snapshot* snapshot) {
   return false;
 }
 
-Status Stager::CopyFromMap(const CopyJob& job) {
-  SHOTDB_CUDA_RETURN_IF_ERROR(
-      cudaMemcpyAsync(job.dst, job.view.payload, job.size, cudaMemcpyHostToDevice, stream_.get()));
-  stats_.bytes_copied += job.size;
-  stats_.bytes_from_map += job.size;
-  return Status::OK();
-}
-
-Status Stager::VerifyDirect(const std::vector<CopyJob>& jobs) {
-  if (!options_.verify_checksums || jobs.empty()) return Status::OK();
-  std::vector<Status> results(jobs.size());
-  workers_->ParallelFor(
-      jobs.size(), [&](size_t i) { results[i] = VerifyBlockRecord(jobs[i].view, jobs[i].what); });
-  for (const Status& s : results) SHOTDB_RETURN_IF_ERROR(s);
-  return Status::OK();
+void Stager::WaitPending() {
+  if (pending_.valid()) pending_.wait();
+  pending_ = {};
 }
 
 Result<StagedBatch> Stager::StageLayers(Snapshot* snapshot, const std::string& task,
                                         const std::vector<uint32_t>& blocks,
                                         const std::vector<uint32_t>& layers, BlockPageCache* cache,
                                         const LayerCallback& on_layer) {
+  // A deferred check still running uses the worker threads, and the pages it fails must be gone
+  // before this call looks them up.
+  WaitPending();
   Result<StagedBatch> batch = Stage(snapshot, task, blocks, layers, cache, on_layer);
   // Copies already enqueued may read the map (and fill pages being discarded): let them finish
   // before the caller may end the snapshot.
@@ -279,7 +277,12 @@ Result<StagedBatch> Stager::Stage(Snapshot* snapshot, const std::string& task,
                                      " requested twice");
     }
   }
+  std::unordered_set<uint32_t> seen_layers;
   for (uint32_t l : layers) {
+    if (!seen_layers.insert(l).second) {
+      return Status::InvalidArgument("StageLayers: task " + task + ": layer " + std::to_string(l) +
+                                     " requested twice");
+    }
     if (l >= info.model.num_layers) {
       return Status::InvalidArgument("StageLayers: task " + task + ": layer " + std::to_string(l) +
                                      " >= its " + std::to_string(info.model.num_layers) +
@@ -313,8 +316,13 @@ Result<StagedBatch> Stager::Stage(Snapshot* snapshot, const std::string& task,
   const uint64_t bytes_before = stats_.bytes_copied;
   const uint32_t task_id = cache->InternTask(task + "@" + std::to_string(info.created_unix));
   const bool direct = info.codec == Codec::kRaw && CoverMap(snapshot);
+  if (direct) {
+    return StageFromMap(snapshot, task, info, blocks, layers, cache, on_layer, task_id, page_bytes,
+                        std::move(batch));
+  }
 
-  // fp8: the records land here, and each layer's dequantisation writes the pages. Freed in stream
+  // Through the slabs, layer by layer. fp8: the records land here, and each layer's
+  // LaunchUnpackKv writes the pages. Freed in stream
   // order, after the last kernel that reads it.
   uint8_t* landing = nullptr;
   if (fp8) {
@@ -329,14 +337,14 @@ Result<StagedBatch> Stager::Stage(Snapshot* snapshot, const std::string& task,
     }
   } landing_guard{landing_.get(), landing};
 
-  std::vector<CopyJob> jobs, direct_jobs;
+  std::vector<CopyJob> jobs;
   PinnedSlab slab;
   size_t slab_used = 0;
   for (size_t li = 0; li < layers.size(); ++li) {
     const uint32_t layer = layers[li];
     StagedLayer staged;
     staged.layer = layer;
-    std::vector<DequantizeKvJob> dequantize;
+    std::vector<UnpackKvJob> dequantize;
     size_t landing_used = 0;
     for (size_t bi = 0; bi < blocks.size(); ++bi) {
       const uint32_t block = blocks[bi];
@@ -354,18 +362,12 @@ Result<StagedBatch> Stager::Stage(Snapshot* snapshot, const std::string& task,
         std::string what = RecordWhat(task, block, layer, kind);
         SHOTDB_ASSIGN_OR_RETURN(BlockRecordView view,
                                 snapshot->GetRecord(task, block, layer, kind));
-        SHOTDB_RETURN_IF_ERROR(CheckRecord(view, info, layer, kind, batch.block_tokens[bi], what));
+        SHOTDB_RETURN_IF_ERROR(CheckRecord(view, info, block, layer, kind, batch.block_tokens[bi]));
         void* dst = kind == TensorKind::kKey ? page.k() : page.v();
         if (fp8) {
-          dequantize.push_back(
-              DequantizeKvJob{landing + landing_used, dst, batch.block_tokens[bi]});
+          dequantize.push_back(UnpackKvJob{landing + landing_used, dst, batch.block_tokens[bi]});
           dst = landing + landing_used;
           landing_used += RoundUp256(bytes);
-        }
-        if (direct && view.header.codec == Codec::kRaw && map_->Contains(view.payload, bytes)) {
-          direct_jobs.push_back(CopyJob{view, std::move(what), dst, bytes, 0});
-          SHOTDB_RETURN_IF_ERROR(CopyFromMap(direct_jobs.back()));
-          continue;
         }
         if (!slab.valid() || slab_used + bytes > slab.size()) {
           if (slab.valid()) SHOTDB_RETURN_IF_ERROR(Flush(std::move(slab), &jobs));
@@ -384,22 +386,20 @@ Result<StagedBatch> Stager::Stage(Snapshot* snapshot, const std::string& task,
       }
       staged.pages.push_back(std::move(page));
     }
-    // The layer's last copies must be enqueued, and its direct copies verified (while their DMA
-    // runs), before its event.
+    // The layer's last copies must be enqueued before its event.
     if (slab.valid()) {
       SHOTDB_RETURN_IF_ERROR(Flush(std::move(slab), &jobs));
       slab_used = 0;
     }
     if (!dequantize.empty()) {
-      DequantizeKvArgs args;
+      UnpackKvArgs args;
+      args.stored = stored;
       args.dtype = page_dtype;
       args.kv_heads = info.model.kv_heads;
       args.head_dim = info.model.head_dim;
       args.jobs = std::move(dequantize);
-      SHOTDB_RETURN_IF_ERROR(LaunchDequantizeKv(args, stream_.get()));
+      SHOTDB_RETURN_IF_ERROR(LaunchUnpackKv(args, stream_.get()));
     }
-    SHOTDB_RETURN_IF_ERROR(VerifyDirect(direct_jobs));
-    direct_jobs.clear();
     for (PageHandle& p : staged.pages) p.MarkFilled();
     SHOTDB_ASSIGN_OR_RETURN(staged.ready, CudaEvent::Create());
     SHOTDB_RETURN_IF_ERROR(staged.ready.Record(stream_.get()));
@@ -409,6 +409,242 @@ Result<StagedBatch> Stager::Stage(Snapshot* snapshot, const std::string& task,
   stats_.pages_hit += batch.pages_hit;
   stats_.pages_filled += batch.pages_filled;
   batch.bytes_copied = stats_.bytes_copied - bytes_before;
+  return batch;
+}
+
+Result<StagedBatch> Stager::StageFromMap(Snapshot* snapshot, const std::string& task,
+                                         const TaskInfo& info, const std::vector<uint32_t>& blocks,
+                                         const std::vector<uint32_t>& layers, BlockPageCache* cache,
+                                         const LayerCallback& on_layer, uint32_t task_id,
+                                         const std::vector<size_t>& page_bytes, StagedBatch batch) {
+  const size_t nb = blocks.size(), nl = layers.size();
+  const DType stored = info.model.dtype;
+  auto start = std::chrono::steady_clock::now();
+  auto lap = [&start] {
+    const auto now = std::chrono::steady_clock::now();
+    const double ms = std::chrono::duration<double, std::milli>(now - start).count();
+    start = now;
+    return ms;
+  };
+  // A missing page's K or V record.
+  struct Piece {
+    BlockRecordView view;
+    PageKey key;
+    size_t li, bi;  // its page: batch.layers[li].pages[bi]
+    TensorKind kind;
+    size_t landing = 0;  // offset of its payload in its landing buffer
+  };
+  std::vector<Piece> pieces;
+  const uintptr_t alignment = stored == DType::kF8E4M3 ? 4 : 8;
+  auto aligned = [&](const uint8_t* p) { return reinterpret_cast<uintptr_t>(p) % alignment == 0; };
+
+  // Copies pieces[first..]: runs of records close together in the map, in address order, each in
+  // one copy. A record keeps its address modulo 256 in the landing buffer (its alignment), or, if
+  // it is not aligned as the unpacking kernel needs (records inside LMDB's leaf pages are only
+  // 2-byte aligned), is copied alone to an aligned place. Then one LaunchUnpackKv a buffer.
+  auto copy_pieces = [&](size_t first) -> Status {
+    std::vector<size_t> order(pieces.size() - first);
+    std::iota(order.begin(), order.end(), first);
+    std::sort(order.begin(), order.end(),
+              [&](size_t a, size_t b) { return pieces[a].view.payload < pieces[b].view.payload; });
+    struct Run {
+      const uint8_t* src;
+      size_t bytes;
+      size_t landing;                 // offset in its buffer
+      size_t first_piece, end_piece;  // [first, end) of `order`
+    };
+    struct Buffer {
+      size_t bytes = 0;
+      size_t first_run = 0, end_run = 0;
+    };
+    std::vector<Run> runs;
+    std::vector<Buffer> buffers(1);
+    for (size_t oi = 0; oi < order.size(); ++oi) {
+      const BlockRecordView& v = pieces[order[oi]].view;
+      if (!runs.empty() && aligned(v.payload) && aligned(runs.back().src)) {
+        Run& r = runs.back();
+        const uint8_t* end = r.src + r.bytes;
+        const size_t grown = static_cast<size_t>(v.payload + v.payload_size - r.src);
+        if (v.payload >= end && static_cast<size_t>(v.payload - end) <= options_.max_gap_bytes &&
+            r.landing + grown <= options_.landing_bytes && map_->Contains(r.src, grown)) {
+          buffers.back().bytes = r.landing + grown;
+          stats_.gap_bytes += static_cast<size_t>(v.payload - end);
+          r.bytes = grown;
+          r.end_piece = oi + 1;
+          continue;
+        }
+      }
+      // A new run, in the current buffer if it fits, else in the next one.
+      const uintptr_t phase = aligned(v.payload) ? reinterpret_cast<uintptr_t>(v.payload) % 256 : 0;
+      size_t at = RoundUp256(buffers.back().bytes) + phase;
+      if (at + v.payload_size > options_.landing_bytes && buffers.back().bytes > 0) {
+        buffers.back().end_run = runs.size();
+        buffers.push_back(Buffer{0, runs.size(), runs.size()});
+        at = phase;
+      }
+      runs.push_back(Run{v.payload, v.payload_size, at, oi, oi + 1});
+      buffers.back().bytes = at + v.payload_size;
+    }
+    buffers.back().end_run = runs.size();
+    for (const Run& r : runs) {
+      for (size_t oi = r.first_piece; oi < r.end_piece; ++oi) {
+        Piece& p = pieces[order[oi]];
+        p.landing = r.landing + static_cast<size_t>(p.view.payload - r.src);
+      }
+    }
+    // The buffer goes back to the pool in stream order, after its kernel.
+    for (const Buffer& buf : buffers) {
+      if (buf.first_run == buf.end_run) continue;
+      SHOTDB_ASSIGN_OR_RETURN(void* mem, landing_->Allocate(buf.bytes));
+      uint8_t* landing = static_cast<uint8_t*>(mem);
+      Status s;
+      UnpackKvArgs args;
+      args.stored = stored;
+      args.dtype = batch.dtype;
+      args.kv_heads = info.model.kv_heads;
+      args.head_dim = info.model.head_dim;
+      for (size_t ri = buf.first_run; ri < buf.end_run; ++ri) {
+        const Run& r = runs[ri];
+        const cudaError_t err = cudaMemcpyAsync(landing + r.landing, r.src, r.bytes,
+                                                cudaMemcpyHostToDevice, stream_.get());
+        if (err != cudaSuccess) {
+          s = CudaStatus(err, "cudaMemcpyAsync", "Stager::StageFromMap");
+          break;
+        }
+        ++stats_.copies;
+        for (size_t oi = r.first_piece; oi < r.end_piece; ++oi) {
+          const Piece& p = pieces[order[oi]];
+          const PageHandle& page = batch.layers[p.li].pages[p.bi];
+          args.jobs.push_back(UnpackKvJob{landing + p.landing,
+                                          p.kind == TensorKind::kKey ? page.k() : page.v(),
+                                          p.view.header.meta.tokens});
+          batch.bytes_copied += p.view.payload_size;
+          stats_.bytes_copied += p.view.payload_size;
+          stats_.bytes_from_map += p.view.payload_size;
+        }
+      }
+      if (s.ok()) s = LaunchUnpackKv(args, stream_.get());
+      landing_->Free(mem);
+      SHOTDB_RETURN_IF_ERROR(s);
+    }
+    return Status::OK();
+  };
+
+  // Layer groups, in request order: each group's records are read and their copies enqueued
+  // before the next group's are read, and its layers' events follow its copies.
+  const size_t groups = std::min<size_t>(std::max<uint32_t>(options_.layer_groups, 1), nl);
+  std::vector<uint32_t> missing;
+  std::vector<size_t> missing_li;
+  for (size_t g = 0; g < groups; ++g) {
+    const size_t l0 = nl * g / groups, l1 = nl * (g + 1) / groups;
+    for (size_t li = l0; li < l1; ++li) {
+      StagedLayer staged;
+      staged.layer = layers[li];
+      for (size_t bi = 0; bi < nb; ++bi) {
+        SHOTDB_ASSIGN_OR_RETURN(PageHandle page,
+                                cache->Acquire(PageKey{task_id, blocks[bi], layers[li]},
+                                               page_bytes[bi], page_bytes[bi]));
+        ++(page.filled() ? batch.pages_hit : batch.pages_filled);
+        staged.blocks.push_back(KvBlockRef{page.k(), page.v(), batch.block_tokens[bi]});
+        staged.pages.push_back(std::move(page));
+      }
+      batch.layers.push_back(std::move(staged));
+    }
+    const size_t first = pieces.size();
+    for (size_t bi = 0; bi < nb; ++bi) {
+      missing.clear();
+      missing_li.clear();
+      for (size_t li = l0; li < l1; ++li) {
+        if (batch.layers[li].pages[bi].filled()) continue;
+        missing.push_back(layers[li]);
+        missing_li.push_back(li);
+      }
+      if (missing.empty()) continue;
+      SHOTDB_ASSIGN_OR_RETURN(std::vector<BlockRecordView> views,
+                              snapshot->GetBlockRecords(task, blocks[bi], missing));
+      for (size_t i = 0; i < views.size(); ++i) {
+        const uint32_t layer = missing[i / 2];
+        const TensorKind kind = i % 2 == 0 ? TensorKind::kKey : TensorKind::kValue;
+        const BlockRecordView& view = views[i];
+        SHOTDB_RETURN_IF_ERROR(
+            CheckRecord(view, info, blocks[bi], layer, kind, batch.block_tokens[bi]));
+        if (view.header.codec != Codec::kRaw) {
+          return Status::Corruption(RecordWhat(task, blocks[bi], layer, kind) +
+                                    ": record header says codec " +
+                                    std::string(CodecName(view.header.codec)) + " in a raw task");
+        }
+        if (!map_->Contains(view.payload, view.payload_size)) {  // Snapshot::Mapped() promises it
+          return Status::FailedPrecondition(RecordWhat(task, blocks[bi], layer, kind) +
+                                            ": record outside the registered map");
+        }
+        pieces.push_back(
+            Piece{view, PageKey{task_id, blocks[bi], layer}, missing_li[i / 2], bi, kind});
+      }
+    }
+    stats_.records_ms += lap();
+    SHOTDB_RETURN_IF_ERROR(copy_pieces(first));
+    for (size_t li = l0; li < l1; ++li) {
+      StagedLayer& staged = batch.layers[li];
+      SHOTDB_ASSIGN_OR_RETURN(staged.ready, CudaEvent::Create());
+      SHOTDB_RETURN_IF_ERROR(staged.ready.Record(stream_.get()));
+      if (on_layer) SHOTDB_RETURN_IF_ERROR(on_layer(li, staged));
+    }
+    lap();
+  }
+  stats_.pages_hit += batch.pages_hit;
+  stats_.pages_filled += batch.pages_filled;
+
+  // The checksums, while the copies run. Deferred: every page counts as filled now and the check
+  // runs on the worker threads in the background; a page whose records fail is invalidated.
+  if (options_.verify_checksums && options_.defer_verification && !pieces.empty()) {
+    for (StagedLayer& l : batch.layers) {
+      for (PageHandle& p : l.pages) p.MarkFilled();
+    }
+    Workers* workers = workers_.get();
+    pending_ = std::async(std::launch::async,
+                          [workers, cache, task, pieces = std::move(pieces)]() -> Status {
+                            std::vector<Status> results(pieces.size());
+                            workers->ParallelFor(pieces.size(), [&](size_t i) {
+                              results[i] = VerifyBlockRecord(pieces[i].view, {});
+                            });
+                            Status first_error;
+                            for (size_t i = 0; i < pieces.size(); ++i) {
+                              if (results[i].ok()) continue;
+                              const Piece& p = pieces[i];
+                              cache->Invalidate(p.key);
+                              if (first_error.ok()) {
+                                first_error = VerifyBlockRecord(
+                                    p.view, RecordWhat(task, p.key.block, p.key.layer, p.kind));
+                              }
+                            }
+                            return first_error;
+                          })
+                   .share();
+    batch.verified = pending_;
+    return batch;
+  }
+  std::vector<Status> results(pieces.size());
+  if (options_.verify_checksums) {
+    workers_->ParallelFor(pieces.size(), [&](size_t i) {
+      results[i] = VerifyBlockRecord(pieces[i].view, {});
+      if (!results[i].ok()) {  // again, for the message with the record's name
+        const Piece& p = pieces[i];
+        results[i] = VerifyBlockRecord(p.view, RecordWhat(task, p.key.block, p.key.layer, p.kind));
+      }
+    });
+  }
+  stats_.verify_ms += lap();
+  // A page is filled only if both its records pass.
+  Status first_error;
+  for (size_t i = 0; i < pieces.size(); ++i) {
+    if (results[i].ok()) continue;
+    batch.layers[pieces[i].li].pages[pieces[i].bi].Reset();  // discarded: never filled
+    if (first_error.ok()) first_error = results[i];
+  }
+  for (StagedLayer& l : batch.layers) {
+    for (PageHandle& p : l.pages) p.MarkFilled();  // a no-op on the discarded ones
+  }
+  SHOTDB_RETURN_IF_ERROR(first_error);
   return batch;
 }
 

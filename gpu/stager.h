@@ -1,26 +1,42 @@
-// Stager: the read path from the store to device memory, layer by layer.
+// Stager: the read path from the store to device memory.
 //
-//   raw records:   store (LMDB map, page-locked) --cudaMemcpyAsync--> page
-//                  (threads verify checksums on the host while the DMA runs)
+//   raw records, map registered (direct_from_map; the usual case):
+//       store (LMDB map, page-locked) --a cudaMemcpyAsync per run of adjacent records-->
+//       landing buffer on the device --LaunchUnpackKv (a copy, or fp8 -> 16 bits)--> pages
+//       (threads verify the records' checksums on the host while the DMA runs, or later)
 //   LZ4 records,   store (LMDB map) --decode / copy, parallel threads--> pinned slab
-//   or no direct:      --cudaMemcpyAsync--> page
-//   fp8 records:   either way into a landing buffer on the device, then one LaunchDequantizeKv
-//                  per layer writes the pages in Options::fp8_pages (bf16 or f16): half the
-//                  bytes cross PCIe, and the kernels read the same 16-bit pages as for bf16 tasks.
+//   or no direct:      --cudaMemcpyAsync per record--> page (fp8: a landing buffer, then
+//                      LaunchUnpackKv per layer)
 //
-// For each requested layer, the selected blocks' K and V pages are looked up in a BlockPageCache;
-// the misses are read from the Snapshot (zero-copy record views into the memory map). Codec::kRaw
-// records are copied straight from the map, which a MapRegistry page-locks on first use
-// (direct_from_map; see map_registry.h for why and when the device refuses). The others, or all
-// records where registering is refused, are decoded by a pool of threads into pinned slabs
-// (kRaw: a copy, plus the checksum check when verify_checksums; LZ4 codecs: decompression) and
-// copied from there; while the threads fill slab i, the copy engine drains slab i - 1. Every copy
-// runs on the Stager's copy stream. After the last copy of a layer, and after its checksums were
-// verified, an event is recorded: a consumer waits for layer l (on the device, with
-// StagedLayer::ready.WaitOn(its stream)) while later layers are still being read and copied.
+// For each requested layer, the selected blocks' pages (one per block and layer, holding its K and
+// V) are looked up in a BlockPageCache; the misses are read from the Snapshot (zero-copy record
+// views into the memory map).
 //
-// Direct copies read the map asynchronously: keep the Snapshot open until the last layer's event
-// has completed (StageLayers itself waits for its copies when it fails).
+// Straight from the map. A block's records are written together, so they lie next to each other
+// in the map, separated by a record header and the rest of an LMDB page. The Stager reads the
+// layers in Options::layer_groups groups, in request order; for each group it looks up the pages,
+// reads the missing records' headers (one cursor walk a block, Snapshot::GetBlockRecords), sorts
+// them by address and copies each run whose gaps are at most max_gap_bytes in ONE copy, into a
+// stream-ordered landing buffer of at most landing_bytes; a kernel then moves each payload from
+// the landing buffer to its page, and the group's layers get their events. A cold query of 300
+// blocks x 32 layers (19,200 records) thus makes ~1,200 copies (4 groups) instead of 19,200: the
+// per-copy cost on the host and in the copy engine, not PCIe, had bound cold queries
+// (docs/results.md). The price is the gap bytes copied along (a few percent; Stats::gap_bytes).
+// The records' checksums are verified by the worker threads after the last group is enqueued,
+// while the DMA runs; with Options::defer_verification, in the background after StageLayers
+// returned (StagedBatch::verified), so that the caller's forward overlaps it too.
+//
+// Through the slabs (compressed codecs, or where the device refuses to register the map): pool
+// threads decode into pinned slabs (kRaw: a copy, plus the checksum check when verify_checksums;
+// LZ4 codecs: decompression) and the copies run from there, layer by layer; while the threads fill
+// slab i, the copy engine drains slab i - 1. After each layer's last copy an event is recorded: a
+// consumer waits for layer l (on the device, with StagedLayer::ready.WaitOn(its stream)) while
+// later layers are still being read and copied.
+//
+// Every copy and kernel runs on the Stager's copy stream. Direct copies (and a deferred
+// verification) read the map asynchronously: keep the Snapshot open until the last layer's event
+// has completed and StagedBatch::verified is ready (StageLayers itself waits for its copies when
+// it fails).
 //
 // Cache pages are filled in stream order: every page staged through one Stager is ready once any
 // event recorded on its stream afterwards has completed, including pages that hit because an
@@ -38,6 +54,7 @@
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <future>
 #include <memory>
 #include <string>
 #include <vector>
@@ -70,6 +87,11 @@ struct StagedBatch {
   std::vector<StagedLayer> layers;  // in request order
   uint64_t pages_hit = 0, pages_filled = 0;
   uint64_t bytes_copied = 0;  // host -> device bytes this call enqueued
+  // Options::defer_verification: the record checksums, still being verified when StageLayers
+  // returned. get() waits and gives OK or the first Corruption (naming the record); until it
+  // returned OK nothing computed from the pages may be trusted. Invalid (valid() == false) when
+  // StageLayers verified them itself.
+  std::shared_future<Status> verified;
 };
 
 class Stager {
@@ -83,6 +105,21 @@ class Stager {
     // Copy raw records straight from the page-locked store map (no slab, no CPU copy). Falls
     // back to the slabs, for good, if the map cannot be registered (see map_status()).
     bool direct_from_map = true;
+    // Direct copies: records at most this far apart in the map are copied together (the bytes
+    // between them cross PCIe too), ...
+    size_t max_gap_bytes = size_t(32) << 10;
+    // ... into landing buffers of at most this many bytes (>= slab_bytes; device memory beyond
+    // the cache's budget, reused through a stream-ordered pool).
+    size_t landing_bytes = size_t(256) << 20;
+    // Direct copies: the layers are read and copied in this many groups, in request order; a
+    // group's layers are ready (their events) once its copies are done, so a consumer starts on
+    // them while later groups are in flight. More groups: more, smaller copies.
+    uint32_t layer_groups = 4;
+    // Direct copies: verify the checksums in the background and return at once, with
+    // StagedBatch::verified to wait on (the pages count as filled at once; those whose records fail
+    // are invalidated in the cache). The caller overlaps the check with its own work, e.g. the
+    // forward that reads the pages, and must wait for it before it returns a result.
+    bool defer_verification = false;
     // Refuse tasks whose dtype the kernels do not take (bf16, f16). Off for plain staging of any
     // dtype (shotdb.Store.load_kv(device="cuda")); the batch's KvBlockRefs are then not kernel
     // input.
@@ -94,7 +131,12 @@ class Stager {
     uint64_t pages_hit = 0, pages_filled = 0;
     uint64_t bytes_copied = 0;    // host -> device
     uint64_t bytes_from_map = 0;  // of which copied straight from the registered map
-    double map_register_ms = 0;   // time spent page-locking the map
+    uint64_t gap_bytes = 0;       // map bytes between records copied along (not in the above)
+    uint64_t copies = 0;          // host -> device copy calls
+    // Direct path, host wall time: looking up pages and reading record headers; verifying
+    // checksums (while the copies run).
+    double records_ms = 0, verify_ms = 0;
+    double map_register_ms = 0;  // time spent page-locking the map
     uint64_t slabs_flushed = 0;
     uint64_t slab_waits = 0;  // times a slab had to wait for its earlier copies to finish
   };
@@ -116,17 +158,22 @@ class Stager {
   // Stages `layers` of `blocks` of `task` (both in the given order) into `cache`.
   // Returns the batch (events recorded; copies may still be running), or:
   //   NotFound           unknown task or block, or a missing record;
-  //   InvalidArgument    empty or duplicate blocks, a layer >= the task's layer count, a tensor
-  //                      larger than slab_bytes, or (kernel_dtypes_only) a task dtype the
-  //                      kernels do not take (bf16, f16 and fp8 are taken);
+  //   InvalidArgument    empty or duplicate blocks, a duplicate layer or one >= the task's layer
+  //                      count, a tensor larger than slab_bytes, or (kernel_dtypes_only) a task
+  //                      dtype the kernels do not take (bf16, f16 and fp8 are taken);
   //   Corruption         a record fails its checks (names task, block, layer and K/V);
   //   FailedPrecondition the cache is exhausted by pinned pages;
   //   IOError            CUDA failures;
-  //   or the callback's error. On error nothing of the failed layer stays cached.
+  //   or the callback's error. On error no page whose records were not all read and verified
+  //   stays cached (through the slabs: nothing of the failed layer).
   Result<StagedBatch> StageLayers(Snapshot* snapshot, const std::string& task,
                                   const std::vector<uint32_t>& blocks,
                                   const std::vector<uint32_t>& layers, BlockPageCache* cache,
                                   const LayerCallback& on_layer = {});
+
+  // Waits for a deferred verification still running (StageLayers and the destructor do this
+  // first). Call it before destroying a cache that a batch of this Stager staged into.
+  void WaitPending();
 
   cudaStream_t stream() const { return stream_.get(); }
   Stats stats() const { return stats_; }
@@ -154,6 +201,12 @@ class Stager {
                             const std::vector<uint32_t>& blocks,
                             const std::vector<uint32_t>& layers, BlockPageCache* cache,
                             const LayerCallback& on_layer);
+  // The direct path (header comment): every missing page's records, in runs, from the map.
+  Result<StagedBatch> StageFromMap(Snapshot* snapshot, const std::string& task,
+                                   const TaskInfo& info, const std::vector<uint32_t>& blocks,
+                                   const std::vector<uint32_t>& layers, BlockPageCache* cache,
+                                   const LayerCallback& on_layer, uint32_t task_id,
+                                   const std::vector<size_t>& page_bytes, StagedBatch batch);
   // Registers the part of the snapshot's map not yet registered; false if direct copies are off.
   bool CoverMap(Snapshot* snapshot);
   // Enqueues a copy straight from the registered map.
@@ -175,6 +228,7 @@ class Stager {
   Status map_status_;
   std::deque<InFlight> in_flight_;
   std::vector<CudaEvent> spare_events_;
+  std::shared_future<Status> pending_;  // the last deferred verification
   Stats stats_;
 };
 

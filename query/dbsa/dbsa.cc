@@ -385,6 +385,9 @@ Result<std::vector<Answer>> DbsaSession::AskBatch(const std::vector<std::string>
   decode.front().sampling_ms = &sampling_ms_;
   SHOTDB_ASSIGN_OR_RETURN(std::vector<LabelDecodeResult> results,
                           DecodeLabelBatch(*model_.model, prompts, label_tokens_, decode));
+  for (const QueryContext& c : contexts) {
+    if (c.verified) SHOTDB_RETURN_IF_ERROR(c.verified());
+  }
   timing.decode = lap.LapMs();
   contexts.clear();  // waits for the kernels reading their pages, before the snapshot ends
   snapshot.reset();
@@ -487,6 +490,8 @@ Result<Answer> DbsaSession::Ask(std::string_view query, const AnswerOptions& opt
   // The snapshot stays open through the decode: a device context's cold copies may still read
   // the map (kv_source.h).
   SHOTDB_RETURN_IF_ERROR(Decode(*use, prompt, options, &answer));
+  // No answer from K/V whose checksums are still being verified, or failed.
+  if (use->verified) SHOTDB_RETURN_IF_ERROR(use->verified());
   answer.timing.decode = lap.LapMs();
   context = QueryContext();  // waits for the kernels reading its pages, before the snapshot ends
   snapshot.reset();

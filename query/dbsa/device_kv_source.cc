@@ -64,8 +64,16 @@ class PagedContext final : public ContextAttention {
   }
 
   ~PagedContext() override {
-    // The pages go back to the cache when the batch dies; attention kernels may still read them.
+    // The pages go back to the cache when the batch dies; attention kernels may still read them,
+    // and a deferred checksum verification may still read the records in the snapshot's map.
     cudaStreamSynchronize(kTorchStream);
+    if (batch_->verified.valid()) batch_->verified.wait();
+  }
+
+  // The batch's deferred checksum verification (Stager::Options::defer_verification).
+  static std::function<Status()> Verified(const std::shared_ptr<const gpu::StagedBatch>& batch) {
+    if (!batch->verified.valid()) return {};
+    return [batch]() -> Status { return batch->verified.get(); };
   }
 
   int64_t tokens() const override { return static_cast<int64_t>(tokens_); }
@@ -149,7 +157,8 @@ class DeviceKvSource final : public KvSource {
       : device_(device), stager_(std::move(stager)), cache_(std::move(cache)) {}
 
   ~DeviceKvSource() override {
-    cache_.reset();  // its pages are freed on the stager's stream
+    stager_->WaitPending();  // a deferred verification invalidates pages in the cache
+    cache_.reset();          // its pages are freed on the stager's stream
     stager_.reset();
   }
 
@@ -210,11 +219,20 @@ class DeviceKvSource final : public KvSource {
     if (paged) {
       std::vector<uint32_t> index(blocks.size());
       std::iota(index.begin(), index.end(), 0u);
-      context.attention = std::make_unique<PagedContext>(
-          std::make_shared<const gpu::StagedBatch>(std::move(staged).value()), std::move(index),
-          *rope, config);
+      auto batch = std::make_shared<const gpu::StagedBatch>(std::move(staged).value());
+      context.verified = PagedContext::Verified(batch);
+      context.attention =
+          std::make_unique<PagedContext>(std::move(batch), std::move(index), *rope, config);
       *gather_ms = MsSince(start);
       return context;
+    }
+    // The tensors outlive this call's knowledge of the batch: verified before they are returned.
+    if (staged->verified.valid()) {
+      const Status verified = staged->verified.get();
+      if (!verified.ok()) {
+        torch::cuda::synchronize();  // gathers may still read the pages
+        return verified;
+      }
     }
     if (!gather) {
       // libtorch's kernels run on its own stream: let the copies finish first.
@@ -269,6 +287,7 @@ class DeviceKvSource final : public KvSource {
       std::vector<uint32_t> index;
       for (uint32_t b : query) index.push_back(position.at(b));
       QueryContext c;
+      c.verified = PagedContext::Verified(batch);
       c.attention = std::make_unique<PagedContext>(batch, std::move(index), *rope, config);
       c.tokens = static_cast<uint64_t>(c.attention->tokens());
       contexts.push_back(std::move(c));
@@ -284,6 +303,7 @@ class DeviceKvSource final : public KvSource {
     out.misses = s.misses;
     out.evictions = s.evictions;
     out.bytes_loaded = stager_->stats().bytes_copied;
+    out.copies = stager_->stats().copies;
     out.bytes_resident = s.bytes_in_use;
     return out;
   }
@@ -326,6 +346,9 @@ Result<std::unique_ptr<KvSource>> MakeDeviceKvSource(size_t cache_bytes, int dev
   // Any stored dtype: the kernels take bf16/f16, the others are concatenated by libtorch.
   options.kernel_dtypes_only = false;
   options.fp8_pages = kFp8Pages;
+  // Checksums verified while the copies and the forward run; DbsaSession waits for
+  // QueryContext::verified before it answers.
+  options.defer_verification = true;
   SHOTDB_ASSIGN_OR_RETURN(std::unique_ptr<gpu::Stager> stager, gpu::Stager::Create(options));
   SHOTDB_ASSIGN_OR_RETURN(std::unique_ptr<gpu::BlockPageCache> cache,
                           stager->CreateCache(cache_bytes));

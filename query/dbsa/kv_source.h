@@ -36,6 +36,7 @@
 
 #include <torch/torch.h>
 
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -50,6 +51,11 @@ struct QueryContext {
   std::unique_ptr<ContextAttention> attention;
   std::vector<LayerKV> kv;
   bool rotated = false;  // kv's K has RoPE at 0..C-1 applied
+  // Checks of the context's K/V still running when Load returned (the device source verifies the
+  // records' checksums on the host while the copies and the forward run). Waits for them: OK, or
+  // Corruption naming the record. Empty when there is nothing to wait for. A result computed from
+  // the context may be returned only after this returned OK.
+  std::function<Status()> verified;
 };
 
 class KvSource {
@@ -57,6 +63,7 @@ class KvSource {
   struct Stats {
     uint64_t hits = 0, misses = 0, evictions = 0;  // cache pages (a block's K and V of one layer)
     uint64_t bytes_loaded = 0;                     // copied from the host to the device
+    uint64_t copies = 0;                           // host -> device copy calls doing it
     uint64_t bytes_resident = 0;                   // held by the cache now
   };
 
@@ -64,9 +71,10 @@ class KvSource {
 
   // The context of `blocks` of `task` for `model` (see above); `want_tensors` asks for the tensor
   // form. `load_ms` receives the time until every block is read (host) or every copy is enqueued
-  // and its checksum verified (device), `gather_ms` the rest (concatenation or gather; 0 for the
-  // attention form, whose copies are waited for by the attention itself). Errors from the store
-  // (NotFound, Corruption naming the record), libtorch or CUDA.
+  // (device; the checksums are verified meanwhile, see QueryContext::verified), `gather_ms` the
+  // rest (concatenation or gather; 0 for the attention form, whose copies are waited for by the
+  // attention itself). Errors from the store (NotFound, Corruption naming the record), libtorch or
+  // CUDA.
   virtual Result<QueryContext> Load(Snapshot* snapshot, const TaskInfo& task,
                                     const std::vector<uint32_t>& blocks, const LlamaModel& model,
                                     bool want_tensors, double* load_ms, double* gather_ms) = 0;
