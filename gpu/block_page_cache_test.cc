@@ -7,6 +7,7 @@
 #include <cstring>
 #include <map>
 #include <random>
+#include <set>
 
 namespace shotdb {
 namespace gpu {
@@ -96,11 +97,55 @@ TEST_F(BlockPageCacheTest, UnfilledPageIsDiscarded) {
     EXPECT_TRUE(again.status().IsFailedPrecondition()) << again.status().ToString();
   }
   EXPECT_FALSE(cache_->Contains({0, 1, 0}));
-  EXPECT_TRUE(live_.empty());
   EXPECT_EQ(cache_->stats().discarded, 1u);
+  EXPECT_EQ(cache_->stats().bytes_in_use, 0u);
+  EXPECT_EQ(cache_->stats().bytes_recycled, 512u);  // kept for the next page of its size
+  EXPECT_EQ(LiveBytes(), 512u);
   auto h = cache_->Acquire({0, 1, 0}, 256, 256);
   ASSERT_TRUE(h.ok());
   EXPECT_FALSE(h->filled());
+  EXPECT_EQ(live_.size(), 1u);  // the same memory, no new allocation
+  EXPECT_EQ(cache_->stats().bytes_recycled, 0u);
+}
+
+// Dropped pages' memory serves new pages of the same size without an allocation, counts against
+// the budget, is freed first when room or device memory runs short, and is given back by Trim.
+TEST_F(BlockPageCacheTest, DroppedPagesMemoryIsReusedWithinTheBudget) {
+  Make(3 * 512);
+  std::set<void*> old;
+  for (uint32_t b = 0; b < 3; ++b) old.insert(Fill(b).k());
+  EXPECT_EQ(cache_->Clear(), 3u);
+  EXPECT_EQ(cache_->stats().bytes_recycled, 3 * 512u);
+  EXPECT_EQ(LiveBytes(), 3 * 512u);
+  PageHandle a = Fill(10);
+  EXPECT_EQ(old.count(a.k()), 1u);  // reused
+  EXPECT_EQ(live_.size(), 3u);
+  // A 768-byte page: two recycled 512-byte pieces must go for it to fit the budget.
+  auto big = cache_->Acquire({0, 11, 0}, 512, 256);
+  ASSERT_TRUE(big.ok()) << big.status().ToString();
+  EXPECT_EQ(cache_->stats().bytes_in_use, 512u + 768u);
+  EXPECT_EQ(cache_->stats().bytes_recycled, 0u);
+  EXPECT_EQ(LiveBytes(), 512u + 768u);
+  big->MarkFilled();
+  big->Reset();
+  a.Reset();
+  EXPECT_EQ(cache_->Clear(), 2u);
+  EXPECT_EQ(cache_->stats().bytes_recycled, 512u + 768u);
+  EXPECT_EQ(cache_->Trim(), 512u + 768u);
+  EXPECT_TRUE(live_.empty());
+  EXPECT_EQ(cache_->stats().bytes_recycled, 0u);
+}
+
+// When the device runs short before the budget does, kept memory is freed first.
+TEST_F(BlockPageCacheTest, KeptMemoryIsFreedWhenTheDeviceRunsShort) {
+  Make(8192, /*device_capacity=*/3 * 512);
+  for (uint32_t b = 0; b < 3; ++b) Fill(b).Reset();
+  EXPECT_EQ(cache_->Clear(), 3u);                   // 1536 bytes kept: the device is full
+  auto big = cache_->Acquire({0, 9, 0}, 768, 256);  // 1024 bytes: no kept piece of that size
+  ASSERT_TRUE(big.ok()) << big.status().ToString();
+  EXPECT_EQ(cache_->stats().bytes_in_use, 1024u);
+  EXPECT_EQ(cache_->stats().bytes_in_use + cache_->stats().bytes_recycled, LiveBytes());
+  EXPECT_LE(LiveBytes(), 3 * 512u);
 }
 
 // A page found bad after it was marked filled: unpinned, it is freed at once; pinned, it is no
@@ -118,14 +163,16 @@ TEST_F(BlockPageCacheTest, InvalidatedPagesAreNoLongerFound) {
   EXPECT_TRUE(cache_->Contains({0, 3, 0}));
   EXPECT_EQ(cache_->stats().discarded, 1u);
   EXPECT_EQ(cache_->stats().pages, 2u);
-  EXPECT_EQ(LiveBytes(), 2 * 512u);
+  EXPECT_EQ(cache_->stats().bytes_in_use, 2 * 512u);
   pinned.Reset();
   EXPECT_EQ(cache_->stats().discarded, 2u);
-  EXPECT_EQ(LiveBytes(), 512u);
+  EXPECT_EQ(cache_->stats().bytes_in_use, 512u);
+  EXPECT_EQ(cache_->stats().bytes_recycled, 2 * 512u);
   auto again = cache_->Acquire({0, 1, 0}, 256, 256);
   ASSERT_TRUE(again.ok()) << again.status().ToString();
   EXPECT_FALSE(again->filled());  // read again
-  EXPECT_EQ(cache_->stats().bytes_in_use, LiveBytes());
+  EXPECT_EQ(cache_->stats().bytes_in_use + cache_->stats().bytes_recycled, LiveBytes());
+  EXPECT_EQ(LiveBytes(), 3 * 512u);
 }
 
 TEST_F(BlockPageCacheTest, EvictsLeastRecentlyUsedUnpinned) {
@@ -210,6 +257,7 @@ TEST_F(BlockPageCacheTest, ClearKeepsPinnedPages) {
   EXPECT_EQ(cache_->Clear(), 2u);
   EXPECT_TRUE(cache_->Contains({0, 0, 0}));
   EXPECT_EQ(cache_->stats().pages, 1u);
+  EXPECT_EQ(cache_->Trim(), 2 * 512u);
   EXPECT_EQ(live_.size(), 1u);
 }
 
@@ -236,6 +284,11 @@ TEST_F(BlockPageCacheTest, RandomOperationsMatchModel) {
     return n;
   };
   for (int step = 0; step < 3000; ++step) {
+    if (rng() % 100 == 0) {  // drop every unpinned page; their memory is kept
+      for (uint32_t r : recency) model_bytes.erase(r);
+      EXPECT_EQ(cache_->Clear(), recency.size());
+      recency.clear();
+    }
     const uint32_t block = rng() % 40;
     if (held.count(block) != 0 && rng() % 2 == 0) {
       held.erase(block);  // unpin
@@ -272,9 +325,10 @@ TEST_F(BlockPageCacheTest, RandomOperationsMatchModel) {
       recency.insert(recency.begin(), it->first);
       held.erase(it);
     }
-    ASSERT_EQ(cache_->stats().bytes_in_use, model_total());
-    ASSERT_EQ(LiveBytes(), model_total());
-    ASSERT_LE(model_total(), kBudget);
+    const BlockPageCache::Stats st = cache_->stats();
+    ASSERT_EQ(st.bytes_in_use, model_total());
+    ASSERT_EQ(LiveBytes(), st.bytes_in_use + st.bytes_recycled);
+    ASSERT_LE(st.bytes_in_use + st.bytes_recycled, kBudget);
   }
   for (auto& kv : model_bytes) EXPECT_TRUE(cache_->Contains({0, kv.first, 0})) << kv.first;
 }
