@@ -37,6 +37,7 @@
 #include "engine/prompt_format.h"
 #include "engine/store.h"
 #include "format/dtype.h"
+#include "format/kv_values.h"
 #include "python/cuda_kv.h"
 #include "python/status_error.h"
 
@@ -178,7 +179,8 @@ class KvHandle {
            std::unique_ptr<Snapshot> snapshot, TaskInfo task, std::vector<uint32_t> blocks,
            std::vector<uint32_t> layers, std::vector<uint32_t> tokens,
            std::vector<PayloadRef> payloads, int device = -1,
-           std::unique_ptr<DeviceKv> device_kv = nullptr)
+           std::unique_ptr<DeviceKv> device_kv = nullptr, std::vector<float> values = {},
+           std::vector<size_t> value_at = {})
       : state_(std::move(state)),
         store_(std::move(store)),
         snapshot_(std::move(snapshot)),
@@ -188,7 +190,9 @@ class KvHandle {
         tokens_(std::move(tokens)),
         payloads_(std::move(payloads)),
         device_(device),
-        device_kv_(std::move(device_kv)) {}
+        device_kv_(std::move(device_kv)),
+        values_(std::move(values)),
+        value_at_(std::move(value_at)) {}
   ~KvHandle() {
     device_kv_.reset();  // unpins the device pages
     payloads_.clear();
@@ -212,6 +216,14 @@ class KvHandle {
     return payloads_[(layer * blocks_.size() + block) * 2 + kind];
   }
 
+  // Dequantised float32 values (scaled fp8 tasks on the CPU), in payloads_' order; else null.
+  const float* Values(size_t layer, size_t block, int kind) const {
+    if (values_.empty()) return nullptr;
+    return values_.data() + value_at_[(layer * blocks_.size() + block) * 2 + kind];
+  }
+  // What the arrays hold: the stored dtype, or f32 for dequantised fp8.
+  DType array_dtype() const { return values_.empty() ? task_.model.dtype : DType::kF32; }
+
   const TaskInfo& task() const { return task_; }
   const std::vector<uint32_t>& blocks() const { return blocks_; }
   const std::vector<uint32_t>& layers() const { return layers_; }
@@ -229,6 +241,8 @@ class KvHandle {
   std::vector<PayloadRef> payloads_;
   int device_ = -1;
   std::unique_ptr<DeviceKv> device_kv_;
+  std::vector<float> values_;     // fp8 tasks: every payload dequantised, back to back
+  std::vector<size_t> value_at_;  // offset of each payload's values in values_
 };
 
 // array_api: returned as nanobind.nb_ndarray, which has __dlpack__, __dlpack_device__ and the
@@ -243,6 +257,10 @@ RoArray MakeArray(const KvHandle& h, size_t layer, size_t block, int kind, nb::h
   if (h.device_kv() != nullptr) {  // a staged page on the device
     return RoArray(h.device_kv()->data(layer, block, kind), 3, shape, owner, nullptr,
                    DlpackDtype(h.task().model.dtype), nb::device::cuda::value, h.device());
+  }
+  if (const float* values = h.Values(layer, block, kind)) {  // dequantised fp8
+    return RoArray(values, 3, shape, owner, nullptr, DlpackDtype(DType::kF32),
+                   nb::device::cpu::value);
   }
   const PayloadRef& ref = h.Payload(layer, block, kind);
   return RoArray(ref.data, 3, shape, owner, nullptr, DlpackDtype(h.task().model.dtype),
@@ -303,12 +321,13 @@ std::unique_ptr<KvHandle> LoadKv(PyStore& py, const std::string& task_name,
 #endif
   std::unique_ptr<Snapshot> snapshot = Check(store->BeginSnapshot());
   TaskInfo task = Check(snapshot->GetTask(task_name));
-  if (task.model.dtype == DType::kF8E4M3) {
-    // Scaled fp8 payloads are codes plus per-head scales (docs/format.md): no array dtype holds
-    // them as values. Session reads them (dequantised); shotdb inspect shows their statistics.
-    Raise(Status::NotSupported("load_kv: task " + task_name +
-                               " stores f8e4m3 K/V (fp8 codes with per-head scales), which "
-                               "load_kv does not return as arrays; query it through Session"));
+  const bool fp8 = task.model.dtype == DType::kF8E4M3;
+  if (fp8 && device_index != -1) {
+    // On the device the Stager dequantises fp8 records into bf16 pages; handing those out as
+    // arrays is not done yet.
+    Raise(Status::NotSupported("load_kv(device='" + device + "'): task " + task_name +
+                               " stores f8e4m3 K/V; load it on the CPU (float32 values) or "
+                               "query it through Session"));
   }
   std::vector<uint32_t> layer_list;
   if (layers) {
@@ -351,6 +370,32 @@ std::unique_ptr<KvHandle> LoadKv(PyStore& py, const std::string& task_name,
                                       std::vector<PayloadRef>(), device_index, std::move(staged));
   }
 #endif
+  if (fp8) {
+    // Scaled fp8 payloads are codes plus per-head scales (docs/format.md), which no array dtype
+    // holds: the handle owns their values, dequantised to float32 (KvToFloat, as Session and
+    // shotdb show read them). The payloads were verified above; the snapshot is not needed.
+    std::vector<float> values;
+    std::vector<size_t> value_at;
+    const uint32_t heads = task.model.kv_heads;
+    for (size_t l = 0; l < layer_list.size(); ++l) {
+      for (size_t b = 0; b < blocks.size(); ++b) {
+        for (int kind = 0; kind < 2; ++kind) {
+          const uint64_t per_head = uint64_t{tokens[b]} * task.model.head_dim;
+          value_at.push_back(values.size());
+          values.resize(values.size() + heads * per_head);
+          KvToFloat(DType::kF8E4M3, heads, per_head,
+                    payloads[(l * blocks.size() + b) * 2 + kind].data,
+                    values.data() + value_at.back());
+        }
+      }
+    }
+    payloads.clear();
+    snapshot.reset();
+    return std::make_unique<KvHandle>(py.state(), std::move(store), nullptr, std::move(task),
+                                      std::move(blocks), std::move(layer_list), std::move(tokens),
+                                      std::vector<PayloadRef>(), -1, nullptr, std::move(values),
+                                      std::move(value_at));
+  }
   return std::make_unique<KvHandle>(py.state(), std::move(store), std::move(snapshot),
                                     std::move(task), std::move(blocks), std::move(layer_list),
                                     std::move(tokens), std::move(payloads));
@@ -583,7 +628,9 @@ NB_MODULE(_shotdb, m) {
       .def_prop_ro("blocks", &KvHandle::blocks, "Block indexes, in the order requested.")
       .def_prop_ro("layers", &KvHandle::layers, "Layer numbers, in the order requested.")
       .def_prop_ro("tokens", &KvHandle::tokens, "Tokens of each block, in `blocks` order.")
-      .def_prop_ro("dtype", [](const KvHandle& h) { return DTypeName(h.task().model.dtype); })
+      .def_prop_ro(
+          "dtype", [](const KvHandle& h) { return DTypeName(h.array_dtype()); },
+          "The arrays' dtype: the task's, or f32 for a task stored as scaled fp8 (dequantised).")
       .def_prop_ro(
           "device",
           [](const KvHandle& h) {
@@ -757,8 +804,10 @@ NB_MODULE(_shotdb, m) {
            "(gpu::Stager, straight from the memory map for raw payloads) and returns when the "
            "copies are done; the arrays point into the cached pages, which stay pinned while the "
            "handle or any array lives (FailedPreconditionError when live handles pin the whole "
-           "cuda_cache_gb budget). NotSupportedError for CUDA in a build without it "
-           "(SHOTDB_WITH_CUDA) or without a device; InvalidArgumentError for another device.")
+           "cuda_cache_gb budget). A task stored as scaled fp8 (f8e4m3) gives float32 arrays of "
+           "its dequantised values (CPU only). NotSupportedError for CUDA in a build without it "
+           "(SHOTDB_WITH_CUDA) or without a device, and for fp8 tasks on CUDA; "
+           "InvalidArgumentError for another device.")
       .def(
           "_cuda_stats",
           [](PyStore& s, const std::string& device) {

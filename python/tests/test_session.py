@@ -80,9 +80,33 @@ def test_ask_batch_answers_each_query_as_ask(store_dir):
     assert session.ask_batch([]) == []
 
 
-def test_fp8_pool_answers_as_the_cli_and_load_kv_refuses_it(tmp_path):
+def _e4m3_quantised(x):
+    """Independent reference for one head of scaled fp8 (docs/format.md): scale = max|x| / 448,
+    each x / scale rounded to the nearest e4m3 value (ties to the even code), times the scale, all
+    in float32."""
+    import numpy as np
+    x = np.asarray(x, np.float32)
+    amax = np.float32(np.abs(x).max())
+    if amax == 0:
+        return x.copy()
+    scale = amax / np.float32(448)
+    # The 127 non-negative finite e4m3 values, in code order: subnormals m * 2^-9, then
+    # (1 + m / 8) * 2^(e - 7); code 127 is NaN.
+    grid = [m * 2.0 ** -9 for m in range(8)]
+    grid += [(1 + m / 8) * 2.0 ** (e - 7) for e in range(1, 16) for m in range(8)][:127 - 8]
+    grid = np.array(grid, np.float64)
+    y = np.abs(x / scale).astype(np.float64)
+    hi = np.clip(np.searchsorted(grid, y), 1, len(grid) - 1)
+    lo = hi - 1
+    d_lo, d_hi = y - grid[lo], grid[hi] - y
+    code = np.where(d_lo < d_hi, lo, np.where(d_hi < d_lo, hi, np.where(lo % 2 == 0, lo, hi)))
+    code = np.where(y >= grid[-1], len(grid) - 1, code)
+    return (np.sign(x) * grid[code].astype(np.float32) * scale).astype(np.float32)
+
+
+def test_fp8_pool_answers_as_the_cli_and_load_kv_dequantises(tmp_path):
     # --kv-dtype f8e4m3: scaled fp8 K/V (docs/format.md). The session reads them dequantised and
-    # answers exactly as the CLI; load_kv, which returns arrays of stored elements, refuses them.
+    # answers exactly as the CLI; load_kv returns their values dequantised, as float32.
     path = str(tmp_path / "fp8")
     subprocess.run([CLI, "--store", path, "build", "--task", "t", "--demos", EXAMPLES, "--limit",
                     "30", "--model", MODEL, "--threads", "2", "--kv-dtype", "f8e4m3"],
@@ -106,8 +130,26 @@ def test_fp8_pool_answers_as_the_cli_and_load_kv_refuses_it(tmp_path):
          "--model", MODEL, "--threads", "2"], check=True, capture_output=True, text=True).stdout)
     assert a["label"] == cli["label"]
     assert a["score"] == pytest.approx(cli["score"], rel=1e-9)
-    with pytest.raises(shotdb.NotSupportedError, match="f8e4m3"):
-        store.load_kv("t", [0])
+    # The sink block (block 0) attends to nothing before it, so its K/V before quantisation are
+    # those of an f32 pool built the same way: quantising them here must give load_kv's values.
+    kv = store.load_kv("t", [0, 2], layers=[1, 0])
+    assert kv.dtype == "f32" and kv.layers == [1, 0] and kv.blocks == [0, 2]
+    f32_path = str(tmp_path / "f32")
+    subprocess.run([CLI, "--store", f32_path, "build", "--task", "t", "--demos", EXAMPLES,
+                    "--limit", "30", "--model", MODEL, "--threads", "2", "--kv-dtype", "f32"],
+                   check=True, capture_output=True)
+    ref = shotdb.Store(f32_path, readonly=True).load_kv("t", [0], layers=[1, 0])
+    assert ref.dtype == "f32"
+    for li in range(2):
+        for got_of, want_of in ((kv.key, ref.key), (kv.value, ref.value)):
+            got = np.from_dlpack(got_of(li, 0))
+            want = np.from_dlpack(want_of(li, 0))
+            assert got.dtype == np.float32 and got.shape == want.shape
+            for h in range(got.shape[0]):
+                np.testing.assert_array_equal(got[h], _e4m3_quantised(want[h]))
+        assert np.from_dlpack(kv.key(li, 1)).shape[1] == kv.tokens[1]
+    with pytest.raises(shotdb.NotSupportedError):  # fp8 on CUDA, or no CUDA at all
+        store.load_kv("t", [0], device="cuda")
     # shotdb show reads the records' values (dequantised) for its statistics.
     shown = json.loads(subprocess.run([CLI, "--store", path, "show", "t", "0", "--layers", "0",
                                        "--json"], check=True, capture_output=True,
