@@ -96,6 +96,33 @@ class StagerTest : public ::testing::TestWithParam<std::tuple<Codec, bool>> {
     }
   }
 
+  // Flips a byte in the middle of block 6's layer 1 V payload in the store file (closed for it and
+  // reopened as store_).
+  void DamageBlock6Layer1V() {
+    store_.reset();
+    const std::vector<uint8_t>& v = blocks_[6].tensors[2 * 1 + 1];
+    if (codec() == Codec::kRaw) {
+      ASSERT_TRUE(FlipInFile(dir_.path() + "/data.mdb",
+                             std::vector<uint8_t>(v.begin() + 4096, v.begin() + 4096 + 64), 10));
+    } else {
+      // Compressed payloads: find the stored bytes through the record view.
+      auto store = Store::Open(dir_.path());
+      ASSERT_TRUE(store.ok());
+      auto snap = (*store)->BeginSnapshot();
+      ASSERT_TRUE(snap.ok());
+      auto view = (*snap)->GetRecord("t", 6, 1, TensorKind::kValue);
+      ASSERT_TRUE(view.ok());
+      const std::vector<uint8_t> stored(view->payload + view->payload_size / 2,
+                                        view->payload + view->payload_size / 2 + 32);
+      snap->reset();
+      store->reset();
+      ASSERT_TRUE(FlipInFile(dir_.path() + "/data.mdb", stored, 5));
+    }
+    auto store = Store::Open(dir_.path());
+    ASSERT_TRUE(store.ok());
+    store_ = std::move(*store);
+  }
+
   TempDir dir_;
   ModelFingerprint model_;
   std::unique_ptr<Store> store_;
@@ -146,28 +173,8 @@ TEST_P(StagerTest, StagesLayersAndHitsTheCacheTheSecondTime) {
 // A damaged payload byte is reported with the record's name, whichever path copies it, and the
 // damaged page is not cached: staging it again reports it again.
 TEST_P(StagerTest, CorruptRecordIsReportedAndNotCached) {
-  store_.reset();
-  const std::vector<uint8_t>& v = blocks_[6].tensors[2 * 1 + 1];  // block 6 layer 1 V
-  if (codec() == Codec::kRaw) {
-    ASSERT_TRUE(FlipInFile(dir_.path() + "/data.mdb",
-                           std::vector<uint8_t>(v.begin() + 4096, v.begin() + 4096 + 64), 10));
-  } else {
-    // Compressed payloads: find the stored bytes through the record view.
-    auto store = Store::Open(dir_.path());
-    ASSERT_TRUE(store.ok());
-    auto snap = (*store)->BeginSnapshot();
-    ASSERT_TRUE(snap.ok());
-    auto view = (*snap)->GetRecord("t", 6, 1, TensorKind::kValue);
-    ASSERT_TRUE(view.ok());
-    const std::vector<uint8_t> stored(view->payload + view->payload_size / 2,
-                                      view->payload + view->payload_size / 2 + 32);
-    snap->reset();
-    store->reset();
-    ASSERT_TRUE(FlipInFile(dir_.path() + "/data.mdb", stored, 5));
-  }
-  auto store = Store::Open(dir_.path());
-  ASSERT_TRUE(store.ok());
-  store_ = std::move(*store);
+  DamageBlock6Layer1V();
+  ASSERT_FALSE(HasFatalFailure());
 
   auto stager = Stager::Create(StagerOptions());
   ASSERT_TRUE(stager.ok());
@@ -206,14 +213,9 @@ TEST_P(StagerTest, CorruptRecordIsReportedAndNotCached) {
 // names the damaged record, its page is invalidated (read again next time, and reported again),
 // and the pages whose records passed stay cached.
 TEST_P(StagerTest, DeferredVerificationReportsAndInvalidates) {
-  store_.reset();
   if (codec() != Codec::kRaw) GTEST_SKIP() << "deferred only straight from the map (raw codec)";
-  const std::vector<uint8_t>& v = blocks_[6].tensors[2 * 1 + 1];  // block 6 layer 1 V
-  ASSERT_TRUE(FlipInFile(dir_.path() + "/data.mdb",
-                         std::vector<uint8_t>(v.begin() + 4096, v.begin() + 4096 + 64), 10));
-  auto store = Store::Open(dir_.path());
-  ASSERT_TRUE(store.ok());
-  store_ = std::move(*store);
+  DamageBlock6Layer1V();
+  ASSERT_FALSE(HasFatalFailure());
   Stager::Options o = StagerOptions();
   o.defer_verification = true;
   o.layer_groups = 2;
