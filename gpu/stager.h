@@ -141,6 +141,8 @@ class Stager {
     uint64_t slab_waits = 0;  // times a slab had to wait for its earlier copies to finish
   };
   // Called after layer `index` (of the request) has been enqueued, e.g. to launch its consumer.
+  // Straight from the map it may run before the layer's checksums are verified: what the consumer
+  // computes counts only if StageLayers (and, deferred, StagedBatch::verified) then return OK.
   using LayerCallback = std::function<Status(size_t index, const StagedLayer& layer)>;
 
   // Creates the copy stream, the pinned pool and the threads on the current device.
