@@ -177,15 +177,7 @@ Result<PageHandle> BlockPageCache::Acquire(const PageKey& key, size_t k_bytes, s
       FreeOneRecycledLocked();
       continue;
     }
-    auto victim = entries_.find(lru_.back());
-    lru_.pop_back();
-    lru_bytes_ -= victim->second.bytes;
-    ++stats_.evictions;
-    if (victim->second.bytes == bytes) {
-      ptr = victim->second.ptr;
-      victim->second.ptr = nullptr;  // taken over
-    }
-    EraseLocked(victim, /*recycle=*/false);
+    ptr = EvictOldestLocked(bytes);
   }
   if (ptr == nullptr) {
     Result<void*> allocated = allocator_->Allocate(bytes);
@@ -196,11 +188,7 @@ Result<PageHandle> BlockPageCache::Acquire(const PageKey& key, size_t k_bytes, s
       if (stats_.bytes_recycled > 0) {
         FreeOneRecycledLocked();
       } else {
-        auto victim = entries_.find(lru_.back());
-        lru_.pop_back();
-        lru_bytes_ -= victim->second.bytes;
-        EraseLocked(victim, /*recycle=*/false);
-        ++stats_.evictions;
+        EvictOldestLocked(/*take_bytes=*/0);  // no page has 0 bytes: always freed
       }
       allocated = allocator_->Allocate(bytes);
     }
@@ -288,6 +276,20 @@ void BlockPageCache::Unpin(const PageKey& key) {
   lru_.push_front(key);
   e.lru = lru_.begin();
   lru_bytes_ += e.bytes;
+}
+
+void* BlockPageCache::EvictOldestLocked(size_t take_bytes) {
+  auto victim = entries_.find(lru_.back());
+  lru_.pop_back();
+  lru_bytes_ -= victim->second.bytes;
+  ++stats_.evictions;
+  void* taken = nullptr;
+  if (victim->second.bytes == take_bytes) {
+    taken = victim->second.ptr;
+    victim->second.ptr = nullptr;  // not freed: the caller's now
+  }
+  EraseLocked(victim, /*recycle=*/false);
+  return taken;
 }
 
 void* BlockPageCache::PopRecycledLocked(size_t bytes) {

@@ -195,6 +195,9 @@ class BlockPageCache {
   // page of the same size (`recycle`) or freed.
   void EraseLocked(std::unordered_map<PageKey, Entry, PageKeyHash>::iterator it,
                    bool recycle = true);
+  // Evicts the least recently released unpinned page (lru_ must not be empty); its memory is
+  // returned if it is `take_bytes` long (for a new page of that size), else freed (null).
+  void* EvictOldestLocked(size_t take_bytes);
   void* PopRecycledLocked(size_t bytes);  // null if none of that size
   void FreeOneRecycledLocked();
 

@@ -110,6 +110,31 @@ Status CheckRecord(const BlockRecordView& view, const TaskInfo& task, uint32_t b
   return Status::OK();
 }
 
+// Straight from the map: a missing page's K or V record.
+struct MapPiece {
+  BlockRecordView view;
+  PageKey key;
+  size_t li, bi;  // its page: batch.layers[li].pages[bi]
+  TensorKind kind;
+  size_t landing = 0;  // offset of its payload in its landing buffer
+};
+
+// The pieces' checksums, spread by `parallel_for(n, fn)` over the worker threads: per piece OK,
+// or Corruption naming the record (the name is built only for a failure).
+template <typename ParallelFor>
+std::vector<Status> VerifyPieces(const std::vector<MapPiece>& pieces, const std::string& task,
+                                 ParallelFor&& parallel_for) {
+  std::vector<Status> results(pieces.size());
+  parallel_for(pieces.size(), [&](size_t i) {
+    const MapPiece& p = pieces[i];
+    results[i] = VerifyBlockRecord(p.view, {});
+    if (!results[i].ok()) {  // again, for the message with the record's name
+      results[i] = VerifyBlockRecord(p.view, RecordWhat(task, p.key.block, p.key.layer, p.kind));
+    }
+  });
+  return results;
+}
+
 }  // namespace
 
 Stager::Stager(const Options& options) : options_(options) {}
@@ -426,15 +451,7 @@ Result<StagedBatch> Stager::StageFromMap(Snapshot* snapshot, const std::string& 
     start = now;
     return ms;
   };
-  // A missing page's K or V record.
-  struct Piece {
-    BlockRecordView view;
-    PageKey key;
-    size_t li, bi;  // its page: batch.layers[li].pages[bi]
-    TensorKind kind;
-    size_t landing = 0;  // offset of its payload in its landing buffer
-  };
-  std::vector<Piece> pieces;
+  std::vector<MapPiece> pieces;
   const uintptr_t alignment = stored == DType::kF8E4M3 ? 4 : 8;
   auto aligned = [&](const uint8_t* p) { return reinterpret_cast<uintptr_t>(p) % alignment == 0; };
 
@@ -488,7 +505,7 @@ Result<StagedBatch> Stager::StageFromMap(Snapshot* snapshot, const std::string& 
     buffers.back().end_run = runs.size();
     for (const Run& r : runs) {
       for (size_t oi = r.first_piece; oi < r.end_piece; ++oi) {
-        Piece& p = pieces[order[oi]];
+        MapPiece& p = pieces[order[oi]];
         p.landing = r.landing + static_cast<size_t>(p.view.payload - r.src);
       }
     }
@@ -513,7 +530,7 @@ Result<StagedBatch> Stager::StageFromMap(Snapshot* snapshot, const std::string& 
         }
         ++stats_.copies;
         for (size_t oi = r.first_piece; oi < r.end_piece; ++oi) {
-          const Piece& p = pieces[order[oi]];
+          const MapPiece& p = pieces[order[oi]];
           const PageHandle& page = batch.layers[p.li].pages[p.bi];
           args.jobs.push_back(UnpackKvJob{landing + p.landing,
                                           p.kind == TensorKind::kKey ? page.k() : page.v(),
@@ -578,7 +595,7 @@ Result<StagedBatch> Stager::StageFromMap(Snapshot* snapshot, const std::string& 
                                             ": record outside the registered map");
         }
         pieces.push_back(
-            Piece{view, PageKey{task_id, blocks[bi], layer}, missing_li[i / 2], bi, kind});
+            MapPiece{view, PageKey{task_id, blocks[bi], layer}, missing_li[i / 2], bi, kind});
       }
     }
     stats_.records_ms += lap();
@@ -603,19 +620,15 @@ Result<StagedBatch> Stager::StageFromMap(Snapshot* snapshot, const std::string& 
     Workers* workers = workers_.get();
     pending_ = std::async(std::launch::async,
                           [workers, cache, task, pieces = std::move(pieces)]() -> Status {
-                            std::vector<Status> results(pieces.size());
-                            workers->ParallelFor(pieces.size(), [&](size_t i) {
-                              results[i] = VerifyBlockRecord(pieces[i].view, {});
-                            });
+                            const std::vector<Status> results =
+                                VerifyPieces(pieces, task, [workers](size_t n, const auto& fn) {
+                                  workers->ParallelFor(n, fn);
+                                });
                             Status first_error;
                             for (size_t i = 0; i < pieces.size(); ++i) {
                               if (results[i].ok()) continue;
-                              const Piece& p = pieces[i];
-                              cache->Invalidate(p.key);
-                              if (first_error.ok()) {
-                                first_error = VerifyBlockRecord(
-                                    p.view, RecordWhat(task, p.key.block, p.key.layer, p.kind));
-                              }
+                              cache->Invalidate(pieces[i].key);
+                              if (first_error.ok()) first_error = results[i];
                             }
                             return first_error;
                           })
@@ -625,13 +638,8 @@ Result<StagedBatch> Stager::StageFromMap(Snapshot* snapshot, const std::string& 
   }
   std::vector<Status> results(pieces.size());
   if (options_.verify_checksums) {
-    workers_->ParallelFor(pieces.size(), [&](size_t i) {
-      results[i] = VerifyBlockRecord(pieces[i].view, {});
-      if (!results[i].ok()) {  // again, for the message with the record's name
-        const Piece& p = pieces[i];
-        results[i] = VerifyBlockRecord(p.view, RecordWhat(task, p.key.block, p.key.layer, p.kind));
-      }
-    });
+    results = VerifyPieces(pieces, task,
+                           [this](size_t n, const auto& fn) { workers_->ParallelFor(n, fn); });
   }
   stats_.verify_ms += lap();
   // A page is filled only if both its records pass.
