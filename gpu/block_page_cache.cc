@@ -61,6 +61,7 @@ Result<std::unique_ptr<DeviceAllocator>> NewCudaPoolAllocator(cudaStream_t strea
 
 PageHandle::PageHandle(PageHandle&& o) noexcept
     : cache_(std::exchange(o.cache_, nullptr)),
+      entry_(o.entry_),
       key_(o.key_),
       k_(o.k_),
       v_(o.v_),
@@ -72,6 +73,7 @@ PageHandle& PageHandle::operator=(PageHandle&& o) noexcept {
   if (this != &o) {
     Reset();
     cache_ = std::exchange(o.cache_, nullptr);
+    entry_ = o.entry_;
     key_ = o.key_;
     k_ = o.k_;
     v_ = o.v_;
@@ -84,13 +86,14 @@ PageHandle& PageHandle::operator=(PageHandle&& o) noexcept {
 
 void PageHandle::MarkFilled() {
   if (cache_ == nullptr || filled_) return;
-  cache_->MarkFilled(key_);
+  cache_->MarkFilled(entry_);
   filled_ = true;
 }
 
 void PageHandle::Reset() {
-  if (cache_ != nullptr) cache_->Unpin(key_);
+  if (cache_ != nullptr) cache_->Unpin(entry_);
   cache_ = nullptr;
+  entry_ = nullptr;
   k_ = v_ = nullptr;
 }
 
@@ -142,13 +145,13 @@ Result<PageHandle> BlockPageCache::Acquire(const PageKey& key, size_t k_bytes, s
       return Status::FailedPrecondition(KeyName(key) + " is being filled through another handle");
     }
     if (e.refs == 0) {
-      lru_.erase(e.lru);
-      lru_bytes_ -= e.bytes;
+      LruUnlinkLocked(&e);
       ++stats_.pinned_pages;
     }
     ++e.refs;
     ++stats_.hits;
     h.cache_ = this;
+    h.entry_ = &e;
     h.k_ = e.ptr;
     h.v_ = static_cast<uint8_t*>(e.ptr) + AlignUp(k_bytes);
     h.filled_ = true;
@@ -184,7 +187,7 @@ Result<PageHandle> BlockPageCache::Acquire(const PageKey& key, size_t k_bytes, s
     // The device can run out before the budget does (other allocators share it, e.g. libtorch's
     // caching allocator): give back recycled memory, then unpinned pages, oldest first, until the
     // allocation fits.
-    while (!allocated.ok() && (stats_.bytes_recycled > 0 || !lru_.empty())) {
+    while (!allocated.ok() && (stats_.bytes_recycled > 0 || lru_oldest_ != nullptr)) {
       if (stats_.bytes_recycled > 0) {
         FreeOneRecycledLocked();
       } else {
@@ -195,17 +198,19 @@ Result<PageHandle> BlockPageCache::Acquire(const PageKey& key, size_t k_bytes, s
     SHOTDB_ASSIGN_OR_RETURN(ptr, std::move(allocated));
   }
   Entry e;
+  e.key = key;
   e.ptr = ptr;
   e.k_bytes = k_bytes;
   e.v_bytes = v_bytes;
   e.bytes = bytes;
   e.refs = 1;
-  entries_.emplace(key, e);
+  Entry* stored = &entries_.emplace(key, e).first->second;
   stats_.bytes_in_use += bytes;
   ++stats_.pages;
   ++stats_.pinned_pages;
   ++stats_.misses;
   h.cache_ = this;
+  h.entry_ = stored;
   h.k_ = ptr;
   h.v_ = static_cast<uint8_t*>(ptr) + AlignUp(k_bytes);
   h.filled_ = false;
@@ -221,12 +226,12 @@ bool BlockPageCache::Contains(const PageKey& key) const {
 size_t BlockPageCache::Clear() {
   std::lock_guard<std::mutex> lock(mu_);
   size_t n = 0;
-  for (const PageKey& k : lru_) {
-    EraseLocked(entries_.find(k));
+  while (lru_oldest_ != nullptr) {
+    Entry* e = lru_oldest_;
+    LruUnlinkLocked(e);
+    EraseLocked(entries_.find(e->key));
     ++n;
   }
-  lru_.clear();
-  lru_bytes_ = 0;
   return n;
 }
 
@@ -243,9 +248,9 @@ BlockPageCache::Stats BlockPageCache::stats() const {
   return stats_;
 }
 
-void BlockPageCache::MarkFilled(const PageKey& key) {
+void BlockPageCache::MarkFilled(void* entry) {
   std::lock_guard<std::mutex> lock(mu_);
-  entries_.at(key).filled = true;
+  static_cast<Entry*>(entry)->filled = true;
 }
 
 void BlockPageCache::Invalidate(const PageKey& key) {
@@ -255,33 +260,44 @@ void BlockPageCache::Invalidate(const PageKey& key) {
   Entry& e = it->second;
   e.filled = false;
   if (e.refs > 0) return;  // Unpin discards it
-  lru_.erase(e.lru);
-  lru_bytes_ -= e.bytes;
+  LruUnlinkLocked(&e);
   EraseLocked(it);
   ++stats_.discarded;
 }
 
-void BlockPageCache::Unpin(const PageKey& key) {
+void BlockPageCache::Unpin(void* entry) {
   std::lock_guard<std::mutex> lock(mu_);
-  auto it = entries_.find(key);
-  assert(it != entries_.end() && it->second.refs > 0);
-  Entry& e = it->second;
+  Entry& e = *static_cast<Entry*>(entry);
+  assert(e.refs > 0);
   if (--e.refs > 0) return;
   --stats_.pinned_pages;
   if (!e.filled) {
-    EraseLocked(it);
+    EraseLocked(entries_.find(e.key));
     ++stats_.discarded;
     return;
   }
-  lru_.push_front(key);
-  e.lru = lru_.begin();
-  lru_bytes_ += e.bytes;
+  LruPushNewestLocked(&e);
+}
+
+void BlockPageCache::LruUnlinkLocked(Entry* e) {
+  (e->newer != nullptr ? e->newer->older : lru_newest_) = e->older;
+  (e->older != nullptr ? e->older->newer : lru_oldest_) = e->newer;
+  e->newer = e->older = nullptr;
+  lru_bytes_ -= e->bytes;
+}
+
+void BlockPageCache::LruPushNewestLocked(Entry* e) {
+  e->newer = nullptr;
+  e->older = lru_newest_;
+  (lru_newest_ != nullptr ? lru_newest_->newer : lru_oldest_) = e;
+  lru_newest_ = e;
+  lru_bytes_ += e->bytes;
 }
 
 void* BlockPageCache::EvictOldestLocked(size_t take_bytes) {
-  auto victim = entries_.find(lru_.back());
-  lru_.pop_back();
-  lru_bytes_ -= victim->second.bytes;
+  Entry* oldest = lru_oldest_;
+  LruUnlinkLocked(oldest);
+  auto victim = entries_.find(oldest->key);
   ++stats_.evictions;
   void* taken = nullptr;
   if (victim->second.bytes == take_bytes) {

@@ -321,13 +321,20 @@ Result<StagedBatch> Stager::Stage(Snapshot* snapshot, const std::string& task,
   // Per block: the raw bytes of one of its records, and of one 16-bit (or stored-dtype) page.
   std::vector<size_t> record_bytes, page_bytes;
   size_t landing_bytes = 0;  // fp8: every record of one layer
+  const std::string task_key = task + "@" + std::to_string(info.created_unix);
+  std::vector<uint32_t>& known_tokens = block_tokens_[task_key];
   for (uint32_t b : blocks) {
-    SHOTDB_ASSIGN_OR_RETURN(BlockInfo bi, snapshot->GetBlock(task, b));
-    const uint64_t bytes =
-        *KvRawBytes(stored, info.model.kv_heads, bi.token_count, info.model.head_dim);
+    uint32_t tokens = b < known_tokens.size() ? known_tokens[b] : 0;
+    if (tokens == 0) {
+      SHOTDB_ASSIGN_OR_RETURN(BlockInfo bi, snapshot->GetBlock(task, b));
+      tokens = bi.token_count;
+      if (b >= known_tokens.size()) known_tokens.resize(size_t{b} + 1, 0);
+      known_tokens[b] = tokens;
+    }
+    const uint64_t bytes = *KvRawBytes(stored, info.model.kv_heads, tokens, info.model.head_dim);
     record_bytes.push_back(bytes);
-    page_bytes.push_back(static_cast<size_t>(info.model.kv_heads) * bi.token_count *
-                         info.model.head_dim * DTypeSize(page_dtype));
+    page_bytes.push_back(static_cast<size_t>(info.model.kv_heads) * tokens * info.model.head_dim *
+                         DTypeSize(page_dtype));
     landing_bytes += 2 * RoundUp256(bytes);
     if (bytes > options_.slab_bytes) {
       return Status::InvalidArgument("StageLayers: task " + task + " block " + std::to_string(b) +
@@ -335,11 +342,11 @@ Result<StagedBatch> Stager::Stage(Snapshot* snapshot, const std::string& task,
                                      "-byte tensor does not fit a " +
                                      std::to_string(options_.slab_bytes) + "-byte pinned slab");
     }
-    batch.block_tokens.push_back(bi.token_count);
-    batch.total_tokens += bi.token_count;
+    batch.block_tokens.push_back(tokens);
+    batch.total_tokens += tokens;
   }
   const uint64_t bytes_before = stats_.bytes_copied;
-  const uint32_t task_id = cache->InternTask(task + "@" + std::to_string(info.created_unix));
+  const uint32_t task_id = cache->InternTask(task_key);
   const bool direct = info.codec == Codec::kRaw && CoverMap(snapshot);
   if (direct) {
     return StageFromMap(snapshot, task, info, blocks, layers, cache, on_layer, task_id, page_bytes,

@@ -10,7 +10,8 @@
 //
 // For each requested layer, the selected blocks' pages (one per block and layer, holding its K and
 // V) are looked up in a BlockPageCache; the misses are read from the Snapshot (zero-copy record
-// views into the memory map).
+// views into the memory map). The blocks' token counts (the pages' sizes) are read from the store
+// once per task and remembered, so a query whose pages all hit reads only the task's record.
 //
 // Straight from the map. A block's records are written together, so they lie next to each other
 // in the map, separated by a record header and the rest of an LMDB page. The Stager reads the
@@ -57,6 +58,7 @@
 #include <future>
 #include <memory>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "engine/store.h"
@@ -231,6 +233,9 @@ class Stager {
   std::deque<InFlight> in_flight_;
   std::vector<CudaEvent> spare_events_;
   std::shared_future<Status> pending_;  // the last deferred verification
+  // Token counts of the blocks read so far, per task name@created_unix (a block never changes
+  // once written): a query whose pages all hit reads nothing from the store but the task.
+  std::unordered_map<std::string, std::vector<uint32_t>> block_tokens_;
   Stats stats_;
 };
 

@@ -13,6 +13,7 @@
 #include "gpu/stager.h"
 #include "query/dbsa/kv_source.h"
 #include "query/dbsa/kv_tensor.h"
+#include "query/model/layer_kernels.h"  // KernelRope
 
 namespace shotdb {
 
@@ -30,26 +31,6 @@ const cudaStream_t kTorchStream = nullptr;
 double MsSince(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
       .count();
-}
-
-// The model's RoPE in the kernels' terms; nullopt for a scaling the kernels do not implement.
-std::optional<gpu::RopeParams> KernelRope(const ModelConfig& config) {
-  gpu::RopeParams rope;
-  rope.theta = config.rope_theta;
-  switch (config.rope_scaling.type) {
-    case RopeScaling::Type::kNone:
-      rope.llama3_scaling = false;
-      return rope;
-    case RopeScaling::Type::kLlama3:
-      rope.llama3_scaling = true;
-      rope.factor = config.rope_scaling.factor;
-      rope.low_freq_factor = config.rope_scaling.low_freq_factor;
-      rope.high_freq_factor = config.rope_scaling.high_freq_factor;
-      rope.original_max_position_embeddings =
-          static_cast<double>(config.rope_scaling.original_max_position_embeddings);
-      return rope;
-  }
-  return std::nullopt;
 }
 
 // The attention form: one query's blocks among a staged batch's pages (pinned while any view of

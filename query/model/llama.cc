@@ -24,10 +24,16 @@ constexpr int64_t kFusedMinTokens = 64;
 // Query rows per chunk of CPU prefill attention (see LlamaModel::Run).
 constexpr int64_t kRowChunk = 128;
 
-// A ContextAttention's error, carried out of Run to Forward.
-struct ContextAttentionError {
+// A ContextAttention's or a LayerKernels' error, carried out of Run to Forward.
+struct KernelError {
   Status status;
 };
+
+template <typename T>
+T OrThrow(Result<T> r) {
+  if (!r.ok()) throw KernelError{r.status()};
+  return std::move(r).value();
+}
 
 std::string SizesString(const torch::Tensor& t) {
   std::string s = "[";
@@ -178,6 +184,7 @@ Result<std::unique_ptr<LlamaModel>> LlamaModel::FromWeights(ModelWeights weights
       layer.w_down = w.at(p + "mlp.down_proj.weight");
       m->layers_.push_back(std::move(layer));
     }
+    m->kernels_ = LayerKernels::Create(c, m->device_, m->dtype_);
   } catch (const c10::Error& e) {
     return Status::IOError(std::string("LlamaModel: libtorch failed preparing weights: ") +
                            e.what_without_backtrace());
@@ -269,9 +276,31 @@ Status LlamaModel::Validate(const ForwardRequest& r) const {
 }
 
 torch::Tensor LlamaModel::RmsNorm(const torch::Tensor& x, const torch::Tensor& w) const {
+  if (kernels_ != nullptr && x.dim() == 2 && x.stride(1) == 1) {
+    return OrThrow(kernels_->RmsNorm(x, w));
+  }
   torch::Tensor h = x.to(AccumulationType(dtype_));
   h = h * torch::rsqrt(h.pow(2).mean(-1, /*keepdim=*/true) + config_.rms_norm_eps);
   return w * h.to(dtype_);
+}
+
+std::pair<torch::Tensor, torch::Tensor> LlamaModel::RopeQk(const torch::Tensor& qkv,
+                                                           const torch::Tensor& positions,
+                                                           const torch::Tensor& cos,
+                                                           const torch::Tensor& sin) const {
+  const int64_t t = qkv.size(0), nh = config_.num_heads, kvh = config_.num_kv_heads;
+  const int64_t hd = config_.head_dim;
+  if (kernels_ != nullptr) return OrThrow(kernels_->RopeQk(qkv, positions));
+  // Q and K rotated together (adjacent in qkv): one RoPE instead of two.
+  const torch::Tensor qk = ApplyRope(
+      qkv.narrow(1, 0, (nh + kvh) * hd).view({t, nh + kvh, hd}).transpose(0, 1), cos, sin);
+  return {qk.narrow(0, 0, nh), qk.narrow(0, nh, kvh)};
+}
+
+torch::Tensor LlamaModel::SiluMul(const torch::Tensor& gate_up) const {
+  if (kernels_ != nullptr) return OrThrow(kernels_->SiluMul(gate_up));
+  auto halves = gate_up.chunk(2, -1);
+  return torch::silu_(halves[0]).mul_(halves[1]);
 }
 
 std::pair<torch::Tensor, torch::Tensor> LlamaModel::RopeTables(
@@ -358,7 +387,13 @@ ForwardResult LlamaModel::Run(const ForwardRequest& r) const {
   torch::Tensor x = torch::embedding(embed_, r.tokens.to(device_));  // [T, H]
   clock.Charge(&prof.other_ms);
 
-  auto [cos, sin] = RopeTables(r.positions);  // [T, hd]
+  // The new tokens' RoPE: positions on the device for the kernel, else cos/sin tables [T, hd].
+  torch::Tensor positions, cos, sin;
+  if (kernels_ != nullptr) {
+    positions = r.positions.to(device_).contiguous();
+  } else {
+    std::tie(cos, sin) = RopeTables(r.positions);
+  }
   torch::Tensor ctx_cos, ctx_sin;
   if (r.context != nullptr && c > 0 && !r.context_rotated) {
     std::tie(ctx_cos, ctx_sin) = RopeTables(r.context_positions);
@@ -410,14 +445,11 @@ ForwardResult LlamaModel::Run(const ForwardRequest& r) const {
     double qkv_ms = 0, core_ms = 0, out_ms = 0;
     clock.Charge(&qkv_ms);
 
-    // Q and K rotated together (adjacent in qkv): one RoPE instead of two.
-    const torch::Tensor qk = ApplyRope(
-        qkv.narrow(1, 0, q_width + kv_width).view({t, nh + kvh, hd}).transpose(0, 1), cos, sin);
-    const torch::Tensor q_rot = qk.narrow(0, 0, nh), k_rot = qk.narrow(0, nh, kvh);
+    const auto [q_rot, k_rot] = RopeQk(qkv, positions, cos, sin);
     torch::Tensor attn;  // [T, nh * hd]
     if (paged != nullptr) {
       Result<torch::Tensor> out = paged->Attend(l, q_rot.contiguous(), k_rot, v, allowed_new);
-      if (!out.ok()) throw ContextAttentionError{out.status()};
+      if (!out.ok()) throw KernelError{out.status()};
       attn = std::move(out).value();
     } else {
       torch::Tensor ctx_k, ctx_v;
@@ -438,8 +470,7 @@ ForwardResult LlamaModel::Run(const ForwardRequest& r) const {
     prof.core_ms += core_ms;
 
     h = RmsNorm(x, L.ffn_norm);
-    auto gate_up = torch::matmul(h, L.w_gate_up.t()).chunk(2, -1);
-    x = torch::addmm(x, torch::silu_(gate_up[0]).mul_(gate_up[1]), L.w_down.t());
+    x = torch::addmm(x, SiluMul(torch::matmul(h, L.w_gate_up.t())), L.w_down.t());
     clock.Charge(&prof.mlp_ms);
   }
   if (r.logit_rows.defined()) {
@@ -458,7 +489,7 @@ Result<ForwardResult> LlamaModel::Forward(const ForwardRequest& request) const {
     c10::InferenceMode guard;
     SHOTDB_RETURN_IF_ERROR(Validate(request));
     return Run(request);
-  } catch (const ContextAttentionError& e) {
+  } catch (const KernelError& e) {
     return e.status;
   } catch (const c10::Error& e) {
     return Status::IOError(std::string("Forward: libtorch failed: ") + e.what_without_backtrace());

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "query/model/config.h"
+#include "query/model/layer_kernels.h"
 #include "query/model/weights.h"
 #include "util/status.h"
 
@@ -175,7 +176,15 @@ class LlamaModel {
                        const torch::Tensor& ctx_v, const torch::Tensor& k, const torch::Tensor& v,
                        const torch::Tensor& allowed, const torch::Tensor& bias,
                        const std::vector<RowChunk>& row_chunks) const;
+  // RMSNorm, RoPE of the new tokens' Q and K, and SiLU*up: through kernels_ where they apply,
+  // else as libtorch operations. Errors of the kernels are thrown as KernelError (Forward returns
+  // them).
   torch::Tensor RmsNorm(const torch::Tensor& x, const torch::Tensor& w) const;
+  std::pair<torch::Tensor, torch::Tensor> RopeQk(const torch::Tensor& qkv,
+                                                 const torch::Tensor& positions,
+                                                 const torch::Tensor& cos,
+                                                 const torch::Tensor& sin) const;
+  torch::Tensor SiluMul(const torch::Tensor& gate_up) const;
   // cos and sin, each [N, head_dim] in the model dtype, for positions [N].
   std::pair<torch::Tensor, torch::Tensor> RopeTables(const torch::Tensor& positions) const;
 
@@ -186,6 +195,7 @@ class LlamaModel {
   torch::Tensor inv_freq_dev_;  // on device_, float32 (float64 for float64 models)
   torch::Tensor embed_, final_norm_, lm_head_;
   std::vector<Layer> layers_;
+  std::unique_ptr<LayerKernels> kernels_;  // null: the libtorch form (layer_kernels.h)
 };
 
 // RoPE inverse frequencies for `config` (default or llama3-scaled), [head_dim / 2] float64 CPU.
