@@ -118,10 +118,11 @@ torch::Tensor RopeInverseFrequencies(const ModelConfig& c) {
 Result<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& path,
                                                      const LoadOptions& options) {
   SHOTDB_ASSIGN_OR_RETURN(ModelWeights weights, LoadWeights(path, options));
-  return FromWeights(std::move(weights));
+  return FromWeights(std::move(weights), options.layer_kernels);
 }
 
-Result<std::unique_ptr<LlamaModel>> LlamaModel::FromWeights(ModelWeights weights) {
+Result<std::unique_ptr<LlamaModel>> LlamaModel::FromWeights(ModelWeights weights,
+                                                            bool layer_kernels) {
   const ModelConfig& c = weights.config;
   SHOTDB_RETURN_IF_ERROR(c.Validate());
   const auto expected = ExpectedWeightShapes(c);
@@ -184,7 +185,7 @@ Result<std::unique_ptr<LlamaModel>> LlamaModel::FromWeights(ModelWeights weights
       layer.w_down = w.at(p + "mlp.down_proj.weight");
       m->layers_.push_back(std::move(layer));
     }
-    m->kernels_ = LayerKernels::Create(c, m->device_, m->dtype_);
+    if (layer_kernels) m->kernels_ = LayerKernels::Create(c, m->device_, m->dtype_);
   } catch (const c10::Error& e) {
     return Status::IOError(std::string("LlamaModel: libtorch failed preparing weights: ") +
                            e.what_without_backtrace());

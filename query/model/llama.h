@@ -130,7 +130,9 @@ class LlamaModel {
                                                   const LoadOptions& options);
   // Builds a model from already loaded weights (tensors must match ExpectedWeightShapes and share
   // one device and floating dtype). InvalidArgument otherwise.
-  static Result<std::unique_ptr<LlamaModel>> FromWeights(ModelWeights weights);
+  // `layer_kernels` as LoadOptions::layer_kernels.
+  static Result<std::unique_ptr<LlamaModel>> FromWeights(ModelWeights weights,
+                                                         bool layer_kernels = true);
 
   LlamaModel(const LlamaModel&) = delete;
   LlamaModel& operator=(const LlamaModel&) = delete;

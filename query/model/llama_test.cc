@@ -6,6 +6,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 
 #include "query/model/context_attention.h"
 #include "query/model/test_util.h"
@@ -506,6 +507,9 @@ TEST(LlamaTest, CudaForwardMatchesCpuFloat64) {
       opts.device = torch::Device("cuda");
       auto gpu = LlamaModel::Load(FixtureDir(name), opts);
       ASSERT_TRUE(gpu.ok()) << gpu.status().ToString();
+      opts.layer_kernels = false;  // the same model with the pointwise steps as libtorch ops
+      auto plain = LlamaModel::Load(FixtureDir(name), opts);
+      ASSERT_TRUE(plain.ok()) << plain.status().ToString();
       std::vector<LayerKV> pre, rotated;
       for (const LayerKV& kv : ctx->kv) {
         pre.push_back({kv.k.to(torch::kCUDA, dtype), kv.v.to(torch::kCUDA, dtype)});
@@ -513,7 +517,9 @@ TEST(LlamaTest, CudaForwardMatchesCpuFloat64) {
         ASSERT_TRUE(k.ok()) << k.status().ToString();
         rotated.push_back({*k, pre.back().v});
       }
-      const double tolerance = dtype == torch::kFloat32 ? 1e-4 : 5e-2;
+      // bf16: the largest logit error over these random tiny models measured 0.017-0.058 on the
+      // H200 (2026-12-01), with the pointwise steps as kernels and as libtorch ops alike.
+      const double tolerance = dtype == torch::kFloat32 ? 1e-4 : 8e-2;
       for (int64_t t : {5, 100}) {
         ForwardRequest want = Whole(all.narrow(0, c, t), 2 * c + 10);
         want.context = &ctx->kv;
@@ -533,9 +539,13 @@ TEST(LlamaTest, CudaForwardMatchesCpuFloat64) {
             got.context_rotated = use_rotated;
             got.context_positions = ctx_pos.to(torch::kCUDA);
             if (masked) got.mask = mask.to(torch::kCUDA);
-            EXPECT_LT(RelativeError(Logits(**gpu, got), expected), tolerance)
-                << name << " " << c10::toString(dtype) << " T=" << t << " masked=" << masked
-                << " rotated=" << use_rotated;
+            const double err = RelativeError(Logits(**gpu, got), expected);
+            std::printf("  %s %s T=%lld masked=%d rotated=%d: error %.4f (libtorch ops %.4f)\n",
+                        name, c10::toString(dtype), static_cast<long long>(t), masked, use_rotated,
+                        err, RelativeError(Logits(**plain, got), expected));
+            EXPECT_LT(RelativeError(Logits(**plain, got), expected), tolerance) << name;
+            EXPECT_LT(err, tolerance) << name << " " << c10::toString(dtype) << " T=" << t
+                                      << " masked=" << masked << " rotated=" << use_rotated;
           }
         }
       }
