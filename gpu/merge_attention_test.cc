@@ -14,6 +14,7 @@
 #include "format/dtype.h"
 #include "gpu/cuda_util.h"
 #include "gpu/stream.h"
+#include "gpu/test_util.h"
 
 namespace shotdb {
 namespace gpu {
@@ -39,13 +40,7 @@ void RandomIn(DType dtype, size_t n, float range, std::mt19937* rng, std::vector
   values->assign(f.begin(), f.end());
 }
 
-template <typename T>
-Result<DeviceBuffer> ToDevice(const std::vector<T>& host) {
-  SHOTDB_ASSIGN_OR_RETURN(DeviceBuffer b, DeviceBuffer::Allocate(host.size() * sizeof(T)));
-  SHOTDB_CUDA_RETURN_IF_ERROR(
-      cudaMemcpy(b.get(), host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice));
-  return b;
-}
+using testing::ToDevice;
 
 class MergeAttentionTest : public ::testing::TestWithParam<MergeCase> {
  protected:
