@@ -449,9 +449,7 @@ ForwardResult LlamaModel::Run(const ForwardRequest& r) const {
     const auto [q_rot, k_rot] = RopeQk(qkv, positions, cos, sin);
     torch::Tensor attn;  // [T, nh * hd]
     if (paged != nullptr) {
-      Result<torch::Tensor> out = paged->Attend(l, q_rot.contiguous(), k_rot, v, allowed_new);
-      if (!out.ok()) throw KernelError{out.status()};
-      attn = std::move(out).value();
+      attn = OrThrow(paged->Attend(l, q_rot.contiguous(), k_rot, v, allowed_new));
     } else {
       torch::Tensor ctx_k, ctx_v;
       if (c > 0) {
