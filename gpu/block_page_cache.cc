@@ -110,7 +110,11 @@ Result<std::unique_ptr<BlockPageCache>> BlockPageCache::Create(
 
 BlockPageCache::~BlockPageCache() {
   assert(stats_.pinned_pages == 0 && "BlockPageCache destroyed with pinned pages");
-  for (auto& kv : entries_) allocator_->Free(kv.second.ptr);
+  for (auto& kv : blocks_) {
+    for (const auto& e : kv.second.layers) {
+      if (e != nullptr) allocator_->Free(e->ptr);
+    }
+  }
   for (auto& kv : recycled_) {
     for (void* p : kv.second) allocator_->Free(p);
   }
@@ -122,6 +126,12 @@ uint32_t BlockPageCache::InternTask(const std::string& name) {
   return it->second;
 }
 
+BlockPageCache::Entry* BlockPageCache::FindLocked(const PageKey& key) const {
+  auto it = blocks_.find(BlockId(key.task, key.block));
+  if (it == blocks_.end() || key.layer >= it->second.layers.size()) return nullptr;
+  return it->second.layers[key.layer].get();
+}
+
 Result<PageHandle> BlockPageCache::Acquire(const PageKey& key, size_t k_bytes, size_t v_bytes) {
   if (k_bytes == 0 || v_bytes == 0) {
     return Status::InvalidArgument(KeyName(key) + ": K and V sizes must be > 0, got " +
@@ -129,12 +139,49 @@ Result<PageHandle> BlockPageCache::Acquire(const PageKey& key, size_t k_bytes, s
   }
   std::lock_guard<std::mutex> lock(mu_);
   PageHandle h;
-  h.key_ = key;
-  h.k_bytes_ = k_bytes;
-  h.v_bytes_ = v_bytes;
-  auto it = entries_.find(key);
-  if (it != entries_.end()) {
-    Entry& e = it->second;
+  SHOTDB_RETURN_IF_ERROR(AcquireLocked(key, k_bytes, v_bytes, FindLocked(key), &h));
+  return h;
+}
+
+Status BlockPageCache::AcquireLayers(uint32_t task, uint32_t block, const uint32_t* layers,
+                                     size_t n, size_t k_bytes, size_t v_bytes, PageHandle* out) {
+  for (size_t i = 0; i < n; ++i) out[i].Reset();
+  if (k_bytes == 0 || v_bytes == 0) {
+    return Status::InvalidArgument(KeyName(PageKey{task, block, n > 0 ? layers[0] : 0}) +
+                                   ": K and V sizes must be > 0, got " + std::to_string(k_bytes) +
+                                   " and " + std::to_string(v_bytes));
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = blocks_.find(BlockId(task, block));
+  for (size_t i = 0; i < n; ++i) {
+    const PageKey key{task, block, layers[i]};
+    // A miss inserts into blocks_ (which may rehash): look the block up again after one.
+    Entry* found = nullptr;
+    if (it != blocks_.end() && key.layer < it->second.layers.size()) {
+      found = it->second.layers[key.layer].get();
+    }
+    Status s = AcquireLocked(key, k_bytes, v_bytes, found, &out[i]);
+    if (!s.ok()) {
+      for (size_t j = 0; j < i; ++j) {
+        UnpinLocked(static_cast<Entry*>(out[j].entry_));
+        out[j].cache_ = nullptr;
+        out[j].entry_ = nullptr;
+        out[j].k_ = out[j].v_ = nullptr;
+      }
+      return s;
+    }
+    if (found == nullptr) it = blocks_.find(BlockId(task, block));
+  }
+  return Status::OK();
+}
+
+Status BlockPageCache::AcquireLocked(const PageKey& key, size_t k_bytes, size_t v_bytes,
+                                     Entry* found, PageHandle* h) {
+  h->key_ = key;
+  h->k_bytes_ = k_bytes;
+  h->v_bytes_ = v_bytes;
+  if (found != nullptr) {
+    Entry& e = *found;
     if (e.k_bytes != k_bytes || e.v_bytes != v_bytes) {
       return Status::InvalidArgument(KeyName(key) + ": cached with K/V sizes " +
                                      std::to_string(e.k_bytes) + "/" + std::to_string(e.v_bytes) +
@@ -150,12 +197,12 @@ Result<PageHandle> BlockPageCache::Acquire(const PageKey& key, size_t k_bytes, s
     }
     ++e.refs;
     ++stats_.hits;
-    h.cache_ = this;
-    h.entry_ = &e;
-    h.k_ = e.ptr;
-    h.v_ = static_cast<uint8_t*>(e.ptr) + AlignUp(k_bytes);
-    h.filled_ = true;
-    return h;
+    h->cache_ = this;
+    h->entry_ = &e;
+    h->k_ = e.ptr;
+    h->v_ = static_cast<uint8_t*>(e.ptr) + AlignUp(k_bytes);
+    h->filled_ = true;
+    return Status::OK();
   }
 
   const size_t bytes = AlignUp(k_bytes) + AlignUp(v_bytes);
@@ -197,30 +244,34 @@ Result<PageHandle> BlockPageCache::Acquire(const PageKey& key, size_t k_bytes, s
     }
     SHOTDB_ASSIGN_OR_RETURN(ptr, std::move(allocated));
   }
-  Entry e;
-  e.key = key;
-  e.ptr = ptr;
-  e.k_bytes = k_bytes;
-  e.v_bytes = v_bytes;
-  e.bytes = bytes;
-  e.refs = 1;
-  Entry* stored = &entries_.emplace(key, e).first->second;
+  auto e = std::make_unique<Entry>();
+  e->key = key;
+  e->ptr = ptr;
+  e->k_bytes = k_bytes;
+  e->v_bytes = v_bytes;
+  e->bytes = bytes;
+  e->refs = 1;
+  Entry* stored = e.get();
+  BlockPages& bp = blocks_[BlockId(key.task, key.block)];
+  if (bp.layers.size() <= key.layer) bp.layers.resize(size_t{key.layer} + 1);
+  bp.layers[key.layer] = std::move(e);
+  ++bp.count;
   stats_.bytes_in_use += bytes;
   ++stats_.pages;
   ++stats_.pinned_pages;
   ++stats_.misses;
-  h.cache_ = this;
-  h.entry_ = stored;
-  h.k_ = ptr;
-  h.v_ = static_cast<uint8_t*>(ptr) + AlignUp(k_bytes);
-  h.filled_ = false;
-  return h;
+  h->cache_ = this;
+  h->entry_ = stored;
+  h->k_ = ptr;
+  h->v_ = static_cast<uint8_t*>(ptr) + AlignUp(k_bytes);
+  h->filled_ = false;
+  return Status::OK();
 }
 
 bool BlockPageCache::Contains(const PageKey& key) const {
   std::lock_guard<std::mutex> lock(mu_);
-  auto it = entries_.find(key);
-  return it != entries_.end() && it->second.filled;
+  const Entry* e = FindLocked(key);
+  return e != nullptr && e->filled;
 }
 
 size_t BlockPageCache::Clear() {
@@ -229,7 +280,7 @@ size_t BlockPageCache::Clear() {
   while (lru_oldest_ != nullptr) {
     Entry* e = lru_oldest_;
     LruUnlinkLocked(e);
-    EraseLocked(entries_.find(e->key));
+    EraseLocked(e);
     ++n;
   }
   return n;
@@ -255,28 +306,30 @@ void BlockPageCache::MarkFilled(void* entry) {
 
 void BlockPageCache::Invalidate(const PageKey& key) {
   std::lock_guard<std::mutex> lock(mu_);
-  auto it = entries_.find(key);
-  if (it == entries_.end()) return;
-  Entry& e = it->second;
-  e.filled = false;
-  if (e.refs > 0) return;  // Unpin discards it
-  LruUnlinkLocked(&e);
-  EraseLocked(it);
+  Entry* e = FindLocked(key);
+  if (e == nullptr) return;
+  e->filled = false;
+  if (e->refs > 0) return;  // Unpin discards it
+  LruUnlinkLocked(e);
+  EraseLocked(e);
   ++stats_.discarded;
 }
 
 void BlockPageCache::Unpin(void* entry) {
   std::lock_guard<std::mutex> lock(mu_);
-  Entry& e = *static_cast<Entry*>(entry);
-  assert(e.refs > 0);
-  if (--e.refs > 0) return;
+  UnpinLocked(static_cast<Entry*>(entry));
+}
+
+void BlockPageCache::UnpinLocked(Entry* e) {
+  assert(e->refs > 0);
+  if (--e->refs > 0) return;
   --stats_.pinned_pages;
-  if (!e.filled) {
-    EraseLocked(entries_.find(e.key));
+  if (!e->filled) {
+    EraseLocked(e);
     ++stats_.discarded;
     return;
   }
-  LruPushNewestLocked(&e);
+  LruPushNewestLocked(e);
 }
 
 void BlockPageCache::LruUnlinkLocked(Entry* e) {
@@ -295,14 +348,13 @@ void BlockPageCache::LruPushNewestLocked(Entry* e) {
 }
 
 void* BlockPageCache::EvictOldestLocked(size_t take_bytes) {
-  Entry* oldest = lru_oldest_;
-  LruUnlinkLocked(oldest);
-  auto victim = entries_.find(oldest->key);
+  Entry* victim = lru_oldest_;
+  LruUnlinkLocked(victim);
   ++stats_.evictions;
   void* taken = nullptr;
-  if (victim->second.bytes == take_bytes) {
-    taken = victim->second.ptr;
-    victim->second.ptr = nullptr;  // not freed: the caller's now
+  if (victim->bytes == take_bytes) {
+    taken = victim->ptr;
+    victim->ptr = nullptr;  // not freed: the caller's now
   }
   EraseLocked(victim, /*recycle=*/false);
   return taken;
@@ -327,19 +379,21 @@ void BlockPageCache::FreeOneRecycledLocked() {
   }
 }
 
-void BlockPageCache::EraseLocked(std::unordered_map<PageKey, Entry, PageKeyHash>::iterator it,
-                                 bool recycle) {
-  void* p = it->second.ptr;
+void BlockPageCache::EraseLocked(Entry* e, bool recycle) {
+  void* p = e->ptr;
   if (p != nullptr && recycle) {
     // The page's bytes were within the budget while in use, so in use + recycled stays within it.
-    recycled_[it->second.bytes].push_back(p);
-    stats_.bytes_recycled += it->second.bytes;
+    recycled_[e->bytes].push_back(p);
+    stats_.bytes_recycled += e->bytes;
   } else if (p != nullptr) {
     allocator_->Free(p);
   }
-  stats_.bytes_in_use -= it->second.bytes;
+  stats_.bytes_in_use -= e->bytes;
   --stats_.pages;
-  entries_.erase(it);
+  auto it = blocks_.find(BlockId(e->key.task, e->key.block));
+  assert(it != blocks_.end());
+  it->second.layers[e->key.layer].reset();  // destroys *e
+  if (--it->second.count == 0) blocks_.erase(it);
 }
 
 }  // namespace gpu

@@ -261,6 +261,86 @@ TEST_F(BlockPageCacheTest, ClearKeepsPinnedPages) {
   EXPECT_EQ(live_.size(), 1u);
 }
 
+// AcquireLayers pins what page-by-page Acquire would: hits keep their memory, misses are new and
+// unfilled, and the stats count the same.
+TEST_F(BlockPageCacheTest, AcquireLayersMatchesAcquire) {
+  Make(64 * 512);
+  void* k0 = nullptr;
+  void* k2 = nullptr;
+  for (uint32_t layer : {0u, 2u}) {
+    auto h = cache_->Acquire({1, 5, layer}, 256, 256);
+    ASSERT_TRUE(h.ok()) << h.status().ToString();
+    h->MarkFilled();
+    (layer == 0 ? k0 : k2) = h->k();
+  }
+  const uint32_t layers[] = {3, 0, 1, 2};
+  PageHandle out[4];
+  ASSERT_TRUE(cache_->AcquireLayers(1, 5, layers, 4, 256, 256, out).ok());
+  EXPECT_FALSE(out[0].filled());
+  EXPECT_TRUE(out[1].filled());
+  EXPECT_FALSE(out[2].filled());
+  EXPECT_TRUE(out[3].filled());
+  EXPECT_EQ(out[1].k(), k0);
+  EXPECT_EQ(out[3].k(), k2);
+  for (int i = 0; i < 4; ++i) {
+    EXPECT_TRUE(out[i].valid());
+    EXPECT_EQ(out[i].key().task, 1u);
+    EXPECT_EQ(out[i].key().block, 5u);
+    EXPECT_EQ(out[i].key().layer, layers[i]);
+    EXPECT_EQ(static_cast<uint8_t*>(out[i].v()) - static_cast<uint8_t*>(out[i].k()), 256);
+  }
+  BlockPageCache::Stats st = cache_->stats();
+  EXPECT_EQ(st.hits, 2u);
+  EXPECT_EQ(st.misses, 4u);  // two by Acquire, two here
+  EXPECT_EQ(st.pinned_pages, 4u);
+  EXPECT_EQ(st.pages, 4u);
+  EXPECT_FALSE(cache_->Contains({1, 5, 3}));  // being filled
+  out[0].MarkFilled();
+  out[2].MarkFilled();
+  for (PageHandle& h : out) h.Reset();
+  for (uint32_t layer : layers) EXPECT_TRUE(cache_->Contains({1, 5, layer})) << layer;
+  EXPECT_FALSE(cache_->Contains({1, 6, 0}));
+  EXPECT_FALSE(cache_->Contains({2, 5, 0}));
+  EXPECT_EQ(cache_->stats().pinned_pages, 0u);
+  // Handles held before the call are released first.
+  PageHandle again[2];
+  again[0] = Fill(9);
+  ASSERT_TRUE(cache_->AcquireLayers(1, 5, layers, 2, 256, 256, again).ok());
+  EXPECT_TRUE(again[0].filled() && again[1].filled());
+  EXPECT_EQ(cache_->stats().pinned_pages, 2u);
+}
+
+// An error part way leaves nothing of the call pinned: its new pages are discarded, its hits
+// unpinned, and the cache holds what it held before.
+TEST_F(BlockPageCacheTest, AcquireLayersFailureReleasesEverything) {
+  Make(3 * 512);
+  {
+    auto h = cache_->Acquire({0, 7, 1}, 256, 256);
+    ASSERT_TRUE(h.ok());
+    h->MarkFilled();
+  }
+  PageHandle outside = Fill(8);  // pinned by the test: 1 page of the budget's 3 left to the call
+  const uint32_t layers[] = {1, 0, 2};
+  PageHandle out[3];
+  Status s = cache_->AcquireLayers(0, 7, layers, 3, 256, 256, out);
+  ASSERT_FALSE(s.ok());
+  EXPECT_TRUE(s.IsFailedPrecondition()) << s.ToString();
+  EXPECT_NE(s.message().find("exhausted"), std::string::npos) << s.ToString();
+  for (const PageHandle& h : out) EXPECT_FALSE(h.valid());
+  BlockPageCache::Stats st = cache_->stats();
+  EXPECT_EQ(st.pinned_pages, 1u);  // `outside`
+  EXPECT_EQ(st.discarded, 1u);     // layer 0's page, allocated by the call
+  EXPECT_TRUE(cache_->Contains({0, 7, 1}));
+  EXPECT_FALSE(cache_->Contains({0, 7, 0}));
+  EXPECT_EQ(st.bytes_in_use + st.bytes_recycled, LiveBytes());
+  // A size that differs from a cached page's, in the middle of the call.
+  const uint32_t mixed[] = {5, 1};
+  s = cache_->AcquireLayers(0, 7, mixed, 2, 256, 128, out);
+  EXPECT_TRUE(s.IsInvalidArgument()) << s.ToString();
+  EXPECT_EQ(cache_->stats().pinned_pages, 1u);
+  EXPECT_TRUE(cache_->AcquireLayers(0, 7, mixed, 2, 0, 256, out).IsInvalidArgument());
+}
+
 TEST_F(BlockPageCacheTest, InternTaskIsStable) {
   Make(1024);
   const uint32_t a = cache_->InternTask("nlu@1"), b = cache_->InternTask("other@1");

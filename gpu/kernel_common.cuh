@@ -94,6 +94,17 @@ __device__ __forceinline__ void SinCos(int64_t pos, double inv_freq, float* s, f
   sincosf(static_cast<float>(a), s, c);
 }
 
+// SinCos with the trigonometry from the hardware approximation (__sincosf: absolute error below
+// ~1e-6 for the reduced |angle| <= pi, against 2^-8 relative for a bf16 rounding), for kernels
+// where it is on the critical path: the paged attention rotates every K tile it reads, and the
+// precise sincosf was ~1/4 of its instructions (run M in docs/results.md).
+__device__ __forceinline__ void SinCosFast(int64_t pos, double inv_freq, float* s, float* c) {
+  constexpr double kTwoPi = 6.283185307179586476925286766559;
+  double a = static_cast<double>(pos) * inv_freq;
+  a -= rint(a * (1.0 / kTwoPi)) * kTwoPi;
+  __sincosf(static_cast<float>(a), s, c);
+}
+
 // The block holding concatenated token t (offset[b] <= t < offset[b + 1]).
 __device__ __forceinline__ int FindBlock(const BlockTable& tab, uint32_t t) {
   int lo = 0, hi = static_cast<int>(tab.num_blocks) - 1;

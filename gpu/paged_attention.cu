@@ -11,16 +11,23 @@
 //     memory before use.
 //   - S = Q K^T and O += P V on the tensor cores (mma.sync m16n8k16, bf16/f16 in, float32
 //     accumulators), online softmax in float32 in the log2 domain, P kept in registers.
+//   - The context is cut into as many splits as fill the GPU's resident CTA slots once (SMs x
+//     kCtasPerSm): one wave, no tail, and each CTA streams a long run of tiles, so the pipeline's
+//     fill and the epilogue are paid once per CTA (run M in docs/results.md: one wave against
+//     ~1024 CTAs took 28k tokens from 109 to 62 us).
 //   - Each CTA writes its split's (max, sum, unnormalized O) per query vector; a second kernel
-//     merges the splits into out and lse. With one split the CTA writes out and lse itself.
+//     merges the splits into out and lse, one CTA per query vector with its warps over the splits.
+//     With one split the CTA writes out and lse itself.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 #include "gpu/cuda_util.h"
 #include "gpu/kernel_common.cuh"
@@ -33,15 +40,17 @@ namespace {
 using internal::BlockTable;
 using internal::FindBlock;
 using internal::SinCos;
+using internal::SinCosFast;
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
-constexpr int kTileN = 64;              // tokens per K/V tile
-constexpr int kStages = 3;              // K/V tiles in flight (cp.async ring)
-constexpr int kPad = 8;                 // elements of padding per shared-memory row (16 bytes)
-constexpr int kOutPad = 8;              // floats of padding per row of the epilogue's O buffer
-constexpr uint32_t kMinChunk = 128;     // tokens per split at least
-constexpr uint64_t kTargetCtas = 1024;  // several waves of a 132-SM GPU at 2 CTAs per SM
+constexpr int kTileN = 64;             // tokens per K/V tile
+constexpr int kStages = 3;             // K/V tiles in flight (cp.async ring)
+constexpr int kPad = 8;                // elements of padding per shared-memory row (16 bytes)
+constexpr int kOutPad = 8;             // floats of padding per row of the epilogue's O buffer
+constexpr uint32_t kMinChunk = 128;    // tokens per split at least
+constexpr int kCtasPerSm = 2;          // __launch_bounds__ and the shared-memory ring allow 2
+constexpr uint32_t kDefaultSms = 132;  // an H100/H200, when no device can be asked
 constexpr float kLn2 = 0.693147180559945309f;
 constexpr float kLog2e = 1.44269504088896341f;
 
@@ -55,17 +64,39 @@ struct Plan {
   uint32_t splits = 0;
 };
 
+// Resident CTA slots of the current device (SMs x kCtasPerSm), asked once per device.
+uint64_t CtaSlots() {
+  static std::atomic<uint32_t> sms[64] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) {
+    cudaGetLastError();  // no device: plan for a large GPU
+    return uint64_t{kDefaultSms} * kCtasPerSm;
+  }
+  uint32_t n = sms[dev].load(std::memory_order_relaxed);
+  if (n == 0) {
+    int count = 0;
+    if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
+        count <= 0) {
+      cudaGetLastError();
+      count = kDefaultSms;
+    }
+    n = static_cast<uint32_t>(count);
+    sms[dev].store(n, std::memory_order_relaxed);
+  }
+  return uint64_t{n} * kCtasPerSm;
+}
+
 Plan MakePlan(uint32_t q_heads, uint32_t kv_heads, uint32_t rows, uint64_t total) {
   Plan p;
   p.m = q_heads / kv_heads * rows;
   p.wm = p.m <= 16 ? 1 : p.m <= 32 ? 2 : 4;
   const uint32_t m_tile = 16u * p.wm;
   p.m_tiles = (p.m + m_tile - 1) / m_tile;
-  // Enough CTAs to fill the GPU several times, but each split long enough that writing and
-  // reading back its partial results (2 * M * (d + 2) floats) stays small next to its K/V
-  // (2 * chunk * d 16-bit values): chunk >= 8 M keeps that below ~1/4.
+  // One wave of CTAs (measured best against 1/2 and 2 waves, run M), but each split long enough
+  // that writing and reading back its partial results (2 * M * (d + 2) floats) stays small next
+  // to its K/V (2 * chunk * d 16-bit values): chunk >= 8 M keeps that below ~1/4.
   const uint64_t ctas_per_split = static_cast<uint64_t>(kv_heads) * p.m_tiles;
-  const uint64_t target_splits = std::max<uint64_t>(1, kTargetCtas / ctas_per_split);
+  const uint64_t target_splits = std::max<uint64_t>(1, CtaSlots() / ctas_per_split);
   uint64_t chunk = (total + target_splits - 1) / target_splits;
   chunk = std::max<uint64_t>(chunk, kMinChunk);
   chunk = std::max<uint64_t>(chunk, 8ull * p.m);
@@ -289,7 +320,8 @@ __global__ void __launch_bounds__(kThreads, 2)
       float cs[8], sn[8];
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
-        SinCos(first_position + static_cast<int64_t>(t0) + rr, s_inv[8 * rc + e], &sn[e], &cs[e]);
+        SinCosFast(first_position + static_cast<int64_t>(t0) + rr, s_inv[8 * rc + e], &sn[e],
+                   &cs[e]);
       }
 #pragma unroll
       for (int p = 0; p < kTileN / kRotRows; ++p) {
@@ -443,41 +475,67 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
 }
 
-// ---- the merge of the splits: one warp per query vector ----
+// ---- the merge of the splits: one CTA per query vector ----
+//
+// Warp w merges splits w, w + kMergeWarps, ... (each lane D / 32 adjacent floats, so a split's row
+// is one coalesced read), then the warps merge through shared memory. Many warps per vector keep
+// enough reads in flight: one warp walking ~100 splits alone was ~25 us (run M).
 
-constexpr int kCombineWarps = 4;
+constexpr int kMergeWarps = 8;
 
 template <int D>
-__global__ void __launch_bounds__(kCombineWarps * 32)
-    CombineSplitsKernel(const float* __restrict__ ws_acc, const float* __restrict__ ws_ml,
-                        uint32_t splits, size_t qvecs, float* __restrict__ out,
-                        float* __restrict__ lse) {
-  const size_t qv = static_cast<size_t>(blockIdx.x) * kCombineWarps + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (qv >= qvecs) return;
+__global__ void __launch_bounds__(kMergeWarps * 32)
+    MergeSplitsKernel(const float* __restrict__ ws_acc, const float* __restrict__ ws_ml,
+                      uint32_t splits, float* __restrict__ out, float* __restrict__ lse) {
+  constexpr int kPer = D / 32;
+  static_assert(kPer == 2 || kPer == 4, "head_dim 64 or 128");
+  using Vec = typename std::conditional<kPer == 4, float4, float2>::type;
+  const size_t qv = blockIdx.x;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const float* const ml = ws_ml + qv * splits * 2;
+  __shared__ float s_red[kMergeWarps];
+  __shared__ float s_acc[kMergeWarps][D];
+
   float mx = -INFINITY;
-  for (uint32_t s = lane; s < splits; s += 32) mx = fmaxf(mx, ml[2 * s]);
+  for (uint32_t s = threadIdx.x; s < splits; s += kMergeWarps * 32) mx = fmaxf(mx, ml[2 * s]);
 #pragma unroll
   for (int o = 16; o > 0; o /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  if (lane == 0) s_red[warp] = mx;
+  __syncthreads();
+  mx = s_red[0];
+#pragma unroll
+  for (int w = 1; w < kMergeWarps; ++w) mx = fmaxf(mx, s_red[w]);
+  __syncthreads();  // s_red is reused below
+
+  float acc[kPer];
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) acc[i] = 0.f;
   float sum = 0.f;
-  for (uint32_t s = lane; s < splits; s += 32) sum += ml[2 * s + 1] * exp2f(ml[2 * s] - mx);
-#pragma unroll
-  for (int o = 16; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-  float acc[D / 32];
-#pragma unroll
-  for (int i = 0; i < D / 32; ++i) acc[i] = 0.f;
-  const float* const a = ws_acc + qv * splits * D;
+  const float* const a = ws_acc + qv * splits * D + lane * kPer;
 #pragma unroll 4
-  for (uint32_t s = 0; s < splits; ++s) {
+  for (uint32_t s = warp; s < splits; s += kMergeWarps) {
     const float f = exp2f(ml[2 * s] - mx);
+    sum += ml[2 * s + 1] * f;
+    const Vec x = *reinterpret_cast<const Vec*>(a + static_cast<size_t>(s) * D);
+    const float* const xf = reinterpret_cast<const float*>(&x);
 #pragma unroll
-    for (int i = 0; i < D / 32; ++i) acc[i] += a[static_cast<size_t>(s) * D + lane + 32 * i] * f;
+    for (int i = 0; i < kPer; ++i) acc[i] += xf[i] * f;
   }
-  const float inv = 1.f / sum;
 #pragma unroll
-  for (int i = 0; i < D / 32; ++i) out[qv * D + lane + 32 * i] = acc[i] * inv;
-  if (lane == 0 && lse != nullptr) lse[qv] = (mx + log2f(sum)) * kLn2;
+  for (int i = 0; i < kPer; ++i) s_acc[warp][lane * kPer + i] = acc[i];
+  if (lane == 0) s_red[warp] = sum;  // every lane of a warp has the same sum
+  __syncthreads();
+  float total = 0.f;
+#pragma unroll
+  for (int w = 0; w < kMergeWarps; ++w) total += s_red[w];
+  const float inv = 1.f / total;
+  for (int d = threadIdx.x; d < D; d += kMergeWarps * 32) {
+    float v = 0.f;
+#pragma unroll
+    for (int w = 0; w < kMergeWarps; ++w) v += s_acc[w][d];
+    out[qv * D + d] = v * inv;
+  }
+  if (threadIdx.x == 0 && lse != nullptr) lse[qv] = (mx + log2f(total)) * kLn2;
 }
 
 // ---- host side ----
@@ -514,9 +572,8 @@ Status LaunchTyped(const BlockTable& tab, const PagedAttentionArgs& a, const Pla
   }
   if (p.splits > 1) {
     const size_t qvecs = static_cast<size_t>(a.q_heads) * a.rows;
-    const size_t grid = (qvecs + kCombineWarps - 1) / kCombineWarps;
-    CombineSplitsKernel<D><<<static_cast<unsigned>(grid), kCombineWarps * 32, 0, stream>>>(
-        ws_acc, ws_ml, p.splits, qvecs, a.out, a.lse);
+    MergeSplitsKernel<D><<<static_cast<unsigned>(qvecs), kMergeWarps * 32, 0, stream>>>(
+        ws_acc, ws_ml, p.splits, a.out, a.lse);
     SHOTDB_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   }
   return Status::OK();

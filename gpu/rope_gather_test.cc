@@ -10,10 +10,16 @@
 #include "gpu/cuda_util.h"
 #include "gpu/rope_reference.h"
 #include "gpu/stream.h"
+#include "gpu/test_util.h"
 
 namespace shotdb {
 namespace gpu {
 namespace {
+
+using testing::Download16;
+using testing::Host16;
+using testing::Random16;
+using testing::ToDevice;
 
 struct Case {
   DType dtype;
@@ -27,39 +33,6 @@ std::string CaseName(const Case& c) {
 }
 // GoogleTest prints parameters with this instead of dumping the struct's bytes (padding included).
 void PrintTo(const Case& c, std::ostream* os) { *os << CaseName(c); }
-
-// Random values rounded to the dtype: the host copy (as double) is exactly what the kernel reads.
-struct HostTensor {
-  std::vector<uint16_t> bits;
-  std::vector<double> values;
-};
-HostTensor Random(DType dtype, size_t n, std::mt19937* rng) {
-  std::uniform_real_distribution<float> u(-1.f, 1.f);
-  std::vector<float> f(n);
-  for (float& x : f) x = u(*rng);
-  HostTensor t;
-  t.bits.resize(n);
-  ConvertFromFloat(dtype, f.data(), t.bits.data(), n);
-  std::vector<float> back(n);
-  ConvertToFloat(dtype, t.bits.data(), back.data(), n);
-  t.values.assign(back.begin(), back.end());
-  return t;
-}
-
-Result<DeviceBuffer> Upload(const std::vector<uint16_t>& bits) {
-  SHOTDB_ASSIGN_OR_RETURN(DeviceBuffer b, DeviceBuffer::Allocate(bits.size() * 2));
-  SHOTDB_CUDA_RETURN_IF_ERROR(
-      cudaMemcpy(b.get(), bits.data(), bits.size() * 2, cudaMemcpyHostToDevice));
-  return b;
-}
-
-std::vector<double> Download16(DType dtype, const DeviceBuffer& b, size_t n) {
-  std::vector<uint16_t> bits(n);
-  EXPECT_EQ(cudaMemcpy(bits.data(), b.get(), n * 2, cudaMemcpyDeviceToHost), cudaSuccess);
-  std::vector<float> f(n);
-  ConvertToFloat(dtype, bits.data(), f.data(), n);
-  return std::vector<double>(f.begin(), f.end());
-}
 
 class RopeGatherTest : public ::testing::TestWithParam<Case> {
  protected:
@@ -83,9 +56,9 @@ TEST_P(RopeGatherTest, GatherMatchesReference) {
   std::vector<KvBlockRef> refs;
   uint32_t total = 0;
   for (uint32_t t : tokens) {
-    HostTensor k = Random(c.dtype, size_t(kv_heads) * t * d, &rng);
-    HostTensor v = Random(c.dtype, size_t(kv_heads) * t * d, &rng);
-    auto dk = Upload(k.bits), dv = Upload(v.bits);
+    Host16 k = Random16(c.dtype, size_t(kv_heads) * t * d, 1.f, &rng);
+    Host16 v = Random16(c.dtype, size_t(kv_heads) * t * d, 1.f, &rng);
+    auto dk = ToDevice(k.bits), dv = ToDevice(v.bits);
     ASSERT_TRUE(dk.ok() && dv.ok());
     refs.push_back(KvBlockRef{dk->get(), dv->get(), t});
     dev.push_back(std::move(*dk));
@@ -111,8 +84,10 @@ TEST_P(RopeGatherTest, GatherMatchesReference) {
 
   std::vector<double> want_k, want_v;
   GatherRopeReference(ref_blocks, kv_heads, d, *inv, c.first_position, &want_k, &want_v);
-  const std::vector<double> got_k = Download16(c.dtype, *k_out, n);
-  const std::vector<double> got_v = Download16(c.dtype, *v_out, n);
+  Result<std::vector<double>> r_k = Download16(c.dtype, k_out->get(), n),
+                              r_v = Download16(c.dtype, v_out->get(), n);
+  ASSERT_TRUE(r_k.ok() && r_v.ok());
+  const std::vector<double>&got_k = *r_k, &got_v = *r_v;
   // One rounding to the output type (half an ulp: 2^-9 bf16, 2^-12 f16) plus float arithmetic.
   const double rel = c.dtype == DType::kBF16 ? 1.0 / 256 : 1.0 / 2048;
   for (size_t i = 0; i < n; ++i) {

@@ -372,24 +372,18 @@ Result<StagedBatch> Stager::Stage(Snapshot* snapshot, const std::string& task,
   std::vector<CopyJob> jobs;
   PinnedSlab slab;
   size_t slab_used = 0;
+  SHOTDB_RETURN_IF_ERROR(
+      PinLayers(cache, task_id, blocks, layers, 0, layers.size(), page_bytes, &batch));
   for (size_t li = 0; li < layers.size(); ++li) {
     const uint32_t layer = layers[li];
-    StagedLayer staged;
-    staged.layer = layer;
+    StagedLayer& staged = batch.layers[li];
     std::vector<UnpackKvJob> dequantize;
     size_t landing_used = 0;
     for (size_t bi = 0; bi < blocks.size(); ++bi) {
       const uint32_t block = blocks[bi];
       const size_t bytes = record_bytes[bi];
-      SHOTDB_ASSIGN_OR_RETURN(PageHandle page, cache->Acquire(PageKey{task_id, block, layer},
-                                                              page_bytes[bi], page_bytes[bi]));
-      staged.blocks.push_back(KvBlockRef{page.k(), page.v(), batch.block_tokens[bi]});
-      if (page.filled()) {
-        ++batch.pages_hit;
-        staged.pages.push_back(std::move(page));
-        continue;
-      }
-      ++batch.pages_filled;
+      const PageHandle& page = staged.pages[bi];
+      if (page.filled()) continue;
       for (TensorKind kind : {TensorKind::kKey, TensorKind::kValue}) {
         std::string what = RecordWhat(task, block, layer, kind);
         SHOTDB_ASSIGN_OR_RETURN(BlockRecordView view,
@@ -416,7 +410,6 @@ Result<StagedBatch> Stager::Stage(Snapshot* snapshot, const std::string& task,
         slab_used += RoundUp256(bytes);
         jobs.push_back(std::move(job));
       }
-      staged.pages.push_back(std::move(page));
     }
     // The layer's last copies must be enqueued before its event.
     if (slab.valid()) {
@@ -436,12 +429,37 @@ Result<StagedBatch> Stager::Stage(Snapshot* snapshot, const std::string& task,
     SHOTDB_ASSIGN_OR_RETURN(staged.ready, CudaEvent::Create());
     SHOTDB_RETURN_IF_ERROR(staged.ready.Record(stream_.get()));
     if (on_layer) SHOTDB_RETURN_IF_ERROR(on_layer(li, staged));
-    batch.layers.push_back(std::move(staged));
   }
   stats_.pages_hit += batch.pages_hit;
   stats_.pages_filled += batch.pages_filled;
   batch.bytes_copied = stats_.bytes_copied - bytes_before;
   return batch;
+}
+
+Status Stager::PinLayers(BlockPageCache* cache, uint32_t task_id,
+                         const std::vector<uint32_t>& blocks, const std::vector<uint32_t>& layers,
+                         size_t l0, size_t l1, const std::vector<size_t>& page_bytes,
+                         StagedBatch* batch) {
+  const size_t nb = blocks.size(), n = l1 - l0;
+  for (size_t li = l0; li < l1; ++li) {
+    StagedLayer staged;
+    staged.layer = layers[li];
+    staged.pages.resize(nb);
+    staged.blocks.resize(nb);
+    batch->layers.push_back(std::move(staged));
+  }
+  std::vector<PageHandle> pins(n);
+  for (size_t bi = 0; bi < nb; ++bi) {
+    SHOTDB_RETURN_IF_ERROR(cache->AcquireLayers(task_id, blocks[bi], layers.data() + l0, n,
+                                                page_bytes[bi], page_bytes[bi], pins.data()));
+    for (size_t i = 0; i < n; ++i) {
+      StagedLayer& staged = batch->layers[l0 + i];
+      ++(pins[i].filled() ? batch->pages_hit : batch->pages_filled);
+      staged.blocks[bi] = KvBlockRef{pins[i].k(), pins[i].v(), batch->block_tokens[bi]};
+      staged.pages[bi] = std::move(pins[i]);
+    }
+  }
+  return Status::OK();
 }
 
 Result<StagedBatch> Stager::StageFromMap(Snapshot* snapshot, const std::string& task,
@@ -561,19 +579,7 @@ Result<StagedBatch> Stager::StageFromMap(Snapshot* snapshot, const std::string& 
   std::vector<size_t> missing_li;
   for (size_t g = 0; g < groups; ++g) {
     const size_t l0 = nl * g / groups, l1 = nl * (g + 1) / groups;
-    for (size_t li = l0; li < l1; ++li) {
-      StagedLayer staged;
-      staged.layer = layers[li];
-      for (size_t bi = 0; bi < nb; ++bi) {
-        SHOTDB_ASSIGN_OR_RETURN(PageHandle page,
-                                cache->Acquire(PageKey{task_id, blocks[bi], layers[li]},
-                                               page_bytes[bi], page_bytes[bi]));
-        ++(page.filled() ? batch.pages_hit : batch.pages_filled);
-        staged.blocks.push_back(KvBlockRef{page.k(), page.v(), batch.block_tokens[bi]});
-        staged.pages.push_back(std::move(page));
-      }
-      batch.layers.push_back(std::move(staged));
-    }
+    SHOTDB_RETURN_IF_ERROR(PinLayers(cache, task_id, blocks, layers, l0, l1, page_bytes, &batch));
     const size_t first = pieces.size();
     for (size_t bi = 0; bi < nb; ++bi) {
       missing.clear();

@@ -211,6 +211,12 @@ class Stager {
                                    const std::vector<uint32_t>& layers, BlockPageCache* cache,
                                    const LayerCallback& on_layer, uint32_t task_id,
                                    const std::vector<size_t>& page_bytes, StagedBatch batch);
+  // Pins the pages of every block in layers[l0, l1), block by block (BlockPageCache::AcquireLayers:
+  // one cache lookup per block, not per page), appending a StagedLayer per layer to batch->layers
+  // with its pages and kernel block refs in block order; counts hits and fills.
+  Status PinLayers(BlockPageCache* cache, uint32_t task_id, const std::vector<uint32_t>& blocks,
+                   const std::vector<uint32_t>& layers, size_t l0, size_t l1,
+                   const std::vector<size_t>& page_bytes, StagedBatch* batch);
   // Registers the part of the snapshot's map not yet registered; false if direct copies are off.
   bool CoverMap(Snapshot* snapshot);
   // Enqueues a copy straight from the registered map.

@@ -13,10 +13,14 @@
 #include "format/kv_values.h"
 #include "gpu/cuda_util.h"
 #include "gpu/stream.h"
+#include "gpu/test_util.h"
 
 namespace shotdb {
 namespace gpu {
 namespace {
+
+using testing::FromDevice;
+using testing::ToDevice;
 
 struct DequantCase {
   std::string name;
@@ -61,11 +65,9 @@ TEST_P(UnpackKvTest, MatchesHostBitForBit) {
     want.resize(want.size() + back.size() + (back.size() % 4 ? 4 - back.size() % 4 : 0));
     ConvertFromFloat(c.dtype, back.data(), want.data() + page_at.back(), back.size());
   }
-  auto src = DeviceBuffer::Allocate(raw_all.size());
+  auto src = ToDevice(raw_all);
   auto dst = DeviceBuffer::Allocate(want.size() * 2);
   ASSERT_TRUE(src.ok() && dst.ok());
-  ASSERT_EQ(cudaMemcpy(src->get(), raw_all.data(), raw_all.size(), cudaMemcpyHostToDevice),
-            cudaSuccess);
   ASSERT_EQ(cudaMemset(dst->get(), 0xff, want.size() * 2), cudaSuccess);
   UnpackKvArgs a;
   a.dtype = c.dtype;
@@ -79,9 +81,9 @@ TEST_P(UnpackKvTest, MatchesHostBitForBit) {
   ASSERT_TRUE(stream.ok());
   ASSERT_TRUE(LaunchUnpackKv(a, stream->get()).ok());
   ASSERT_EQ(cudaStreamSynchronize(stream->get()), cudaSuccess);
-  std::vector<uint16_t> got(want.size());
-  ASSERT_EQ(cudaMemcpy(got.data(), dst->get(), got.size() * 2, cudaMemcpyDeviceToHost),
-            cudaSuccess);
+  Result<std::vector<uint16_t>> fetched = FromDevice<uint16_t>(dst->get(), want.size());
+  ASSERT_TRUE(fetched.ok());
+  const std::vector<uint16_t>& got = *fetched;
   size_t bad = 0;
   for (size_t r = 0; r < c.tokens.size(); ++r) {
     const size_t n = size_t{c.kv_heads} * c.tokens[r] * c.head_dim;
@@ -125,11 +127,9 @@ TEST_P(UnpackKvTest, CopiesSixteenBitPayloads) {
     src_all.resize(src_all.size() + 4 * (rng() % 3));  // gaps between records, as in the map
     want.resize(want.size() + 4);                      // pages apart too
   }
-  auto src = DeviceBuffer::Allocate(src_all.size() * 2);
+  auto src = ToDevice(src_all);
   auto dst = DeviceBuffer::Allocate(want.size() * 2);
   ASSERT_TRUE(src.ok() && dst.ok());
-  ASSERT_EQ(cudaMemcpy(src->get(), src_all.data(), src_all.size() * 2, cudaMemcpyHostToDevice),
-            cudaSuccess);
   ASSERT_EQ(cudaMemset(dst->get(), 0, want.size() * 2), cudaSuccess);
   UnpackKvArgs a;
   a.stored = c.dtype;
@@ -147,10 +147,9 @@ TEST_P(UnpackKvTest, CopiesSixteenBitPayloads) {
   ASSERT_TRUE(stream.ok());
   ASSERT_TRUE(LaunchUnpackKv(a, stream->get()).ok());
   ASSERT_EQ(cudaStreamSynchronize(stream->get()), cudaSuccess);
-  std::vector<uint16_t> got(want.size());
-  ASSERT_EQ(cudaMemcpy(got.data(), dst->get(), got.size() * 2, cudaMemcpyDeviceToHost),
-            cudaSuccess);
-  EXPECT_TRUE(got == want) << c.name;
+  Result<std::vector<uint16_t>> got = FromDevice<uint16_t>(dst->get(), want.size());
+  ASSERT_TRUE(got.ok());
+  EXPECT_TRUE(*got == want) << c.name;
 }
 
 // Copies of other dtypes and of payloads that are not a whole number of 8-byte words (the last
@@ -169,10 +168,9 @@ TEST(UnpackKvCopyTest, CopiesAnyDtypeAndOddSizes) {
     std::vector<uint8_t> src(bytes);
     for (uint8_t& b : src) b = static_cast<uint8_t>(rng());
     const size_t page = (bytes + 8 + 255) / 256 * 256;  // the page, a guard, 256-byte aligned
-    auto d_src = DeviceBuffer::Allocate(bytes);
+    auto d_src = ToDevice(src);
     auto d_dst = DeviceBuffer::Allocate(2 * page);
     ASSERT_TRUE(d_src.ok() && d_dst.ok());
-    ASSERT_EQ(cudaMemcpy(d_src->get(), src.data(), bytes, cudaMemcpyHostToDevice), cudaSuccess);
     ASSERT_EQ(cudaMemset(d_dst->get(), 0xa5, 2 * page), cudaSuccess);
     UnpackKvArgs a;
     a.stored = a.dtype = c.dtype;
@@ -181,13 +179,12 @@ TEST(UnpackKvCopyTest, CopiesAnyDtypeAndOddSizes) {
     a.jobs = {{d_src->get(), d_dst->get(), c.tokens},
               {d_src->get(), static_cast<uint8_t*>(d_dst->get()) + page, c.tokens}};
     ASSERT_TRUE(LaunchUnpackKv(a, nullptr).ok()) << DTypeName(c.dtype);
-    std::vector<uint8_t> got(2 * page);
-    ASSERT_EQ(cudaMemcpy(got.data(), d_dst->get(), got.size(), cudaMemcpyDeviceToHost),
-              cudaSuccess);
+    Result<std::vector<uint8_t>> got = FromDevice<uint8_t>(d_dst->get(), 2 * page);
+    ASSERT_TRUE(got.ok());
     std::vector<uint8_t> want(2 * page, 0xa5);
     std::copy(src.begin(), src.end(), want.begin());
     std::copy(src.begin(), src.end(), want.begin() + page);
-    EXPECT_TRUE(got == want) << DTypeName(c.dtype) << " " << bytes << " bytes";
+    EXPECT_TRUE(*got == want) << DTypeName(c.dtype) << " " << bytes << " bytes";
   }
 }
 
