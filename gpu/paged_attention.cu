@@ -2,9 +2,12 @@
 //
 // Layout of the work (docs/gpu.md has the reasoning):
 //   - M = group * rows query vectors share each kv head; they are contiguous in q ([q_heads, rows,
-//     d] with the group's heads adjacent) and in out. A CTA (4 warps) takes one kv head, one tile
-//     of 16 * WM of those vectors (WM = 1, 2 or 4 warps along M; the other 4 / WM warps split each
-//     K/V tile's tokens) and one split of the context (`chunk` tokens).
+//     d] with the group's heads adjacent) and in out. A CTA takes one kv head, one tile of 16 * WM
+//     of those vectors and one split of the context (`chunk` tokens). Up to 64 vectors: 4 warps,
+//     WM = 1, 2 or 4 along M and the other 4 / WM warps splitting each K/V tile's tokens, 2 CTAs
+//     an SM. More: 8 warps along M (128 vectors a tile), 1 CTA an SM, so that a DBSA prompt of
+//     17-32 rows (68-128 vectors at group 4) loads and rotates each K/V tile once, not in two
+//     CTAs.
 //   - K/V tiles of kTileN tokens stream through a kStages-deep cp.async ring in shared memory
 //     (16-byte copies, rows padded by 16 bytes so ldmatrix is conflict-free); a tile may straddle
 //     blocks (each thread keeps a cursor into the block table). K is rotated in place in shared
@@ -12,7 +15,7 @@
 //   - S = Q K^T and O += P V on the tensor cores (mma.sync m16n8k16, bf16/f16 in, float32
 //     accumulators), online softmax in float32 in the log2 domain, P kept in registers.
 //   - The context is cut into as many splits as fill the GPU's resident CTA slots once (SMs x
-//     kCtasPerSm): one wave, no tail, and each CTA streams a long run of tiles, so the pipeline's
+//     CTAs an SM): one wave, no tail, and each CTA streams a long run of tiles, so the pipeline's
 //     fill and the epilogue are paid once per CTA (run M in docs/results.md: one wave against
 //     ~1024 CTAs took 28k tokens from 109 to 62 us).
 //   - Each CTA writes its split's (max, sum, unnormalized O) per query vector; a second kernel
@@ -42,14 +45,14 @@ using internal::FindBlock;
 using internal::SinCos;
 using internal::SinCosFast;
 
-constexpr int kWarps = 4;
-constexpr int kThreads = kWarps * 32;
-constexpr int kTileN = 64;             // tokens per K/V tile
-constexpr int kStages = 3;             // K/V tiles in flight (cp.async ring)
-constexpr int kPad = 8;                // elements of padding per shared-memory row (16 bytes)
-constexpr int kOutPad = 8;             // floats of padding per row of the epilogue's O buffer
-constexpr uint32_t kMinChunk = 128;    // tokens per split at least
-constexpr int kCtasPerSm = 2;          // __launch_bounds__ and the shared-memory ring allow 2
+constexpr int kTileN = 64;           // tokens per K/V tile
+constexpr int kStages = 3;           // K/V tiles in flight (cp.async ring)
+constexpr int kPad = 8;              // elements of padding per shared-memory row (16 bytes)
+constexpr int kOutPad = 8;           // floats of padding per row of the epilogue's O buffer
+constexpr uint32_t kMinChunk = 128;  // tokens per split at least
+// CTAs of 4 warps (up to 64 query vectors): 2 an SM (__launch_bounds__, registers and the
+// shared-memory ring allow 2); of 8 warps (65-128 vectors, or more in several tiles): 1.
+constexpr int CtasPerSm(int warps) { return warps == 4 ? 2 : 1; }
 constexpr uint32_t kDefaultSms = 132;  // an H100/H200, when no device can be asked
 constexpr float kLn2 = 0.693147180559945309f;
 constexpr float kLog2e = 1.44269504088896341f;
@@ -58,19 +61,20 @@ constexpr float kLog2e = 1.44269504088896341f;
 
 struct Plan {
   uint32_t m = 0;        // query vectors per kv head: group * rows
-  int wm = 1;            // warps along M (1, 2 or 4); 16 * wm vectors per CTA
+  int wm = 1;            // warps along M (1, 2, 4 or 8); 16 * wm vectors per CTA
+  int warps = 4;         // per CTA: 4, or 8 when wm is 8
   uint32_t m_tiles = 0;  // CTAs along M per kv head and split
   uint32_t chunk = 0;    // tokens per split, a multiple of kTileN
   uint32_t splits = 0;
 };
 
-// Resident CTA slots of the current device (SMs x kCtasPerSm), asked once per device.
-uint64_t CtaSlots() {
+// Multiprocessors of the current device, asked once per device.
+uint64_t Multiprocessors() {
   static std::atomic<uint32_t> sms[64] = {};
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) {
     cudaGetLastError();  // no device: plan for a large GPU
-    return uint64_t{kDefaultSms} * kCtasPerSm;
+    return kDefaultSms;
   }
   uint32_t n = sms[dev].load(std::memory_order_relaxed);
   if (n == 0) {
@@ -83,20 +87,22 @@ uint64_t CtaSlots() {
     n = static_cast<uint32_t>(count);
     sms[dev].store(n, std::memory_order_relaxed);
   }
-  return uint64_t{n} * kCtasPerSm;
+  return n;
 }
 
 Plan MakePlan(uint32_t q_heads, uint32_t kv_heads, uint32_t rows, uint64_t total) {
   Plan p;
   p.m = q_heads / kv_heads * rows;
-  p.wm = p.m <= 16 ? 1 : p.m <= 32 ? 2 : 4;
+  p.wm = p.m <= 16 ? 1 : p.m <= 32 ? 2 : p.m <= 64 ? 4 : 8;
+  p.warps = p.wm == 8 ? 8 : 4;
   const uint32_t m_tile = 16u * p.wm;
   p.m_tiles = (p.m + m_tile - 1) / m_tile;
   // One wave of CTAs (measured best against 1/2 and 2 waves, run M), but each split long enough
   // that writing and reading back its partial results (2 * M * (d + 2) floats) stays small next
   // to its K/V (2 * chunk * d 16-bit values): chunk >= 8 M keeps that below ~1/4.
   const uint64_t ctas_per_split = static_cast<uint64_t>(kv_heads) * p.m_tiles;
-  const uint64_t target_splits = std::max<uint64_t>(1, CtaSlots() / ctas_per_split);
+  const uint64_t slots = Multiprocessors() * CtasPerSm(p.warps);
+  const uint64_t target_splits = std::max<uint64_t>(1, slots / ctas_per_split);
   uint64_t chunk = (total + target_splits - 1) / target_splits;
   chunk = std::max<uint64_t>(chunk, kMinChunk);
   chunk = std::max<uint64_t>(chunk, 8ull * p.m);
@@ -118,12 +124,12 @@ constexpr size_t SmemBytes() {
 }
 
 // The epilogue reuses the ring for the warps' partial results.
-template <int D>
+template <int D, int NW>
 constexpr size_t EpilogueBytes() {
-  return (static_cast<size_t>(kWarps) * 16 * (D + kOutPad) + 2 * kWarps * 16) * sizeof(float);
+  return (static_cast<size_t>(NW) * 16 * (D + kOutPad) + 2 * NW * 16) * sizeof(float);
 }
-static_assert(EpilogueBytes<64>() <= SmemBytes<64>(), "epilogue must fit in the ring");
-static_assert(EpilogueBytes<128>() <= SmemBytes<128>(), "epilogue must fit in the ring");
+static_assert(EpilogueBytes<64, 8>() <= SmemBytes<64>(), "epilogue must fit in the ring");
+static_assert(EpilogueBytes<128, 8>() <= SmemBytes<128>(), "epilogue must fit in the ring");
 
 // ---- device helpers ----
 
@@ -200,13 +206,15 @@ __device__ __forceinline__ float2 Unpack2(uint32_t u, __half) {
 
 // CTA (m tile, kv head, split), flattened into blockIdx.x with the m tile fastest, so that the CTAs
 // reading the same K/V run together and share it through L2.
-template <typename T, int D, int WM>
-__global__ void __launch_bounds__(kThreads, 2)
+template <typename T, int D, int WM, int NW>
+__global__ void __launch_bounds__(NW * 32, CtasPerSm(NW))
     PagedAttentionKernel(const __grid_constant__ BlockTable tab, const T* __restrict__ q,
                          uint32_t m_total, uint32_t m_tiles, uint32_t kv_heads, uint32_t total,
                          uint32_t chunk, uint32_t splits, int64_t first_position, bool rotate,
                          float scale_log2, float* __restrict__ out, float* __restrict__ lse,
                          float* __restrict__ ws_acc, float* __restrict__ ws_ml) {
+  constexpr int kWarps = NW;
+  constexpr int kThreads = NW * 32;
   constexpr int WN = kWarps / WM;   // warps along the tile's tokens
   constexpr int kNw = kTileN / WN;  // tokens of a tile per warp: 16, 32 or 64
   constexpr int kRs = D + kPad;     // shared-memory row stride, elements
@@ -540,16 +548,16 @@ __global__ void __launch_bounds__(kMergeWarps * 32)
 
 // ---- host side ----
 
-template <typename T, int D, int WM>
+template <typename T, int D, int WM, int NW>
 Status LaunchSplits(const BlockTable& tab, const PagedAttentionArgs& a, const Plan& p,
                     uint32_t total, float* ws_acc, float* ws_ml, cudaStream_t stream) {
-  auto* kernel = &PagedAttentionKernel<T, D, WM>;
+  auto* kernel = &PagedAttentionKernel<T, D, WM, NW>;
   constexpr size_t kSmem = SmemBytes<D>();
   SHOTDB_CUDA_RETURN_IF_ERROR(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
   const uint64_t grid = static_cast<uint64_t>(p.m_tiles) * a.kv_heads * p.splits;
   const float scale_log2 = kLog2e / std::sqrt(static_cast<float>(D));
-  kernel<<<static_cast<unsigned>(grid), kThreads, kSmem, stream>>>(
+  kernel<<<static_cast<unsigned>(grid), NW * 32, kSmem, stream>>>(
       tab, static_cast<const T*>(a.q), p.m, p.m_tiles, a.kv_heads, total, p.chunk, p.splits,
       a.first_position, a.rotate_keys, scale_log2, a.out, a.lse, ws_acc, ws_ml);
   SHOTDB_CUDA_RETURN_IF_ERROR(cudaGetLastError());
@@ -561,13 +569,16 @@ Status LaunchTyped(const BlockTable& tab, const PagedAttentionArgs& a, const Pla
                    uint32_t total, float* ws_acc, float* ws_ml, cudaStream_t stream) {
   switch (p.wm) {
     case 1:
-      SHOTDB_RETURN_IF_ERROR((LaunchSplits<T, D, 1>(tab, a, p, total, ws_acc, ws_ml, stream)));
+      SHOTDB_RETURN_IF_ERROR((LaunchSplits<T, D, 1, 4>(tab, a, p, total, ws_acc, ws_ml, stream)));
       break;
     case 2:
-      SHOTDB_RETURN_IF_ERROR((LaunchSplits<T, D, 2>(tab, a, p, total, ws_acc, ws_ml, stream)));
+      SHOTDB_RETURN_IF_ERROR((LaunchSplits<T, D, 2, 4>(tab, a, p, total, ws_acc, ws_ml, stream)));
+      break;
+    case 4:
+      SHOTDB_RETURN_IF_ERROR((LaunchSplits<T, D, 4, 4>(tab, a, p, total, ws_acc, ws_ml, stream)));
       break;
     default:
-      SHOTDB_RETURN_IF_ERROR((LaunchSplits<T, D, 4>(tab, a, p, total, ws_acc, ws_ml, stream)));
+      SHOTDB_RETURN_IF_ERROR((LaunchSplits<T, D, 8, 8>(tab, a, p, total, ws_acc, ws_ml, stream)));
       break;
   }
   if (p.splits > 1) {

@@ -276,6 +276,11 @@ INSTANTIATE_TEST_SUITE_P(
              true,
              0},
         Case{"f16_g4_d64_r2_28k", DType::kF16, 2, 4, 64, 2, Repeat(997, 29), true, false, 0},
+        // DBSA prompts on the Llama-3.1-8B shape, in 95-token blocks: 16 rows (64 vectors, 4
+        // warps along M) and 20 rows (80 vectors: the 8-warp CTA).
+        Case{"bf16_g4_d128_r16_m64_dbsa", DType::kBF16, 2, 4, 128, 16, Repeat(95, 40, {17}), true,
+             true, 2048},
+        Case{"f16_g4_d128_r20_m80_dbsa", DType::kF16, 2, 4, 128, 20, Repeat(95, 30), true, true, 0},
         Case{"f16_g8_d128_r16_40k", DType::kF16, 1, 8, 128, 16, Repeat(4096, 10), true, true,
              65536},
         Case{"bf16_g8_d128_r1_128k_far", DType::kBF16, 1, 8, 128, 1, Repeat(1024, 128), true, true,
