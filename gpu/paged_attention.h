@@ -22,8 +22,9 @@
 // the sine and cosine from the hardware approximation (error < ~1e-6, far below a bf16 rounding).
 //
 // Plain C++ header (the kernels live in paged_attention.cu). Launches are asynchronous on
-// `stream`; argument errors are returned before any CUDA call (so they work without a GPU), launch
-// errors as IOError. Thread-safety: the functions are thread-safe.
+// `stream`; argument errors are returned before any launch (the only CUDA calls before them ask
+// the device's SM count, and tolerate no device: they work without a GPU), launch errors as
+// IOError. Thread-safety: the functions are thread-safe.
 #ifndef SHOTDB_GPU_PAGED_ATTENTION_H_
 #define SHOTDB_GPU_PAGED_ATTENTION_H_
 
@@ -68,8 +69,10 @@ struct PagedAttentionArgs {
   size_t workspace_bytes = 0;
 };
 
-// Scratch bytes LaunchPagedAttention needs for these shapes: the splits' partial results (0 when
-// the context is short enough for a single split). Assumes shapes LaunchPagedAttention accepts.
+// Scratch bytes LaunchPagedAttention needs for these shapes on the current device: the splits'
+// partial results (0 when the context is short enough for a single split; the split count follows
+// the device's SM count, asked once per device, or an H200's 132 SMs without one). Assumes shapes
+// LaunchPagedAttention accepts.
 size_t PagedAttentionWorkspaceBytes(uint32_t q_heads, uint32_t kv_heads, uint32_t rows,
                                     uint32_t head_dim, uint64_t total_tokens);
 
