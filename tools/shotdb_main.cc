@@ -18,6 +18,7 @@
 #include <string_view>
 
 #include "tools/commands.h"
+#include "util/heap_env.h"
 #include "util/openmp_env.h"
 
 namespace shotdb::cli {
@@ -75,6 +76,7 @@ int main(int argc, char** argv) {
   using shotdb::cli::GlobalOptions;
 #ifdef SHOTDB_MODEL_COMMANDS
   shotdb::ReexecWithPassiveOpenMpWait(argv);  // when run directly, not through `shotdb`
+  shotdb::KeepFreedHeapMemory();              // tensors churn every layer (util/heap_env.h)
 #else
   if (const char* command = ModelCommandIn(argc, argv)) {
     const std::string helper = ModelHelperPath();
