@@ -151,7 +151,7 @@ Status BlockPageCache::AcquireLayers(uint32_t task, uint32_t block, const uint32
                                    ": K and V sizes must be > 0, got " + std::to_string(k_bytes) +
                                    " and " + std::to_string(v_bytes));
   }
-  std::lock_guard<std::mutex> lock(mu_);
+  std::unique_lock<std::mutex> lock(mu_);
   auto it = blocks_.find(BlockId(task, block));
   for (size_t i = 0; i < n; ++i) {
     const PageKey key{task, block, layers[i]};
@@ -162,12 +162,8 @@ Status BlockPageCache::AcquireLayers(uint32_t task, uint32_t block, const uint32
     }
     Status s = AcquireLocked(key, k_bytes, v_bytes, found, &out[i]);
     if (!s.ok()) {
-      for (size_t j = 0; j < i; ++j) {
-        UnpinLocked(static_cast<Entry*>(out[j].entry_));
-        out[j].cache_ = nullptr;
-        out[j].entry_ = nullptr;
-        out[j].k_ = out[j].v_ = nullptr;
-      }
+      lock.unlock();  // Reset takes the lock
+      for (size_t j = 0; j < i; ++j) out[j].Reset();
       return s;
     }
     if (found == nullptr) it = blocks_.find(BlockId(task, block));
@@ -317,10 +313,7 @@ void BlockPageCache::Invalidate(const PageKey& key) {
 
 void BlockPageCache::Unpin(void* entry) {
   std::lock_guard<std::mutex> lock(mu_);
-  UnpinLocked(static_cast<Entry*>(entry));
-}
-
-void BlockPageCache::UnpinLocked(Entry* e) {
+  Entry* e = static_cast<Entry*>(entry);
   assert(e->refs > 0);
   if (--e->refs > 0) return;
   --stats_.pinned_pages;

@@ -61,14 +61,18 @@ struct PageKey {
   }
 };
 
+// The bit mixer of the cache's hashes (MurmurHash3's 64-bit finalizer steps).
+inline size_t MixPageBits(uint64_t h) {
+  h ^= h >> 33;
+  h *= 0xff51afd7ed558ccdull;
+  h ^= h >> 33;
+  return static_cast<size_t>(h);
+}
+
 struct PageKeyHash {
   size_t operator()(const PageKey& k) const {
-    uint64_t h =
-        (static_cast<uint64_t>(k.task) << 40) ^ (static_cast<uint64_t>(k.layer) << 32) ^ k.block;
-    h ^= h >> 33;
-    h *= 0xff51afd7ed558ccdull;
-    h ^= h >> 33;
-    return static_cast<size_t>(h);
+    return MixPageBits((static_cast<uint64_t>(k.task) << 40) ^
+                       (static_cast<uint64_t>(k.layer) << 32) ^ k.block);
   }
 };
 
@@ -214,12 +218,7 @@ class BlockPageCache {
     return (static_cast<uint64_t>(task) << 32) | block;
   }
   struct BlockIdHash {
-    size_t operator()(uint64_t id) const {
-      id ^= id >> 33;
-      id *= 0xff51afd7ed558ccdull;
-      id ^= id >> 33;
-      return static_cast<size_t>(id);
-    }
+    size_t operator()(uint64_t id) const { return MixPageBits(id); }
   };
   using BlockMap = std::unordered_map<uint64_t, BlockPages, BlockIdHash>;
   BlockPageCache(const Options& options, std::unique_ptr<DeviceAllocator> allocator)
@@ -229,7 +228,6 @@ class BlockPageCache {
   Status AcquireLocked(const PageKey& key, size_t k_bytes, size_t v_bytes, Entry* found,
                        PageHandle* h);
   void Unpin(void* entry);
-  void UnpinLocked(Entry* e);
   void MarkFilled(void* entry);
   void LruUnlinkLocked(Entry* e);
   void LruPushNewestLocked(Entry* e);

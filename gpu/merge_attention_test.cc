@@ -40,6 +40,7 @@ void RandomIn(DType dtype, size_t n, float range, std::mt19937* rng, std::vector
   values->assign(f.begin(), f.end());
 }
 
+using testing::Download16;
 using testing::ToDevice;
 
 class MergeAttentionTest : public ::testing::TestWithParam<MergeCase> {
@@ -139,11 +140,9 @@ TEST_P(MergeAttentionTest, MatchesFloat64) {
   a.out = dout->get();
   ASSERT_TRUE(LaunchMergeAttention(a, nullptr).ok());
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  std::vector<uint16_t> got_bits(want.size());
-  ASSERT_EQ(cudaMemcpy(got_bits.data(), dout->get(), got_bits.size() * 2, cudaMemcpyDeviceToHost),
-            cudaSuccess);
-  std::vector<float> got(want.size());
-  ConvertToFloat(c.dtype, got_bits.data(), got.data(), got.size());
+  Result<std::vector<double>> fetched = Download16(c.dtype, dout->get(), want.size());
+  ASSERT_TRUE(fetched.ok()) << fetched.status().ToString();
+  const std::vector<double>& got = *fetched;
   // The output is rounded to the dtype once; float32 arithmetic adds far less.
   const double tol = (c.dtype == DType::kBF16 ? 1.0 / 128 : 1.0 / 1024);
   double worst = 0;

@@ -61,8 +61,8 @@ constexpr float kLog2e = 1.44269504088896341f;
 
 struct Plan {
   uint32_t m = 0;        // query vectors per kv head: group * rows
-  int wm = 1;            // warps along M (1, 2, 4 or 8); 16 * wm vectors per CTA
-  int warps = 4;         // per CTA: 4, or 8 when wm is 8
+  int wm = 1;            // warps along M (1, 2, 4 or 8); 16 * wm vectors per CTA (4 warps, or 8
+                         // when wm is 8)
   uint32_t m_tiles = 0;  // CTAs along M per kv head and split
   uint32_t chunk = 0;    // tokens per split, a multiple of kTileN
   uint32_t splits = 0;
@@ -78,13 +78,10 @@ uint64_t Multiprocessors() {
   }
   uint32_t n = sms[dev].load(std::memory_order_relaxed);
   if (n == 0) {
-    int count = 0;
-    if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
-        count <= 0) {
-      cudaGetLastError();
-      count = kDefaultSms;
-    }
-    n = static_cast<uint32_t>(count);
+    const Result<DeviceInfo> info = QueryDevice(dev);
+    if (!info.ok() || info->multiprocessors <= 0) cudaGetLastError();
+    n = info.ok() && info->multiprocessors > 0 ? static_cast<uint32_t>(info->multiprocessors)
+                                               : kDefaultSms;
     sms[dev].store(n, std::memory_order_relaxed);
   }
   return n;
@@ -94,14 +91,13 @@ Plan MakePlan(uint32_t q_heads, uint32_t kv_heads, uint32_t rows, uint64_t total
   Plan p;
   p.m = q_heads / kv_heads * rows;
   p.wm = p.m <= 16 ? 1 : p.m <= 32 ? 2 : p.m <= 64 ? 4 : 8;
-  p.warps = p.wm == 8 ? 8 : 4;
   const uint32_t m_tile = 16u * p.wm;
   p.m_tiles = (p.m + m_tile - 1) / m_tile;
   // One wave of CTAs (measured best against 1/2 and 2 waves, run M), but each split long enough
   // that writing and reading back its partial results (2 * M * (d + 2) floats) stays small next
   // to its K/V (2 * chunk * d 16-bit values): chunk >= 8 M keeps that below ~1/4.
   const uint64_t ctas_per_split = static_cast<uint64_t>(kv_heads) * p.m_tiles;
-  const uint64_t slots = Multiprocessors() * CtasPerSm(p.warps);
+  const uint64_t slots = Multiprocessors() * CtasPerSm(p.wm == 8 ? 8 : 4);
   const uint64_t target_splits = std::max<uint64_t>(1, slots / ctas_per_split);
   uint64_t chunk = (total + target_splits - 1) / target_splits;
   chunk = std::max<uint64_t>(chunk, kMinChunk);

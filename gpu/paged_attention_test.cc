@@ -25,6 +25,7 @@ namespace {
 using testing::FromDevice;
 using testing::Host16;
 using testing::Random16;
+using testing::Roundoff;
 using testing::ToDevice;
 
 struct Case {
@@ -58,9 +59,6 @@ void RoundTo(DType dtype, std::vector<double>* x) {
     for (size_t j = 0; j < n; ++j) (*x)[i + j] = f[j];
   }
 }
-
-// Unit roundoff of the dtype: products with P (rounded to it) carry this relative error.
-double Roundoff(DType dtype) { return dtype == DType::kBF16 ? 1.0 / 256 : 1.0 / 2048; }
 
 // The pages of all blocks in one device arena, each tensor at an offset that is 16-byte but not
 // 32-byte aligned (the kernel promises to need no more than 16).

@@ -19,6 +19,7 @@ namespace {
 using testing::Download16;
 using testing::Host16;
 using testing::Random16;
+using testing::Roundoff;
 using testing::ToDevice;
 
 struct Case {
@@ -89,7 +90,7 @@ TEST_P(RopeGatherTest, GatherMatchesReference) {
   ASSERT_TRUE(r_k.ok() && r_v.ok());
   const std::vector<double>&got_k = *r_k, &got_v = *r_v;
   // One rounding to the output type (half an ulp: 2^-9 bf16, 2^-12 f16) plus float arithmetic.
-  const double rel = c.dtype == DType::kBF16 ? 1.0 / 256 : 1.0 / 2048;
+  const double rel = Roundoff(c.dtype);
   for (size_t i = 0; i < n; ++i) {
     ASSERT_NEAR(got_k[i], want_k[i], rel * std::fabs(want_k[i]) + 2e-6) << "K element " << i;
     ASSERT_EQ(got_v[i], want_v[i]) << "V element " << i;

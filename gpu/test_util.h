@@ -19,6 +19,9 @@ namespace shotdb {
 namespace gpu {
 namespace testing {
 
+// Unit roundoff of `dtype` (bf16 or f16): the relative error of one rounding to it.
+inline double Roundoff(DType dtype) { return dtype == DType::kBF16 ? 1.0 / 256 : 1.0 / 2048; }
+
 // n values uniform in [-range, range], rounded to `dtype` (bf16 or f16): their bits, and their
 // exact values for the float64 references.
 struct Host16 {
