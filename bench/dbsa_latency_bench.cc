@@ -5,7 +5,7 @@
 //
 //   dbsa_latency_bench [--pools 30000,90000] [--layers 32] [--queries 8] [--device cuda]
 //                      [--batches 1,4,16,64 (empty: none)] [--kv-dtype bf16|f8e4m3]
-//                      [--store DIR] [--json FILE]
+//                      [--store DIR] [--json FILE] [--cuda-profile-query 0|1]
 //
 // --kv-dtype f8e4m3 stores the pool as scaled fp8 (format/kv_values.h): half the bytes on disk
 // and over PCIe, dequantised to bf16 pages as they land (gpu/unpack_kv.h).
@@ -23,7 +23,15 @@
 // per method runs in a separate session with SessionOptions::profile (device synchronisations at
 // every part boundary) to split its time into attention / MLP / sampling; those numbers are printed
 // apart and never enter the timed medians.
+//
+// --cuda-profile-query 1 runs one more hot DBSA query per pool between cudaProfilerStart and
+// cudaProfilerStop, so that `ncu --profile-from-start off` (or any CUDA profiler that honours the
+// range) sees that query's kernels only: the per-kernel split of a hot query without the profiled
+// session's synchronisations.
 #include <torch/torch.h>
+#ifdef SHOTDB_HAVE_GPU
+#include <cuda_profiler_api.h>
+#endif
 
 #include <algorithm>
 #include <chrono>
@@ -169,6 +177,7 @@ int Run(int argc, char** argv) {
   std::string json_path;
   std::vector<int> batches = {1, 4, 16, 64};
   DType kv_dtype = DType::kBF16;
+  bool cuda_profile_query = false;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i], v = argv[i + 1];
     if (a == "--pools") {
@@ -198,6 +207,8 @@ int Run(int argc, char** argv) {
       kv_dtype = *d;
     } else if (a == "--json") {
       json_path = v;
+    } else if (a == "--cuda-profile-query") {
+      cuda_profile_query = v == "1";
     } else {
       std::fprintf(stderr, "unknown option %s\n", a.c_str());
       return 2;
@@ -444,6 +455,24 @@ int Run(int argc, char** argv) {
                           {"floor_ms", floor_ms}});
       }
     }
+#ifdef SHOTDB_HAVE_GPU
+    if (cuda_profile_query && device.is_cuda()) {
+      AnswerOptions o;
+      torch::cuda::synchronize();
+      cudaProfilerStart();
+      auto a = (*session)->Ask(texts[1 % texts.size()], o);
+      torch::cuda::synchronize();
+      cudaProfilerStop();
+      if (!a.ok()) {
+        std::fprintf(stderr, "profiled hot query: %s\n", a.status().ToString().c_str());
+        return 1;
+      }
+      std::printf("cuda-profiled hot query: %.2f ms (load %.2f, decode %.2f)\n", a->timing.total,
+                  a->timing.load, a->timing.decode);
+    }
+#else
+    (void)cuda_profile_query;
+#endif
     const auto cs = (*session)->cache_stats();
     std::printf(
         "device cache: %llu hits, %llu misses, %.2f GB resident; %.2f GB loaded in %llu copies\n",

@@ -5,13 +5,15 @@
 //     d] with the group's heads adjacent) and in out. A CTA takes one kv head, one tile of 16 * WM
 //     of those vectors and one split of the context (`chunk` tokens). Up to 64 vectors: 4 warps,
 //     WM = 1, 2 or 4 along M and the other 4 / WM warps splitting each K/V tile's tokens, 2 CTAs
-//     an SM. More: 8 warps along M (128 vectors a tile), 1 CTA an SM, so that a DBSA prompt of
-//     17-32 rows (68-128 vectors at group 4) loads and rotates each K/V tile once, not in two
-//     CTAs.
-//   - K/V tiles of kTileN tokens stream through a kStages-deep cp.async ring in shared memory
+//     an SM. 65-80 vectors (a DBSA prompt of 17-20 rows at group 4): 8 warps, four on vector
+//     tiles 0-3 and four sharing tile 4's tokens (WM = 5, "mixed"). More: 8 warps along M (128
+//     vectors a tile). 8-warp CTAs run 1 an SM; a prompt of up to 32 rows loads and rotates each
+//     K/V tile once, not in two CTAs.
+//   - K/V tiles of kTileN tokens stream through a cp.async ring of 3-4 tiles in shared memory
 //     (16-byte copies, rows padded by 16 bytes so ldmatrix is conflict-free); a tile may straddle
 //     blocks (each thread keeps a cursor into the block table). K is rotated in place in shared
-//     memory before use.
+//     memory one tile ahead: while the warps compute tile i, all threads rotate tile i + 1, with
+//     one barrier a tile. The angles advance by rotation from row to row and tile to tile.
 //   - S = Q K^T and O += P V on the tensor cores (mma.sync m16n8k16, bf16/f16 in, float32
 //     accumulators), online softmax in float32 in the log2 domain, P kept in registers.
 //   - The context is cut into as many splits as fill the GPU's resident CTA slots once (SMs x
@@ -46,7 +48,6 @@ using internal::SinCos;
 using internal::SinCosFast;
 
 constexpr int kTileN = 64;           // tokens per K/V tile
-constexpr int kStages = 3;           // K/V tiles in flight (cp.async ring)
 constexpr int kPad = 8;              // elements of padding per shared-memory row (16 bytes)
 constexpr int kOutPad = 8;           // floats of padding per row of the epilogue's O buffer
 constexpr uint32_t kMinChunk = 128;  // tokens per split at least
@@ -61,8 +62,8 @@ constexpr float kLog2e = 1.44269504088896341f;
 
 struct Plan {
   uint32_t m = 0;        // query vectors per kv head: group * rows
-  int wm = 1;            // warps along M (1, 2, 4 or 8); 16 * wm vectors per CTA (4 warps, or 8
-                         // when wm is 8)
+  int wm = 1;            // 16-vector tiles along M a CTA: 1, 2 or 4 (4 warps); 5 or 8 (8 warps;
+                         // 5: see PagedAttentionKernel's kMixed)
   uint32_t m_tiles = 0;  // CTAs along M per kv head and split
   uint32_t chunk = 0;    // tokens per split, a multiple of kTileN
   uint32_t splits = 0;
@@ -90,14 +91,14 @@ uint64_t Multiprocessors() {
 Plan MakePlan(uint32_t q_heads, uint32_t kv_heads, uint32_t rows, uint64_t total) {
   Plan p;
   p.m = q_heads / kv_heads * rows;
-  p.wm = p.m <= 16 ? 1 : p.m <= 32 ? 2 : p.m <= 64 ? 4 : 8;
+  p.wm = p.m <= 16 ? 1 : p.m <= 32 ? 2 : p.m <= 64 ? 4 : p.m <= 80 ? 5 : 8;
   const uint32_t m_tile = 16u * p.wm;
   p.m_tiles = (p.m + m_tile - 1) / m_tile;
   // One wave of CTAs (measured best against 1/2 and 2 waves, run M), but each split long enough
   // that writing and reading back its partial results (2 * M * (d + 2) floats) stays small next
   // to its K/V (2 * chunk * d 16-bit values): chunk >= 8 M keeps that below ~1/4.
   const uint64_t ctas_per_split = static_cast<uint64_t>(kv_heads) * p.m_tiles;
-  const uint64_t slots = Multiprocessors() * CtasPerSm(p.wm == 8 ? 8 : 4);
+  const uint64_t slots = Multiprocessors() * CtasPerSm(p.wm >= 5 ? 8 : 4);
   const uint64_t target_splits = std::max<uint64_t>(1, slots / ctas_per_split);
   uint64_t chunk = (total + target_splits - 1) / target_splits;
   chunk = std::max<uint64_t>(chunk, kMinChunk);
@@ -114,9 +115,17 @@ constexpr size_t StageElems() {
   return static_cast<size_t>(kTileN) * (D + kPad);  // one K or V tile
 }
 
-template <int D>
+// K/V tiles in the cp.async ring: the tile being computed, the next one (rotated meanwhile) and
+// the ones in flight. Four where the shared memory allows (one 8-warp CTA an SM, or head_dim 64):
+// copies then have two tiles' time to land. Two 4-warp CTAs of head_dim 128 fit three.
+template <int D, int NW>
+constexpr int Stages() {
+  return NW == 8 || D == 64 ? 4 : 3;
+}
+
+template <int D, int NW>
 constexpr size_t SmemBytes() {
-  return kStages * 2 * StageElems<D>() * 2;  // 16-bit elements
+  return Stages<D, NW>() * 2 * StageElems<D>() * 2;  // 16-bit elements
 }
 
 // The epilogue reuses the ring for the warps' partial results.
@@ -124,8 +133,11 @@ template <int D, int NW>
 constexpr size_t EpilogueBytes() {
   return (static_cast<size_t>(NW) * 16 * (D + kOutPad) + 2 * NW * 16) * sizeof(float);
 }
-static_assert(EpilogueBytes<64, 8>() <= SmemBytes<64>(), "epilogue must fit in the ring");
-static_assert(EpilogueBytes<128, 8>() <= SmemBytes<128>(), "epilogue must fit in the ring");
+static_assert(EpilogueBytes<64, 4>() <= SmemBytes<64, 4>(), "epilogue must fit in the ring");
+static_assert(EpilogueBytes<128, 4>() <= SmemBytes<128, 4>(), "epilogue must fit in the ring");
+static_assert(EpilogueBytes<64, 8>() <= SmemBytes<64, 8>(), "epilogue must fit in the ring");
+static_assert(EpilogueBytes<128, 8>() <= SmemBytes<128, 8>(), "epilogue must fit in the ring");
+static_assert(2 * SmemBytes<128, 4>() <= 220 * 1024, "two 4-warp CTAs must fit an SM");
 
 // ---- device helpers ----
 
@@ -211,17 +223,22 @@ __global__ void __launch_bounds__(NW * 32, CtasPerSm(NW))
                          float* __restrict__ ws_acc, float* __restrict__ ws_ml) {
   constexpr int kWarps = NW;
   constexpr int kThreads = NW * 32;
-  constexpr int WN = kWarps / WM;   // warps along the tile's tokens
-  constexpr int kNw = kTileN / WN;  // tokens of a tile per warp: 16, 32 or 64
-  constexpr int kRs = D + kPad;     // shared-memory row stride, elements
-  constexpr int kKc = D / 16;       // k steps of Q K^T
-  constexpr int kSn = kNw / 8;      // n tiles of S per warp
-  constexpr int kOn = D / 8;        // n tiles of O
+  // WM = 5 (kMixed, 8 warps, 65-80 query vectors): warps 0-3 take vector tiles 0-3 over all of a
+  // K/V tile's tokens, warps 4-7 share tile 4, 16 tokens each. As 8 warps along M, tile 4's warp
+  // shared a scheduler with tile 0's and that scheduler did twice the others' work (an 18-row DBSA
+  // prompt has 72 vectors).
+  constexpr bool kMixed = WM == 5;
+  static_assert(!kMixed || NW == 8, "the mixed layout has 8 warps");
+  constexpr int WN = kMixed ? 1 : kWarps / WM;  // warps along the tile's tokens (kMixed: tiles 0-3)
+  constexpr int kNw = kTileN / WN;              // tokens of a tile per warp: 16, 32 or 64
+  constexpr int kStages = Stages<D, NW>();
+  constexpr int kRs = D + kPad;  // shared-memory row stride, elements
+  constexpr int kKc = D / 16;    // k steps of Q K^T
+  constexpr int kOn = D / 8;     // n tiles of O
   static_assert(kNw % 16 == 0, "a warp's tokens must be whole k steps of P V");
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* const ring = reinterpret_cast<T*>(smem_raw);
-  __shared__ double s_inv[D / 2];   // RoPE frequencies
   __shared__ float2 s_step[D / 2];  // (cos, sin) of kRotRows * inv_freq
 
   const uint32_t bx = blockIdx.x;
@@ -271,21 +288,59 @@ __global__ void __launch_bounds__(NW * 32, CtasPerSm(NW))
   }
 
   // -- RoPE in shared memory: thread rotates pairs 8 rc..8 rc+7 of rows rr, rr + kRotRows, ... --
+  // Its angles advance from row to row (and tile to tile) by a rotation of kRotRows tokens, and
+  // are computed afresh every kReseedTiles tiles, so the float32 steps never drift far (at most
+  // kReseedTiles * kTileN / kRotRows steps: < 1e-5 rad, against 2^-8 for a bf16 rounding).
   constexpr int kRotCols = D / 16;
   constexpr int kRotRows = kThreads / kRotCols;
+  constexpr int kReseedTiles = 16;
   const int rc = tid % kRotCols, rr = tid / kRotCols;
+  float cs[8], sn[8];
   if (rotate) {
     for (int i = tid; i < D / 2; i += kThreads) {
       const double f = tab.inv_freq[i];
-      s_inv[i] = f;
-      float sn, cs;
-      SinCos(kRotRows, f, &sn, &cs);
-      s_step[i] = make_float2(cs, sn);
+      float st, ct;
+      SinCos(kRotRows, f, &st, &ct);
+      s_step[i] = make_float2(ct, st);
     }
   }
+  // Rotates tile `tile` (in stage `stage`) in place; tiles are rotated in order.
+  auto rotate_tile = [&](int tile, int stage) {
+    T* const sk = ring + static_cast<size_t>(stage) * 2 * StageElems<D>();
+    if (tile % kReseedTiles == 0) {
+      const int64_t pos =
+          first_position + static_cast<int64_t>(start) + static_cast<int64_t>(tile) * kTileN + rr;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) SinCosFast(pos, tab.inv_freq[8 * rc + e], &sn[e], &cs[e]);
+    }
+#pragma unroll
+    for (int p = 0; p < kTileN / kRotRows; ++p) {
+      T* const row = sk + (rr + p * kRotRows) * kRs;
+      uint4 xa = *reinterpret_cast<const uint4*>(row + 8 * rc);
+      uint4 ya = *reinterpret_cast<const uint4*>(row + D / 2 + 8 * rc);
+      uint32_t* const xw = reinterpret_cast<uint32_t*>(&xa);
+      uint32_t* const yw = reinterpret_cast<uint32_t*>(&ya);
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        const float2 x = Unpack2(xw[w], T()), y = Unpack2(yw[w], T());
+        const float c0 = cs[2 * w], s0 = sn[2 * w], c1 = cs[2 * w + 1], s1 = sn[2 * w + 1];
+        xw[w] = Pack2<T>(x.x * c0 - y.x * s0, x.y * c1 - y.y * s1);
+        yw[w] = Pack2<T>(y.x * c0 + x.x * s0, y.y * c1 + x.y * s1);
+      }
+      *reinterpret_cast<uint4*>(row + 8 * rc) = xa;
+      *reinterpret_cast<uint4*>(row + D / 2 + 8 * rc) = ya;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const float2 st = s_step[8 * rc + e];
+        const float c = cs[e] * st.x - sn[e] * st.y;
+        sn[e] = sn[e] * st.x + cs[e] * st.y;
+        cs[e] = c;
+      }
+    }
+  };
 
   // -- this warp's query vectors as mma A fragments, straight from global (rows >= M are 0) --
-  const int wm = warp / WN, wn = warp % WN;
+  const int wm = kMixed ? min(warp, 4) : warp / WN;  // the warp's vector tile
   const uint32_t row0 = mt * (16u * WM) + 16u * wm;
   const bool warp_active = row0 < m_total;
   uint32_t qf[kKc][4];
@@ -307,64 +362,37 @@ __global__ void __launch_bounds__(NW * 32, CtasPerSm(NW))
   for (int i = 0; i < kOn; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
   float m_run[2] = {-INFINITY, -INFINITY};  // running max of rows g and g + 8 (log2 domain)
   float l_run[2] = {0.f, 0.f};              // this thread's part of the running sums
-  const int n0 = wn * kNw;                  // the warp's first token within a tile
+  // The warp's first token within a tile.
+  const int n0 = kMixed ? (warp < 4 ? 0 : (warp - 4) * 16) : (warp % WN) * kNw;
 
+  // Tile 0 rotated before the loop; then each iteration rotates the next tile while the warps
+  // compute the current one, one barrier a tile.
+  CpAsyncWait<kStages - 2>();
+  __syncthreads();  // tile 0 has landed; s_step is written
+  if (rotate && ntiles > 0) rotate_tile(0, 0);
   for (int it = 0; it < ntiles; ++it) {
-    CpAsyncWait<kStages - 2>();  // tile `it` has landed (this thread's copies)
-    __syncthreads();             // ... everyone's; and tile it - 1 is consumed by all warps
+    CpAsyncWait<kStages - 3>();  // tile it + 1 has landed (this thread's copies)
+    __syncthreads();  // ... everyone's; tile it is rotated; tile it - 1 is consumed by all warps
     if (it + kStages - 1 < ntiles) load_tile(it + kStages - 1, (it + kStages - 1) % kStages);
     CpAsyncCommit();
+    if (rotate && it + 1 < ntiles) rotate_tile(it + 1, (it + 1) % kStages);
 
-    T* const sk = ring + static_cast<size_t>(it % kStages) * 2 * StageElems<D>();
+    const T* const sk = ring + static_cast<size_t>(it % kStages) * 2 * StageElems<D>();
     const T* const sv = sk + StageElems<D>();
     const uint32_t t0 = start + static_cast<uint32_t>(it) * kTileN;
 
-    if (rotate) {
-      // Angles of the thread's first row exactly, the next rows by rotating by kRotRows tokens.
-      float cs[8], sn[8];
+    // S = Q K^T, online softmax and O += P V over the warp's kN tokens of the tile.
+    auto compute = [&](auto tokens) {
+      constexpr int kN = decltype(tokens)::value;
+      constexpr int kSnw = kN / 8;  // n tiles of S
+      // S = Q K^T over the warp's kN tokens.
+      float s[kSnw][4];
 #pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        SinCosFast(first_position + static_cast<int64_t>(t0) + rr, s_inv[8 * rc + e], &sn[e],
-                   &cs[e]);
-      }
-#pragma unroll
-      for (int p = 0; p < kTileN / kRotRows; ++p) {
-        T* const row = sk + (rr + p * kRotRows) * kRs;
-        uint4 xa = *reinterpret_cast<const uint4*>(row + 8 * rc);
-        uint4 ya = *reinterpret_cast<const uint4*>(row + D / 2 + 8 * rc);
-        uint32_t* const xw = reinterpret_cast<uint32_t*>(&xa);
-        uint32_t* const yw = reinterpret_cast<uint32_t*>(&ya);
-#pragma unroll
-        for (int w = 0; w < 4; ++w) {
-          const float2 x = Unpack2(xw[w], T()), y = Unpack2(yw[w], T());
-          const float c0 = cs[2 * w], s0 = sn[2 * w], c1 = cs[2 * w + 1], s1 = sn[2 * w + 1];
-          xw[w] = Pack2<T>(x.x * c0 - y.x * s0, x.y * c1 - y.y * s1);
-          yw[w] = Pack2<T>(y.x * c0 + x.x * s0, y.y * c1 + x.y * s1);
-        }
-        *reinterpret_cast<uint4*>(row + 8 * rc) = xa;
-        *reinterpret_cast<uint4*>(row + D / 2 + 8 * rc) = ya;
-        if (p + 1 < kTileN / kRotRows) {
-#pragma unroll
-          for (int e = 0; e < 8; ++e) {
-            const float2 st = s_step[8 * rc + e];
-            const float c = cs[e] * st.x - sn[e] * st.y;
-            sn[e] = sn[e] * st.x + cs[e] * st.y;
-            cs[e] = c;
-          }
-        }
-      }
-      __syncthreads();
-    }
-
-    if (warp_active) {
-      // S = Q K^T over the warp's kNw tokens.
-      float s[kSn][4];
-#pragma unroll
-      for (int i = 0; i < kSn; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+      for (int i = 0; i < kSnw; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
 #pragma unroll
       for (int kc = 0; kc < kKc; ++kc) {
 #pragma unroll
-        for (int np = 0; np < kNw / 16; ++np) {
+        for (int np = 0; np < kN / 16; ++np) {
           uint32_t b[4];
           const int n = n0 + np * 16 + (lane & 7) + ((lane >> 4) & 1) * 8;
           LdMatrixX4(b, sk + n * kRs + kc * 16 + ((lane >> 3) & 1) * 8);
@@ -375,7 +403,7 @@ __global__ void __launch_bounds__(NW * 32, CtasPerSm(NW))
       // Scale to the log2 domain; mask tokens past the split.
       const bool partial = t0 + kTileN > end;
 #pragma unroll
-      for (int nt = 0; nt < kSn; ++nt) {
+      for (int nt = 0; nt < kSnw; ++nt) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           s[nt][e] *= scale_log2;
@@ -387,7 +415,7 @@ __global__ void __launch_bounds__(NW * 32, CtasPerSm(NW))
       for (int r = 0; r < 2; ++r) {
         float mx = m_run[r];
 #pragma unroll
-        for (int nt = 0; nt < kSn; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+        for (int nt = 0; nt < kSnw; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         const float ref = mx == -INFINITY ? 0.f : mx;  // no token yet: keep everything 0
@@ -395,7 +423,7 @@ __global__ void __launch_bounds__(NW * 32, CtasPerSm(NW))
         m_run[r] = mx;
         float sum = 0.f;
 #pragma unroll
-        for (int nt = 0; nt < kSn; ++nt) {
+        for (int nt = 0; nt < kSnw; ++nt) {
           s[nt][2 * r] = exp2f(s[nt][2 * r] - ref);
           s[nt][2 * r + 1] = exp2f(s[nt][2 * r + 1] - ref);
           sum += s[nt][2 * r] + s[nt][2 * r + 1];
@@ -409,7 +437,7 @@ __global__ void __launch_bounds__(NW * 32, CtasPerSm(NW))
       }
       // O += P V, P converted in registers from the S accumulators to A fragments.
 #pragma unroll
-      for (int kc = 0; kc < kNw / 16; ++kc) {
+      for (int kc = 0; kc < kN / 16; ++kc) {
         uint32_t pa[4];
         pa[0] = Pack2<T>(s[2 * kc][0], s[2 * kc][1]);
         pa[1] = Pack2<T>(s[2 * kc][2], s[2 * kc][3]);
@@ -424,10 +452,21 @@ __global__ void __launch_bounds__(NW * 32, CtasPerSm(NW))
           Mma<T>(o[2 * dp + 1], pa, b[2], b[3]);
         }
       }
+    };
+    if (warp_active) {
+      if constexpr (kMixed) {
+        if (warp >= 4) {
+          compute(std::integral_constant<int, 16>());
+        } else {
+          compute(std::integral_constant<int, kNw>());
+        }
+      } else {
+        compute(std::integral_constant<int, kNw>());
+      }
     }
   }
 
-  // -- epilogue: merge the WN warps sharing rows, then write the result or the split's partial --
+  // -- epilogue: merge the warps sharing rows, then write the result or the split's partial --
   CpAsyncWait<0>();
   __syncthreads();                                         // the ring is free
   float* const sm_o = reinterpret_cast<float*>(smem_raw);  // [kWarps][16][D + kOutPad]
@@ -453,13 +492,15 @@ __global__ void __launch_bounds__(NW * 32, CtasPerSm(NW))
     const int row = idx / D, d = idx % D;
     const uint32_t mrow = mt * (16u * WM) + row;
     if (mrow >= m_total) break;  // rows grow with idx
-    const int w0 = (row / 16) * WN, r = row % 16;
+    const int tile = row / 16, r = row % 16;
+    const int w0 = kMixed ? tile : tile * WN;         // first warp on these rows
+    const int wc = kMixed ? (tile < 4 ? 1 : 4) : WN;  // warps on these rows
     float mx = -INFINITY;
 #pragma unroll
-    for (int w = 0; w < WN; ++w) mx = fmaxf(mx, sm_m[(w0 + w) * 16 + r]);
+    for (int w = 0; w < wc; ++w) mx = fmaxf(mx, sm_m[(w0 + w) * 16 + r]);
     float sum = 0.f, acc = 0.f;
 #pragma unroll
-    for (int w = 0; w < WN; ++w) {
+    for (int w = 0; w < wc; ++w) {
       const float f = exp2f(sm_m[(w0 + w) * 16 + r] - mx);  // a warp without tokens: m = -inf
       sum += sm_l[(w0 + w) * 16 + r] * f;
       acc += sm_o[((w0 + w) * 16 + r) * (D + kOutPad) + d] * f;
@@ -548,7 +589,7 @@ template <typename T, int D, int WM, int NW>
 Status LaunchSplits(const BlockTable& tab, const PagedAttentionArgs& a, const Plan& p,
                     uint32_t total, float* ws_acc, float* ws_ml, cudaStream_t stream) {
   auto* kernel = &PagedAttentionKernel<T, D, WM, NW>;
-  constexpr size_t kSmem = SmemBytes<D>();
+  constexpr size_t kSmem = SmemBytes<D, NW>();
   SHOTDB_CUDA_RETURN_IF_ERROR(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
   const uint64_t grid = static_cast<uint64_t>(p.m_tiles) * a.kv_heads * p.splits;
@@ -572,6 +613,9 @@ Status LaunchTyped(const BlockTable& tab, const PagedAttentionArgs& a, const Pla
       break;
     case 4:
       SHOTDB_RETURN_IF_ERROR((LaunchSplits<T, D, 4, 4>(tab, a, p, total, ws_acc, ws_ml, stream)));
+      break;
+    case 5:
+      SHOTDB_RETURN_IF_ERROR((LaunchSplits<T, D, 5, 8>(tab, a, p, total, ws_acc, ws_ml, stream)));
       break;
     default:
       SHOTDB_RETURN_IF_ERROR((LaunchSplits<T, D, 8, 8>(tab, a, p, total, ws_acc, ws_ml, stream)));

@@ -210,9 +210,9 @@ TEST_P(PagedAttentionTest, MatchesReference) {
       << "a second launch gave different bits";
 }
 
-// Query vectors per kv head M = group * rows picks the CTA shape (M <= 16, <= 32, more: m tiles
-// of 64); the context length and M pick the splits (one split writes out directly, several go
-// through the merge kernel).
+// Query vectors per kv head M = group * rows picks the CTA shape (4 warps: M <= 16, 32, 64; 8
+// warps: M <= 80 in the mixed layout, more in tiles of 128); the context length and M pick the
+// splits (one split writes out directly, several go through the merge kernel).
 INSTANTIATE_TEST_SUITE_P(
     Shapes, PagedAttentionTest,
     ::testing::Values(
@@ -279,6 +279,11 @@ INSTANTIATE_TEST_SUITE_P(
         Case{"bf16_g4_d128_r16_m64_dbsa", DType::kBF16, 2, 4, 128, 16, Repeat(95, 40, {17}), true,
              true, 2048},
         Case{"f16_g4_d128_r20_m80_dbsa", DType::kF16, 2, 4, 128, 20, Repeat(95, 30), true, true, 0},
+        // The mixed 8-warp CTA (65-80 vectors) with its fifth tile part empty: an 18-row DBSA
+        // prompt (72 vectors), and head_dim 64 in one split (the CTA writes out itself).
+        Case{"bf16_g4_d128_r18_m72_dbsa", DType::kBF16, 2, 4, 128, 18, Repeat(95, 35, {40}), true,
+             true, 512},
+        Case{"f16_g1_d64_r70_m70_one_split", DType::kF16, 2, 1, 64, 70, {100, 50}, true, false, 3},
         Case{"f16_g8_d128_r16_40k", DType::kF16, 1, 8, 128, 16, Repeat(4096, 10), true, true,
              65536},
         Case{"bf16_g8_d128_r1_128k_far", DType::kBF16, 1, 8, 128, 1, Repeat(1024, 128), true, true,

@@ -322,6 +322,9 @@ Result<StagedBatch> Stager::Stage(Snapshot* snapshot, const std::string& task,
   std::vector<size_t> record_bytes, page_bytes;
   size_t landing_bytes = 0;  // fp8: every record of one layer
   const std::string task_key = task + "@" + std::to_string(info.created_unix);
+  if (block_tokens_.size() >= kMaxKnownTasks && block_tokens_.count(task_key) == 0) {
+    block_tokens_.clear();  // bounded: tasks deleted or recreated leave their entries behind
+  }
   std::vector<uint32_t>& known_tokens = block_tokens_[task_key];
   for (uint32_t b : blocks) {
     uint32_t tokens = b < known_tokens.size() ? known_tokens[b] : 0;

@@ -240,7 +240,9 @@ class Stager {
   std::vector<CudaEvent> spare_events_;
   std::shared_future<Status> pending_;  // the last deferred verification
   // Token counts of the blocks read so far, per task name@created_unix (a block never changes
-  // once written): a query whose pages all hit reads nothing from the store but the task.
+  // once written): a query whose pages all hit reads nothing from the store but the task. At most
+  // kMaxKnownTasks tasks; a new one past that empties it (the counts are read again as needed).
+  static constexpr size_t kMaxKnownTasks = 64;
   std::unordered_map<std::string, std::vector<uint32_t>> block_tokens_;
   Stats stats_;
 };

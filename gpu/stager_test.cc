@@ -12,6 +12,7 @@
 #include "engine/store_test_util.h"
 #include "format/kv_values.h"
 #include "gpu/cuda_util.h"
+#include "gpu/test_util.h"
 
 namespace shotdb {
 namespace gpu {
@@ -172,6 +173,32 @@ TEST_P(StagerTest, StagesLayersAndHitsTheCacheTheSecondTime) {
 
 // A damaged payload byte is reported with the record's name, whichever path copies it, and the
 // damaged page is not cached: staging it again reports it again.
+// The Stager remembers block lengths for a bounded number of tasks; past the bound it forgets
+// them and reads them again, with the same pages and lengths as before.
+TEST_P(StagerTest, ManyTasksKeepTheirBlockLengths) {
+  constexpr uint32_t kTasks = 70;  // past Stager's bound of 64
+  for (uint32_t i = 0; i < kTasks; ++i) {
+    const std::string name = "many" + std::to_string(i);
+    ASSERT_TRUE(store_->CreateTask(MakeTask(name, model_, codec())).ok());
+    ASSERT_TRUE(store_->AppendBlock(name, MakeBlock(model_, i, 0, 0, 1 + i % 7).block).ok());
+  }
+  auto stager = Stager::Create(StagerOptions());
+  ASSERT_TRUE(stager.ok()) << stager.status().ToString();
+  auto cache = (*stager)->CreateCache(4 << 20);
+  ASSERT_TRUE(cache.ok()) << cache.status().ToString();
+  auto snap = store_->BeginSnapshot();
+  ASSERT_TRUE(snap.ok());
+  for (int round = 0; round < 2; ++round) {
+    for (uint32_t i = 0; i < kTasks; i += round == 0 ? 1 : 9) {
+      const std::string name = "many" + std::to_string(i);
+      auto batch = (*stager)->StageLayers(snap->get(), name, {0}, {1}, cache->get());
+      ASSERT_TRUE(batch.ok()) << name << ": " << batch.status().ToString();
+      ASSERT_EQ(batch->block_tokens, (std::vector<uint32_t>{1 + i % 7})) << name;
+      ExpectPagesMatch(snap->get(), *batch, {0}, (*stager)->stream(), name);
+    }
+  }
+}
+
 TEST_P(StagerTest, CorruptRecordIsReportedAndNotCached) {
   DamageBlock6Layer1V();
   ASSERT_FALSE(HasFatalFailure());
@@ -381,13 +408,13 @@ TEST_P(StagerTest, Fp8TaskIsDequantisedIntoSixteenBitPages) {
               blocks[order[i]].tensors[2 * l.layer + (kind == TensorKind::kValue)];
           std::vector<float> values(2 * tokens * 8);
           KvToFloat(DType::kF8E4M3, 2, tokens * 8, raw.data(), values.data());
-          std::vector<uint16_t> want(values.size()), got(values.size());
+          std::vector<uint16_t> want(values.size());
           ConvertFromFloat(pages, values.data(), want.data(), values.size());
           const void* src = kind == TensorKind::kKey ? l.pages[i].k() : l.pages[i].v();
-          ASSERT_EQ(cudaMemcpy(got.data(), src, got.size() * 2, cudaMemcpyDeviceToHost),
-                    cudaSuccess);
-          EXPECT_EQ(got, want) << DTypeName(pages) << " block " << order[i] << " layer " << l.layer
-                               << " " << TensorKindName(kind);
+          Result<std::vector<uint16_t>> got = testing::FromDevice<uint16_t>(src, want.size());
+          ASSERT_TRUE(got.ok()) << got.status().ToString();
+          EXPECT_EQ(*got, want) << DTypeName(pages) << " block " << order[i] << " layer " << l.layer
+                                << " " << TensorKindName(kind);
         }
       }
     }

@@ -381,8 +381,21 @@ Result<std::vector<LabelDecodeResult>> DecodeLabelBatch(
     clock.Sampling();
     SHOTDB_ASSIGN_OR_RETURN(ForwardResult out, clock.Forward(&req));
     // Per query: row 0 = after the prompt, row 1 + r = after internal node `internal[r]`.
-    torch::Tensor logp = torch::log_softmax(out.logits.to(torch::kFloat64), -1);
-    logp = logp.cpu();
+    // Only the label tokens' log-probabilities are read: log p = logit - logsumexp(row), in
+    // float64, for the columns of the tokens the trie holds ([rows, U] copied to the host instead
+    // of [rows, vocab]; a full log_softmax over a 128k vocabulary took ~80 us on the H200).
+    std::vector<int64_t> columns;  // distinct label tokens
+    std::map<int32_t, int64_t> column_of;
+    for (size_t i = 1; i < nodes.size(); ++i) {
+      if (column_of.emplace(nodes[i].token, static_cast<int64_t>(columns.size())).second) {
+        columns.push_back(nodes[i].token);
+      }
+    }
+    const torch::Tensor logits = out.logits.to(torch::kFloat64);
+    const torch::Tensor logp =
+        (logits.index_select(1, torch::tensor(columns, torch::kInt64).to(logits.device())) -
+         torch::logsumexp(logits, -1, /*keepdim=*/true))
+            .cpu();
     auto lp = logp.accessor<double, 2>();
     for (size_t q = 0; q < batch; ++q) {
       LabelDecodeResult& result = results[q];
@@ -393,7 +406,8 @@ Result<std::vector<LabelDecodeResult>> DecodeLabelBatch(
         double sum = 0;
         for (int64_t node : paths[i]) {
           const int64_t parent = nodes[node].parent;
-          sum += lp[base + (parent == 0 ? 0 : 1 + nodes[parent].row)][nodes[node].token];
+          sum +=
+              lp[base + (parent == 0 ? 0 : 1 + nodes[parent].row)][column_of.at(nodes[node].token)];
         }
         result.sum_logprob.push_back(sum);
         result.mean_logprob.push_back(sum / static_cast<double>(labels[i].size()));
