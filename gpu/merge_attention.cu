@@ -32,17 +32,7 @@ __device__ __forceinline__ float WarpSum(float x) {
   return x;
 }
 
-__device__ __forceinline__ float WarpMax(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
-  return x;
-}
-
-// Block (32 threads) = one (row, query head); lane owns D / 32 consecutive dimensions. The keys go
-// by chunks of 32: first the chunk's scores (lane j keeps key j's), whose loads and reductions are
-// independent of each other, then one online-softmax step for the chunk, then its values. (Key by
-// key, each step waited on the previous one's loads: 12.6 us a layer for an 18-row DBSA prompt on
-// the H200, run P in docs/results.md.)
+// Block (32 threads) = one (row, query head); lane owns D / 32 consecutive dimensions.
 template <typename T, int D>
 __global__ void __launch_bounds__(32)
     MergeAttentionKernel(const MergeAttentionArgs a, float scale) {
@@ -68,37 +58,19 @@ __global__ void __launch_bounds__(32)
   const T* kb = static_cast<const T*>(a.k) + kvh * a.k_head_stride + d0;
   const T* vb = static_cast<const T*>(a.v) + kvh * a.v_head_stride + d0;
   const uint8_t* mask = a.mask + static_cast<size_t>(r) * a.rows;
-  const int rows = static_cast<int>(a.rows);
-  for (int j0 = 0; j0 < rows; j0 += 32) {
-    const int n = min(32, rows - j0);
-    const bool mine = lane < n && mask[j0 + lane] != 0;  // lane's key allowed
-    const unsigned allowed = __ballot_sync(0xffffffffu, mine);
-    if (allowed == 0) continue;  // uniform across the warp
-    float s_mine = -INFINITY;    // lane jj: score of key j0 + jj
-#pragma unroll 4
-    for (int jj = 0; jj < n; ++jj) {
-      const T* k = kb + (j0 + jj) * a.k_row_stride;
-      float dot = 0.f;
+  for (int j = 0; j < static_cast<int>(a.rows); ++j) {
+    if (!mask[j]) continue;  // uniform across the warp
+    const T* k = kb + j * a.k_row_stride;
+    float dot = 0.f;
 #pragma unroll
-      for (int i = 0; i < kPer; ++i) dot += qr[i] * ToFloat(k[i]);
-      dot = WarpSum(dot);
-      if (lane == jj) s_mine = dot;
-    }
-    if (!mine) s_mine = -INFINITY;
-    const float mn = fmaxf(m, WarpMax(s_mine));  // finite: some key is allowed
-    const float corr = __expf(m - mn);
-    const float p_mine = mine ? __expf(s_mine - mn) : 0.f;
-    l = l * corr + WarpSum(p_mine);
+    for (int i = 0; i < kPer; ++i) dot += qr[i] * ToFloat(k[i]);
+    const float s = WarpSum(dot);
+    const float mn = fmaxf(m, s);
+    const float corr = __expf(m - mn), p = __expf(s - mn);
+    l = l * corr + p;
+    const T* v = vb + j * a.v_row_stride;
 #pragma unroll
-    for (int i = 0; i < kPer; ++i) acc[i] *= corr;
-#pragma unroll 4
-    for (int jj = 0; jj < n; ++jj) {
-      const float p = __shfl_sync(0xffffffffu, p_mine, jj);
-      if (p == 0.f) continue;  // masked (its v is never read), or too small to count; uniform
-      const T* v = vb + (j0 + jj) * a.v_row_stride;
-#pragma unroll
-      for (int i = 0; i < kPer; ++i) acc[i] += p * ToFloat(v[i]);
-    }
+    for (int i = 0; i < kPer; ++i) acc[i] = acc[i] * corr + p * ToFloat(v[i]);
     m = mn;
   }
   const float inv = l > 0.f ? 1.f / l : 0.f;
