@@ -41,7 +41,9 @@
 //
 // Cache pages are filled in stream order: every page staged through one Stager is ready once any
 // event recorded on its stream afterwards has completed, including pages that hit because an
-// earlier StageLayers filled them. Use one Stager per cache (CreateCache), or order other streams
+// earlier StageLayers filled them. A layer's event is left empty (ready at once) when the stream
+// had nothing in flight at that point, e.g. a query whose pages all hit after earlier copies
+// finished. Use one Stager per cache (CreateCache), or order other streams
 // after the Stager's events.
 //
 // Thread-safety: a Stager is not thread-safe (one StageLayers at a time); the Snapshot is used only
@@ -76,7 +78,7 @@ namespace gpu {
 // hold the data (on the device timeline).
 struct StagedLayer {
   uint32_t layer = 0;
-  CudaEvent ready;
+  CudaEvent ready;  // empty if the pages were ready when staged (nothing in flight on the stream)
   std::vector<PageHandle> pages;   // pins the pages while the batch lives
   std::vector<KvBlockRef> blocks;  // pages[i].k()/v() and the block's token count: kernel input
 };
@@ -139,6 +141,8 @@ class Stager {
     // checksums (while the copies run).
     double records_ms = 0, verify_ms = 0;
     double map_register_ms = 0;  // time spent page-locking the map
+    // Host wall time in StageLayers, all paths; of it, pinning the pages (PinLayers).
+    double stage_ms = 0, pin_ms = 0;
     uint64_t slabs_flushed = 0;
     uint64_t slab_waits = 0;  // times a slab had to wait for its earlier copies to finish
   };
@@ -217,6 +221,9 @@ class Stager {
   Status PinLayers(BlockPageCache* cache, uint32_t task_id, const std::vector<uint32_t>& blocks,
                    const std::vector<uint32_t>& layers, size_t l0, size_t l1,
                    const std::vector<size_t>& page_bytes, StagedBatch* batch);
+  // After a layer's copies are enqueued: records staged->ready on the stream, or leaves it empty
+  // if the stream has already finished all its work.
+  Status MarkReady(StagedLayer* staged);
   // Registers the part of the snapshot's map not yet registered; false if direct copies are off.
   bool CoverMap(Snapshot* snapshot);
   // Enqueues a copy straight from the registered map.

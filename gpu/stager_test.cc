@@ -169,6 +169,14 @@ TEST_P(StagerTest, StagesLayersAndHitsTheCacheTheSecondTime) {
   EXPECT_EQ(again->pages_hit, 1u);  // block 0 layer 0
   EXPECT_EQ(again->pages_filled, 1u);
   ExpectPagesMatch(snap->get(), *again, {0, 2}, (*stager)->stream());
+  // Every page hits and the stream has finished (ExpectPagesMatch waited for it): the layer needs
+  // no event.
+  auto hot = (*stager)->StageLayers(snap->get(), "t", {0, 2}, {0}, cache->get());
+  ASSERT_TRUE(hot.ok()) << hot.status().ToString();
+  EXPECT_EQ(hot->pages_hit, 2u);
+  EXPECT_EQ(hot->pages_filled, 0u);
+  EXPECT_EQ(hot->layers[0].ready.get(), nullptr);
+  ExpectPagesMatch(snap->get(), *hot, {0, 2}, (*stager)->stream());
 }
 
 // A damaged payload byte is reported with the record's name, whichever path copies it, and the

@@ -59,16 +59,19 @@ Status CudaEvent::Record(cudaStream_t stream) const {
 }
 
 Status CudaEvent::WaitOn(cudaStream_t stream) const {
+  if (event_ == nullptr) return Status::OK();  // no event: nothing to wait for
   SHOTDB_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(stream, event_, 0));
   return Status::OK();
 }
 
 Status CudaEvent::Synchronize() const {
+  if (event_ == nullptr) return Status::OK();
   SHOTDB_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(event_));
   return Status::OK();
 }
 
 Result<bool> CudaEvent::Query() const {
+  if (event_ == nullptr) return true;
   cudaError_t err = cudaEventQuery(event_);
   if (err == cudaSuccess) return true;
   if (err == cudaErrorNotReady) return false;

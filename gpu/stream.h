@@ -46,7 +46,9 @@ class CudaEvent {
  public:
   // IOError if CUDA refuses.
   static Result<CudaEvent> Create(bool enable_timing = false);
-  CudaEvent() = default;  // holds no event
+  // Holds no event: stands for work already finished (WaitOn and Synchronize return at once,
+  // Query says true; Record fails).
+  CudaEvent() = default;
   ~CudaEvent();
   CudaEvent(CudaEvent&& o) noexcept;
   CudaEvent& operator=(CudaEvent&& o) noexcept;

@@ -286,6 +286,8 @@ class DeviceKvSource final : public KvSource {
     out.bytes_loaded = stager_->stats().bytes_copied;
     out.copies = stager_->stats().copies;
     out.bytes_resident = s.bytes_in_use;
+    out.stage_ms = stager_->stats().stage_ms;
+    out.pin_ms = stager_->stats().pin_ms;
     return out;
   }
 

@@ -65,6 +65,9 @@ class KvSource {
     uint64_t bytes_loaded = 0;                     // copied from the host to the device
     uint64_t copies = 0;                           // host -> device copy calls doing it
     uint64_t bytes_resident = 0;                   // held by the cache now
+    // Device sources: host milliseconds spent staging (gpu::Stager::StageLayers), of which
+    // pinning the pages in the cache. 0 for the host source.
+    double stage_ms = 0, pin_ms = 0;
   };
 
   virtual ~KvSource() = default;
