@@ -3,9 +3,17 @@
 // the query's batch goes, against a bare std::unordered_map lookup of the same keys measured in the
 // same run (the floor for a hash lookup per page). Two ways to pin: BlockPageCache::Acquire page by
 // page, layer by layer (the Stager until run M), and AcquireLayers block by block (one lookup and
-// one lock a block for all its layers: the Stager since run M).
+// one lock a block for all its layers: the Stager since run M). AcquireLayers' pins are released
+// two ways: layer by layer (a StagedBatch's order until run Q: its layers' handles in turn) and
+// block by block (since run Q); the order of release is the order of the LRU list, whose
+// neighbours the next pin of a page touches.
 //
 //   build/bench/page_cache_bench [--blocks 300] [--layers 32] [--pool-blocks 3200] [--queries 50]
+//                                [--cold-cpu-cache 0|1]
+//
+// --cold-cpu-cache 1 reads a 256 MiB buffer before each pinning and each release, as a query's
+// forward does between them in a serving process, so the cache's entries come from memory, not
+// from the CPU caches.
 //
 // The default shape is the 95k-token pool of docs/results.md (runs I-K): 300 selected blocks of
 // ~95 tokens, 32 layers, 9,600 pages a query, 102,400 pages resident. Page memory comes from a fake
@@ -46,7 +54,7 @@ double NsSince(std::chrono::steady_clock::time_point t0) {
 }
 
 int Main(int argc, char** argv) {
-  uint32_t blocks = 300, layers = 32, pool_blocks = 3200, queries = 50;
+  uint32_t blocks = 300, layers = 32, pool_blocks = 3200, queries = 50, cold = 0;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string flag = argv[i];
     const uint32_t value = static_cast<uint32_t>(std::strtoul(argv[i + 1], nullptr, 10));
@@ -58,6 +66,8 @@ int Main(int argc, char** argv) {
       pool_blocks = value;
     } else if (flag == "--queries") {
       queries = value;
+    } else if (flag == "--cold-cpu-cache") {
+      cold = value;
     } else {
       std::fprintf(stderr, "unknown flag %s\n", flag.c_str());
       return 2;
@@ -82,16 +92,24 @@ int Main(int argc, char** argv) {
     }
   }
   std::mt19937 rng(7);
+  uint64_t sink = 0;
   std::vector<uint32_t> all(pool_blocks);
   std::iota(all.begin(), all.end(), 0u);
   double acquire_ns = 0, release_ns = 0, bare_ns = 0, layers_ns = 0, layers_release_ns = 0;
+  double by_layer_ns = 0, by_layer_release_ns = 0;  // AcquireLayers, released layer by layer
+  std::vector<uint64_t> evict(cold ? (size_t(256) << 20) / 8 : 0, 1);
+  auto chill = [&] {  // reads the buffer: the CPU caches hold it, not the page cache's entries
+    uint64_t x = 0;
+    for (size_t i = 0; i < evict.size(); i += 8) x += evict[i];
+    sink += x;
+  };
   std::vector<uint32_t> layer_ids(layers);
   std::iota(layer_ids.begin(), layer_ids.end(), 0u);
-  uint64_t sink = 0;
   for (uint32_t q = 0; q < queries; ++q) {
     std::shuffle(all.begin(), all.end(), rng);
     const std::vector<uint32_t> selected(all.begin(), all.begin() + blocks);
     // Layer by layer, every block: the Stager's order.
+    chill();
     auto t0 = std::chrono::steady_clock::now();
     for (uint32_t l = 0; l < layers; ++l) {
       for (uint32_t b : selected) sink += bare.find(gpu::PageKey{task, b, l})->second;
@@ -99,6 +117,7 @@ int Main(int argc, char** argv) {
     bare_ns += NsSince(t0);
     std::vector<gpu::PageHandle> pins;
     pins.reserve(size_t(blocks) * layers);
+    chill();
     t0 = std::chrono::steady_clock::now();
     for (uint32_t l = 0; l < layers; ++l) {
       for (uint32_t b : selected) {
@@ -107,11 +126,27 @@ int Main(int argc, char** argv) {
       }
     }
     acquire_ns += NsSince(t0);
+    chill();
     t0 = std::chrono::steady_clock::now();
     pins.clear();
     release_ns += NsSince(t0);
-    // Block by block, every layer at once.
+    // Block by block, every layer at once; released layer by layer.
     pins.resize(size_t(blocks) * layers);
+    chill();
+    t0 = std::chrono::steady_clock::now();
+    for (size_t i = 0; i < selected.size(); ++i) {
+      SHOTDB_BENCH_CHECK_OK(cache->AcquireLayers(task, selected[i], layer_ids.data(), layers, half,
+                                                 half, pins.data() + i * layers));
+    }
+    by_layer_ns += NsSince(t0);
+    chill();
+    t0 = std::chrono::steady_clock::now();
+    for (uint32_t l = 0; l < layers; ++l) {
+      for (size_t i = 0; i < selected.size(); ++i) pins[i * layers + l].Reset();
+    }
+    by_layer_release_ns += NsSince(t0);
+    // Block by block, released block by block.
+    chill();
     t0 = std::chrono::steady_clock::now();
     for (size_t i = 0; i < selected.size(); ++i) {
       SHOTDB_BENCH_CHECK_OK(cache->AcquireLayers(task, selected[i], layer_ids.data(), layers, half,
@@ -121,26 +156,34 @@ int Main(int argc, char** argv) {
     for (const gpu::PageHandle& h : pins) {
       if (!h.filled()) return 1;
     }
+    chill();
     t0 = std::chrono::steady_clock::now();
     pins.clear();
     layers_release_ns += NsSince(t0);
   }
   const double pages = double(queries) * blocks * layers;
-  std::printf("page cache: %u pages resident, %u blocks x %u layers a query, %u queries\n",
-              pool_blocks * layers, blocks, layers, queries);
+  std::printf("page cache: %u pages resident, %u blocks x %u layers a query, %u queries%s\n",
+              pool_blocks * layers, blocks, layers, queries, cold ? ", CPU caches cold" : "");
   std::printf("  bare hash lookup (floor) %7.1f ns/page\n", bare_ns / pages);
   std::printf("  Acquire (hit)            %7.1f ns/page  %5.1fx the floor\n", acquire_ns / pages,
               acquire_ns / bare_ns);
   std::printf("  release                  %7.1f ns/page  %5.1fx the floor\n", release_ns / pages,
               release_ns / bare_ns);
-  std::printf("  AcquireLayers (hit)      %7.1f ns/page  %5.1fx the floor\n", layers_ns / pages,
+  std::printf("  AcquireLayers (hit), after release by layer\n");
+  std::printf("                           %7.1f ns/page  %5.1fx the floor\n", by_layer_ns / pages,
+              by_layer_ns / bare_ns);
+  std::printf("  release layer by layer   %7.1f ns/page  %5.1fx the floor\n",
+              by_layer_release_ns / pages, by_layer_release_ns / bare_ns);
+  std::printf("  AcquireLayers (hit), after release by block\n");
+  std::printf("                           %7.1f ns/page  %5.1fx the floor\n", layers_ns / pages,
               layers_ns / bare_ns);
-  std::printf("  release                  %7.1f ns/page  %5.1fx the floor\n",
+  std::printf("  release block by block   %7.1f ns/page  %5.1fx the floor\n",
               layers_release_ns / pages, layers_release_ns / bare_ns);
   std::printf(
-      "  per query: Acquire %.2f + release %.2f ms; AcquireLayers %.2f + release %.2f ms; "
-      "floor %.2f ms   [%llu]\n",
-      acquire_ns / queries / 1e6, release_ns / queries / 1e6, layers_ns / queries / 1e6,
+      "  per query: Acquire %.2f + release %.2f ms; AcquireLayers %.2f + release by layer %.2f "
+      "ms; AcquireLayers %.2f + release by block %.2f ms; floor %.2f ms   [%llu]\n",
+      acquire_ns / queries / 1e6, release_ns / queries / 1e6, by_layer_ns / queries / 1e6,
+      by_layer_release_ns / queries / 1e6, layers_ns / queries / 1e6,
       layers_release_ns / queries / 1e6, bare_ns / queries / 1e6,
       static_cast<unsigned long long>(sink % 10));
   return 0;

@@ -441,6 +441,16 @@ Result<StagedBatch> Stager::Stage(Snapshot* snapshot, const std::string& task,
   return batch;
 }
 
+StagedBatch::~StagedBatch() {
+  size_t blocks = 0;
+  for (const StagedLayer& l : layers) blocks = std::max(blocks, l.pages.size());
+  for (size_t bi = 0; bi < blocks; ++bi) {
+    for (StagedLayer& l : layers) {
+      if (bi < l.pages.size()) l.pages[bi].Reset();
+    }
+  }
+}
+
 Status Stager::MarkReady(StagedLayer* staged) {
   // Everything enqueued on the stream so far (this call's copies for the layer included) is done:
   // the pages hold their data now, and an empty event says so without creating one (a query

@@ -84,6 +84,16 @@ struct StagedLayer {
 };
 
 struct StagedBatch {
+  StagedBatch() = default;
+  // Releases the pins block by block (a block's pages in every layer, then the next block's), so
+  // that a block's pages lie next to each other in the cache's LRU list, where the next pinning of
+  // a page touches its neighbours. Layer by layer (the vectors' own order) scattered them: with the
+  // CPU caches cold, releasing a 95k query's 9,600 pins took 0.80 ms that way against 0.37 block
+  // by block (page_cache_bench, run Q in docs/results.md).
+  ~StagedBatch();
+  StagedBatch(StagedBatch&&) = default;
+  StagedBatch& operator=(StagedBatch&&) = default;
+
   DType dtype = DType::kBF16;  // of the pages: the task's, or Options::fp8_pages for fp8 tasks
   uint32_t kv_heads = 0, head_dim = 0;
   std::vector<uint32_t> block_tokens;  // per requested block
