@@ -351,7 +351,7 @@ int Run(int argc, char** argv) {
     // Where a hot query's `load` goes (host): 8 more hot queries between two snapshots of the
     // source's staging counters.
     double hot_stage_ms = 0, hot_pin_ms = 0;
-    {
+    if (device.is_cuda()) {  // the host source stages nothing
       const auto before = (*session)->cache_stats();
       AnswerOptions o;
       for (const auto& t : texts) {

@@ -85,13 +85,18 @@ __device__ __forceinline__ void Store2(__half* p, float2 v) {
   *reinterpret_cast<__half2*>(p) = __floats2half2_rn(v.x, v.y);
 }
 
-// sin and cos of pos * inv_freq: the product and its reduction mod 2*pi in float64 (a float32
-// product at position 1e5 would be off by ~1e-2 rad), the trigonometry in float32.
-__device__ __forceinline__ void SinCos(int64_t pos, double inv_freq, float* s, float* c) {
+// pos * inv_freq reduced to [-pi, pi]: the product and its reduction mod 2*pi in float64 (a
+// float32 product at position 1e5 would be off by ~1e-2 rad), rounded to float32.
+__device__ __forceinline__ float ReducedAngle(int64_t pos, double inv_freq) {
   constexpr double kTwoPi = 6.283185307179586476925286766559;
   double a = static_cast<double>(pos) * inv_freq;
   a -= rint(a * (1.0 / kTwoPi)) * kTwoPi;
-  sincosf(static_cast<float>(a), s, c);
+  return static_cast<float>(a);
+}
+
+// sin and cos of pos * inv_freq: the angle reduced in float64, the trigonometry in float32.
+__device__ __forceinline__ void SinCos(int64_t pos, double inv_freq, float* s, float* c) {
+  sincosf(ReducedAngle(pos, inv_freq), s, c);
 }
 
 // SinCos with the trigonometry from the hardware approximation (__sincosf: absolute error below
@@ -99,10 +104,7 @@ __device__ __forceinline__ void SinCos(int64_t pos, double inv_freq, float* s, f
 // where it is on the critical path: the paged attention rotates every K tile it reads, and the
 // precise sincosf was ~1/4 of its instructions (run M in docs/results.md).
 __device__ __forceinline__ void SinCosFast(int64_t pos, double inv_freq, float* s, float* c) {
-  constexpr double kTwoPi = 6.283185307179586476925286766559;
-  double a = static_cast<double>(pos) * inv_freq;
-  a -= rint(a * (1.0 / kTwoPi)) * kTwoPi;
-  __sincosf(static_cast<float>(a), s, c);
+  __sincosf(ReducedAngle(pos, inv_freq), s, c);
 }
 
 // The block holding concatenated token t (offset[b] <= t < offset[b + 1]).
