@@ -294,6 +294,7 @@ Status DbsaSession::Decode(const QueryContext& context, const std::vector<int32_
                       torch::TensorOptions().dtype(torch::kInt64).device(model.device()));
   }
   ctx.rotated = context.rotated;
+  ctx.enqueued = context.release;
   ctx.profile = profile();
   ctx.sampling_ms = &sampling_ms_;
   if (options.free_text) {
@@ -380,6 +381,7 @@ Result<std::vector<Answer>> DbsaSession::AskBatch(const std::vector<std::string>
   for (size_t q = 0; q < queries.size(); ++q) {
     answers[q].context_tokens = contexts[q].tokens;
     decode[q].attention = contexts[q].attention.get();
+    decode[q].enqueued = contexts[q].release;
   }
   decode.front().profile = profile();
   decode.front().sampling_ms = &sampling_ms_;

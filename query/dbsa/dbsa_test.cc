@@ -13,6 +13,7 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <functional>
@@ -21,6 +22,7 @@
 
 #include "engine/bm25.h"
 #include "engine/store_test_util.h"
+#include "format/block_record.h"
 #include "format/kv_values.h"
 #include "query/dbsa/demo_file.h"
 #include "query/dbsa/pool_encoder.h"
@@ -996,6 +998,162 @@ TEST_F(DbsaExactnessTest, CudaDamagedRecordIsReportedNotAnswered) {
     auto batch = (*gpu)->AskBatch({"rose", "sky fire"}, all);
     EXPECT_TRUE(batch.status().IsCorruption()) << batch.status().ToString();
   }
+}
+
+// GPU: the device source stages on a thread of its own while the forward runs, layer group by
+// layer group. A record whose header is damaged in the last layer (the tiny model's second group)
+// fails staging after the forward has started on the first: the query reports the Corruption
+// naming the record (not an answer, not a hang), every time, in Ask and AskBatch; an intact query
+// on the same session then answers as the CPU does.
+TEST_F(DbsaExactnessTest, CudaDamagedHeaderInALaterLayerIsReported) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  BlockConfig cfg;
+  cfg.demos_per_block = 3;
+  const std::string path = dir_.Sub("damaged_header");
+  AnswerOptions one;  // the sink block and one more
+  one.selection.count = 2;
+  SessionOptions wide;  // room for two blocks (the tiny model's own context holds one)
+  wide.max_context = 4096;
+  std::vector<uint8_t> record;  // its header and the start of its payload
+  uint32_t damaged = 0;
+  std::string intact_query;
+  {
+    auto store = MakeTask(path, DType::kBF16, cfg);
+    ASSERT_TRUE(PoolEncoder(store.get(), pool_).EncodeBlocks("t", MakeGroups(6, 3)).ok());
+    auto session = DbsaSession::Open(store.get(), "t", pool_, wide);
+    ASSERT_TRUE(session.ok());
+    auto picked = (*session)->Ask("sky fire", one);
+    ASSERT_TRUE(picked.ok()) << picked.status().ToString();
+    // Not the sink block (0), which every query takes.
+    ASSERT_EQ(picked->blocks.size(), 2u);
+    damaged = picked->blocks[0] == 0 ? picked->blocks[1] : picked->blocks[0];
+    for (const char* q : {"rose", "apple", "grass", "sea", "leaf"}) {
+      auto other = (*session)->Ask(q, one);
+      ASSERT_TRUE(other.ok()) << other.status().ToString();
+      if (std::find(other->blocks.begin(), other->blocks.end(), damaged) == other->blocks.end()) {
+        intact_query = q;
+        break;
+      }
+    }
+    ASSERT_FALSE(intact_query.empty()) << "every query selects block " << damaged;
+    auto snap = store->BeginSnapshot();
+    ASSERT_TRUE(snap.ok());
+    auto view = (*snap)->GetRecord("t", damaged, 1, TensorKind::kKey);
+    ASSERT_TRUE(view.ok()) << view.status().ToString();
+    record.assign(view->payload - kBlockRecordHeaderSize, view->payload + 64);
+  }
+  const std::string name = "block " + std::to_string(damaged) + " layer 1 K";
+  ASSERT_TRUE(testing_util::FlipInFile(path + "/data.mdb", record, 40));
+  auto store = Store::Open(path);
+  ASSERT_TRUE(store.ok()) << store.status().ToString();
+
+  LoadOptions options;
+  options.device = torch::Device("cuda");
+  options.dtype = torch::kBFloat16;
+  auto model = LlamaModel::Load(std::string(SHOTDB_SOURCE_DIR) + "/tests/fixtures/model/tiny_llama",
+                                options);
+  ASSERT_TRUE(model.ok()) << model.status().ToString();
+  const PoolModel gpu_pool{model->get(), &tokenizer_, pool_.weights_digest};
+  SessionOptions cached = wide;
+  cached.cache_bytes = 1 << 26;
+  auto gpu = DbsaSession::Open(store->get(), "t", gpu_pool, cached);
+  auto cpu = DbsaSession::Open(store->get(), "t", pool_, wide);
+  ASSERT_TRUE(gpu.ok() && cpu.ok()) << gpu.status().ToString();
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    auto answer = (*gpu)->Ask("sky fire", one);
+    ASSERT_FALSE(answer.ok()) << "attempt " << attempt;
+    EXPECT_TRUE(answer.status().IsCorruption()) << answer.status().ToString();
+    EXPECT_NE(answer.status().message().find(name), std::string::npos)
+        << answer.status().ToString();
+    auto batch = (*gpu)->AskBatch({intact_query, "sky fire"}, one);
+    EXPECT_TRUE(batch.status().IsCorruption()) << batch.status().ToString();
+  }
+  auto on_gpu = (*gpu)->Ask(intact_query, one);
+  auto on_cpu = (*cpu)->Ask(intact_query, one);
+  ASSERT_TRUE(on_gpu.ok()) << on_gpu.status().ToString();
+  ASSERT_TRUE(on_cpu.ok()) << on_cpu.status().ToString();
+  EXPECT_EQ(on_gpu->blocks, on_cpu->blocks);
+  EXPECT_EQ(on_gpu->label, on_cpu->label);
+}
+
+// GPU: a device context hands its pages back to the cache as soon as its forward is enqueued
+// (QueryContext::release), ordered on the device after the attention that reads them. With a
+// cache that holds one query's pages, every query evicts the last one's pages while its kernels
+// may still be queued; the answers must equal, bit for bit, those of a cache that holds them all,
+// in Ask and in AskBatch.
+TEST_F(DbsaExactnessTest, CudaPagesReleasedInStreamOrderAreNotOverwrittenEarly) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  BlockConfig cfg;
+  cfg.demos_per_block = 2;
+  auto store = MakeTask(dir_.Sub("release"), DType::kBF16, cfg);
+  ASSERT_TRUE(PoolEncoder(store.get(), pool_).EncodeBlocks("t", MakeGroups(12, 2)).ok());
+  LoadOptions options;
+  options.device = torch::Device("cuda");
+  options.dtype = torch::kBFloat16;
+  auto model = LlamaModel::Load(std::string(SHOTDB_SOURCE_DIR) + "/tests/fixtures/model/tiny_llama",
+                                options);
+  ASSERT_TRUE(model.ok()) << model.status().ToString();
+  const PoolModel gpu_pool{model->get(), &tokenizer_, pool_.weights_digest};
+  SessionOptions big;
+  big.max_context = 4096;
+  big.cache_bytes = 1 << 26;
+  auto reference = DbsaSession::Open(store.get(), "t", gpu_pool, big);
+  ASSERT_TRUE(reference.ok()) << reference.status().ToString();
+  AnswerOptions four;
+  four.selection.count = 4;
+  const std::vector<std::string> queries = {"sky fire", "grass sea leaf", "apple rose"};
+  std::vector<Answer> want;
+  uint64_t most = 0;  // the most page bytes one query pins
+  for (const std::string& q : queries) {
+    (*reference)->ClearCache();
+    auto a = (*reference)->Ask(q, four);
+    ASSERT_TRUE(a.ok()) << a.status().ToString();
+    most = std::max<uint64_t>(most, (*reference)->cache_stats().bytes_resident);
+    want.push_back(*a);
+  }
+  ASSERT_NE(want[0].blocks, want[1].blocks);
+
+  SessionOptions small = big;
+  small.cache_bytes = most + most / 4;  // one query's pages, not two
+  auto session = DbsaSession::Open(store.get(), "t", gpu_pool, small);
+  ASSERT_TRUE(session.ok()) << session.status().ToString();
+  for (int round = 0; round < 4; ++round) {
+    for (size_t i = 0; i < queries.size(); ++i) {
+      auto a = (*session)->Ask(queries[i], four);
+      ASSERT_TRUE(a.ok()) << a.status().ToString();
+      EXPECT_EQ(a->blocks, want[i].blocks);
+      EXPECT_EQ(a->label_scores, want[i].label_scores) << "round " << round << " " << queries[i];
+    }
+  }
+  EXPECT_GT((*session)->cache_stats().evictions, 0u);
+  // A batch pins the union of its queries' blocks: a cache for the largest pair's union.
+  std::vector<std::vector<Answer>> want_pairs;
+  uint64_t most_pair = 0;
+  for (size_t i = 0; i < queries.size(); ++i) {
+    (*reference)->ClearCache();
+    auto answers = (*reference)->AskBatch({queries[i], queries[(i + 1) % queries.size()]}, four);
+    ASSERT_TRUE(answers.ok()) << answers.status().ToString();
+    most_pair = std::max<uint64_t>(most_pair, (*reference)->cache_stats().bytes_resident);
+    want_pairs.push_back(*answers);
+  }
+  SessionOptions pair = big;
+  pair.cache_bytes = most_pair + most_pair / 10;
+  auto batched = DbsaSession::Open(store.get(), "t", gpu_pool, pair);
+  ASSERT_TRUE(batched.ok()) << batched.status().ToString();
+  for (int round = 0; round < 3; ++round) {
+    for (size_t i = 0; i < queries.size(); ++i) {
+      const size_t j = (i + 1) % queries.size();
+      auto answers = (*batched)->AskBatch({queries[i], queries[j]}, four);
+      ASSERT_TRUE(answers.ok()) << answers.status().ToString();
+      EXPECT_EQ((*answers)[0].blocks, want[i].blocks);
+      EXPECT_EQ((*answers)[1].blocks, want[j].blocks);
+      for (size_t k = 0; k < 2; ++k) {
+        EXPECT_EQ((*answers)[k].label_scores, want_pairs[i][k].label_scores)
+            << "round " << round << " pair " << i << " query " << k;
+      }
+    }
+  }
+  EXPECT_GT((*batched)->cache_stats().evictions, 0u);
 }
 
 // GPU: the same pipeline on CUDA tensors. A pool encoded on the GPU matches the CPU pool, and

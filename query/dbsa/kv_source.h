@@ -23,13 +23,18 @@
 //     When the model's dtype is the stored one and the kernels take it (bf16, f16; head_dim 64 or
 //     128; at most 8 query heads per K/V head) the query gets the attention form:
 //     gpu::LaunchPagedAttention reads the cached pages in place, layer l waiting only for layer
-//     l's copies (a cold query's later layers still travel while earlier ones compute). Otherwise
+//     l's copies (a cold query's later layers still travel while earlier ones compute). The
+//     staging itself runs on a thread of its own: Load returns once the first layer group is
+//     staged, and layer l's attention waits on the host until layer l is (the host's pinning and
+//     a cold query's reading of later groups overlap the forward). QueryContext::release hands
+//     the pages back while the GPU still runs the forward, in stream order. Otherwise
 //     (and for tensors) the pages are gathered and rotated by gpu::LaunchGatherRope when the dtype
 //     matches, else concatenated and converted by libtorch (K pre-RoPE); the attention form is
 //     then a TensorContextAttention over those tensors.
 //
 // A returned context reads the snapshot's map (direct copies of cold blocks, host tensors that
-// are views): keep the snapshot open while the context is in use.
+// are views; the device source's staging thread): keep the snapshot open, and use it for nothing
+// else, while the context lives. Destroy contexts before their source.
 // Not thread-safe: one source per session.
 #ifndef SHOTDB_QUERY_DBSA_KV_SOURCE_H_
 #define SHOTDB_QUERY_DBSA_KV_SOURCE_H_
@@ -56,6 +61,12 @@ struct QueryContext {
   // Corruption naming the record. Empty when there is nothing to wait for. A result computed from
   // the context may be returned only after this returned OK.
   std::function<Status()> verified;
+  // Optional (empty when there is nothing to hand back early). Call it once every Attend on this
+  // context has been enqueued and none will follow: a device context then hands its pages back to
+  // its cache at once, in stream order (whatever later reuses their memory is ordered, on the
+  // device, after the attention enqueued so far), so that the release overlaps the GPU's forward
+  // instead of following it. Without the call the pages go back when the context is destroyed.
+  std::function<void()> release;
 };
 
 class KvSource {
@@ -74,10 +85,12 @@ class KvSource {
 
   // The context of `blocks` of `task` for `model` (see above); `want_tensors` asks for the tensor
   // form. `load_ms` receives the time until every block is read (host) or every copy is enqueued
-  // (device; the checksums are verified meanwhile, see QueryContext::verified), `gather_ms` the
-  // rest (concatenation or gather; 0 for the attention form, whose copies are waited for by the
-  // attention itself). Errors from the store (NotFound, Corruption naming the record), libtorch or
-  // CUDA.
+  // (device; the checksums are verified meanwhile, see QueryContext::verified; for the attention
+  // form only the first layer group's copies, the rest being staged while the forward runs),
+  // `gather_ms` the rest (concatenation or gather; 0 for the attention form, whose copies are
+  // waited for by the attention itself). Errors from the store (NotFound, Corruption naming the
+  // record), libtorch or CUDA; for the device attention form, those of later layer groups come
+  // from ContextAttention::Attend and QueryContext::verified instead.
   virtual Result<QueryContext> Load(Snapshot* snapshot, const TaskInfo& task,
                                     const std::vector<uint32_t>& blocks, const LlamaModel& model,
                                     bool want_tensors, double* load_ms, double* gather_ms) = 0;

@@ -380,6 +380,9 @@ Result<std::vector<LabelDecodeResult>> DecodeLabelBatch(
     req.logit_rows = torch::tensor(rows, torch::kInt64);
     clock.Sampling();
     SHOTDB_ASSIGN_OR_RETURN(ForwardResult out, clock.Forward(&req));
+    for (const DecodeContext& c : contexts) {
+      if (c.enqueued) c.enqueued();
+    }
     // Per query: row 0 = after the prompt, row 1 + r = after internal node `internal[r]`.
     // Only the label tokens' log-probabilities are read: log p = logit - logsumexp(row), in
     // float64, for the columns of the tokens the trie holds ([rows, U] copied to the host instead

@@ -46,6 +46,10 @@ struct DecodeContext {
   // outside Forward and the cache choosing the answer (argmax and stop checks for generation;
   // building the label trie's tokens and mask, log-softmax and label scoring for DecodeLabel).
   double* sampling_ms = nullptr;
+  // Optional (DecodeLabel only): called once the forward that reads `attention` has been
+  // enqueued, before the host waits for its result; no Attend on `attention` follows. A device
+  // context hands its pages back to its cache there (QueryContext::release), while the GPU runs.
+  std::function<void()> enqueued;
 };
 
 struct GenerateOptions {
