@@ -82,6 +82,15 @@ std::vector<std::vector<Demonstration>> MakeGroups(size_t blocks, size_t per_blo
 
 class DbsaExactnessTest : public ::testing::Test {
  protected:
+  // The tiny model on the GPU, computing in `dtype` (the CUDA tests).
+  static Result<std::unique_ptr<LlamaModel>> TinyCudaModel(torch::Dtype dtype) {
+    LoadOptions options;
+    options.device = torch::Device("cuda");
+    options.dtype = dtype;
+    return LlamaModel::Load(std::string(SHOTDB_SOURCE_DIR) + "/tests/fixtures/model/tiny_llama",
+                            options);
+  }
+
   void SetUp() override {
     LoadOptions options;
     options.dtype = torch::kFloat64;
@@ -974,11 +983,7 @@ TEST_F(DbsaExactnessTest, CudaDamagedRecordIsReportedNotAnswered) {
   auto store = Store::Open(path);
   ASSERT_TRUE(store.ok()) << store.status().ToString();
 
-  LoadOptions options;
-  options.device = torch::Device("cuda");
-  options.dtype = torch::kBFloat16;
-  auto model = LlamaModel::Load(std::string(SHOTDB_SOURCE_DIR) + "/tests/fixtures/model/tiny_llama",
-                                options);
+  auto model = TinyCudaModel(torch::kBFloat16);
   ASSERT_TRUE(model.ok()) << model.status().ToString();
   const PoolModel gpu_pool{model->get(), &tokenizer_, pool_.weights_digest};
   SessionOptions cached;
@@ -1047,11 +1052,7 @@ TEST_F(DbsaExactnessTest, CudaDamagedHeaderInALaterLayerIsReported) {
   auto store = Store::Open(path);
   ASSERT_TRUE(store.ok()) << store.status().ToString();
 
-  LoadOptions options;
-  options.device = torch::Device("cuda");
-  options.dtype = torch::kBFloat16;
-  auto model = LlamaModel::Load(std::string(SHOTDB_SOURCE_DIR) + "/tests/fixtures/model/tiny_llama",
-                                options);
+  auto model = TinyCudaModel(torch::kBFloat16);
   ASSERT_TRUE(model.ok()) << model.status().ToString();
   const PoolModel gpu_pool{model->get(), &tokenizer_, pool_.weights_digest};
   SessionOptions cached = wide;
@@ -1087,11 +1088,7 @@ TEST_F(DbsaExactnessTest, CudaPagesReleasedInStreamOrderAreNotOverwrittenEarly) 
   cfg.demos_per_block = 2;
   auto store = MakeTask(dir_.Sub("release"), DType::kBF16, cfg);
   ASSERT_TRUE(PoolEncoder(store.get(), pool_).EncodeBlocks("t", MakeGroups(12, 2)).ok());
-  LoadOptions options;
-  options.device = torch::Device("cuda");
-  options.dtype = torch::kBFloat16;
-  auto model = LlamaModel::Load(std::string(SHOTDB_SOURCE_DIR) + "/tests/fixtures/model/tiny_llama",
-                                options);
+  auto model = TinyCudaModel(torch::kBFloat16);
   ASSERT_TRUE(model.ok()) << model.status().ToString();
   const PoolModel gpu_pool{model->get(), &tokenizer_, pool_.weights_digest};
   SessionOptions big;
