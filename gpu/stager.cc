@@ -83,6 +83,11 @@ class Stager::Workers {
 
 namespace {
 
+double MsSince(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
+      .count();
+}
+
 size_t RoundUp256(uint64_t n) { return static_cast<size_t>((n + 255) / 256 * 256); }
 
 std::string RecordWhat(const std::string& task, uint32_t block, uint32_t layer, TensorKind kind) {
@@ -252,8 +257,7 @@ bool Stager::CoverMap(Snapshot* snapshot) {
   const auto start = std::chrono::steady_clock::now();
   Result<Snapshot::MappedRange> range = snapshot->Mapped();
   Status s = range.ok() ? map_->Cover(range->base, range->bytes, range->reserved) : range.status();
-  stats_.map_register_ms +=
-      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  stats_.map_register_ms += MsSince(start);
   if (s.ok()) return true;
   // Fall back to the slabs for good; earlier copies may still read the registered part.
   cudaStreamSynchronize(stream_.get());
@@ -279,8 +283,7 @@ Result<StagedBatch> Stager::StageLayers(Snapshot* snapshot, const std::string& t
   // Copies already enqueued may read the map (and fill pages being discarded): let them finish
   // before the caller may end the snapshot.
   if (!batch.ok()) cudaStreamSynchronize(stream_.get());
-  stats_.stage_ms +=
-      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  stats_.stage_ms += MsSince(start);
   return batch;
 }
 
@@ -486,8 +489,7 @@ Status Stager::PinLayers(BlockPageCache* cache, uint32_t task_id,
       staged.pages[bi] = std::move(pins[i]);
     }
   }
-  stats_.pin_ms +=
-      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  stats_.pin_ms += MsSince(start);
   return Status::OK();
 }
 
