@@ -179,8 +179,6 @@ TEST_P(StagerTest, StagesLayersAndHitsTheCacheTheSecondTime) {
   ExpectPagesMatch(snap->get(), *hot, {0, 2}, (*stager)->stream());
 }
 
-// A damaged payload byte is reported with the record's name, whichever path copies it, and the
-// damaged page is not cached: staging it again reports it again.
 // The Stager remembers block lengths for a bounded number of tasks; past the bound it forgets
 // them and reads them again, with the same pages and lengths as before.
 TEST_P(StagerTest, ManyTasksKeepTheirBlockLengths) {
@@ -207,6 +205,8 @@ TEST_P(StagerTest, ManyTasksKeepTheirBlockLengths) {
   }
 }
 
+// A damaged payload byte is reported with the record's name, whichever path copies it, and the
+// damaged page is not cached: staging it again reports it again.
 TEST_P(StagerTest, CorruptRecordIsReportedAndNotCached) {
   DamageBlock6Layer1V();
   ASSERT_FALSE(HasFatalFailure());
