@@ -4,11 +4,11 @@
 // weights created on the device (the real checkpoint is not needed for timing).
 //
 //   dbsa_latency_bench [--pools 30000,90000] [--layers 32] [--queries 8] [--device cuda]
-//                      [--batches 1,4,16,64 (empty: none)] [--kv-dtype bf16|f8e4m3]
+//                      [--batches 1,4,16,64 (empty: none)] [--kv-dtype bf16|f8e4m3|i8]
 //                      [--store DIR] [--json FILE] [--cuda-profile-query 0|1]
 //
-// --kv-dtype f8e4m3 stores the pool as scaled fp8 (format/kv_values.h): half the bytes on disk
-// and over PCIe, dequantised to bf16 pages as they land (gpu/unpack_kv.h).
+// --kv-dtype f8e4m3 or i8 stores the pool as scaled fp8 or int8 (format/kv_values.h): about half
+// the bytes on disk and over PCIe, dequantised to bf16 pages as they land (gpu/unpack_kv.h).
 //
 // Next to every DBSA time it prints the memory floor: the bytes one forward must read (every
 // weight matrix once, plus the context's K/V; cold, the K/V also cross PCIe at best overlapped)
@@ -46,6 +46,7 @@
 #include <tuple>
 #include <vector>
 
+#include "format/kv_values.h"
 #include "query/dbsa/dbsa.h"
 #include "query/dbsa/pool_encoder.h"
 #include "query/model/llama.h"
@@ -200,8 +201,8 @@ int Run(int argc, char** argv) {
       }
     } else if (a == "--kv-dtype") {
       const std::optional<DType> d = ParseDType(v);
-      if (!d || (*d != DType::kBF16 && *d != DType::kF8E4M3)) {
-        std::fprintf(stderr, "--kv-dtype %s: expected bf16 or f8e4m3\n", v.c_str());
+      if (!d || (*d != DType::kBF16 && !IsScaledDType(*d))) {
+        std::fprintf(stderr, "--kv-dtype %s: expected bf16, f8e4m3 or i8\n", v.c_str());
         return 2;
       }
       kv_dtype = *d;
@@ -376,14 +377,21 @@ int Run(int argc, char** argv) {
     // The memory floor of a DBSA query: one forward reads every weight matrix and the context's
     // K/V once (hot: from device memory); cold, the K/V also cross PCIe, which at best overlaps
     // the forward.
-    // Pages hold 16-bit K/V whatever the stored dtype (fp8 is dequantised as it lands), so the
-    // hot floor reads 2 bytes an element; PCIe carries the stored bytes (fp8: 1, plus a scale per
-    // head and record, under 0.1% here).
+    // Pages hold 16-bit K/V whatever the stored dtype (fp8 and int8 are dequantised as they
+    // land), so the hot floor reads 2 bytes an element; PCIe carries the stored bytes (fp8: 1,
+    // plus a float32 scale per head and record, under 0.1% here; int8: 1, plus a bfloat16 scale
+    // per head and channel and record, about 1 / 95 of the codes for blocks of ~95 tokens).
     const auto& mc = (*model)->config();
     const double kv_elements =
         2.0 * mc.num_layers * mc.num_kv_heads * mc.head_dim * static_cast<double>(rows[3].ctx);
     const double kv_bytes = kv_elements * 2.0;
-    const double pcie_bytes = kv_elements * static_cast<double>(DTypeSize(kv_dtype));
+    const double records = 2.0 * mc.num_layers * static_cast<double>(rows[3].ctx) *
+                           static_cast<double>(info.num_blocks) /
+                           static_cast<double>(info.num_tokens);
+    const double pcie_bytes =
+        kv_elements * static_cast<double>(DTypeSize(kv_dtype)) +
+        records * static_cast<double>(KvScaleBytes(kv_dtype, static_cast<uint32_t>(mc.num_kv_heads),
+                                                   static_cast<uint32_t>(mc.head_dim)));
     const double hot_floor =
         bw.device_gbs > 0 ? (weight_bytes + kv_bytes) / bw.device_gbs / 1e6 : 0;
     const double cold_floor =

@@ -15,7 +15,7 @@
 #              previous blocks each block attends to (j, default 2).
 # Options: --bin PATH (shotdb, default build/tools/shotdb), --data DIR (default ../shared/data),
 #          --work DIR (stores and results, default /tmp/shotdb-nlu), --device cpu|cuda,
-#          --dtype f32|bf16 (default f32), --kv-dtype bf16|f16|f32|f8e4m3 (stored K/V, default
+#          --dtype f32|bf16 (default f32), --kv-dtype bf16|f16|f32|f8e4m3|i8 (stored K/V, default
 #          bf16; other than bf16 it is part of the store and result names), --jobs N (configs run
 #          at once, default 1),
 #          --limit N (first N test utterances; default all 250), --model PATH.

@@ -109,8 +109,8 @@ inline std::vector<uint8_t> TensorBytes(const ModelFingerprint& model, uint32_t 
     f[i] = (u - 2.0f) * scale;
   }
   std::vector<uint8_t> bytes(*KvRawBytes(model.dtype, model.kv_heads, tokens, model.head_dim));
-  const Status s = KvFromFloat(model.dtype, model.kv_heads, uint64_t{tokens} * model.head_dim,
-                               f.data(), bytes.data());
+  const Status s =
+      KvFromFloat(model.dtype, model.kv_heads, tokens, model.head_dim, f.data(), bytes.data());
   if (!s.ok()) std::abort();  // finite inputs: cannot fail
   return bytes;
 }

@@ -249,7 +249,7 @@ TEST(BlockRecordTest, UnknownVersionDTypeOrCodecIsNotSupported) {
     const char* field;
   };
   for (const Case& c :
-       {Case{4, 2, 2, "format_version"}, Case{4, 2, 0, "format_version"}, Case{6, 1, 5, "dtype"},
+       {Case{4, 2, 2, "format_version"}, Case{4, 2, 0, "format_version"}, Case{6, 1, 6, "dtype"},
         Case{6, 1, 255, "dtype"}, Case{7, 1, 3, "codec"}, Case{7, 1, 200, "codec"}}) {
     std::vector<uint8_t> bad = good;
     SetLe(&bad, c.offset, c.width, c.value);

@@ -18,6 +18,8 @@ std::string_view DTypeName(DType t) {
       return "f64";
     case DType::kF8E4M3:
       return "f8e4m3";
+    case DType::kI8:
+      return "i8";
   }
   return "?";
 }
@@ -28,6 +30,7 @@ std::optional<DType> ParseDType(std::string_view name) {
   if (name == "f16" || name == "float16") return DType::kF16;
   if (name == "bf16" || name == "bfloat16") return DType::kBF16;
   if (name == "f8e4m3" || name == "fp8" || name == "float8_e4m3fn") return DType::kF8E4M3;
+  if (name == "i8" || name == "int8") return DType::kI8;
   return std::nullopt;
 }
 
@@ -146,6 +149,11 @@ void ConvertToFloat(DType from, const void* src, float* dst, size_t n) {
       for (size_t i = 0; i < n; ++i) dst[i] = Fp8E4M3ToFloat(s[i]);
       return;
     }
+    case DType::kI8: {
+      const auto* s = static_cast<const int8_t*>(src);
+      for (size_t i = 0; i < n; ++i) dst[i] = s[i];
+      return;
+    }
   }
 }
 
@@ -172,6 +180,11 @@ void ConvertFromFloat(DType to, const float* src, void* dst, size_t n) {
     case DType::kF8E4M3: {
       auto* d = static_cast<uint8_t*>(dst);
       for (size_t i = 0; i < n; ++i) d[i] = FloatToFp8E4M3(src[i]);
+      return;
+    }
+    case DType::kI8: {
+      auto* d = static_cast<int8_t*>(dst);
+      for (size_t i = 0; i < n; ++i) d[i] = FloatToI8(src[i]);
       return;
     }
   }

@@ -5,6 +5,7 @@
 #ifndef SHOTDB_FORMAT_DTYPE_H_
 #define SHOTDB_FORMAT_DTYPE_H_
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -23,9 +24,13 @@ enum class DType : uint8_t {
   // kv head in front of the elements (format/kv_values.h); the element conversions below are
   // unscaled.
   kF8E4M3 = 4,
+  // Two's-complement int8 codes in [-127, 127]. Stored K/V of this type carry one bfloat16 scale
+  // per (kv head, channel) in front of the elements (format/kv_values.h); the element conversions
+  // below are unscaled.
+  kI8 = 5,
 };
 
-// Bytes per element: 8 for kF64, 4 for kF32, 2 for the 16-bit types, 1 for kF8E4M3.
+// Bytes per element: 8 for kF64, 4 for kF32, 2 for the 16-bit types, 1 for kF8E4M3 and kI8.
 inline size_t DTypeSize(DType t) {
   switch (t) {
     case DType::kF64:
@@ -36,17 +41,22 @@ inline size_t DTypeSize(DType t) {
     case DType::kBF16:
       return 2;
     case DType::kF8E4M3:
+    case DType::kI8:
       return 1;
   }
   return 0;
 }
-// "f64", "f32", "f16", "bf16", "f8e4m3".
+// "f64", "f32", "f16", "bf16", "f8e4m3", "i8".
 std::string_view DTypeName(DType t);
 // Parses "f64"/"float64", "f32"/"float32", "f16"/"float16", "bf16"/"bfloat16",
-// "f8e4m3"/"fp8"/"float8_e4m3fn"; nullopt otherwise.
+// "f8e4m3"/"fp8"/"float8_e4m3fn", "i8"/"int8"; nullopt otherwise.
 std::optional<DType> ParseDType(std::string_view name);
 // True if `raw` is one of the enumerators (used when validating a header byte).
-inline bool IsValidDType(uint8_t raw) { return raw <= static_cast<uint8_t>(DType::kF8E4M3); }
+inline bool IsValidDType(uint8_t raw) { return raw <= static_cast<uint8_t>(DType::kI8); }
+// True for the scaled storage dtypes (kF8E4M3, kI8): their K/V records hold codes that are values
+// only with the scales in front of them (format/kv_values.h). They are never compute dtypes, and
+// plain arrays cannot carry them.
+inline bool IsScaledDType(DType t) { return t == DType::kF8E4M3 || t == DType::kI8; }
 
 // IEEE binary16 -> float32 (exact, handles subnormals, inf and NaN).
 float HalfToFloat(uint16_t h);
@@ -94,10 +104,20 @@ inline uint8_t FloatToFp8E4M3(float f) {
   return sign | static_cast<uint8_t>(out);
 }
 
-// Converts `n` elements of type `from` at `src` to float32 at `dst` (kF64 rounds to nearest).
+// float32 -> int8 code, round to nearest even (the default rounding mode), saturating to
+// [-127, 127] (symmetric: -128 is never written); NaN gives 0.
+inline int8_t FloatToI8(float f) {
+  if (!(f == f)) return 0;
+  const float c = f > 127.f ? 127.f : f < -127.f ? -127.f : f;
+  return static_cast<int8_t>(std::nearbyint(c));
+}
+
+// Converts `n` elements of type `from` at `src` to float32 at `dst` (kF64 rounds to nearest; kI8
+// is exact).
 // `src` may have any alignment (e.g. a record inside a memory-mapped file).
 void ConvertToFloat(DType from, const void* src, float* dst, size_t n);
-// Converts `n` float32 values to type `to` at `dst` (rounding to nearest even for 16-bit types).
+// Converts `n` float32 values to type `to` at `dst` (rounding to nearest even for 16-bit types;
+// kI8 rounds to nearest even and saturates to [-127, 127], NaN giving 0).
 void ConvertFromFloat(DType to, const float* src, void* dst, size_t n);
 
 }  // namespace shotdb

@@ -49,7 +49,7 @@ TEST(DTypeTest, SizesNamesAndParsing) {
   EXPECT_EQ(ParseDType("float16"), DType::kF16);
   EXPECT_FALSE(ParseDType("f8").has_value());
   EXPECT_FALSE(ParseDType("").has_value());
-  EXPECT_FALSE(IsValidDType(5));
+  EXPECT_FALSE(IsValidDType(6));
   EXPECT_FALSE(IsValidDType(255));
 }
 

@@ -151,9 +151,9 @@ Result<std::unique_ptr<Stager>> Stager::Create(const Options& options) {
   if (options.landing_bytes < options.slab_bytes) {
     return Status::InvalidArgument("Stager: landing_bytes must be >= slab_bytes");
   }
-  if (options.fp8_pages != DType::kBF16 && options.fp8_pages != DType::kF16) {
-    return Status::InvalidArgument("Stager: fp8_pages must be bf16 or f16, not " +
-                                   std::string(DTypeName(options.fp8_pages)));
+  if (options.scaled_pages != DType::kBF16 && options.scaled_pages != DType::kF16) {
+    return Status::InvalidArgument("Stager: scaled_pages must be bf16 or f16, not " +
+                                   std::string(DTypeName(options.scaled_pages)));
   }
   std::unique_ptr<Stager> s(new Stager(options));
   SHOTDB_ASSIGN_OR_RETURN(s->stream_, CudaStream::Create());
@@ -294,12 +294,12 @@ Result<StagedBatch> Stager::Stage(Snapshot* snapshot, const std::string& task,
   SHOTDB_ASSIGN_OR_RETURN(TaskInfo info, snapshot->GetTask(task));
   if (blocks.empty()) return Status::InvalidArgument("StageLayers: task " + task + ": no blocks");
   const DType stored = info.model.dtype;
-  const bool fp8 = stored == DType::kF8E4M3;
-  const DType page_dtype = fp8 ? options_.fp8_pages : stored;
+  const bool scaled = IsScaledDType(stored);
+  const DType page_dtype = scaled ? options_.scaled_pages : stored;
   if (options_.kernel_dtypes_only && page_dtype != DType::kBF16 && page_dtype != DType::kF16) {
     return Status::InvalidArgument("StageLayers: task " + task + " stores " +
                                    std::string(DTypeName(stored)) +
-                                   "; the kernels take bf16, f16 or f8e4m3");
+                                   "; the kernels take bf16, f16, f8e4m3 or i8");
   }
   std::unordered_set<uint32_t> seen;
   for (uint32_t b : blocks) {
@@ -326,7 +326,7 @@ Result<StagedBatch> Stager::Stage(Snapshot* snapshot, const std::string& task,
   batch.head_dim = info.model.head_dim;
   // Per block: the raw bytes of one of its records, and of one 16-bit (or stored-dtype) page.
   std::vector<size_t> record_bytes, page_bytes;
-  size_t landing_bytes = 0;  // fp8: every record of one layer
+  size_t landing_bytes = 0;  // scaled dtypes: every record of one layer
   const std::string task_key = task + "@" + std::to_string(info.created_unix);
   if (block_tokens_.size() >= kMaxKnownTasks && block_tokens_.count(task_key) == 0) {
     block_tokens_.clear();  // bounded: tasks deleted or recreated leave their entries behind
@@ -362,11 +362,11 @@ Result<StagedBatch> Stager::Stage(Snapshot* snapshot, const std::string& task,
                         std::move(batch));
   }
 
-  // Through the slabs, layer by layer. fp8: the records land here, and each layer's
+  // Through the slabs, layer by layer. scaled dtypes: the records land here, and each layer's
   // LaunchUnpackKv writes the pages. Freed in stream
   // order, after the last kernel that reads it.
   uint8_t* landing = nullptr;
-  if (fp8) {
+  if (scaled) {
     SHOTDB_ASSIGN_OR_RETURN(void* p, landing_->Allocate(landing_bytes));
     landing = static_cast<uint8_t*>(p);
   }
@@ -399,7 +399,7 @@ Result<StagedBatch> Stager::Stage(Snapshot* snapshot, const std::string& task,
                                 snapshot->GetRecord(task, block, layer, kind));
         SHOTDB_RETURN_IF_ERROR(CheckRecord(view, info, block, layer, kind, batch.block_tokens[bi]));
         void* dst = kind == TensorKind::kKey ? page.k() : page.v();
-        if (fp8) {
+        if (scaled) {
           dequantize.push_back(UnpackKvJob{landing + landing_used, dst, batch.block_tokens[bi]});
           dst = landing + landing_used;
           landing_used += RoundUp256(bytes);
@@ -508,7 +508,7 @@ Result<StagedBatch> Stager::StageFromMap(Snapshot* snapshot, const std::string& 
     return ms;
   };
   std::vector<MapPiece> pieces;
-  const uintptr_t alignment = stored == DType::kF8E4M3 ? 4 : 8;
+  const uintptr_t alignment = IsScaledDType(stored) ? 4 : 8;
   auto aligned = [&](const uint8_t* p) { return reinterpret_cast<uintptr_t>(p) % alignment == 0; };
 
   // Copies pieces[first..]: runs of records close together in the map, in address order, each in

@@ -2,10 +2,10 @@
 //
 //   raw records, map registered (direct_from_map; the usual case):
 //       store (LMDB map, page-locked) --a cudaMemcpyAsync per run of adjacent records-->
-//       landing buffer on the device --LaunchUnpackKv (a copy, or fp8 -> 16 bits)--> pages
+//       landing buffer on the device --LaunchUnpackKv (a copy, or fp8/int8 -> 16 bits)--> pages
 //       (threads verify the records' checksums on the host while the DMA runs, or later)
 //   LZ4 records,   store (LMDB map) --decode / copy, parallel threads--> pinned slab
-//   or no direct:      --cudaMemcpyAsync per record--> page (fp8: a landing buffer, then
+//   or no direct:      --cudaMemcpyAsync per record--> page (fp8/int8: a landing buffer, then
 //                      LaunchUnpackKv per layer)
 //
 // For each requested layer, the selected blocks' pages (one per block and layer, holding its K and
@@ -94,7 +94,7 @@ struct StagedBatch {
   StagedBatch(StagedBatch&&) = default;
   StagedBatch& operator=(StagedBatch&&) = default;
 
-  DType dtype = DType::kBF16;  // of the pages: the task's, or Options::fp8_pages for fp8 tasks
+  DType dtype = DType::kBF16;  // of the pages: the task's, or Options::scaled_pages for scaled ones
   uint32_t kv_heads = 0, head_dim = 0;
   std::vector<uint32_t> block_tokens;  // per requested block
   uint64_t total_tokens = 0;
@@ -138,8 +138,9 @@ class Stager {
     // dtype (shotdb.Store.load_kv(device="cuda")); the batch's KvBlockRefs are then not kernel
     // input.
     bool kernel_dtypes_only = true;
-    // The dtype scaled fp8 tasks (DType::kF8E4M3) are dequantised to in the pages: kBF16 or kF16.
-    DType fp8_pages = DType::kBF16;
+    // The dtype tasks of a scaled dtype (kF8E4M3, kI8: IsScaledDType) are dequantised to in the
+    // pages: kBF16 or kF16.
+    DType scaled_pages = DType::kBF16;
   };
   struct Stats {
     uint64_t pages_hit = 0, pages_filled = 0;
@@ -178,7 +179,7 @@ class Stager {
   //   NotFound           unknown task or block, or a missing record;
   //   InvalidArgument    empty or duplicate blocks, a duplicate layer or one >= the task's layer
   //                      count, a tensor larger than slab_bytes, or (kernel_dtypes_only) a task
-  //                      dtype the kernels do not take (bf16, f16 and fp8 are taken);
+  //                      dtype the kernels do not take (bf16, f16, f8e4m3 and i8 are taken);
   //   Corruption         a record fails its checks (names task, block, layer and K/V);
   //   FailedPrecondition the cache is exhausted by pinned pages;
   //   IOError            CUDA failures;
@@ -248,7 +249,7 @@ class Stager {
 
   const Options options_;
   CudaStream stream_;
-  std::unique_ptr<DeviceAllocator> landing_;  // fp8 landing buffers, stream-ordered on stream_
+  std::unique_ptr<DeviceAllocator> landing_;  // fp8/int8 landing buffers, stream-ordered on stream_
   std::unique_ptr<PinnedPool> pool_;
   std::unique_ptr<Workers> workers_;
   std::unique_ptr<MapRegistry> map_;

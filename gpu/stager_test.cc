@@ -375,54 +375,59 @@ TEST_P(StagerTest, AdjacentRecordsAreCopiedTogether) {
   }
 }
 
-// An fp8 task: half the bytes cross PCIe, and each page holds the 16-bit values the host computes
-// from the record (KvToFloat, then rounding to the page dtype), for bf16 and f16 pages.
-TEST_P(StagerTest, Fp8TaskIsDequantisedIntoSixteenBitPages) {
-  const ModelFingerprint fp8 = SmallModel(DType::kF8E4M3, 3);
-  ASSERT_TRUE(store_->CreateTask(MakeTask("f8", fp8, codec())).ok());
-  std::vector<testing_util::TestBlock> blocks;
-  uint64_t pos = 0;
-  for (uint32_t b = 0; b < 4; ++b) {
-    const uint32_t tokens = b == 2 ? 3000 : 3 + 5 * b;
-    blocks.push_back(MakeBlock(fp8, 7, b, pos, tokens));
-    ASSERT_TRUE(store_->AppendBlock("f8", blocks.back().block).ok());
-    pos += tokens;
-  }
-  for (DType pages : {DType::kBF16, DType::kF16}) {
-    Stager::Options o = StagerOptions();
-    o.fp8_pages = pages;
-    o.slab_bytes = 64 * 1024;
-    auto stager = Stager::Create(o);
-    ASSERT_TRUE(stager.ok()) << stager.status().ToString();
-    auto cache = (*stager)->CreateCache(4 << 20);
-    ASSERT_TRUE(cache.ok());
-    auto snap = store_->BeginSnapshot();
-    ASSERT_TRUE(snap.ok());
-    const std::vector<uint32_t> order = {3, 0, 2, 1};
-    auto batch = (*stager)->StageLayers(snap->get(), "f8", order, {1, 2, 0}, cache->get());
-    ASSERT_TRUE(batch.ok()) << batch.status().ToString();
-    EXPECT_EQ(batch->dtype, pages);
-    uint64_t record_bytes = 0;
-    for (uint32_t b : order) {
-      record_bytes += 3 * 2 * *KvRawBytes(DType::kF8E4M3, 2, blocks[b].block.info.token_count, 8);
+// A task of a scaled dtype (fp8, int8): half the bytes cross PCIe, and each page holds the 16-bit
+// values the host computes from the record (KvToFloat, then rounding to the page dtype), for bf16
+// and f16 pages.
+TEST_P(StagerTest, ScaledTaskIsDequantisedIntoSixteenBitPages) {
+  for (DType stored : {DType::kF8E4M3, DType::kI8}) {
+    SCOPED_TRACE(std::string(DTypeName(stored)));
+    const std::string task(DTypeName(stored));
+    const ModelFingerprint model = SmallModel(stored, 3);
+    ASSERT_TRUE(store_->CreateTask(MakeTask(task, model, codec())).ok());
+    std::vector<testing_util::TestBlock> blocks;
+    uint64_t pos = 0;
+    for (uint32_t b = 0; b < 4; ++b) {
+      const uint32_t tokens = b == 2 ? 3000 : 3 + 5 * b;
+      blocks.push_back(MakeBlock(model, 7, b, pos, tokens));
+      ASSERT_TRUE(store_->AppendBlock(task, blocks.back().block).ok());
+      pos += tokens;
     }
-    EXPECT_EQ(batch->bytes_copied, record_bytes);
-    for (const StagedLayer& l : batch->layers) {
-      ASSERT_TRUE(l.ready.Synchronize().ok());
-      for (size_t i = 0; i < order.size(); ++i) {
-        const uint32_t tokens = blocks[order[i]].block.info.token_count;
-        for (TensorKind kind : {TensorKind::kKey, TensorKind::kValue}) {
-          const std::vector<uint8_t>& raw =
-              blocks[order[i]].tensors[2 * l.layer + (kind == TensorKind::kValue)];
-          std::vector<float> values(2 * tokens * 8);
-          KvToFloat(DType::kF8E4M3, 2, tokens * 8, raw.data(), values.data());
-          std::vector<uint16_t> want(values.size());
-          ConvertFromFloat(pages, values.data(), want.data(), values.size());
-          const void* src = kind == TensorKind::kKey ? l.pages[i].k() : l.pages[i].v();
-          Result<std::vector<uint16_t>> got = testing::FromDevice<uint16_t>(src, want.size());
-          ASSERT_TRUE(got.ok()) << got.status().ToString();
-          EXPECT_EQ(*got, want) << DTypeName(pages) << " block " << order[i] << " layer " << l.layer
-                                << " " << TensorKindName(kind);
+    for (DType pages : {DType::kBF16, DType::kF16}) {
+      Stager::Options o = StagerOptions();
+      o.scaled_pages = pages;
+      o.slab_bytes = 64 * 1024;
+      auto stager = Stager::Create(o);
+      ASSERT_TRUE(stager.ok()) << stager.status().ToString();
+      auto cache = (*stager)->CreateCache(4 << 20);
+      ASSERT_TRUE(cache.ok());
+      auto snap = store_->BeginSnapshot();
+      ASSERT_TRUE(snap.ok());
+      const std::vector<uint32_t> order = {3, 0, 2, 1};
+      auto batch = (*stager)->StageLayers(snap->get(), task, order, {1, 2, 0}, cache->get());
+      ASSERT_TRUE(batch.ok()) << batch.status().ToString();
+      EXPECT_EQ(batch->dtype, pages);
+      uint64_t record_bytes = 0;
+      for (uint32_t b : order) {
+        record_bytes += 3 * 2 * *KvRawBytes(stored, 2, blocks[b].block.info.token_count, 8);
+      }
+      EXPECT_EQ(batch->bytes_copied, record_bytes);
+      for (const StagedLayer& l : batch->layers) {
+        ASSERT_TRUE(l.ready.Synchronize().ok());
+        for (size_t i = 0; i < order.size(); ++i) {
+          const uint32_t tokens = blocks[order[i]].block.info.token_count;
+          for (TensorKind kind : {TensorKind::kKey, TensorKind::kValue}) {
+            const std::vector<uint8_t>& raw =
+                blocks[order[i]].tensors[2 * l.layer + (kind == TensorKind::kValue)];
+            std::vector<float> values(2 * tokens * 8);
+            KvToFloat(stored, 2, tokens, 8, raw.data(), values.data());
+            std::vector<uint16_t> want(values.size());
+            ConvertFromFloat(pages, values.data(), want.data(), values.size());
+            const void* src = kind == TensorKind::kKey ? l.pages[i].k() : l.pages[i].v();
+            Result<std::vector<uint16_t>> got = testing::FromDevice<uint16_t>(src, want.size());
+            ASSERT_TRUE(got.ok()) << got.status().ToString();
+            EXPECT_EQ(*got, want) << DTypeName(pages) << " block " << order[i] << " layer "
+                                  << l.layer << " " << TensorKindName(kind);
+          }
         }
       }
     }

@@ -35,7 +35,7 @@ __device__ __forceinline__ float2 Fp8x2ToFloat2(uint16_t two_codes) {
 // CTA (x, job): groups of 4 elements x * kThreads + tid, stepping by gridDim.x * kThreads.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    DequantizeKernel(const __grid_constant__ JobTable tab, uint32_t kv_heads, uint32_t head_dim) {
+    Fp8Kernel(const __grid_constant__ JobTable tab, uint32_t kv_heads, uint32_t head_dim) {
   const uint32_t job = blockIdx.y;
   const uint64_t per_head = static_cast<uint64_t>(tab.tokens[job]) * head_dim;  // % 4 == 0
   const uint64_t groups = kv_heads * per_head / 4;
@@ -51,6 +51,32 @@ __global__ void __launch_bounds__(kThreads)
     const float2 hi = Fp8x2ToFloat2(static_cast<uint16_t>(four >> 16));
     Store2(dst + 4 * g, make_float2(__fmul_rn(lo.x, scale), __fmul_rn(lo.y, scale)));
     Store2(dst + 4 * g + 2, make_float2(__fmul_rn(hi.x, scale), __fmul_rn(hi.y, scale)));
+  }
+}
+
+// The same grid for scaled int8: a group's 4 elements are 4 consecutive channels of one head
+// (head_dim % 4 == 0), each multiplied by its (head, channel) bfloat16 scale (exact in float32).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    I8Kernel(const __grid_constant__ JobTable tab, uint32_t kv_heads, uint32_t head_dim) {
+  const uint32_t job = blockIdx.y;
+  const uint64_t per_head = static_cast<uint64_t>(tab.tokens[job]) * head_dim;
+  const uint64_t groups = kv_heads * per_head / 4;
+  const auto* scales = static_cast<const __nv_bfloat16*>(tab.src[job]);  // [kv_heads][head_dim]
+  const uint32_t* codes = reinterpret_cast<const uint32_t*>(scales + kv_heads * head_dim);
+  T* const dst = static_cast<T*>(tab.dst[job]);
+  for (uint64_t g = static_cast<uint64_t>(blockIdx.x) * kThreads + threadIdx.x; g < groups;
+       g += static_cast<uint64_t>(gridDim.x) * kThreads) {
+    const uint64_t e = 4 * g;
+    const __nv_bfloat16* s = scales + e / per_head * head_dim + e % head_dim;
+    const uint32_t four = codes[g];
+    float v[4];
+    for (int i = 0; i < 4; ++i) {
+      const auto code = static_cast<int8_t>(static_cast<uint8_t>(four >> (8 * i)));
+      v[i] = __fmul_rn(static_cast<float>(code), __bfloat162float(s[i]));
+    }
+    Store2(dst + e, make_float2(v[0], v[1]));
+    Store2(dst + e + 2, make_float2(v[2], v[3]));
   }
 }
 
@@ -77,16 +103,16 @@ __global__ void __launch_bounds__(kThreads)
 
 Status LaunchUnpackKv(const UnpackKvArgs& a, cudaStream_t stream) {
   const bool copy = a.stored == a.dtype;
-  if (!copy && !(a.stored == DType::kF8E4M3 && internal::IsKernelDType(a.dtype))) {
+  if (!copy && !(IsScaledDType(a.stored) && internal::IsKernelDType(a.dtype))) {
     return Status::InvalidArgument(
-        "LaunchUnpackKv: payloads must be the pages' dtype, or f8e4m3 into bf16 or f16 pages, "
-        "not " +
+        "LaunchUnpackKv: payloads must be the pages' dtype, or f8e4m3 or i8 into bf16 or f16 "
+        "pages, not " +
         std::string(DTypeName(a.stored)) + " into " + std::string(DTypeName(a.dtype)));
   }
   const uint32_t elem = static_cast<uint32_t>(DTypeSize(a.stored));
   if (a.kv_heads == 0 || a.head_dim == 0 || elem == 0 || (!copy && a.head_dim % 4 != 0)) {
     return Status::InvalidArgument(
-        "LaunchUnpackKv: need kv_heads > 0, head_dim > 0 (a multiple of 4 for f8e4m3) and a "
+        "LaunchUnpackKv: need kv_heads > 0, head_dim > 0 (a multiple of 4 for f8e4m3 and i8) and a "
         "known dtype, got kv_heads " +
         std::to_string(a.kv_heads) + ", head_dim " + std::to_string(a.head_dim));
   }
@@ -110,7 +136,7 @@ Status LaunchUnpackKv(const UnpackKvArgs& a, cudaStream_t stream) {
       tab.src[i] = j.src;
       tab.dst[i] = j.dst;
       tab.tokens[i] = j.tokens;
-      // Threads: a group of 4 values each (fp8), or an 8-byte word.
+      // Threads: a group of 4 values each (scaled dtypes), or an 8-byte word.
       most = std::max<uint64_t>(most, copy ? uint64_t{a.kv_heads} * j.tokens * a.head_dim * elem / 8
                                            : uint64_t{a.kv_heads} * j.tokens * a.head_dim / 4);
     }
@@ -119,10 +145,16 @@ Status LaunchUnpackKv(const UnpackKvArgs& a, cudaStream_t stream) {
     const dim3 grid(ctas, static_cast<uint32_t>(n));
     if (copy) {
       CopyKernel<<<grid, kThreads, 0, stream>>>(tab, a.kv_heads, a.head_dim, elem);
+    } else if (a.stored == DType::kI8) {
+      if (a.dtype == DType::kBF16) {
+        I8Kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(tab, a.kv_heads, a.head_dim);
+      } else {
+        I8Kernel<__half><<<grid, kThreads, 0, stream>>>(tab, a.kv_heads, a.head_dim);
+      }
     } else if (a.dtype == DType::kBF16) {
-      DequantizeKernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(tab, a.kv_heads, a.head_dim);
+      Fp8Kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(tab, a.kv_heads, a.head_dim);
     } else {
-      DequantizeKernel<__half><<<grid, kThreads, 0, stream>>>(tab, a.kv_heads, a.head_dim);
+      Fp8Kernel<__half><<<grid, kThreads, 0, stream>>>(tab, a.kv_heads, a.head_dim);
     }
     SHOTDB_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   }

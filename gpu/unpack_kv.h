@@ -8,7 +8,9 @@
 //   stored == dtype (any dtype): the payload is the page, copied as it is;
 //   stored == kF8E4M3 (scaled fp8, format/kv_values.h: kv_heads float32 scales, then the codes):
 //     dst[h][t][d] = round_to_dtype(e4m3(code[h][t][d]) * scale[h])     (float32 multiply)
-//   which equals KvToFloat followed by ConvertFromFloat on the host, bit for bit.
+//   stored == kI8 (scaled int8: kv_heads * head_dim bfloat16 scales, then the int8 codes):
+//     dst[h][t][d] = round_to_dtype(code[h][t][d] * scale[h][d])       (exact in float32)
+//   each equal to KvToFloat followed by ConvertFromFloat on the host, bit for bit.
 //
 // One launch covers many records (up to kMaxUnpackJobs; more are split over launches).
 //
@@ -30,7 +32,7 @@ namespace gpu {
 
 constexpr uint32_t kMaxUnpackJobs = 1024;  // records per launch (a kernel parameter table)
 
-// One record: `src` is its raw payload in device memory (fp8: 4-byte aligned; a copy: 8-byte),
+// One record: `src` is its raw payload in device memory (scaled: 4-byte aligned; a copy: 8-byte),
 // `dst` the page of [kv_heads, tokens, head_dim] values it becomes (8-byte aligned, not
 // overlapping src).
 struct UnpackKvJob {
@@ -40,16 +42,16 @@ struct UnpackKvJob {
 };
 
 struct UnpackKvArgs {
-  DType stored = DType::kF8E4M3;  // of the payloads: kF8E4M3, or the pages' dtype (a copy)
-  DType dtype = DType::kBF16;     // of the pages: kBF16 or kF16 for fp8 payloads
+  DType stored = DType::kF8E4M3;  // of the payloads: kF8E4M3, kI8, or the pages' dtype (a copy)
+  DType dtype = DType::kBF16;     // of the pages: kBF16 or kF16 for scaled payloads
   uint32_t kv_heads = 0;
-  uint32_t head_dim = 0;  // fp8: a multiple of 4
+  uint32_t head_dim = 0;  // scaled: a multiple of 4
   std::vector<UnpackKvJob> jobs;
 };
 
 // Enqueues the unpacking of every job (none: nothing). InvalidArgument for an unsupported pair
-// of dtypes, zero heads, a head_dim that is 0 (or, for fp8, not a multiple of 4), a job with null
-// or misaligned pointers or 0 tokens; IOError if a launch fails.
+// of dtypes, zero heads, a head_dim that is 0 (or, for a scaled dtype, not a multiple of 4), a job
+// with null or misaligned pointers or 0 tokens; IOError if a launch fails.
 Status LaunchUnpackKv(const UnpackKvArgs& args, cudaStream_t stream);
 
 }  // namespace gpu

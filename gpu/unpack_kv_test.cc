@@ -1,4 +1,5 @@
-// LaunchUnpackKv against the host: fp8 payloads against KvToFloat + ConvertFromFloat (bit-exact),
+// LaunchUnpackKv against the host: fp8 and int8 payloads against KvToFloat + ConvertFromFloat
+// (bit-exact),
 // 16-bit payloads against the payload itself, over head counts, head dims, token counts and both
 // page dtypes, with more records than one launch takes. The
 // argument checks run everywhere (they fail before any CUDA call); kernel cases skip without a GPU.
@@ -37,9 +38,12 @@ class UnpackKvTest : public ::testing::TestWithParam<DequantCase> {
   }
 };
 
-TEST_P(UnpackKvTest, MatchesHostBitForBit) {
-  const DequantCase& c = GetParam();
-  std::mt19937 rng(static_cast<uint32_t>(std::hash<std::string>()(c.name)));
+// Scaled payloads (fp8 and int8) of heads with very different magnitudes (one of zeros) and, in
+// every head, outlier channels (as pre-RoPE keys have).
+void ExpectScaledMatchesHost(const DequantCase& c, DType stored) {
+  SCOPED_TRACE(std::string(DTypeName(stored)));
+  std::mt19937 rng(static_cast<uint32_t>(std::hash<std::string>()(c.name)) +
+                   static_cast<uint32_t>(stored));
   std::normal_distribution<float> normal(0.f, 1.f);
   // Records packed at 4-byte offsets (as tight as the kernel allows), pages at 8-byte ones.
   std::vector<uint8_t> raw_all;
@@ -51,16 +55,19 @@ TEST_P(UnpackKvTest, MatchesHostBitForBit) {
     // Heads of very different magnitudes, one of them zeros.
     for (uint32_t h = 0; h < c.kv_heads; ++h) {
       const float mag = h == 1 ? 0.f : std::ldexp(1.f, static_cast<int>(rng() % 24) - 12);
-      for (uint64_t i = 0; i < per_head; ++i) x[h * per_head + i] = normal(rng) * mag;
+      for (uint64_t i = 0; i < per_head; ++i) {
+        x[h * per_head + i] = normal(rng) * mag * (i % c.head_dim % 16 == 3 ? 30.f : 1.f);
+      }
     }
-    const size_t n_raw = *KvRawBytes(DType::kF8E4M3, c.kv_heads, c.tokens[r], c.head_dim);
+    const size_t n_raw = *KvRawBytes(stored, c.kv_heads, c.tokens[r], c.head_dim);
     raw_at.push_back(raw_all.size());
     raw_all.resize(raw_all.size() + (n_raw + 3) / 4 * 4);
-    ASSERT_TRUE(
-        KvFromFloat(DType::kF8E4M3, c.kv_heads, per_head, x.data(), raw_all.data() + raw_at.back())
-            .ok());
+    ASSERT_TRUE(KvFromFloat(stored, c.kv_heads, c.tokens[r], c.head_dim, x.data(),
+                            raw_all.data() + raw_at.back())
+                    .ok());
     std::vector<float> back(x.size());
-    KvToFloat(DType::kF8E4M3, c.kv_heads, per_head, raw_all.data() + raw_at.back(), back.data());
+    KvToFloat(stored, c.kv_heads, c.tokens[r], c.head_dim, raw_all.data() + raw_at.back(),
+              back.data());
     page_at.push_back(want.size());
     want.resize(want.size() + back.size() + (back.size() % 4 ? 4 - back.size() % 4 : 0));
     ConvertFromFloat(c.dtype, back.data(), want.data() + page_at.back(), back.size());
@@ -70,6 +77,7 @@ TEST_P(UnpackKvTest, MatchesHostBitForBit) {
   ASSERT_TRUE(src.ok() && dst.ok());
   ASSERT_EQ(cudaMemset(dst->get(), 0xff, want.size() * 2), cudaSuccess);
   UnpackKvArgs a;
+  a.stored = stored;
   a.dtype = c.dtype;
   a.kv_heads = c.kv_heads;
   a.head_dim = c.head_dim;
@@ -95,6 +103,10 @@ TEST_P(UnpackKvTest, MatchesHostBitForBit) {
     }
   }
   EXPECT_EQ(bad, 0u);
+}
+
+TEST_P(UnpackKvTest, ScaledPayloadsMatchHostBitForBit) {
+  for (DType stored : {DType::kF8E4M3, DType::kI8}) ExpectScaledMatchesHost(GetParam(), stored);
 }
 
 std::vector<DequantCase> Cases() {
@@ -225,6 +237,13 @@ TEST(UnpackKvArgsTest, BadArgumentsAreRefusedBeforeAnyCudaCall) {
   EXPECT_TRUE(refused(a));
   a = good;
   a.stored = DType::kF32;  // not a payload dtype
+  EXPECT_TRUE(refused(a));
+  a = good;
+  a.stored = DType::kI8;
+  a.head_dim = 6;  // int8 is unpacked in groups of 4 channels too
+  EXPECT_TRUE(refused(a));
+  a.head_dim = 8;
+  a.dtype = DType::kF32;  // into 16-bit pages only
   EXPECT_TRUE(refused(a));
   a = good;
   a.stored = DType::kBF16;  // 16-bit payloads are copied into pages of their own dtype only

@@ -57,8 +57,8 @@ nb::dlpack::dtype DlpackDtype(DType t) {
       return {static_cast<uint8_t>(nb::dlpack::dtype_code::Bfloat), 16, 1};
     case DType::kF64:
       return {static_cast<uint8_t>(nb::dlpack::dtype_code::Float), 64, 1};
-    case DType::kF8E4M3:  // refused before any array is made or read (LoadKv, CreateTask,
-                          // AppendBlock)
+    case DType::kF8E4M3:  // scaled: refused before any array is made or read (LoadKv,
+    case DType::kI8:      // CreateTask, AppendBlock)
       break;
   }
   return {};
@@ -321,13 +321,14 @@ std::unique_ptr<KvHandle> LoadKv(PyStore& py, const std::string& task_name,
 #endif
   std::unique_ptr<Snapshot> snapshot = Check(store->BeginSnapshot());
   TaskInfo task = Check(snapshot->GetTask(task_name));
-  const bool fp8 = task.model.dtype == DType::kF8E4M3;
-  if (fp8 && device_index != -1) {
-    // On the device the Stager dequantises fp8 records into bf16 pages; handing those out as
+  const bool scaled = IsScaledDType(task.model.dtype);
+  if (scaled && device_index != -1) {
+    // On the device the Stager dequantises scaled records into bf16 pages; handing those out as
     // arrays is not done yet.
-    Raise(Status::NotSupported("load_kv(device='" + device + "'): task " + task_name +
-                               " stores f8e4m3 K/V; load it on the CPU (float32 values) or "
-                               "query it through Session"));
+    Raise(Status::NotSupported("load_kv(device='" + device + "'): task " + task_name + " stores " +
+                               std::string(DTypeName(task.model.dtype)) +
+                               " K/V; load it on the CPU (float32 values) or query it through "
+                               "Session"));
   }
   std::vector<uint32_t> layer_list;
   if (layers) {
@@ -370,8 +371,8 @@ std::unique_ptr<KvHandle> LoadKv(PyStore& py, const std::string& task_name,
                                       std::vector<PayloadRef>(), device_index, std::move(staged));
   }
 #endif
-  if (fp8) {
-    // Scaled fp8 payloads are codes plus per-head scales (docs/format.md), which no array dtype
+  if (scaled) {
+    // Scaled payloads are codes plus their scales (docs/format.md), which no array dtype
     // holds: the handle owns their values, dequantised to float32 (KvToFloat, as Session and
     // shotdb show read them). The payloads were verified above; the snapshot is not needed.
     std::vector<float> values;
@@ -383,7 +384,7 @@ std::unique_ptr<KvHandle> LoadKv(PyStore& py, const std::string& task_name,
           const uint64_t per_head = uint64_t{tokens[b]} * task.model.head_dim;
           value_at.push_back(values.size());
           values.resize(values.size() + heads * per_head);
-          KvToFloat(DType::kF8E4M3, heads, per_head,
+          KvToFloat(task.model.dtype, heads, tokens[b], task.model.head_dim,
                     payloads[(l * blocks.size() + b) * 2 + kind].data,
                     values.data() + value_at.back());
         }
@@ -445,12 +446,14 @@ uint32_t AppendBlock(PyStore& py, const std::string& task_name, const std::vecto
     auto snapshot = Check(store.BeginSnapshot());
     t = Check(snapshot->GetTask(task_name));
   }
-  if (t.model.dtype == DType::kF8E4M3) {
-    // Its records carry per-head scales that plain arrays do not (their raw bytes would be read
-    // past the array's end): only the pool encoder writes them.
-    Raise(Status::NotSupported("task " + task_name +
-                               " stores f8e4m3 K/V, which append_block cannot write (the pool "
-                               "encoder chooses their scales: shotdb build --kv-dtype f8e4m3)"));
+  if (IsScaledDType(t.model.dtype)) {
+    // Its records carry scales that plain arrays do not (their raw bytes would be read past the
+    // array's end): only the pool encoder writes them.
+    const std::string name(DTypeName(t.model.dtype));
+    Raise(Status::NotSupported("task " + task_name + " stores " + name +
+                               " K/V, which append_block cannot write (the pool encoder chooses "
+                               "their scales: shotdb build --kv-dtype " +
+                               name + ")"));
   }
   if (keys.size() != t.model.num_layers || values.size() != t.model.num_layers) {
     Raise(Status::InvalidArgument("expected " + std::to_string(t.model.num_layers) +
@@ -497,9 +500,9 @@ void CreateTask(PyStore& py, const std::string& name, const std::string& archite
   t.name = name;
   t.model.architecture = architecture;
   const auto dt = ParseDType(dtype);
-  // fp8 K/V come only from the pool encoder (shotdb build --kv-dtype f8e4m3), which picks the
-  // scales; put() takes arrays of plain elements.
-  if (!dt || *dt == DType::kF8E4M3) {
+  // Scaled K/V (f8e4m3, i8) come only from the pool encoder (shotdb build --kv-dtype), which
+  // picks the scales; put() takes arrays of plain elements.
+  if (!dt || IsScaledDType(*dt)) {
     Raise(Status::InvalidArgument("dtype '" + dtype + "': expected f32, f16, bf16 or f64"));
   }
   t.model.dtype = *dt;
@@ -804,9 +807,9 @@ NB_MODULE(_shotdb, m) {
            "(gpu::Stager, straight from the memory map for raw payloads) and returns when the "
            "copies are done; the arrays point into the cached pages, which stay pinned while the "
            "handle or any array lives (FailedPreconditionError when live handles pin the whole "
-           "cuda_cache_gb budget). A task stored as scaled fp8 (f8e4m3) gives float32 arrays of "
-           "its dequantised values (CPU only). NotSupportedError for CUDA in a build without it "
-           "(SHOTDB_WITH_CUDA) or without a device, and for fp8 tasks on CUDA; "
+           "cuda_cache_gb budget). A task stored in a scaled dtype (f8e4m3, i8) gives float32 "
+           "arrays of its dequantised values (CPU only). NotSupportedError for CUDA in a build "
+           "without it (SHOTDB_WITH_CUDA) or without a device, and for scaled tasks on CUDA; "
            "InvalidArgumentError for another device.")
       .def(
           "_cuda_stats",
@@ -866,8 +869,8 @@ NB_MODULE(_shotdb, m) {
            "(or unsigned integers of its width holding the raw bits), pre-RoPE; demos are "
            "(id, text, label) tuples with ids new to the task. text defaults to the demos "
            "formatted with the task's template. Returns the block index. Nothing is stored on "
-           "any error. An f8e4m3 task is refused (NotSupportedError): its scales come from the "
-           "pool encoder.")
+           "any error. An f8e4m3 or i8 task is refused (NotSupportedError): its scales come from "
+           "the pool encoder.")
       .def(
           "delete_task",
           [](PyStore& s, const std::string& name) {

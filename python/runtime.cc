@@ -47,7 +47,7 @@ class Session {
     }
     const std::string d = dtype.empty() ? (options.device.is_cuda() ? "bf16" : "f32") : dtype;
     const auto parsed = ParseDType(d);
-    if (!parsed || *parsed == DType::kF8E4M3) {  // fp8 is a storage dtype, not a compute one
+    if (!parsed || IsScaledDType(*parsed)) {  // fp8 and int8 are storage dtypes, not compute ones
       Raise(Status::InvalidArgument("dtype '" + d + "': expected f32, bf16 or f64"));
     }
     options.dtype = TorchType(*parsed);
@@ -149,7 +149,7 @@ nb::dict ModelFingerprintOf(const std::string& model, const std::string& kv_dtyp
   const auto dtype = ParseDType(kv_dtype);
   if (!dtype) {
     Raise(Status::InvalidArgument("dtype '" + kv_dtype +
-                                  "': expected f32, f16, bf16, f64 or f8e4m3"));
+                                  "': expected f32, f16, bf16, f64, i8 or f8e4m3"));
   }
   ModelConfig config;
   std::unique_ptr<Tokenizer> tokenizer;

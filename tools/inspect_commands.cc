@@ -360,13 +360,13 @@ struct ValueStats {
   double mean = std::numeric_limits<double>::quiet_NaN();
 };
 
-// Min, max and mean (accumulated in double) of the values of a record's raw payload (scaled fp8
-// dequantised); NaN elements are skipped.
+// Min, max and mean (accumulated in double) of the values of a record's raw payload (scaled
+// dtypes dequantised); NaN elements are skipped.
 ValueStats ComputeStats(const BlockRecordMeta& m, const void* data) {
   ValueStats s;
   const uint64_t per_head = uint64_t{m.tokens} * m.head_dim;
   std::vector<float> f(m.kv_heads * per_head);
-  KvToFloat(m.dtype, m.kv_heads, per_head, data, f.data());
+  KvToFloat(m.dtype, m.kv_heads, m.tokens, m.head_dim, data, f.data());
   double sum = 0;
   size_t count = 0;
   for (float v : f) {

@@ -86,7 +86,7 @@ Result<LoadedModel> LoadModel(const ModelOptions& m) {
   }
   std::string dtype = m.dtype.empty() ? (options.device.is_cuda() ? "bf16" : "f32") : m.dtype;
   auto parsed = ParseDType(dtype);
-  if (!parsed || *parsed == DType::kF8E4M3)  // fp8 is a K/V storage dtype (--kv-dtype)
+  if (!parsed || IsScaledDType(*parsed))  // fp8 and int8 are K/V storage dtypes (--kv-dtype)
     return Status::InvalidArgument("--dtype '" + dtype + "': expected f32, bf16, f16 or f64");
   options.dtype = TorchType(*parsed);
   LoadedModel loaded;
@@ -313,8 +313,10 @@ void RegisterModelCommands(CLI::App& app, const GlobalOptions& global) {
     sub->add_option("--separator", opts->separator, "text between demonstrations (\\n allowed)")
         ->capture_default_str();
     sub->add_option("--kv-dtype", *kv_dtype,
-                    "stored K/V dtype: bf16, f16, f32, f64, or f8e4m3 (fp8 with "
-                    "per-head scales: half of bf16's bytes on disk and over PCIe)")
+                    "stored K/V dtype: bf16, f16, f32, f64, i8 (int8 with a scale per head "
+                    "and channel: 0.51x bf16's bytes on disk and over PCIe, bf16's accuracy on "
+                    "the NLU pools), or f8e4m3 (fp8 with a scale per head: 0.5x, 1-2 points "
+                    "less accurate there; docs/results.md section 9)")
         ->capture_default_str();
     sub->add_option("--codec", *codec, "payload codec: raw, lz4, shuffle-lz4")
         ->capture_default_str();
@@ -341,7 +343,7 @@ void RegisterModelCommands(CLI::App& app, const GlobalOptions& global) {
       auto dt = ParseDType(*kv_dtype);
       if (!dt)
         return Fail("build",
-                    "--kv-dtype '" + *kv_dtype + "': expected bf16, f16, f32, f64 or f8e4m3");
+                    "--kv-dtype '" + *kv_dtype + "': expected bf16, f16, f32, f64, i8 or f8e4m3");
       o.kv_dtype = *dt;
       auto c = ParseCodec(*codec);
       if (!c) return Fail("build", "--codec '" + *codec + "': expected raw, lz4 or shuffle-lz4");

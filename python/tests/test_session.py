@@ -157,3 +157,59 @@ def test_fp8_pool_answers_as_the_cli_and_load_kv_dequantises(tmp_path):
     for t in shown["tensors"]:
         assert t["dtype"] == "f8e4m3"
         assert t["min"] < 0 < t["max"] and abs(t["mean"]) < max(-t["min"], t["max"])
+
+
+def _i8_quantised(x):
+    """docs/format.md's i8 rounding of one record [kv_heads, tokens, head_dim], written apart from
+    the C++: per (head, channel) the smallest bfloat16 >= max|x| / 127 (1 for zeros), then
+    round-half-even(x / scale) clipped to +-127, times the scale."""
+    import numpy as np
+    amax = np.max(np.abs(x), axis=1)  # [heads, channels]
+    want = np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(np.float32)
+    bits = want.view(np.uint32).astype(np.uint64)
+    b = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16  # round to nearest even bfloat16
+    b = np.where((b << 16).astype(np.uint32).view(np.float32) < want, b + 1, b)
+    scale = (b << 16).astype(np.uint32).view(np.float32)[:, None, :]
+    return (np.clip(np.rint(x / scale), -127, 127) * scale).astype(np.float32)
+
+
+def test_i8_pool_answers_as_the_cli_and_load_kv_dequantises(tmp_path):
+    # --kv-dtype i8: int8 codes with a scale per head and channel (docs/format.md).
+    import numpy as np
+    paths = {}
+    for kv_dtype in ("i8", "f32"):
+        paths[kv_dtype] = str(tmp_path / kv_dtype)
+        subprocess.run([CLI, "--store", paths[kv_dtype], "build", "--task", "t", "--demos",
+                        EXAMPLES, "--limit", "30", "--model", MODEL, "--threads", "2",
+                        "--kv-dtype", kv_dtype], check=True, capture_output=True)
+    writable = shotdb.Store(paths["i8"])
+    m = writable.task("t")["model"]
+    assert m["dtype"] == "i8"
+    zeros = [np.zeros((m["kv_heads"], 3, m["head_dim"]), np.int8)] * m["num_layers"]
+    with pytest.raises(shotdb.NotSupportedError, match="i8"):
+        writable.append_block("t", zeros, zeros, [(999999, "x", "set alarm")])
+    writable.close()
+    store = shotdb.Store(paths["i8"], readonly=True)
+    session = shotdb.Session(store, "t", MODEL, threads=2)
+    query = "wake me up at seven"
+    a = session.ask(query, ratio=1.0)
+    cli = json.loads(subprocess.run(
+        [CLI, "--store", paths["i8"], "query", "--task", "t", query, "--ratio", "1", "--json",
+         "--model", MODEL, "--threads", "2"], check=True, capture_output=True, text=True).stdout)
+    assert a["label"] == cli["label"]
+    assert a["score"] == pytest.approx(cli["score"], rel=1e-9)
+    # The sink block's K/V before quantisation are the f32 pool's (it attends to nothing before
+    # it): quantising those here must give load_kv's float32 values exactly.
+    kv = store.load_kv("t", [0], layers=[1, 0])
+    ref = shotdb.Store(paths["f32"], readonly=True).load_kv("t", [0], layers=[1, 0])
+    assert kv.dtype == "f32"
+    for li in range(2):
+        for got_of, want_of in ((kv.key, ref.key), (kv.value, ref.value)):
+            got = np.from_dlpack(got_of(li, 0))
+            want = np.from_dlpack(want_of(li, 0))
+            assert got.dtype == np.float32 and got.shape == want.shape
+            np.testing.assert_array_equal(got, _i8_quantised(want))
+    shown = json.loads(subprocess.run([CLI, "--store", paths["i8"], "show", "t", "0", "--layers",
+                                       "0", "--json"], check=True, capture_output=True,
+                                      text=True).stdout)
+    assert {t["dtype"] for t in shown["tensors"]} == {"i8"}

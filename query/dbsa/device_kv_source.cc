@@ -23,9 +23,9 @@ namespace shotdb {
 
 namespace {
 
-// fp8 tasks are staged as bf16 pages: the dtype DBSA runs its GPU models in (an f16 model reads
-// them through libtorch, converted).
-constexpr DType kFp8Pages = DType::kBF16;
+// Tasks of a scaled dtype (fp8, int8) are staged as bf16 pages: the dtype DBSA runs its GPU models
+// in (an f16 model reads them through libtorch, converted).
+constexpr DType kScaledPages = DType::kBF16;
 
 // The default (legacy) stream, where libtorch's kernels run unless a current stream is set
 // (shotdb sets none): the kernels here go there too, so the model's kernels are ordered after
@@ -509,14 +509,14 @@ class DeviceKvSource final : public KvSource {
   }
 
  private:
-  // The model computes in the pages' dtype (the stored one, or bf16 for fp8 tasks), one the
+  // The model computes in the pages' dtype (the stored one, or bf16 for scaled ones), one the
   // kernels take.
   static bool KernelDType(const TaskInfo& task, const LlamaModel& model) {
     const DType pages = PageDType(task);
     return model.dtype() == TorchType(pages) && (pages == DType::kBF16 || pages == DType::kF16);
   }
   static DType PageDType(const TaskInfo& task) {
-    return task.model.dtype == DType::kF8E4M3 ? kFp8Pages : task.model.dtype;
+    return IsScaledDType(task.model.dtype) ? kScaledPages : task.model.dtype;
   }
   // The attention form applies: LaunchPagedAttention takes these shapes (RoPE checked apart).
   static bool Paged(const TaskInfo& task, const LlamaModel& model, size_t blocks,
@@ -554,7 +554,7 @@ Result<std::unique_ptr<KvSource>> MakeDeviceKvSource(size_t cache_bytes, int dev
   options.threads = 16;  // reading the map into pinned slabs is the bottleneck (docs/gpu.md)
   // Any stored dtype: the kernels take bf16/f16, the others are concatenated by libtorch.
   options.kernel_dtypes_only = false;
-  options.fp8_pages = kFp8Pages;
+  options.scaled_pages = kScaledPages;
   // Checksums verified while the copies and the forward run; DbsaSession waits for
   // QueryContext::verified before it answers.
   options.defer_verification = true;

@@ -23,6 +23,7 @@ torch::ScalarType TorchType(DType dtype) {
     case DType::kF64:
       return torch::kFloat64;
     case DType::kF8E4M3:
+    case DType::kI8:
       return torch::kByte;
   }
   return torch::kFloat32;
@@ -30,26 +31,26 @@ torch::ScalarType TorchType(DType dtype) {
 
 torch::Tensor StoredKvTensor(DType dtype, const void* raw, int64_t kv_heads, int64_t tokens,
                              int64_t head_dim) {
-  if (dtype != DType::kF8E4M3) {
+  if (!IsScaledDType(dtype)) {
     return torch::from_blob(const_cast<void*>(raw), {kv_heads, tokens, head_dim},
                             torch::TensorOptions().dtype(TorchType(dtype)));
   }
   torch::Tensor out = torch::empty({kv_heads, tokens, head_dim}, torch::kFloat32);
-  KvToFloat(dtype, static_cast<uint32_t>(kv_heads), static_cast<uint64_t>(tokens * head_dim), raw,
-            out.data_ptr<float>());
+  KvToFloat(dtype, static_cast<uint32_t>(kv_heads), static_cast<uint32_t>(tokens),
+            static_cast<uint32_t>(head_dim), raw, out.data_ptr<float>());
   return out;
 }
 
 Result<torch::Tensor> ToStoredKv(const torch::Tensor& t, DType dtype) {
-  if (dtype != DType::kF8E4M3) return t.to(torch::kCPU, TorchType(dtype)).contiguous();
+  if (!IsScaledDType(dtype)) return t.to(torch::kCPU, TorchType(dtype)).contiguous();
   const torch::Tensor f = t.to(torch::kCPU, torch::kFloat32).contiguous();
-  const uint32_t heads = static_cast<uint32_t>(f.size(0));
-  const uint64_t per_head = static_cast<uint64_t>(f.size(1) * f.size(2));
-  torch::Tensor raw =
-      torch::empty({static_cast<int64_t>(*KvRawBytes(dtype, heads, static_cast<uint32_t>(f.size(1)),
-                                                     static_cast<uint32_t>(f.size(2))))},
-                   torch::kByte);
-  SHOTDB_RETURN_IF_ERROR(KvFromFloat(dtype, heads, per_head, f.data_ptr<float>(), raw.data_ptr()));
+  const auto heads = static_cast<uint32_t>(f.size(0));
+  const auto tokens = static_cast<uint32_t>(f.size(1));
+  const auto head_dim = static_cast<uint32_t>(f.size(2));
+  torch::Tensor raw = torch::empty(
+      {static_cast<int64_t>(*KvRawBytes(dtype, heads, tokens, head_dim))}, torch::kByte);
+  SHOTDB_RETURN_IF_ERROR(
+      KvFromFloat(dtype, heads, tokens, head_dim, f.data_ptr<float>(), raw.data_ptr()));
   return raw;
 }
 

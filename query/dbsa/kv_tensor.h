@@ -14,21 +14,23 @@
 
 namespace shotdb {
 
-// The torch type of a dtype's elements. kF8E4M3 maps to kByte: its codes, which are values only
-// with their scales (use StoredKvTensor); it is a storage dtype, never a compute dtype.
+// The torch type of a dtype's elements. The scaled dtypes (kF8E4M3, kI8) map to kByte: their
+// codes, which are values only with their scales (use StoredKvTensor); they are storage dtypes,
+// never compute dtypes.
 torch::ScalarType TorchType(DType dtype);
 // NotSupported for a torch type with no stored equivalent.
 Result<DType> StoredType(torch::ScalarType type);
 
 // A stored K/V tensor's raw payload (format/kv_values.h) as a CPU tensor [kv_heads, tokens,
 // head_dim]: for the float dtypes a view of `raw` (which must outlive it; any alignment the dtype
-// needs), for kF8E4M3 a new float32 tensor of the dequantised values.
+// needs), for the scaled dtypes a new float32 tensor of the dequantised values.
 torch::Tensor StoredKvTensor(DType dtype, const void* raw, int64_t kv_heads, int64_t tokens,
                              int64_t head_dim);
 
 // The inverse: the raw payload of `t` ([kv_heads, tokens, head_dim], any device and float type)
-// stored as `dtype`, as a contiguous CPU tensor whose bytes are the payload (kByte for kF8E4M3,
-// TorchType(dtype) otherwise). InvalidArgument if fp8 meets a value that is not finite.
+// stored as `dtype`, as a contiguous CPU tensor whose bytes are the payload (kByte for the scaled
+// dtypes, TorchType(dtype) otherwise). InvalidArgument if a scaled dtype meets a value that is not
+// finite.
 Result<torch::Tensor> ToStoredKv(const torch::Tensor& t, DType dtype);
 
 // Concatenates, per layer, the K and V of consecutive blocks along the token axis into

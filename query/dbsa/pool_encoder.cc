@@ -279,10 +279,10 @@ Status PoolEncoder::EncodeBlocks(const std::string& task_name,
     // stored dtype), exactly what a query reads back.
     BlockKV as_stored(task.model.num_layers);
     std::vector<torch::Tensor> host(2 * task.model.num_layers), values(host.size());
-    // Device -> host on this thread; fp8 quantisation and its read-back (scalar loops) on all
+    // Device -> host on this thread; fp8/int8 quantisation and its read-back (scalar loops) on all
     // cores, a record each.
     const torch::ScalarType wide =
-        task.model.dtype == DType::kF8E4M3 ? torch::kFloat32 : TorchType(task.model.dtype);
+        IsScaledDType(task.model.dtype) ? torch::kFloat32 : TorchType(task.model.dtype);
     for (uint32_t l = 0; l < task.model.num_layers; ++l) {
       host[2 * l] = result.kv[l].k.to(torch::kCPU, wide).contiguous();
       host[2 * l + 1] = result.kv[l].v.to(torch::kCPU, wide).contiguous();
