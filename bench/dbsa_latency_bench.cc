@@ -35,6 +35,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <functional>
@@ -380,17 +381,19 @@ int Run(int argc, char** argv) {
     // Pages hold 16-bit K/V whatever the stored dtype (fp8 and int8 are dequantised as they
     // land), so the hot floor reads 2 bytes an element; PCIe carries the stored bytes (fp8: 1,
     // plus a float32 scale per head and record, under 0.1% here; int8: 1, plus a bfloat16 scale
-    // per head and channel and record, about 1 / 95 of the codes for blocks of ~95 tokens).
+    // per head, channel and 128 tokens, about 1 / 95 of the codes for blocks of ~95 tokens).
     const auto& mc = (*model)->config();
     const double kv_elements =
         2.0 * mc.num_layers * mc.num_kv_heads * mc.head_dim * static_cast<double>(rows[3].ctx);
     const double kv_bytes = kv_elements * 2.0;
-    const double records = 2.0 * mc.num_layers * static_cast<double>(rows[3].ctx) *
-                           static_cast<double>(info.num_blocks) /
-                           static_cast<double>(info.num_tokens);
+    // The scales: those of a record of the pool's mean block length, for every record.
+    const double block_tokens =
+        static_cast<double>(info.num_tokens) / static_cast<double>(info.num_blocks);
+    const double records = 2.0 * mc.num_layers * static_cast<double>(rows[3].ctx) / block_tokens;
     const double pcie_bytes =
         kv_elements * static_cast<double>(DTypeSize(kv_dtype)) +
         records * static_cast<double>(KvScaleBytes(kv_dtype, static_cast<uint32_t>(mc.num_kv_heads),
+                                                   static_cast<uint32_t>(std::lround(block_tokens)),
                                                    static_cast<uint32_t>(mc.head_dim)));
     const double hot_floor =
         bw.device_gbs > 0 ? (weight_bytes + kv_bytes) / bw.device_gbs / 1e6 : 0;

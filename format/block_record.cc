@@ -84,7 +84,7 @@ Status FieldError(bool not_supported, std::string_view what, std::string_view fi
 // "kv_heads H x tokens T x head_dim D x S[ + N scale bytes]": how a record's raw size is made,
 // for the messages that report a wrong one.
 std::string RawSizeFormula(const BlockRecordMeta& m) {
-  const uint64_t scales = KvScaleBytes(m.dtype, m.kv_heads, m.head_dim);
+  const uint64_t scales = KvScaleBytes(m.dtype, m.kv_heads, m.tokens, m.head_dim);
   return "kv_heads " + std::to_string(m.kv_heads) + " x tokens " + std::to_string(m.tokens) +
          " x head_dim " + std::to_string(m.head_dim) + " x " + std::to_string(DTypeSize(m.dtype)) +
          (scales > 0 ? " + " + std::to_string(scales) + " scale bytes" : std::string());

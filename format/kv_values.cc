@@ -1,5 +1,6 @@
 #include "format/kv_values.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -42,7 +43,9 @@ std::optional<uint64_t> KvRawBytes(DType dtype, uint32_t kv_heads, uint32_t toke
   for (uint64_t d : {uint64_t{kv_heads}, uint64_t{tokens}, uint64_t{head_dim}}) {
     if (__builtin_mul_overflow(n, d, &n)) return std::nullopt;
   }
-  if (__builtin_add_overflow(n, KvScaleBytes(dtype, kv_heads, head_dim), &n)) return std::nullopt;
+  if (__builtin_add_overflow(n, KvScaleBytes(dtype, kv_heads, tokens, head_dim), &n)) {
+    return std::nullopt;
+  }
   return n;
 }
 
@@ -50,7 +53,7 @@ void KvToFloat(DType dtype, uint32_t kv_heads, uint32_t tokens, uint32_t head_di
                float* dst) {
   const uint64_t per_head = uint64_t{tokens} * head_dim;
   const auto* bytes = static_cast<const uint8_t*>(raw);
-  const uint8_t* codes = bytes + KvScaleBytes(dtype, kv_heads, head_dim);
+  const uint8_t* codes = bytes + KvScaleBytes(dtype, kv_heads, tokens, head_dim);
   if (dtype == DType::kF8E4M3) {
     for (uint32_t h = 0; h < kv_heads; ++h) {
       float scale;
@@ -60,13 +63,20 @@ void KvToFloat(DType dtype, uint32_t kv_heads, uint32_t tokens, uint32_t head_di
       for (uint64_t i = 0; i < per_head; ++i) d[i] = Fp8E4M3ToFloat(c[i]) * scale;
     }
   } else if (dtype == DType::kI8) {
+    const uint64_t groups = KvI8Groups(tokens);
+    std::vector<float> scales(head_dim);
     for (uint32_t h = 0; h < kv_heads; ++h) {
-      std::vector<float> scales(head_dim);
-      ConvertToFloat(DType::kBF16, bytes + uint64_t{2} * h * head_dim, scales.data(), head_dim);
-      const auto* c = reinterpret_cast<const int8_t*>(codes) + h * per_head;
-      float* d = dst + h * per_head;
-      for (uint64_t i = 0; i < per_head; ++i)
-        d[i] = static_cast<float>(c[i]) * scales[i % head_dim];
+      for (uint64_t g = 0; g < groups; ++g) {
+        ConvertToFloat(DType::kBF16, bytes + 2 * (h * groups + g) * head_dim, scales.data(),
+                       head_dim);
+        const uint64_t first = g * kI8TokenGroup;
+        const uint64_t end = std::min<uint64_t>(tokens, first + kI8TokenGroup);
+        for (uint64_t t = first; t < end; ++t) {
+          const auto* c = reinterpret_cast<const int8_t*>(codes) + h * per_head + t * head_dim;
+          float* d = dst + h * per_head + t * head_dim;
+          for (uint32_t i = 0; i < head_dim; ++i) d[i] = static_cast<float>(c[i]) * scales[i];
+        }
+      }
     }
   } else {
     ConvertToFloat(dtype, raw, dst, static_cast<size_t>(kv_heads * per_head));
@@ -86,7 +96,8 @@ Status KvFromFloat(DType dtype, uint32_t kv_heads, uint32_t tokens, uint32_t hea
                                    ", which no scale represents");
   }
   auto* bytes = static_cast<uint8_t*>(raw);
-  uint8_t* codes = bytes + KvScaleBytes(dtype, kv_heads, head_dim);
+  uint8_t* codes = bytes + KvScaleBytes(dtype, kv_heads, tokens, head_dim);
+  const uint64_t groups = KvI8Groups(tokens);
   for (uint32_t h = 0; h < kv_heads; ++h) {
     const float* s = src + h * per_head;
     if (dtype == DType::kF8E4M3) {
@@ -96,18 +107,29 @@ Status KvFromFloat(DType dtype, uint32_t kv_heads, uint32_t tokens, uint32_t hea
       std::memcpy(bytes + 4 * h, &scale, sizeof scale);
       uint8_t* c = codes + h * per_head;
       for (uint64_t i = 0; i < per_head; ++i) c[i] = FloatToFp8E4M3(s[i] / scale);
-    } else {  // kI8
-      std::vector<float> amax(head_dim, 0.f), scale(head_dim);
-      for (uint64_t i = 0; i < per_head; ++i) {
-        amax[i % head_dim] = std::fmax(amax[i % head_dim], std::fabs(s[i]));
-      }
-      for (uint32_t d = 0; d < head_dim; ++d) {
-        const uint16_t b = I8Scale(amax[d]);
-        std::memcpy(bytes + 2 * (uint64_t{h} * head_dim + d), &b, sizeof b);
-        scale[d] = BFloat16ToFloat(b);
-      }
+    } else {  // kI8: per group of tokens, per channel
+      std::vector<float> amax(head_dim), scale(head_dim);
       auto* c = reinterpret_cast<int8_t*>(codes) + h * per_head;
-      for (uint64_t i = 0; i < per_head; ++i) c[i] = FloatToI8(s[i] / scale[i % head_dim]);
+      for (uint64_t g = 0; g < groups; ++g) {
+        const uint64_t first = g * kI8TokenGroup;
+        const uint64_t end = std::min<uint64_t>(tokens, first + kI8TokenGroup);
+        std::fill(amax.begin(), amax.end(), 0.f);
+        for (uint64_t t = first; t < end; ++t) {
+          for (uint32_t d = 0; d < head_dim; ++d) {
+            amax[d] = std::fmax(amax[d], std::fabs(s[t * head_dim + d]));
+          }
+        }
+        for (uint32_t d = 0; d < head_dim; ++d) {
+          const uint16_t b = I8Scale(amax[d]);
+          std::memcpy(bytes + 2 * ((h * groups + g) * head_dim + d), &b, sizeof b);
+          scale[d] = BFloat16ToFloat(b);
+        }
+        for (uint64_t t = first; t < end; ++t) {
+          for (uint32_t d = 0; d < head_dim; ++d) {
+            c[t * head_dim + d] = FloatToI8(s[t * head_dim + d] / scale[d]);
+          }
+        }
+      }
     }
   }
   return Status::OK();

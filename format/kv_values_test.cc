@@ -5,6 +5,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <fstream>
@@ -151,7 +152,7 @@ TEST(Fp8Test, ScaledKvRefusesNonFiniteAndOtherDtypesConvertPlainly) {
   for (float& v : y) v = n(rng);
   for (DType t : {DType::kF32, DType::kF16, DType::kBF16, DType::kF64}) {
     EXPECT_FALSE(IsScaledDType(t));
-    EXPECT_EQ(KvScaleBytes(t, 2, 4), 0u);
+    EXPECT_EQ(KvScaleBytes(t, 2, 5, 4), 0u);
     std::vector<uint8_t> r(*KvRawBytes(t, 2, 5, 4));
     ASSERT_EQ(r.size(), y.size() * DTypeSize(t));
     ASSERT_TRUE(KvFromFloat(t, 2, 5, 4, y.data(), r.data()).ok());
@@ -186,7 +187,7 @@ TEST_P(ScaledRecordTest, RecordsRoundTripThroughEveryCodec) {
   }
   // The scales are part of the size: a payload short of them is refused, naming them (8 bytes:
   // two float32s for fp8; 64: 2 x 16 bfloat16s for int8).
-  const uint64_t scales = KvScaleBytes(meta.dtype, 2, 16);
+  const uint64_t scales = KvScaleBytes(meta.dtype, 2, 9, 16);
   EXPECT_EQ(scales, meta.dtype == DType::kF8E4M3 ? 8u : 64u);
   Result<EncodedBlockRecord> short_rec =
       EncodeBlockRecord(meta, Codec::kRaw, raw.data(), raw.size() - 8);
@@ -235,35 +236,43 @@ TEST(I8Test, ScaledKvPayloadMatchesNumpyGolden) {
   const std::vector<uint8_t>& want = g.raw;
 
   ASSERT_EQ(KvRawBytes(DType::kI8, heads, tokens, dim), want.size());
-  EXPECT_EQ(KvScaleBytes(DType::kI8, heads, dim), 2u * heads * dim);
+  const uint32_t groups = (tokens + kI8TokenGroup - 1) / kI8TokenGroup;
+  ASSERT_GT(groups, 1u);  // the golden covers a record of more than one token group
+  EXPECT_EQ(KvScaleBytes(DType::kI8, heads, tokens, dim), 2u * heads * groups * dim);
   std::vector<uint8_t> raw(want.size());
   ASSERT_TRUE(KvFromFloat(DType::kI8, heads, tokens, dim, x.data(), raw.data()).ok());
   EXPECT_EQ(raw, want);
 
-  // Decoding: code times its channel's scale, exactly (in double), within half a scale of the
-  // input; the scale is the smallest bfloat16 >= max|x| / 127 of its channel (1 for zeros).
+  // Decoding: code times its scale, exactly (in double), within half a scale of the input; the
+  // scale of a (head, token group, channel) is the smallest bfloat16 >= max|x| / 127 over the
+  // group's values of the channel (1 for zeros).
   std::vector<float> back(x.size());
   KvToFloat(DType::kI8, heads, tokens, dim, raw.data(), back.data());
-  const size_t codes_at = KvScaleBytes(DType::kI8, heads, dim);
+  const size_t codes_at = KvScaleBytes(DType::kI8, heads, tokens, dim);
   for (uint32_t h = 0; h < heads; ++h) {
-    for (uint32_t d = 0; d < dim; ++d) {
-      uint16_t bits;
-      std::memcpy(&bits, raw.data() + 2 * (h * dim + d), 2);
-      const double scale = BFloat16ToFloat(bits);
-      double amax = 0;
-      for (uint32_t t = 0; t < tokens; ++t)
-        amax = std::fmax(amax, std::fabs(x[(h * tokens + t) * dim + d]));
-      if (amax == 0) {
-        EXPECT_EQ(scale, 1.0);
-      } else {
-        EXPECT_GE(scale, amax / 127) << h << " " << d;
-        EXPECT_LT(BFloat16ToFloat(static_cast<uint16_t>(bits - 1)), amax / 127) << h << " " << d;
-      }
-      for (uint32_t t = 0; t < tokens; ++t) {
-        const size_t e = (h * tokens + t) * dim + d;
-        const auto code = static_cast<int8_t>(raw[codes_at + e]);
-        EXPECT_EQ(static_cast<double>(back[e]), code * scale) << e;
-        EXPECT_LE(std::fabs(back[e] - static_cast<double>(x[e])), scale / 2) << e;
+    for (uint32_t gi = 0; gi < groups; ++gi) {
+      const uint32_t first = gi * kI8TokenGroup, end = std::min(tokens, first + kI8TokenGroup);
+      for (uint32_t d = 0; d < dim; ++d) {
+        uint16_t bits;
+        std::memcpy(&bits, raw.data() + 2 * ((h * groups + gi) * dim + d), 2);
+        const double scale = BFloat16ToFloat(bits);
+        double amax = 0;
+        for (uint32_t t = first; t < end; ++t) {
+          amax = std::fmax(amax, std::fabs(x[(h * tokens + t) * dim + d]));
+        }
+        if (amax == 0) {
+          EXPECT_EQ(scale, 1.0);
+        } else {
+          EXPECT_GE(scale, amax / 127) << h << " " << gi << " " << d;
+          EXPECT_LT(BFloat16ToFloat(static_cast<uint16_t>(bits - 1)), amax / 127)
+              << h << " " << gi << " " << d;
+        }
+        for (uint32_t t = first; t < end; ++t) {
+          const size_t e = (h * tokens + t) * dim + d;
+          const auto code = static_cast<int8_t>(raw[codes_at + e]);
+          EXPECT_EQ(static_cast<double>(back[e]), code * scale) << e;
+          EXPECT_LE(std::fabs(back[e] - static_cast<double>(x[e])), scale / 2) << e;
+        }
       }
     }
   }

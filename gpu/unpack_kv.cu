@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <string>
 
+#include "format/kv_values.h"  // kI8TokenGroup
 #include "gpu/cuda_util.h"
 #include "gpu/kernel_common.cuh"
 #include "gpu/unpack_kv.h"
@@ -54,21 +55,27 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// The same grid for scaled int8: a group's 4 elements are 4 consecutive channels of one head
-// (head_dim % 4 == 0), each multiplied by its (head, channel) bfloat16 scale (exact in float32).
+// The same grid for scaled int8: a group's 4 elements are 4 consecutive channels of one head and
+// token (head_dim % 4 == 0), each multiplied by its (head, token group, channel) bfloat16 scale
+// (exact in float32).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     I8Kernel(const __grid_constant__ JobTable tab, uint32_t kv_heads, uint32_t head_dim) {
   const uint32_t job = blockIdx.y;
   const uint64_t per_head = static_cast<uint64_t>(tab.tokens[job]) * head_dim;
   const uint64_t groups = kv_heads * per_head / 4;
-  const auto* scales = static_cast<const __nv_bfloat16*>(tab.src[job]);  // [kv_heads][head_dim]
-  const uint32_t* codes = reinterpret_cast<const uint32_t*>(scales + kv_heads * head_dim);
+  const uint64_t token_groups = (tab.tokens[job] + kI8TokenGroup - 1) / kI8TokenGroup;
+  // [kv_heads][token_groups][head_dim]
+  const auto* scales = static_cast<const __nv_bfloat16*>(tab.src[job]);
+  const uint32_t* codes =
+      reinterpret_cast<const uint32_t*>(scales + kv_heads * token_groups * head_dim);
   T* const dst = static_cast<T*>(tab.dst[job]);
   for (uint64_t g = static_cast<uint64_t>(blockIdx.x) * kThreads + threadIdx.x; g < groups;
        g += static_cast<uint64_t>(gridDim.x) * kThreads) {
     const uint64_t e = 4 * g;
-    const __nv_bfloat16* s = scales + e / per_head * head_dim + e % head_dim;
+    const uint64_t head = e / per_head, token = e % per_head / head_dim;
+    const __nv_bfloat16* s =
+        scales + (head * token_groups + token / kI8TokenGroup) * head_dim + e % head_dim;
     const uint32_t four = codes[g];
     float v[4];
     for (int i = 0; i < 4; ++i) {

@@ -8,8 +8,9 @@
 //   stored == dtype (any dtype): the payload is the page, copied as it is;
 //   stored == kF8E4M3 (scaled fp8, format/kv_values.h: kv_heads float32 scales, then the codes):
 //     dst[h][t][d] = round_to_dtype(e4m3(code[h][t][d]) * scale[h])     (float32 multiply)
-//   stored == kI8 (scaled int8: kv_heads * head_dim bfloat16 scales, then the int8 codes):
-//     dst[h][t][d] = round_to_dtype(code[h][t][d] * scale[h][d])       (exact in float32)
+//   stored == kI8 (scaled int8: bfloat16 scales per head, group of 128 tokens and channel, then
+//   the int8 codes):
+//     dst[h][t][d] = round_to_dtype(code[h][t][d] * scale[h][t / 128][d])  (exact in float32)
 //   each equal to KvToFloat followed by ConvertFromFloat on the host, bit for bit.
 //
 // One launch covers many records (up to kMaxUnpackJobs; more are split over launches).

@@ -75,7 +75,10 @@ void ExpectScaledMatchesHost(const DequantCase& c, DType stored) {
   auto src = ToDevice(raw_all);
   auto dst = DeviceBuffer::Allocate(want.size() * 2);
   ASSERT_TRUE(src.ok() && dst.ok());
+  // cudaMemset may run asynchronously on the legacy stream, which a non-blocking stream does not
+  // wait for: finish it before the launch.
   ASSERT_EQ(cudaMemset(dst->get(), 0xff, want.size() * 2), cudaSuccess);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   UnpackKvArgs a;
   a.stored = stored;
   a.dtype = c.dtype;
@@ -143,6 +146,7 @@ TEST_P(UnpackKvTest, CopiesSixteenBitPayloads) {
   auto dst = DeviceBuffer::Allocate(want.size() * 2);
   ASSERT_TRUE(src.ok() && dst.ok());
   ASSERT_EQ(cudaMemset(dst->get(), 0, want.size() * 2), cudaSuccess);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);  // before the launch on another stream
   UnpackKvArgs a;
   a.stored = c.dtype;
   a.dtype = c.dtype;

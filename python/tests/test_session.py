@@ -159,18 +159,22 @@ def test_fp8_pool_answers_as_the_cli_and_load_kv_dequantises(tmp_path):
         assert t["min"] < 0 < t["max"] and abs(t["mean"]) < max(-t["min"], t["max"])
 
 
-def _i8_quantised(x):
+def _i8_quantised(x, group=128):
     """docs/format.md's i8 rounding of one record [kv_heads, tokens, head_dim], written apart from
-    the C++: per (head, channel) the smallest bfloat16 >= max|x| / 127 (1 for zeros), then
-    round-half-even(x / scale) clipped to +-127, times the scale."""
+    the C++: per (head, group of 128 tokens, channel) the smallest bfloat16 >= max|x| / 127 (1 for
+    zeros), then round-half-even(x / scale) clipped to +-127, times the scale."""
     import numpy as np
-    amax = np.max(np.abs(x), axis=1)  # [heads, channels]
-    want = np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(np.float32)
-    bits = want.view(np.uint32).astype(np.uint64)
-    b = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16  # round to nearest even bfloat16
-    b = np.where((b << 16).astype(np.uint32).view(np.float32) < want, b + 1, b)
-    scale = (b << 16).astype(np.uint32).view(np.float32)[:, None, :]
-    return (np.clip(np.rint(x / scale), -127, 127) * scale).astype(np.float32)
+    out = np.empty_like(x)
+    for first in range(0, x.shape[1], group):
+        xs = x[:, first:first + group, :]
+        amax = np.max(np.abs(xs), axis=1)  # [heads, channels]
+        want = np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(np.float32)
+        bits = want.view(np.uint32).astype(np.uint64)
+        b = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16  # round to nearest even bfloat16
+        b = np.where((b << 16).astype(np.uint32).view(np.float32) < want, b + 1, b)
+        scale = (b << 16).astype(np.uint32).view(np.float32)[:, None, :]
+        out[:, first:first + group, :] = np.clip(np.rint(xs / scale), -127, 127) * scale
+    return out
 
 
 def test_i8_pool_answers_as_the_cli_and_load_kv_dequantises(tmp_path):
