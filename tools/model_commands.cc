@@ -313,10 +313,10 @@ void RegisterModelCommands(CLI::App& app, const GlobalOptions& global) {
     sub->add_option("--separator", opts->separator, "text between demonstrations (\\n allowed)")
         ->capture_default_str();
     sub->add_option("--kv-dtype", *kv_dtype,
-                    "stored K/V dtype: bf16, f16, f32, f64, i8 (int8 with a scale per head "
-                    "and channel: 0.51x bf16's bytes on disk and over PCIe, bf16's accuracy on "
-                    "the NLU pools), or f8e4m3 (fp8 with a scale per head: 0.5x, 1-2 points "
-                    "less accurate there; docs/results.md section 9)")
+                    "stored K/V dtype: bf16, f16, f32, f64, i8 (int8 with a scale per head, "
+                    "channel and 128 tokens: 0.51x bf16's bytes on disk and over PCIe, within a "
+                    "point of bf16's accuracy on the NLU pools), or f8e4m3 (fp8 with a scale per "
+                    "head: 0.5x, up to 2.4 points less accurate there; docs/results.md section 9)")
         ->capture_default_str();
     sub->add_option("--codec", *codec, "payload codec: raw, lz4, shuffle-lz4")
         ->capture_default_str();
