@@ -32,5 +32,8 @@ case "$mode" in
   --quick) build-gpu/bench/dbsa_latency_bench --layers 4 --pools 30000 --queries 4 \
              --json "$out/latency.json" ;;
   *) build-gpu/bench/dbsa_latency_bench --pools 30000,60000,90000 --queries 8 \
-       --json "$out/latency.json" 2>&1 | tee "$out/latency.txt" ;;
+       --json "$out/latency.json" 2>&1 | tee "$out/latency.txt"
+     # Half-size K/V (int8 with a scale per channel; docs/results.md run V): the cold query.
+     build-gpu/bench/dbsa_latency_bench --pools 90000 --queries 8 --batches "" --kv-dtype i8 \
+       --json "$out/latency-i8.json" 2>&1 | tee "$out/latency-i8.txt" ;;
 esac
