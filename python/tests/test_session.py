@@ -104,6 +104,18 @@ def _e4m3_quantised(x):
     return (np.sign(x) * grid[code].astype(np.float32) * scale).astype(np.float32)
 
 
+def _assert_sink_block_is_quantised(kv, ref, quantised):
+    """Block 0 (the first in both handles) of every layer of `kv`, a scaled task's float32 values,
+    equals `quantised` (a numpy reference of the dtype's rounding) of the f32 pool's `ref`."""
+    import numpy as np
+    for li in range(len(kv.layers)):
+        for got_of, want_of in ((kv.key, ref.key), (kv.value, ref.value)):
+            got = np.from_dlpack(got_of(li, 0))
+            want = np.from_dlpack(want_of(li, 0))
+            assert got.dtype == np.float32 and got.shape == want.shape
+            np.testing.assert_array_equal(got, quantised(want))
+
+
 def test_fp8_pool_answers_as_the_cli_and_load_kv_dequantises(tmp_path):
     # --kv-dtype f8e4m3: scaled fp8 K/V (docs/format.md). The session reads them dequantised and
     # answers exactly as the CLI; load_kv returns their values dequantised, as float32.
@@ -140,13 +152,9 @@ def test_fp8_pool_answers_as_the_cli_and_load_kv_dequantises(tmp_path):
                    check=True, capture_output=True)
     ref = shotdb.Store(f32_path, readonly=True).load_kv("t", [0], layers=[1, 0])
     assert ref.dtype == "f32"
+    _assert_sink_block_is_quantised(
+        kv, ref, lambda x: np.stack([_e4m3_quantised(head) for head in x]))
     for li in range(2):
-        for got_of, want_of in ((kv.key, ref.key), (kv.value, ref.value)):
-            got = np.from_dlpack(got_of(li, 0))
-            want = np.from_dlpack(want_of(li, 0))
-            assert got.dtype == np.float32 and got.shape == want.shape
-            for h in range(got.shape[0]):
-                np.testing.assert_array_equal(got[h], _e4m3_quantised(want[h]))
         assert np.from_dlpack(kv.key(li, 1)).shape[1] == kv.tokens[1]
     with pytest.raises(shotdb.NotSupportedError):  # fp8 on CUDA, or no CUDA at all
         store.load_kv("t", [0], device="cuda")
@@ -207,12 +215,7 @@ def test_i8_pool_answers_as_the_cli_and_load_kv_dequantises(tmp_path):
     kv = store.load_kv("t", [0], layers=[1, 0])
     ref = shotdb.Store(paths["f32"], readonly=True).load_kv("t", [0], layers=[1, 0])
     assert kv.dtype == "f32"
-    for li in range(2):
-        for got_of, want_of in ((kv.key, ref.key), (kv.value, ref.value)):
-            got = np.from_dlpack(got_of(li, 0))
-            want = np.from_dlpack(want_of(li, 0))
-            assert got.dtype == np.float32 and got.shape == want.shape
-            np.testing.assert_array_equal(got, _i8_quantised(want))
+    _assert_sink_block_is_quantised(kv, ref, _i8_quantised)
     shown = json.loads(subprocess.run([CLI, "--store", paths["i8"], "show", "t", "0", "--layers",
                                        "0", "--json"], check=True, capture_output=True,
                                       text=True).stdout)
