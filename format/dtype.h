@@ -25,8 +25,8 @@ enum class DType : uint8_t {
   // unscaled.
   kF8E4M3 = 4,
   // Two's-complement int8 codes in [-127, 127]. Stored K/V of this type carry one bfloat16 scale
-  // per (kv head, channel) in front of the elements (format/kv_values.h); the element conversions
-  // below are unscaled.
+  // per (kv head, group of 128 tokens, channel) in front of the elements (format/kv_values.h);
+  // the element conversions below are unscaled.
   kI8 = 5,
 };
 

@@ -98,6 +98,7 @@ Status KvFromFloat(DType dtype, uint32_t kv_heads, uint32_t tokens, uint32_t hea
   auto* bytes = static_cast<uint8_t*>(raw);
   uint8_t* codes = bytes + KvScaleBytes(dtype, kv_heads, tokens, head_dim);
   const uint64_t groups = KvI8Groups(tokens);
+  std::vector<float> amax(head_dim), scale(head_dim);  // kI8: per channel of one token group
   for (uint32_t h = 0; h < kv_heads; ++h) {
     const float* s = src + h * per_head;
     if (dtype == DType::kF8E4M3) {
@@ -108,7 +109,6 @@ Status KvFromFloat(DType dtype, uint32_t kv_heads, uint32_t tokens, uint32_t hea
       uint8_t* c = codes + h * per_head;
       for (uint64_t i = 0; i < per_head; ++i) c[i] = FloatToFp8E4M3(s[i] / scale);
     } else {  // kI8: per group of tokens, per channel
-      std::vector<float> amax(head_dim), scale(head_dim);
       auto* c = reinterpret_cast<int8_t*>(codes) + h * per_head;
       for (uint64_t g = 0; g < groups; ++g) {
         const uint64_t first = g * kI8TokenGroup;

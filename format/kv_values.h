@@ -37,8 +37,9 @@ constexpr float kFp8E4M3Max = 448.0f;
 constexpr float kI8Max = 127.0f;
 constexpr uint32_t kI8TokenGroup = 128;  // tokens per kI8 scale
 
-// kI8's token groups in a record of `tokens`: ceil(tokens / kI8TokenGroup).
-inline uint64_t KvI8Groups(uint32_t tokens) {
+// kI8's token groups in a record of `tokens`: ceil(tokens / kI8TokenGroup). constexpr, so the
+// unpacking kernel (gpu/unpack_kv.cu, built with --expt-relaxed-constexpr) calls it too.
+constexpr uint64_t KvI8Groups(uint32_t tokens) {
   return (uint64_t{tokens} + kI8TokenGroup - 1) / kI8TokenGroup;
 }
 

@@ -7,7 +7,7 @@
 #include <algorithm>
 #include <string>
 
-#include "format/kv_values.h"  // kI8TokenGroup
+#include "format/kv_values.h"  // kI8TokenGroup, KvI8Groups
 #include "gpu/cuda_util.h"
 #include "gpu/kernel_common.cuh"
 #include "gpu/unpack_kv.h"
@@ -64,7 +64,7 @@ __global__ void __launch_bounds__(kThreads)
   const uint32_t job = blockIdx.y;
   const uint64_t per_head = static_cast<uint64_t>(tab.tokens[job]) * head_dim;
   const uint64_t groups = kv_heads * per_head / 4;
-  const uint64_t token_groups = (tab.tokens[job] + kI8TokenGroup - 1) / kI8TokenGroup;
+  const uint64_t token_groups = KvI8Groups(tab.tokens[job]);
   // [kv_heads][token_groups][head_dim]
   const auto* scales = static_cast<const __nv_bfloat16*>(tab.src[job]);
   const uint32_t* codes =
