@@ -2,6 +2,7 @@
 // copy bandwidth measured in the same run (docs/gpu.md).
 //
 //   paged_attention_bench [--reps N] [--block-tokens N] [--rows 1,8,32,128] [--json FILE]
+//   paged_attention_bench --batch 1,4,16,64 [--rows 18] [--reps N]   (batched launches; below)
 //
 // Shape: 32 query heads, 8 kv heads, head_dim 128, bf16, RoPE with Llama-3 scaling applied on
 // the fly (rotate_keys), contexts of 4k, 28k and 128k tokens in blocks of 1000 tokens, each block's
@@ -23,6 +24,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -53,10 +55,136 @@ struct Row {
   double us, kv_bytes, gbs, ratio;
 };
 
+// --batch: DBSA's shape (a pool of 1000 blocks of 95 tokens; each query selects 300 of them, ~28.5k
+// tokens, in its own order, and has `rows` rows). Per batch size B: B LaunchPagedAttention calls
+// (one per query) against one LaunchPagedAttentionBatch over the union (the queries' blocks in
+// union order, or in their own order). Same self-check as above.
+template <typename MedianMs>
+int BatchBench(const std::vector<uint32_t>& batches, const std::vector<uint32_t>& row_counts,
+               int reps, double copy_gbs, MedianMs& median_ms, CudaStream& stream) {
+  constexpr uint32_t kPool = 1000, kBlockTokens = 95, kPicked = 300;
+  const float v_value = 0.74609375f;
+  std::vector<DeviceBuffer> pages;
+  std::vector<KvBlockRef> blocks;
+  std::vector<uint32_t> tokens(kPool, kBlockTokens);
+  for (uint32_t b = 0; b < kPool; ++b) {
+    const size_t bytes = size_t(kKvHeads) * kBlockTokens * kHeadDim * 2;
+    DeviceBuffer k = Must(DeviceBuffer::Allocate(bytes));
+    DeviceBuffer v = Must(DeviceBuffer::Allocate(bytes));
+    CHECK_CUDA(cudaMemset(k.get(), 0x3c, bytes));
+    CHECK_CUDA(cudaMemset(v.get(), 0x3f, bytes));
+    blocks.push_back({k.get(), v.get(), kBlockTokens});
+    pages.push_back(std::move(k));
+    pages.push_back(std::move(v));
+  }
+  const uint32_t rows = row_counts.empty() ? 18 : row_counts.front();
+  const double context = double(kPicked) * kBlockTokens;
+  const double kv_query = 2.0 * kKvHeads * context * kHeadDim * 2;  // bytes one query reads
+  const double kv_pool = 2.0 * kKvHeads * kPool * kBlockTokens * kHeadDim * 2;
+  std::printf("batched: pool %u blocks of %u tokens, %u picked a query (%.0f tokens), rows %u\n",
+              kPool, kBlockTokens, kPicked, context, rows);
+  std::printf("%6s %12s %12s %9s %12s %12s %9s\n", "batch", "B single us", "batch us", "speedup",
+              "floor us", "union fl us", "vs floor");
+  std::mt19937 rng(7);
+  for (uint32_t batch : batches) {
+    std::vector<PagedBatchQuery> queries;
+    std::vector<bool> used(kPool, false);
+    for (uint32_t i = 0; i < batch; ++i) {
+      std::vector<uint32_t> all(kPool);
+      for (uint32_t b = 0; b < kPool; ++b) all[b] = b;
+      std::shuffle(all.begin(), all.end(), rng);
+      all.resize(kPicked);
+      for (uint32_t b : all) used[b] = true;
+      queries.push_back(PagedBatchQuery{rows, all, 0});
+    }
+    const double union_blocks = double(std::count(used.begin(), used.end(), true));
+    const size_t qvecs = size_t(kQHeads) * rows * batch;
+    DeviceBuffer q = Must(DeviceBuffer::Allocate(qvecs * kHeadDim * 2));
+    CHECK_CUDA(cudaMemset(q.get(), 0x3c, q.size()));
+    DeviceBuffer out = Must(DeviceBuffer::Allocate(qvecs * kHeadDim * 4));
+    DeviceBuffer lse = Must(DeviceBuffer::Allocate(qvecs * 4));
+    // B single launches, each over its query's blocks in its order.
+    const size_t ws1 = PagedAttentionWorkspaceBytes(kQHeads, kKvHeads, rows, kHeadDim,
+                                                    uint64_t(kPicked) * kBlockTokens);
+    std::vector<PagedAttentionArgs> singles(batch);
+    DeviceBuffer ws_single = Must(DeviceBuffer::Allocate(ws1));
+    for (uint32_t i = 0; i < batch; ++i) {
+      PagedAttentionArgs& a = singles[i];
+      a.dtype = DType::kBF16;
+      a.q_heads = kQHeads;
+      a.kv_heads = kKvHeads;
+      a.head_dim = kHeadDim;
+      a.rows = rows;
+      a.q = q.as<uint8_t>() + size_t(i) * kQHeads * rows * kHeadDim * 2;
+      for (uint32_t b : queries[i].blocks) a.blocks.push_back(blocks[b]);
+      a.rope.llama3_scaling = true;
+      a.out = out.as<float>() + size_t(i) * kQHeads * rows * kHeadDim;
+      a.lse = lse.as<float>() + size_t(i) * kQHeads * rows;
+      a.workspace = ws_single.get();
+      a.workspace_bytes = ws1;
+    }
+    auto singles_fn = [&] {
+      for (const PagedAttentionArgs& a : singles) CHECK_OK(LaunchPagedAttention(a, stream.get()));
+    };
+    double batch_us = 0;
+    {
+      const PagedBatchLayout layout =
+          Must(MakePagedBatchLayout(kQHeads, kKvHeads, kHeadDim, tokens, queries));
+      DeviceBuffer words = Must(DeviceBuffer::Allocate(layout.words.size() * 4));
+      CHECK_CUDA(cudaMemcpy(words.get(), layout.words.data(), layout.words.size() * 4,
+                            cudaMemcpyHostToDevice));
+      const size_t wsb = PagedBatchWorkspaceBytes(layout);
+      DeviceBuffer ws = Must(DeviceBuffer::Allocate(wsb));
+      PagedBatchArgs a;
+      a.dtype = DType::kBF16;
+      a.layout = &layout;
+      a.layout_words = words.get();
+      a.blocks = blocks;
+      a.rope.llama3_scaling = true;
+      a.q = q.get();
+      a.out = out.as<float>();
+      a.lse = lse.as<float>();
+      a.workspace = ws.get();
+      a.workspace_bytes = wsb;
+      auto fn = [&] { CHECK_OK(LaunchPagedAttentionBatch(a, stream.get())); };
+      CHECK_CUDA(cudaMemset(out.get(), 0, out.size()));
+      fn();
+      CHECK_OK(stream.Synchronize());
+      std::vector<float> got(qvecs * kHeadDim), got_lse(qvecs);
+      CHECK_CUDA(cudaMemcpy(got.data(), out.get(), got.size() * 4, cudaMemcpyDeviceToHost));
+      CHECK_CUDA(cudaMemcpy(got_lse.data(), lse.get(), got_lse.size() * 4, cudaMemcpyDeviceToHost));
+      for (size_t i = 0; i < got.size(); ++i) {
+        if (!(std::fabs(got[i] - v_value) <= 1e-2 * v_value)) {
+          std::fprintf(stderr, "self-check failed: batch %u out[%zu] = %g\n", batch, i, got[i]);
+          return 1;
+        }
+      }
+      for (size_t i = 0; i < got_lse.size(); ++i) {
+        if (!(std::fabs(got_lse[i] - std::log(context)) <= 1e-2)) {
+          std::fprintf(stderr, "self-check failed: batch %u lse[%zu] = %g\n", batch, i, got_lse[i]);
+          return 1;
+        }
+      }
+      batch_us = median_ms(reps, fn) * 1e3;
+      std::printf("  batch %u: %u splits\n", batch, layout.splits);
+    }
+    const double single_us = median_ms(reps, singles_fn) * 1e3;
+    const double floor_us = batch * kv_query / (copy_gbs * 1e9) * 1e6;
+    const double union_floor_us = union_blocks / kPool * kv_pool / (copy_gbs * 1e9) * 1e6;
+    std::printf("%6u %12.1f %12.1f %8.2fx %12.1f %12.1f %8.2fx\n", batch, single_us, batch_us,
+                single_us / batch_us, floor_us, union_floor_us, batch_us / floor_us);
+    std::printf("       per query: single %.1f us, batch %.1f us (%.0f GB/s, %.2f of copy)\n",
+                single_us / batch, batch_us / batch, kv_query * batch / (batch_us * 1e-6) / 1e9,
+                kv_query * batch / (batch_us * 1e-6) / 1e9 / copy_gbs);
+  }
+  return 0;
+}
+
 int Main(int argc, char** argv) {
   int reps = 50;
   uint32_t block_tokens = 1000;  // tokens per page (DBSA blocks of k = 50 short demos: ~100)
   std::vector<uint32_t> row_counts = {1, 8, 32, 128};
+  std::vector<uint32_t> batches;  // --batch: the batched launch instead of the contexts above
   std::string json;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--reps") && i + 1 < argc) {
@@ -68,12 +196,16 @@ int Main(int argc, char** argv) {
       for (char* p = std::strtok(argv[++i], ","); p != nullptr; p = std::strtok(nullptr, ",")) {
         row_counts.push_back(static_cast<uint32_t>(std::max(1, std::atoi(p))));
       }
+    } else if (!std::strcmp(argv[i], "--batch") && i + 1 < argc) {
+      for (char* p = std::strtok(argv[++i], ","); p != nullptr; p = std::strtok(nullptr, ",")) {
+        batches.push_back(static_cast<uint32_t>(std::max(1, std::atoi(p))));
+      }
     } else if (!std::strcmp(argv[i], "--json") && i + 1 < argc) {
       json = argv[++i];
     } else {
       std::fprintf(stderr,
                    "usage: paged_attention_bench [--reps N] [--block-tokens N] [--rows 1,8,32,128] "
-                   "[--json FILE]\n");
+                   "[--batch 1,4,16,64] [--json FILE]\n");
       return 2;
     }
   }
@@ -122,6 +254,7 @@ int Main(int argc, char** argv) {
 
   // K/V fills: bf16 0x3c3c (~0.0114) for K and q, 0x3f3f (0.74609375) for V.
   const float v_value = 0.74609375f;
+  if (!batches.empty()) return BatchBench(batches, row_counts, reps, copy_gbs, median_ms, stream);
   std::vector<Row> rows_out;
   for (uint32_t context : {4096u, 28672u, 131072u}) {
     std::vector<DeviceBuffer> pages;

@@ -27,6 +27,10 @@ build-gpu/bench/h2d_bench --mb 1024 --json "$out/h2d.json" 2>&1 | tee "$out/h2d_
 build-gpu/bench/h2d_bench --mb 1024 --block-tokens 256 --json "$out/h2d_256.json" 2>&1 \
   | tee "$out/h2d_bench_256.txt" | grep -E "stager|pinned"
 
+# One launch per layer for a batch of DBSA queries against one per query (docs/results.md run W).
+build-gpu/bench/paged_attention_bench --reps 20 --batch 1,4,16,64 --rows 18 2>&1 \
+  | tee "$out/paged_attention_batch.txt"
+
 case "$mode" in
   --no-latency) ;;
   --quick) build-gpu/bench/dbsa_latency_bench --layers 4 --pools 30000 --queries 4 \

@@ -212,15 +212,43 @@ __device__ __forceinline__ float2 Unpack2(uint32_t u, __half) {
 
 // ---- the split kernel ----
 
-// CTA (m tile, kv head, split), flattened into blockIdx.x with the m tile fastest, so that the CTAs
-// reading the same K/V run together and share it through L2.
-template <typename T, int D, int WM, int NW>
+// Where a batch's layout words are (PagedBatchLayout::words): per query its rows, first row,
+// first position, first segment (one more entry: the end) and split bounds (splits + 1 offsets
+// into its context); then per segment (a query's block, in the query's order) its union block
+// and its first and end tokens in the query's context.
+struct BatchWords {
+  uint32_t nq, splits, segments;
+  __host__ __device__ uint32_t rows(uint32_t i) const { return i; }
+  __host__ __device__ uint32_t first(uint32_t i) const { return nq + i; }
+  __host__ __device__ uint32_t position(uint32_t i) const { return 2 * nq + i; }
+  __host__ __device__ uint32_t seg(uint32_t i) const { return 3 * nq + i; }
+  __host__ __device__ uint32_t bound(uint32_t i, uint32_t s) const {
+    return 4 * nq + 1 + i * (splits + 1) + s;
+  }
+  __host__ __device__ uint32_t seg_block(uint32_t j) const {
+    return 4 * nq + 1 + nq * (splits + 1) + j;
+  }
+  __host__ __device__ uint32_t seg_start(uint32_t j) const { return seg_block(j) + segments; }
+  __host__ __device__ uint32_t seg_end(uint32_t j) const { return seg_block(j) + 2 * segments; }
+  __host__ __device__ uint32_t size() const { return seg_block(0) + 3 * segments; }
+};
+
+// CTA (m tile, [query,] kv head, split), flattened into blockIdx.x with the m tile fastest (then
+// the query), so that the CTAs reading the same K/V run together and share it through L2.
+//
+// One query (kBatch false): its rows are all of q's (`rows_all`), its tokens the concatenation
+// of tab's blocks, token t at first_position + t. A batch (kBatch true): tab holds the union; the
+// CTA's query takes its rows, first position, blocks (segments) and split bounds from `lw`
+// (BatchWords), token t of its concatenation at its first position + t.
+template <typename T, int D, int WM, int NW, bool kBatch>
 __global__ void __launch_bounds__(NW * 32, CtasPerSm(NW))
     PagedAttentionKernel(const __grid_constant__ BlockTable tab, const T* __restrict__ q,
-                         uint32_t m_total, uint32_t m_tiles, uint32_t kv_heads, uint32_t total,
-                         uint32_t chunk, uint32_t splits, int64_t first_position, bool rotate,
-                         float scale_log2, float* __restrict__ out, float* __restrict__ lse,
-                         float* __restrict__ ws_acc, float* __restrict__ ws_ml) {
+                         uint32_t group, uint32_t rows_all, uint32_t m_tiles, uint32_t kv_heads,
+                         uint32_t total, uint32_t chunk, uint32_t splits, int64_t first_position,
+                         bool rotate, float scale_log2, float* __restrict__ out,
+                         float* __restrict__ lse, float* __restrict__ ws_acc,
+                         float* __restrict__ ws_ml, const uint32_t* __restrict__ lw,
+                         BatchWords bw) {
   constexpr int kWarps = NW;
   constexpr int kThreads = NW * 32;
   // WM = 5 (kMixed, 8 warps, 65-80 query vectors): warps 0-3 take vector tiles 0-3 over all of a
@@ -243,11 +271,35 @@ __global__ void __launch_bounds__(NW * 32, CtasPerSm(NW))
 
   const uint32_t bx = blockIdx.x;
   const uint32_t mt = bx % m_tiles;
-  const uint32_t kvh = (bx / m_tiles) % kv_heads;
-  const uint32_t split = bx / m_tiles / kv_heads;
-  const uint32_t start = split * chunk;
-  const uint32_t end = min(start + chunk, total);
+  uint32_t rest = bx / m_tiles;
+  uint32_t qi = 0;
+  if constexpr (kBatch) {
+    qi = rest % bw.nq;
+    rest /= bw.nq;
+  }
+  const uint32_t kvh = rest % kv_heads;
+  const uint32_t split = rest / kv_heads;
+  // The CTA's query: its rows (of rows_all, from first_row) and its tokens in this split.
+  uint32_t rows_q = rows_all, first_row = 0, start = 0, end = 0, seg_lo = 0, seg_hi = 0;
+  if constexpr (kBatch) {
+    rows_q = lw[bw.rows(qi)];
+    first_row = lw[bw.first(qi)];
+    first_position = lw[bw.position(qi)];
+    start = lw[bw.bound(qi, split)];
+    end = lw[bw.bound(qi, split + 1)];
+    seg_lo = lw[bw.seg(qi)];
+    seg_hi = lw[bw.seg(qi + 1)];
+  } else {
+    start = split * chunk;
+    end = min(start + chunk, total);
+  }
+  const uint32_t m_total = group * rows_q;  // the query's vectors per kv head
+  if (mt * (16u * WM) >= m_total) return;   // a shorter query of a batch: no vectors here
   const int ntiles = static_cast<int>((end - start + kTileN - 1) / kTileN);
+  // Query vector v of kv head kvh (head kvh * group + v / rows_q, row v % rows_q) in q, out, lse.
+  auto vec_index = [&](uint32_t v) -> size_t {
+    return (static_cast<size_t>(kvh) * group + v / rows_q) * rows_all + first_row + v % rows_q;
+  };
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, tg = lane % 4;  // mma fragment coordinates
@@ -256,7 +308,23 @@ __global__ void __launch_bounds__(NW * 32, CtasPerSm(NW))
   constexpr int kLoadCols = D / 8;
   constexpr int kLoadRows = kThreads / kLoadCols;
   const int lc = tid % kLoadCols, lr = tid / kLoadCols;
-  int cursor = FindBlock(tab, start + lr);  // block of the thread's next token (monotone)
+  // Block (one query) or segment (a batch) of the thread's next token; monotone.
+  int cursor = 0;
+  if constexpr (kBatch) {
+    int lo = static_cast<int>(seg_lo), hi = static_cast<int>(seg_hi) - 1;
+    const uint32_t t = start + lr;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (lw[bw.seg_start(mid)] <= t) {
+        lo = mid;
+      } else {
+        hi = mid - 1;
+      }
+    }
+    cursor = lo;
+  } else {
+    cursor = FindBlock(tab, start + lr);
+  }
   auto load_tile = [&](int tile, int stage) {
     T* const sk = ring + static_cast<size_t>(stage) * 2 * StageElems<D>();
     T* const sv = sk + StageElems<D>();
@@ -268,13 +336,21 @@ __global__ void __launch_bounds__(NW * 32, CtasPerSm(NW))
       T* const dk = sk + n * kRs + lc * 8;
       T* const dv = sv + n * kRs + lc * 8;
       if (t < end) {
-        while (t >= tab.offset[cursor + 1]) ++cursor;
-        const uint32_t first = tab.offset[cursor];
-        const uint32_t block_tokens = tab.offset[cursor + 1] - first;
-        const size_t off = (static_cast<size_t>(kvh) * block_tokens + (t - first)) * D +
-                           static_cast<size_t>(lc) * 8;
-        CpAsync16(dk, static_cast<const T*>(tab.k[cursor]) + off);
-        CpAsync16(dv, static_cast<const T*>(tab.v[cursor]) + off);
+        uint32_t block = 0, in_block = 0;
+        if constexpr (kBatch) {
+          while (t >= lw[bw.seg_end(cursor)]) ++cursor;
+          block = lw[bw.seg_block(cursor)];
+          in_block = t - lw[bw.seg_start(cursor)];
+        } else {
+          while (t >= tab.offset[cursor + 1]) ++cursor;
+          block = static_cast<uint32_t>(cursor);
+          in_block = t - tab.offset[cursor];
+        }
+        const uint32_t block_tokens = tab.offset[block + 1] - tab.offset[block];
+        const size_t off =
+            (static_cast<size_t>(kvh) * block_tokens + in_block) * D + static_cast<size_t>(lc) * 8;
+        CpAsync16(dk, static_cast<const T*>(tab.k[block]) + off);
+        CpAsync16(dv, static_cast<const T*>(tab.v[block]) + off);
       } else {  // past the split: zeros (never NaN garbage in P V)
         *reinterpret_cast<uint4*>(dk) = make_uint4(0, 0, 0, 0);
         *reinterpret_cast<uint4*>(dv) = make_uint4(0, 0, 0, 0);
@@ -345,15 +421,16 @@ __global__ void __launch_bounds__(NW * 32, CtasPerSm(NW))
   const bool warp_active = row0 < m_total;
   uint32_t qf[kKc][4];
   {
-    const T* const qb = q + static_cast<size_t>(kvh) * m_total * D;
     const uint32_t ra = row0 + g, rb = row0 + g + 8;
+    const T* const qa = ra < m_total ? q + vec_index(ra) * D : nullptr;
+    const T* const qb = rb < m_total ? q + vec_index(rb) * D : nullptr;
 #pragma unroll
     for (int kc = 0; kc < kKc; ++kc) {
       const int c = kc * 16 + 2 * tg;
-      qf[kc][0] = ra < m_total ? *reinterpret_cast<const uint32_t*>(qb + ra * D + c) : 0u;
-      qf[kc][1] = rb < m_total ? *reinterpret_cast<const uint32_t*>(qb + rb * D + c) : 0u;
-      qf[kc][2] = ra < m_total ? *reinterpret_cast<const uint32_t*>(qb + ra * D + c + 8) : 0u;
-      qf[kc][3] = rb < m_total ? *reinterpret_cast<const uint32_t*>(qb + rb * D + c + 8) : 0u;
+      qf[kc][0] = qa != nullptr ? *reinterpret_cast<const uint32_t*>(qa + c) : 0u;
+      qf[kc][1] = qb != nullptr ? *reinterpret_cast<const uint32_t*>(qb + c) : 0u;
+      qf[kc][2] = qa != nullptr ? *reinterpret_cast<const uint32_t*>(qa + c + 8) : 0u;
+      qf[kc][3] = qb != nullptr ? *reinterpret_cast<const uint32_t*>(qb + c + 8) : 0u;
     }
   }
 
@@ -498,14 +575,17 @@ __global__ void __launch_bounds__(NW * 32, CtasPerSm(NW))
     float mx = -INFINITY;
 #pragma unroll
     for (int w = 0; w < wc; ++w) mx = fmaxf(mx, sm_m[(w0 + w) * 16 + r]);
+    // No token at all (a batch's query with none in this split): a partial of sum 0, max -inf,
+    // which the merge weighs 0.
+    const float ref = mx == -INFINITY ? 0.f : mx;
     float sum = 0.f, acc = 0.f;
 #pragma unroll
     for (int w = 0; w < wc; ++w) {
-      const float f = exp2f(sm_m[(w0 + w) * 16 + r] - mx);  // a warp without tokens: m = -inf
+      const float f = exp2f(sm_m[(w0 + w) * 16 + r] - ref);  // a warp without tokens: m = -inf
       sum += sm_l[(w0 + w) * 16 + r] * f;
       acc += sm_o[((w0 + w) * 16 + r) * (D + kOutPad) + d] * f;
     }
-    const size_t qv = static_cast<size_t>(kvh) * m_total + mrow;
+    const size_t qv = vec_index(mrow);
     if (splits == 1) {
       out[qv * D + d] = acc / sum;
       if (d == 0 && lse != nullptr) lse[qv] = (mx + log2f(sum)) * kLn2;
@@ -585,49 +665,106 @@ __global__ void __launch_bounds__(kMergeWarps * 32)
 
 // ---- host side ----
 
-template <typename T, int D, int WM, int NW>
-Status LaunchSplits(const BlockTable& tab, const PagedAttentionArgs& a, const Plan& p,
-                    uint32_t total, float* ws_acc, float* ws_ml, cudaStream_t stream) {
-  auto* kernel = &PagedAttentionKernel<T, D, WM, NW>;
+// What a launch passes to the kernels besides the block table.
+struct Launch {
+  const void* q = nullptr;
+  uint32_t q_heads = 0, kv_heads = 0, rows_all = 0;
+  uint32_t total = 0;  // one query: its tokens
+  int64_t first_position = 0;
+  bool rotate = true;
+  float* out = nullptr;
+  float* lse = nullptr;
+  float* ws_acc = nullptr;
+  float* ws_ml = nullptr;
+  const uint32_t* lw = nullptr;  // a batch's layout words
+  BatchWords bw{};
+  uint32_t queries = 1;
+};
+
+template <typename T, int D, int WM, int NW, bool kBatch>
+Status LaunchSplits(const BlockTable& tab, const Launch& l, const Plan& p, cudaStream_t stream) {
+  auto* kernel = &PagedAttentionKernel<T, D, WM, NW, kBatch>;
   constexpr size_t kSmem = SmemBytes<D, NW>();
   SHOTDB_CUDA_RETURN_IF_ERROR(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
-  const uint64_t grid = static_cast<uint64_t>(p.m_tiles) * a.kv_heads * p.splits;
+  const uint64_t grid = static_cast<uint64_t>(p.m_tiles) * l.queries * l.kv_heads * p.splits;
   const float scale_log2 = kLog2e / std::sqrt(static_cast<float>(D));
   kernel<<<static_cast<unsigned>(grid), NW * 32, kSmem, stream>>>(
-      tab, static_cast<const T*>(a.q), p.m, p.m_tiles, a.kv_heads, total, p.chunk, p.splits,
-      a.first_position, a.rotate_keys, scale_log2, a.out, a.lse, ws_acc, ws_ml);
+      tab, static_cast<const T*>(l.q), l.q_heads / l.kv_heads, l.rows_all, p.m_tiles, l.kv_heads,
+      l.total, p.chunk, p.splits, l.first_position, l.rotate, scale_log2, l.out, l.lse, l.ws_acc,
+      l.ws_ml, l.lw, l.bw);
   SHOTDB_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return Status::OK();
 }
 
-template <typename T, int D>
-Status LaunchTyped(const BlockTable& tab, const PagedAttentionArgs& a, const Plan& p,
-                   uint32_t total, float* ws_acc, float* ws_ml, cudaStream_t stream) {
+template <typename T, int D, bool kBatch>
+Status LaunchTyped(const BlockTable& tab, const Launch& l, const Plan& p, cudaStream_t stream) {
   switch (p.wm) {
     case 1:
-      SHOTDB_RETURN_IF_ERROR((LaunchSplits<T, D, 1, 4>(tab, a, p, total, ws_acc, ws_ml, stream)));
+      SHOTDB_RETURN_IF_ERROR((LaunchSplits<T, D, 1, 4, kBatch>(tab, l, p, stream)));
       break;
     case 2:
-      SHOTDB_RETURN_IF_ERROR((LaunchSplits<T, D, 2, 4>(tab, a, p, total, ws_acc, ws_ml, stream)));
+      SHOTDB_RETURN_IF_ERROR((LaunchSplits<T, D, 2, 4, kBatch>(tab, l, p, stream)));
       break;
     case 4:
-      SHOTDB_RETURN_IF_ERROR((LaunchSplits<T, D, 4, 4>(tab, a, p, total, ws_acc, ws_ml, stream)));
+      SHOTDB_RETURN_IF_ERROR((LaunchSplits<T, D, 4, 4, kBatch>(tab, l, p, stream)));
       break;
     case 5:
-      SHOTDB_RETURN_IF_ERROR((LaunchSplits<T, D, 5, 8>(tab, a, p, total, ws_acc, ws_ml, stream)));
+      SHOTDB_RETURN_IF_ERROR((LaunchSplits<T, D, 5, 8, kBatch>(tab, l, p, stream)));
       break;
     default:
-      SHOTDB_RETURN_IF_ERROR((LaunchSplits<T, D, 8, 8>(tab, a, p, total, ws_acc, ws_ml, stream)));
+      SHOTDB_RETURN_IF_ERROR((LaunchSplits<T, D, 8, 8, kBatch>(tab, l, p, stream)));
       break;
   }
   if (p.splits > 1) {
-    const size_t qvecs = static_cast<size_t>(a.q_heads) * a.rows;
+    const size_t qvecs = static_cast<size_t>(l.q_heads) * l.rows_all;
     MergeSplitsKernel<D><<<static_cast<unsigned>(qvecs), kMergeWarps * 32, 0, stream>>>(
-        ws_acc, ws_ml, p.splits, a.out, a.lse);
+        l.ws_acc, l.ws_ml, p.splits, l.out, l.lse);
     SHOTDB_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   }
   return Status::OK();
+}
+
+template <bool kBatch>
+Status LaunchAny(DType dtype, uint32_t head_dim, const BlockTable& tab, const Launch& l,
+                 const Plan& p, cudaStream_t stream) {
+  if (dtype == DType::kBF16) {
+    return head_dim == 128 ? LaunchTyped<__nv_bfloat16, 128, kBatch>(tab, l, p, stream)
+                           : LaunchTyped<__nv_bfloat16, 64, kBatch>(tab, l, p, stream);
+  }
+  return head_dim == 128 ? LaunchTyped<__half, 128, kBatch>(tab, l, p, stream)
+                         : LaunchTyped<__half, 64, kBatch>(tab, l, p, stream);
+}
+
+// The checks both entry points make: dtype, head_dim, heads.
+Status CheckShape(const char* what, DType dtype, uint32_t q_heads, uint32_t kv_heads,
+                  uint32_t head_dim) {
+  if (!internal::IsKernelDType(dtype)) {
+    return Status::InvalidArgument(std::string(what) + ": dtype must be bf16 or f16, got " +
+                                   std::string(DTypeName(dtype)));
+  }
+  if (head_dim != 64 && head_dim != 128) {
+    return Status::InvalidArgument(std::string(what) + ": head_dim must be 64 or 128, got " +
+                                   std::to_string(head_dim));
+  }
+  if (kv_heads == 0 || q_heads == 0 || q_heads % kv_heads != 0 ||
+      q_heads / kv_heads > kMaxPagedAttentionGroup) {
+    return Status::InvalidArgument(
+        std::string(what) + ": q_heads must be a positive multiple of kv_heads with at most " +
+        std::to_string(kMaxPagedAttentionGroup) + " query heads per kv head, got " +
+        std::to_string(q_heads) + " and " + std::to_string(kv_heads));
+  }
+  return Status::OK();
+}
+
+Plan BatchPlan(const PagedBatchLayout& layout) {
+  Plan p;
+  p.m = 0;
+  p.wm = layout.wm;
+  p.m_tiles = layout.m_tiles;
+  p.chunk = 0;  // per query, in the layout words
+  p.splits = layout.splits;
+  return p;
 }
 
 }  // namespace
@@ -641,21 +778,8 @@ size_t PagedAttentionWorkspaceBytes(uint32_t q_heads, uint32_t kv_heads, uint32_
 }
 
 Status LaunchPagedAttention(const PagedAttentionArgs& args, cudaStream_t stream) {
-  if (!internal::IsKernelDType(args.dtype)) {
-    return Status::InvalidArgument("PagedAttention: dtype must be bf16 or f16, got " +
-                                   std::string(DTypeName(args.dtype)));
-  }
-  if (args.head_dim != 64 && args.head_dim != 128) {
-    return Status::InvalidArgument("PagedAttention: head_dim must be 64 or 128, got " +
-                                   std::to_string(args.head_dim));
-  }
-  if (args.kv_heads == 0 || args.q_heads == 0 || args.q_heads % args.kv_heads != 0 ||
-      args.q_heads / args.kv_heads > kMaxPagedAttentionGroup) {
-    return Status::InvalidArgument(
-        "PagedAttention: q_heads must be a positive multiple of kv_heads with at most " +
-        std::to_string(kMaxPagedAttentionGroup) + " query heads per kv head, got " +
-        std::to_string(args.q_heads) + " and " + std::to_string(args.kv_heads));
-  }
+  SHOTDB_RETURN_IF_ERROR(
+      CheckShape("PagedAttention", args.dtype, args.q_heads, args.kv_heads, args.head_dim));
   if (args.rows == 0 || args.rows > kMaxPagedAttentionRows) {
     return Status::InvalidArgument("PagedAttention: rows must be 1.." +
                                    std::to_string(kMaxPagedAttentionRows) + ", got " +
@@ -688,19 +812,207 @@ Status LaunchPagedAttention(const PagedAttentionArgs& args, cudaStream_t stream)
   if (reinterpret_cast<uintptr_t>(args.workspace) % 4 != 0) {
     return Status::InvalidArgument("PagedAttention: workspace is not 4-byte aligned");
   }
+  Launch l;
+  l.q = args.q;
+  l.q_heads = args.q_heads;
+  l.kv_heads = args.kv_heads;
+  l.rows_all = args.rows;
+  l.total = total;
+  l.first_position = args.first_position;
+  l.rotate = args.rotate_keys;
+  l.out = args.out;
+  l.lse = args.lse;
   // Partial outputs first, then (max, sum) pairs.
-  float* const ws_acc = static_cast<float*>(args.workspace);
-  float* const ws_ml = ws_acc == nullptr ? nullptr
-                                         : ws_acc + static_cast<size_t>(args.q_heads) * args.rows *
-                                                        plan.splits * args.head_dim;
-  if (args.dtype == DType::kBF16) {
-    return args.head_dim == 128
-               ? LaunchTyped<__nv_bfloat16, 128>(tab, args, plan, total, ws_acc, ws_ml, stream)
-               : LaunchTyped<__nv_bfloat16, 64>(tab, args, plan, total, ws_acc, ws_ml, stream);
+  l.ws_acc = static_cast<float*>(args.workspace);
+  l.ws_ml = l.ws_acc == nullptr ? nullptr
+                                : l.ws_acc + static_cast<size_t>(args.q_heads) * args.rows *
+                                                 plan.splits * args.head_dim;
+  return LaunchAny<false>(args.dtype, args.head_dim, tab, l, plan, stream);
+}
+
+Result<PagedBatchLayout> MakePagedBatchLayout(uint32_t q_heads, uint32_t kv_heads,
+                                              uint32_t head_dim,
+                                              const std::vector<uint32_t>& block_tokens,
+                                              const std::vector<PagedBatchQuery>& queries,
+                                              uint32_t splits) {
+  const std::string what = "PagedAttentionBatch";
+  SHOTDB_RETURN_IF_ERROR(CheckShape(what.c_str(), DType::kBF16, q_heads, kv_heads, head_dim));
+  if (block_tokens.empty() || block_tokens.size() > kMaxKernelBlocks) {
+    return Status::InvalidArgument(what + ": need 1.." + std::to_string(kMaxKernelBlocks) +
+                                   " union blocks, got " + std::to_string(block_tokens.size()));
   }
-  return args.head_dim == 128
-             ? LaunchTyped<__half, 128>(tab, args, plan, total, ws_acc, ws_ml, stream)
-             : LaunchTyped<__half, 64>(tab, args, plan, total, ws_acc, ws_ml, stream);
+  std::vector<uint64_t> uoff(block_tokens.size() + 1, 0);  // union offsets
+  for (size_t b = 0; b < block_tokens.size(); ++b) {
+    if (block_tokens[b] == 0) {
+      return Status::InvalidArgument(what + ": union block " + std::to_string(b) + " has 0 tokens");
+    }
+    uoff[b + 1] = uoff[b] + block_tokens[b];
+  }
+  const uint64_t union_total = uoff.back();
+  if (union_total > UINT32_MAX / 2) {
+    return Status::InvalidArgument(what + ": more than 2^31 union tokens");
+  }
+  if (queries.empty() || queries.size() > kMaxPagedAttentionRows) {
+    return Status::InvalidArgument(what + ": need 1.." + std::to_string(kMaxPagedAttentionRows) +
+                                   " queries, got " + std::to_string(queries.size()));
+  }
+  PagedBatchLayout out;
+  out.q_heads = q_heads;
+  out.kv_heads = kv_heads;
+  out.head_dim = head_dim;
+  out.queries = static_cast<uint32_t>(queries.size());
+  out.block_tokens = block_tokens;
+  uint64_t rows = 0, local_total = 0, segments = 0;
+  uint32_t max_rows = 0;
+  std::vector<uint64_t> context(queries.size(), 0);
+  for (size_t i = 0; i < queries.size(); ++i) {
+    const PagedBatchQuery& q = queries[i];
+    const std::string name = what + ": query " + std::to_string(i);
+    if (q.rows == 0) return Status::InvalidArgument(name + " has 0 rows");
+    if (q.blocks.empty() || q.blocks.size() > kMaxKernelBlocks) {
+      return Status::InvalidArgument(name + " needs 1.." + std::to_string(kMaxKernelBlocks) +
+                                     " blocks, got " + std::to_string(q.blocks.size()));
+    }
+    for (size_t k = 0; k < q.blocks.size(); ++k) {
+      if (q.blocks[k] >= block_tokens.size()) {
+        return Status::InvalidArgument(name + ": block " + std::to_string(k) + " is union block " +
+                                       std::to_string(q.blocks[k]) + " of " +
+                                       std::to_string(block_tokens.size()));
+      }
+      context[i] += block_tokens[q.blocks[k]];
+    }
+    if (q.first_position < 0 ||
+        static_cast<uint64_t>(q.first_position) + context[i] > static_cast<uint64_t>(INT32_MAX)) {
+      return Status::InvalidArgument(name + ": positions " + std::to_string(q.first_position) +
+                                     ".." + std::to_string(q.first_position + context[i]) +
+                                     " leave 0..2^31-1");
+    }
+    rows += q.rows;
+    max_rows = std::max(max_rows, q.rows);
+    local_total += context[i];
+    segments += q.blocks.size();
+  }
+  if (rows > kMaxPagedAttentionRows) {
+    return Status::InvalidArgument(what + ": " + std::to_string(rows) + " rows, at most " +
+                                   std::to_string(kMaxPagedAttentionRows));
+  }
+  out.rows = static_cast<uint32_t>(rows);
+  out.segments = static_cast<uint32_t>(segments);
+
+  // The CTA shape for the longest query; each query's context cut into `splits` parts.
+  const Plan shape = MakePlan(q_heads, kv_heads, max_rows, 1);
+  out.wm = shape.wm;
+  out.m_tiles = shape.m_tiles;
+  const uint64_t ctas_per_split = static_cast<uint64_t>(kv_heads) * shape.m_tiles * queries.size();
+  uint64_t min_context = UINT64_MAX;
+  for (uint64_t c : context) min_context = std::min(min_context, c);
+  if (splits == 0) {
+    // About one wave of CTAs (as MakePlan), but each split at least 8 M tokens of the shortest
+    // context, so that its partial result stays small next to its K/V.
+    const uint64_t slots = Multiprocessors() * CtasPerSm(shape.wm >= 5 ? 8 : 4);
+    const uint64_t share = min_context / std::max<uint64_t>(8ull * shape.m, kMinChunk);
+    splits = static_cast<uint32_t>(
+        std::max<uint64_t>(1, std::min<uint64_t>(slots / ctas_per_split, share)));
+  }
+  out.splits = splits;
+  if (ctas_per_split * out.splits > static_cast<uint64_t>(INT32_MAX)) {
+    return Status::InvalidArgument(what + ": " + std::to_string(ctas_per_split * out.splits) +
+                                   " CTAs exceed the grid limit");
+  }
+
+  const BatchWords bw{out.queries, out.splits, out.segments};
+  out.words.assign(bw.size(), 0);
+  uint32_t first_row = 0, seg = 0;
+  for (size_t i = 0; i < queries.size(); ++i) {
+    const PagedBatchQuery& q = queries[i];
+    out.words[bw.rows(i)] = q.rows;
+    out.words[bw.first(i)] = first_row;
+    out.words[bw.position(i)] = static_cast<uint32_t>(q.first_position);
+    out.words[bw.seg(i)] = seg;
+    first_row += q.rows;
+    uint32_t local = 0;
+    for (uint32_t b : q.blocks) {
+      out.words[bw.seg_block(seg)] = b;
+      out.words[bw.seg_start(seg)] = local;
+      local += block_tokens[b];
+      out.words[bw.seg_end(seg)] = local;
+      ++seg;
+    }
+    // Split s starts at token s * chunk of the context: parts of whole tiles, the last shorter
+    // (empty when the context is shorter than splits tiles).
+    const uint64_t chunk = (context[i] + splits - 1) / splits;
+    const uint64_t step = (chunk + kTileN - 1) / kTileN * kTileN;
+    for (uint32_t s = 0; s <= splits; ++s) {
+      out.words[bw.bound(i, s)] = static_cast<uint32_t>(std::min<uint64_t>(context[i], step * s));
+    }
+  }
+  out.words[bw.seg(queries.size())] = seg;
+  return out;
+}
+
+size_t PagedBatchWorkspaceBytes(const PagedBatchLayout& layout) {
+  if (layout.splits <= 1) return 0;
+  return static_cast<size_t>(layout.q_heads) * layout.rows * layout.splits * (layout.head_dim + 2) *
+         sizeof(float);
+}
+
+Status LaunchPagedAttentionBatch(const PagedBatchArgs& args, cudaStream_t stream) {
+  const std::string what = "PagedAttentionBatch";
+  if (args.layout == nullptr || args.layout_words == nullptr ||
+      reinterpret_cast<uintptr_t>(args.layout_words) % 4 != 0) {
+    return Status::InvalidArgument(what +
+                                   ": null layout, or layout_words null or not 4-byte "
+                                   "aligned");
+  }
+  const PagedBatchLayout& lay = *args.layout;
+  SHOTDB_RETURN_IF_ERROR(
+      CheckShape(what.c_str(), args.dtype, lay.q_heads, lay.kv_heads, lay.head_dim));
+  if (args.blocks.size() != lay.block_tokens.size()) {
+    return Status::InvalidArgument(what + ": " + std::to_string(args.blocks.size()) +
+                                   " blocks, the layout's union has " +
+                                   std::to_string(lay.block_tokens.size()));
+  }
+  for (size_t b = 0; b < args.blocks.size(); ++b) {
+    if (args.blocks[b].tokens != lay.block_tokens[b]) {
+      return Status::InvalidArgument(what + ": block " + std::to_string(b) + " has " +
+                                     std::to_string(args.blocks[b].tokens) +
+                                     " tokens, the layout " + std::to_string(lay.block_tokens[b]));
+    }
+  }
+  if (args.q == nullptr || args.out == nullptr) {
+    return Status::InvalidArgument(what + ": null q or out");
+  }
+  if (reinterpret_cast<uintptr_t>(args.q) % 4 != 0) {
+    return Status::InvalidArgument(what + ": q is not 4-byte aligned");
+  }
+  BlockTable tab;
+  SHOTDB_ASSIGN_OR_RETURN(uint32_t total, internal::BuildTable(args.blocks, args.rope, lay.head_dim,
+                                                               16, what.c_str(), &tab));
+  const size_t need = PagedBatchWorkspaceBytes(lay);
+  if (need > 0 && (args.workspace == nullptr || args.workspace_bytes < need ||
+                   reinterpret_cast<uintptr_t>(args.workspace) % 4 != 0)) {
+    return Status::InvalidArgument(
+        what + ": workspace holds " +
+        std::to_string(args.workspace == nullptr ? 0 : args.workspace_bytes) +
+        " bytes (4-byte aligned), need " + std::to_string(need));
+  }
+  Launch l;
+  l.q = args.q;
+  l.q_heads = lay.q_heads;
+  l.kv_heads = lay.kv_heads;
+  l.rows_all = lay.rows;
+  l.total = total;
+  l.rotate = true;
+  l.out = args.out;
+  l.lse = args.lse;
+  l.ws_acc = static_cast<float*>(args.workspace);
+  l.ws_ml = l.ws_acc == nullptr ? nullptr
+                                : l.ws_acc + static_cast<size_t>(lay.q_heads) * lay.rows *
+                                                 lay.splits * lay.head_dim;
+  l.lw = static_cast<const uint32_t*>(args.layout_words);
+  l.bw = BatchWords{lay.queries, lay.splits, lay.segments};
+  l.queries = lay.queries;
+  return LaunchAny<true>(args.dtype, lay.head_dim, tab, l, BatchPlan(lay), stream);
 }
 
 }  // namespace gpu

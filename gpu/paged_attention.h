@@ -82,6 +82,76 @@ size_t PagedAttentionWorkspaceBytes(uint32_t q_heads, uint32_t kv_heads, uint32_
 // small workspace or bad RoPE parameters; IOError if a launch fails.
 Status LaunchPagedAttention(const PagedAttentionArgs& args, cudaStream_t stream);
 
+// ---- a batch of queries over the union of their blocks ----
+//
+// LaunchPagedAttentionBatch computes, in one launch, what LaunchPagedAttention computes for each
+// of several queries (rotate_keys true): DBSA's batched queries (DbsaSession::AskBatch) attend a
+// layer in one launch instead of one per query. The batch's blocks are given once, as their
+// union (`blocks`, e.g. in the order they were staged); each query names its blocks, as indices
+// into the union, in its own concatenation order, and places them at first_position + 0..C_i-1.
+// Query i's rows of q, out and lse follow those of queries 0..i-1: q is [q_heads, R, head_dim]
+// with R the rows of all queries.
+//
+// Each query's context is cut into the same number of splits; a CTA takes one query, kv head and
+// split, as LaunchPagedAttention's do, reading its block table from device memory (the layout)
+// instead of its parameters. Each query reads its own blocks: reading them in the union's order,
+// so that the CTAs of queries sharing a block would read it together through L2, was measured
+// slower (docs/results.md, run W: this kernel is not bound by memory bandwidth, and splits of the
+// union leave the queries' CTAs unequal work).
+struct PagedBatchQuery {
+  uint32_t rows = 0;             // its query tokens, >= 1
+  std::vector<uint32_t> blocks;  // 1..kMaxKernelBlocks indices into the union (repeats allowed)
+  int64_t first_position = 0;    // >= 0; first_position + C_i <= 2^31 - 1
+};
+
+// The layer-independent part of a batch: each query's blocks, positions and splits. Built on the
+// host once per batch; the caller copies `words` to device memory once and passes that copy to
+// every launch whose union has the same token counts (every layer of a forward).
+struct PagedBatchLayout {
+  uint32_t q_heads = 0, kv_heads = 0, head_dim = 0;
+  uint32_t queries = 0;
+  uint32_t rows = 0;                   // R, the queries' rows summed
+  std::vector<uint32_t> block_tokens;  // the union's blocks, in union order
+  // The plan (derived): the CTA shape for the longest query, splits per query.
+  int wm = 0;
+  uint32_t m_tiles = 0, splits = 0, segments = 0;
+  std::vector<uint32_t> words;  // for the device, 4-byte words
+};
+
+// Validates the shapes and queries (InvalidArgument naming the query and field) and lays the
+// batch out. `splits`: parts of each query's context, in whole tiles of 64 tokens (a part may be
+// empty); 0 picks about one wave of CTAs, each split at least 8 x the query vectors per kv head
+// in tokens. Makes no CUDA call other than asking the device's SM count (as
+// PagedAttentionWorkspaceBytes).
+Result<PagedBatchLayout> MakePagedBatchLayout(uint32_t q_heads, uint32_t kv_heads,
+                                              uint32_t head_dim,
+                                              const std::vector<uint32_t>& block_tokens,
+                                              const std::vector<PagedBatchQuery>& queries,
+                                              uint32_t splits = 0);
+
+// Scratch bytes of a batch's launch: its splits' partial results (0 for one split).
+size_t PagedBatchWorkspaceBytes(const PagedBatchLayout& layout);
+
+struct PagedBatchArgs {
+  DType dtype = DType::kBF16;  // of q, K and V: kBF16 or kF16
+  const PagedBatchLayout* layout = nullptr;
+  const void* layout_words = nullptr;  // device copy of layout->words, 4-byte aligned
+  // This launch's pages of the union, token counts equal to layout->block_tokens; k and v 16-byte
+  // aligned, pre-RoPE.
+  std::vector<KvBlockRef> blocks;
+  RopeParams rope;
+  const void* q = nullptr;  // [q_heads, R, head_dim], rotated to the queries' positions
+  float* out = nullptr;     // [q_heads, R, head_dim] float32
+  float* lse = nullptr;     // [q_heads, R] float32; may be null
+  void* workspace = nullptr;
+  size_t workspace_bytes = 0;
+};
+
+// Enqueues the batch's attention (and the merge of the splits, if more than one).
+// InvalidArgument for a dtype, blocks, pointers, workspace or RoPE parameters that do not fit the
+// layout; IOError if a launch fails.
+Status LaunchPagedAttentionBatch(const PagedBatchArgs& args, cudaStream_t stream);
+
 }  // namespace gpu
 }  // namespace shotdb
 

@@ -373,6 +373,277 @@ TEST(PagedAttentionGatherTest, PagesMatchGatheredCopy) {
   }
 }
 
+// ---- LaunchPagedAttentionBatch: several queries over the union of their blocks ----
+
+struct BatchQuery {
+  uint32_t rows;
+  std::vector<uint32_t> blocks;  // union indices, in the query's concatenation order
+  int64_t first_position;
+};
+struct BatchCase {
+  std::string name;
+  DType dtype;
+  uint32_t kv_heads, group, head_dim;
+  std::vector<uint32_t> union_tokens;
+  std::vector<BatchQuery> queries;
+  uint32_t splits;  // 0: the layout picks
+  bool llama3;
+};
+void PrintTo(const BatchCase& c, std::ostream* os) { *os << c.name; }
+
+// `n` queries over a union of `blocks` blocks, each selecting `per` distinct blocks in a random
+// order, with rows from `rows` in turn.
+std::vector<BatchQuery> RandomQueries(uint32_t n, uint32_t blocks, uint32_t per,
+                                      std::vector<uint32_t> rows, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::vector<BatchQuery> out;
+  for (uint32_t i = 0; i < n; ++i) {
+    std::vector<uint32_t> all(blocks);
+    for (uint32_t b = 0; b < blocks; ++b) all[b] = b;
+    std::shuffle(all.begin(), all.end(), rng);
+    all.resize(per);
+    out.push_back(BatchQuery{rows[i % rows.size()], all, 0});
+  }
+  return out;
+}
+
+class PagedAttentionBatchTest : public ::testing::TestWithParam<BatchCase> {
+ protected:
+  void SetUp() override {
+    if (CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device";
+  }
+};
+
+// Each query's rows of one batched launch against the float64 reference over that query's own
+// blocks, concatenated in its order at its positions.
+TEST_P(PagedAttentionBatchTest, EveryQueryMatchesItsReference) {
+  const BatchCase& c = GetParam();
+  const uint32_t d = c.head_dim, q_heads = c.kv_heads * c.group;
+  std::mt19937 rng(static_cast<uint32_t>(std::hash<std::string>()(c.name)));
+  RopeParams rope;
+  rope.llama3_scaling = c.llama3;
+  auto inv = RopeInvFreq(rope, d);
+  ASSERT_TRUE(inv.ok());
+
+  std::vector<Host16> hk, hv;
+  for (uint32_t t : c.union_tokens) {
+    hk.push_back(Random16(c.dtype, size_t(c.kv_heads) * t * d, 1.f, &rng));
+    hv.push_back(Random16(c.dtype, size_t(c.kv_heads) * t * d, 1.f, &rng));
+  }
+  auto pages = UploadPages(hk, hv, c.union_tokens);
+  ASSERT_TRUE(pages.ok()) << pages.status().ToString();
+
+  std::vector<PagedBatchQuery> queries;
+  uint32_t rows = 0;
+  for (const BatchQuery& bq : c.queries) {
+    queries.push_back(PagedBatchQuery{bq.rows, bq.blocks, bq.first_position});
+    rows += bq.rows;
+  }
+  Result<PagedBatchLayout> layout =
+      MakePagedBatchLayout(q_heads, c.kv_heads, d, c.union_tokens, queries, c.splits);
+  ASSERT_TRUE(layout.ok()) << layout.status().ToString();
+  auto words = ToDevice(layout->words);
+  ASSERT_TRUE(words.ok());
+  Host16 q = Random16(c.dtype, size_t(q_heads) * rows * d, 2.f, &rng);
+  auto dq = ToDevice(q.bits);
+  const size_t qvecs = size_t(q_heads) * rows;
+  auto out = DeviceBuffer::Allocate(qvecs * d * 4), lse = DeviceBuffer::Allocate(qvecs * 4);
+  const size_t ws_bytes = PagedBatchWorkspaceBytes(*layout);
+  auto ws = DeviceBuffer::Allocate(ws_bytes);
+  ASSERT_TRUE(dq.ok() && out.ok() && lse.ok() && ws.ok());
+  ASSERT_EQ(cudaMemset(out->get(), 0xff, qvecs * d * 4), cudaSuccess);  // NaN if never written
+  ASSERT_EQ(cudaMemset(lse->get(), 0xff, qvecs * 4), cudaSuccess);
+  PagedBatchArgs a;
+  a.dtype = c.dtype;
+  a.layout = &*layout;
+  a.layout_words = words->get();
+  a.blocks = pages->refs;
+  a.rope = rope;
+  a.q = dq->get();
+  a.out = out->as<float>();
+  a.lse = lse->as<float>();
+  a.workspace = ws->get();
+  a.workspace_bytes = ws_bytes;
+  std::printf("  %zu queries, %u rows, %zu union blocks, %u splits\n", queries.size(), rows,
+              c.union_tokens.size(), layout->splits);
+  Status st = LaunchPagedAttentionBatch(a, nullptr);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  Result<std::vector<float>> got_out = FromDevice<float>(out->get(), qvecs * d);
+  Result<std::vector<float>> got_lse = FromDevice<float>(lse->get(), qvecs);
+  ASSERT_TRUE(got_out.ok() && got_lse.ok());
+
+  uint32_t first = 0;
+  for (size_t i = 0; i < c.queries.size(); ++i) {
+    const BatchQuery& bq = c.queries[i];
+    std::vector<ReferenceBlock> ref_blocks;
+    uint32_t total = 0;
+    for (uint32_t b : bq.blocks) {
+      ref_blocks.push_back(ReferenceBlock{hk[b].values, hv[b].values, c.union_tokens[b]});
+      total += c.union_tokens[b];
+    }
+    std::vector<double> k_ref, v_ref;
+    GatherRopeReference(ref_blocks, c.kv_heads, d, *inv, bq.first_position, &k_ref, &v_ref);
+    RoundTo(c.dtype, &k_ref);
+    // This query's q, out and lse: its rows of every head.
+    std::vector<double> qi;
+    std::vector<float> oi, li;
+    for (uint32_t h = 0; h < q_heads; ++h) {
+      for (uint32_t r = 0; r < bq.rows; ++r) {
+        const size_t v = size_t(h) * rows + first + r;
+        qi.insert(qi.end(), q.values.begin() + v * d, q.values.begin() + (v + 1) * d);
+        oi.insert(oi.end(), got_out->begin() + v * d, got_out->begin() + (v + 1) * d);
+        li.push_back((*got_lse)[v]);
+      }
+    }
+    std::vector<double> want_out, want_lse;
+    PagedAttentionReference(qi, k_ref, v_ref, q_heads, c.kv_heads, bq.rows, total, d, &want_out,
+                            &want_lse);
+    const Case as_one{c.name,  c.dtype, c.kv_heads, c.group,  d,
+                      bq.rows, {},      true,       c.llama3, bq.first_position};
+    ASSERT_NO_FATAL_FAILURE(ExpectClose(as_one, oi, li, want_out, want_lse,
+                                        "query " + std::to_string(i) + " vs float64"));
+    first += bq.rows;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, PagedAttentionBatchTest,
+    ::testing::Values(
+        // DBSA-like: 95-token blocks, prompts of 16-20 rows (the mixed 8-warp CTA for the
+        // longest; the shorter queries leave part of it idle), the layout's own split.
+        BatchCase{"bf16_g4_d128_dbsa_4q", DType::kBF16, 2, 4, 128, Repeat(95, 40, {17}),
+                  RandomQueries(4, 41, 15, {18, 16, 20, 5}, 1), 0, true},
+        // Ten splits: the short contexts' last splits are empty (their CTAs write a partial of
+        // weight 0).
+        BatchCase{"f16_g1_d64_small_splits",
+                  DType::kF16,
+                  3,
+                  1,
+                  64,
+                  {5, 130, 1, 64, 77, 300, 2},
+                  {{3, {6, 0, 2}, 7}, {1, {1}, 0}, {7, {4, 3, 5, 1, 0}, 1000}},
+                  10,
+                  false},
+        // Decode-like rows, far positions, Llama 3.1 scaling, a repeated block within a query.
+        BatchCase{"bf16_g8_d128_far",
+                  DType::kBF16,
+                  1,
+                  8,
+                  128,
+                  {1000, 1024, 24, 4096, 1},
+                  {{1, {3, 0}, 100000}, {1, {1, 2, 4}, 3000000}, {2, {0, 3, 2, 0}, 5}},
+                  0,
+                  true},
+        // 130 rows: several 128-vector tiles for the first query, one for the others.
+        BatchCase{"bf16_g2_d64_r130",
+                  DType::kBF16,
+                  2,
+                  2,
+                  64,
+                  {200, 313, 64, 900},
+                  {{130, {1, 3}, 0}, {2, {0, 2}, 0}, {40, {3, 2, 1, 0}, 77}},
+                  5,
+                  false},
+        // One split: the CTAs write out and lse themselves.
+        BatchCase{"f16_g4_d128_one_split",
+                  DType::kF16,
+                  2,
+                  4,
+                  128,
+                  {100, 50, 300},
+                  {{4, {2, 0}, 0}, {3, {1}, 0}},
+                  1,
+                  true},
+        // Batch 16 of 4-warp CTAs (rows 2, M = 8), 200 blocks of 95 tokens.
+        BatchCase{"bf16_g4_d128_16q", DType::kBF16, 2, 4, 128, Repeat(95, 200),
+                  RandomQueries(16, 200, 60, {2, 1, 3}, 2), 0, true}),
+    [](const ::testing::TestParamInfo<BatchCase>& info) { return info.param.name; });
+
+TEST(PagedAttentionBatchLayoutTest, SplitsEachContextAndRejectsBadQueries) {
+  const std::vector<uint32_t> tokens = {100, 50, 200};
+  std::vector<PagedBatchQuery> queries = {{4, {2, 0}, 0}, {1, {1}, 10}};
+  Result<PagedBatchLayout> l = MakePagedBatchLayout(8, 2, 128, tokens, queries, 3);
+  ASSERT_TRUE(l.ok()) << l.status().ToString();
+  EXPECT_EQ(l->rows, 5u);
+  EXPECT_EQ(l->queries, 2u);
+  EXPECT_EQ(l->segments, 3u);
+  EXPECT_EQ(l->splits, 3u);
+  // Partial results: (head_dim + 2) floats per split and query vector.
+  EXPECT_EQ(PagedBatchWorkspaceBytes(*l), size_t(8) * 5 * 3 * 130 * 4);
+  // One split: no workspace.
+  l = MakePagedBatchLayout(8, 2, 128, tokens, queries, 1);
+  ASSERT_TRUE(l.ok());
+  EXPECT_EQ(PagedBatchWorkspaceBytes(*l), 0u);
+  // The layout's own choice: splits of at least 128 tokens of the shortest context (50): one.
+  l = MakePagedBatchLayout(8, 2, 128, tokens, queries);
+  ASSERT_TRUE(l.ok());
+  EXPECT_EQ(l->splits, 1u);
+
+  struct Bad {
+    const char* what;
+    void (*mutate)(std::vector<uint32_t>*, std::vector<PagedBatchQuery>*, uint32_t*);
+  };
+  const Bad bad[] = {
+      {"no queries",
+       [](std::vector<uint32_t>*, std::vector<PagedBatchQuery>* q, uint32_t*) { q->clear(); }},
+      {"rows 0", [](std::vector<uint32_t>*, std::vector<PagedBatchQuery>* q,
+                    uint32_t*) { (*q)[1].rows = 0; }},
+      {"a query without blocks", [](std::vector<uint32_t>*, std::vector<PagedBatchQuery>* q,
+                                    uint32_t*) { (*q)[0].blocks.clear(); }},
+      {"a block outside the union", [](std::vector<uint32_t>*, std::vector<PagedBatchQuery>* q,
+                                       uint32_t*) { (*q)[0].blocks.push_back(3); }},
+      {"negative position", [](std::vector<uint32_t>*, std::vector<PagedBatchQuery>* q,
+                               uint32_t*) { (*q)[1].first_position = -1; }},
+      {"positions past 2^31", [](std::vector<uint32_t>*, std::vector<PagedBatchQuery>* q,
+                                 uint32_t*) { (*q)[1].first_position = INT32_MAX - 10; }},
+      {"empty union",
+       [](std::vector<uint32_t>* t, std::vector<PagedBatchQuery>*, uint32_t*) { t->clear(); }},
+      {"a union block of 0 tokens",
+       [](std::vector<uint32_t>* t, std::vector<PagedBatchQuery>*, uint32_t*) { (*t)[1] = 0; }},
+  };
+  for (const Bad& b : bad) {
+    std::vector<uint32_t> t = tokens;
+    std::vector<PagedBatchQuery> q = queries;
+    uint32_t splits = 3;
+    b.mutate(&t, &q, &splits);
+    const Result<PagedBatchLayout> r = MakePagedBatchLayout(8, 2, 128, t, q, splits);
+    EXPECT_TRUE(r.status().IsInvalidArgument()) << b.what << ": " << r.status().ToString();
+  }
+  EXPECT_TRUE(MakePagedBatchLayout(8, 3, 128, tokens, queries).status().IsInvalidArgument());
+  EXPECT_TRUE(MakePagedBatchLayout(8, 2, 96, tokens, queries).status().IsInvalidArgument());
+
+  // Launch arguments that do not fit the layout, rejected before any CUDA call.
+  l = MakePagedBatchLayout(8, 2, 128, tokens, queries, 3);
+  ASSERT_TRUE(l.ok());
+  PagedBatchArgs a;
+  a.layout = &*l;
+  a.layout_words = reinterpret_cast<const void*>(uintptr_t{0x60000});
+  for (uint32_t t : tokens) {
+    a.blocks.push_back(KvBlockRef{reinterpret_cast<const void*>(uintptr_t{0x20000}),
+                                  reinterpret_cast<const void*>(uintptr_t{0x30000}), t});
+  }
+  a.q = reinterpret_cast<const void*>(uintptr_t{0x10000});
+  a.out = reinterpret_cast<float*>(uintptr_t{0x40000});
+  PagedBatchArgs b = a;
+  b.blocks[1].tokens = 51;
+  EXPECT_TRUE(LaunchPagedAttentionBatch(b, nullptr).IsInvalidArgument());
+  b = a;
+  b.blocks.pop_back();
+  EXPECT_TRUE(LaunchPagedAttentionBatch(b, nullptr).IsInvalidArgument());
+  b = a;
+  b.dtype = DType::kF32;
+  EXPECT_TRUE(LaunchPagedAttentionBatch(b, nullptr).IsInvalidArgument());
+  b = a;  // three splits need a workspace
+  EXPECT_TRUE(LaunchPagedAttentionBatch(b, nullptr).IsInvalidArgument());
+  b = a;
+  b.layout_words = nullptr;
+  EXPECT_TRUE(LaunchPagedAttentionBatch(b, nullptr).IsInvalidArgument());
+  b = a;
+  b.q = nullptr;
+  EXPECT_TRUE(LaunchPagedAttentionBatch(b, nullptr).IsInvalidArgument());
+}
+
 TEST(PagedAttentionWorkspaceTest, ShortContextsNeedNone) {
   EXPECT_EQ(PagedAttentionWorkspaceBytes(32, 8, 1, 128, 1), 0u);
   EXPECT_EQ(PagedAttentionWorkspaceBytes(32, 8, 1, 128, 128), 0u);

@@ -213,6 +213,11 @@ class AsyncStaging {
   std::thread thread_;
 };
 
+Result<torch::Tensor> MergeNewTokens(DType dtype, uint32_t kv_heads, const torch::Tensor& q,
+                                     const torch::Tensor& k, const torch::Tensor& v,
+                                     const torch::Tensor& allowed, const torch::Tensor& ctx_out,
+                                     const torch::Tensor& ctx_lse);
+
 // The attention form: one query's blocks among a staged batch's pages (pinned while any view of
 // the batch lives), read in place, each layer as soon as the staging thread has enqueued it.
 class PagedContext final : public ContextAttention {
@@ -294,31 +299,14 @@ class PagedContext final : public ContextAttention {
     args.workspace = bytes > 0 ? workspace_.data_ptr() : nullptr;
     args.workspace_bytes = bytes;
     SHOTDB_RETURN_IF_ERROR(gpu::LaunchPagedAttention(args, kTorchStream));
-
-    // The new tokens among themselves, merged with the context's result, in one kernel.
-    torch::Tensor out = torch::empty({rows, heads * dim}, q.options());
-    gpu::MergeAttentionArgs m;
-    m.dtype = dtype_;
-    m.q_heads = args.q_heads;
-    m.kv_heads = args.kv_heads;
-    m.head_dim = args.head_dim;
-    m.rows = args.rows;
-    m.q = q.data_ptr();
-    m.q_head_stride = q.stride(0);
-    m.q_row_stride = q.stride(1);
-    m.k = k.data_ptr();
-    m.k_head_stride = k.stride(0);
-    m.k_row_stride = k.stride(1);
-    m.v = v.data_ptr();
-    m.v_head_stride = v.stride(0);
-    m.v_row_stride = v.stride(1);
-    m.mask = static_cast<const uint8_t*>(allowed.data_ptr());  // bool: one byte each
-    m.ctx_out = ctx_out.data_ptr<float>();
-    m.ctx_lse = ctx_lse.data_ptr<float>();
-    m.out = out.data_ptr();
-    SHOTDB_RETURN_IF_ERROR(gpu::LaunchMergeAttention(m, kTorchStream));
-    return out;
+    return MergeNewTokens(dtype_, args.kv_heads, q, k, v, allowed, ctx_out, ctx_lse);
   }
+
+  // ContextAttention::Stack: a PagedBatchContext when every part is a view of this batch.
+  std::unique_ptr<ContextAttention> Stack(const std::vector<ContextPart>& parts) const override;
+
+  const std::vector<uint32_t>& index() const { return index_; }
+  bool released() const { return released_; }
 
  private:
   std::shared_ptr<AsyncStaging> staging_;
@@ -330,6 +318,152 @@ class PagedContext final : public ContextAttention {
   ModelConfig config_;
   mutable torch::Tensor workspace_;  // reused across layers (stream-ordered on kTorchStream)
 };
+
+// The new tokens' attention among themselves, merged with the context's result (ctx_out
+// [heads, T, d], ctx_lse [heads, T] float32), in one kernel: [T, heads * d] in q's dtype.
+Result<torch::Tensor> MergeNewTokens(DType dtype, uint32_t kv_heads, const torch::Tensor& q,
+                                     const torch::Tensor& k, const torch::Tensor& v,
+                                     const torch::Tensor& allowed, const torch::Tensor& ctx_out,
+                                     const torch::Tensor& ctx_lse) {
+  const int64_t heads = q.size(0), rows = q.size(1), dim = q.size(2);
+  torch::Tensor out = torch::empty({rows, heads * dim}, q.options());
+  gpu::MergeAttentionArgs m;
+  m.dtype = dtype;
+  m.q_heads = static_cast<uint32_t>(heads);
+  m.kv_heads = kv_heads;
+  m.head_dim = static_cast<uint32_t>(dim);
+  m.rows = static_cast<uint32_t>(rows);
+  m.q = q.data_ptr();
+  m.q_head_stride = q.stride(0);
+  m.q_row_stride = q.stride(1);
+  m.k = k.data_ptr();
+  m.k_head_stride = k.stride(0);
+  m.k_row_stride = k.stride(1);
+  m.v = v.data_ptr();
+  m.v_head_stride = v.stride(0);
+  m.v_row_stride = v.stride(1);
+  m.mask = static_cast<const uint8_t*>(allowed.data_ptr());  // bool: one byte each
+  m.ctx_out = ctx_out.data_ptr<float>();
+  m.ctx_lse = ctx_lse.data_ptr<float>();
+  m.out = out.data_ptr();
+  SHOTDB_RETURN_IF_ERROR(gpu::LaunchMergeAttention(m, kTorchStream));
+  return out;
+}
+
+// The stacked form of several PagedContexts of one staged batch (ContextAttention::Stack): a
+// layer's attention is one gpu::LaunchPagedAttentionBatch over the batch's pages and one
+// LaunchMergeAttention over all the rows, instead of two launches, a copy of q and an output
+// concatenation per query.
+class PagedBatchContext final : public ContextAttention {
+ public:
+  // nullptr when the batch does not fit the kernel (MakePagedBatchLayout's limits).
+  static std::unique_ptr<ContextAttention> Make(std::shared_ptr<AsyncStaging> staging,
+                                                std::vector<const PagedContext*> parts,
+                                                const std::vector<ContextPart>& stacked,
+                                                DType dtype, gpu::RopeParams rope,
+                                                const ModelConfig& config) {
+    std::vector<gpu::PagedBatchQuery> queries;
+    int64_t tokens = 0;
+    for (size_t i = 0; i < parts.size(); ++i) {
+      gpu::PagedBatchQuery q;
+      q.rows = static_cast<uint32_t>(stacked[i].rows);
+      q.blocks = parts[i]->index();
+      q.first_position = 0;
+      queries.push_back(std::move(q));
+      tokens = std::max(tokens, parts[i]->tokens());
+    }
+    Result<gpu::PagedBatchLayout> layout = gpu::MakePagedBatchLayout(
+        static_cast<uint32_t>(config.num_heads), static_cast<uint32_t>(config.num_kv_heads),
+        static_cast<uint32_t>(config.head_dim), staging->block_tokens(), queries);
+    if (!layout.ok()) return nullptr;
+    return std::unique_ptr<ContextAttention>(
+        new PagedBatchContext(std::move(staging), std::move(parts), std::move(*layout), tokens,
+                              dtype, rope, static_cast<uint32_t>(config.num_kv_heads)));
+  }
+
+  int64_t tokens() const override { return tokens_; }
+
+  Result<torch::Tensor> Attend(int64_t layer, const torch::Tensor& q, const torch::Tensor& k,
+                               const torch::Tensor& v,
+                               const torch::Tensor& allowed) const override {
+    if (!q.is_contiguous() || k.stride(2) != 1 || v.stride(2) != 1 || !allowed.is_contiguous() ||
+        allowed.scalar_type() != torch::kBool || layer < 0 ||
+        q.size(1) != static_cast<int64_t>(layout_.rows)) {
+      return Status::InvalidArgument(
+          "PagedBatchContext: q (with the batch's rows) and allowed (bool) must be contiguous, k "
+          "and v contiguous per row");
+    }
+    for (const PagedContext* p : parts_) {
+      if (p->released()) {
+        return Status::FailedPrecondition(
+            "PagedBatchContext: Attend after a query's pages were released");
+      }
+    }
+    SHOTDB_ASSIGN_OR_RETURN(const std::vector<gpu::KvBlockRef>* refs,
+                            staging_->WaitLayer(static_cast<size_t>(layer), kTorchStream));
+    if (!words_.defined()) {  // the layout, once per batch
+      words_ = torch::from_blob(const_cast<uint32_t*>(layout_.words.data()),
+                                {static_cast<int64_t>(layout_.words.size())}, torch::kInt32)
+                   .to(q.device());
+    }
+    const int64_t heads = q.size(0), rows = q.size(1), dim = q.size(2);
+    const auto f32 = torch::TensorOptions().dtype(torch::kFloat32).device(q.device());
+    const torch::Tensor ctx_out = torch::empty({heads, rows, dim}, f32);
+    const torch::Tensor ctx_lse = torch::empty({heads, rows}, f32);
+    gpu::PagedBatchArgs args;
+    args.dtype = dtype_;
+    args.layout = &layout_;
+    args.layout_words = words_.data_ptr();
+    args.blocks = *refs;
+    args.rope = rope_;
+    args.q = q.data_ptr();
+    args.out = ctx_out.data_ptr<float>();
+    args.lse = ctx_lse.data_ptr<float>();
+    const size_t bytes = gpu::PagedBatchWorkspaceBytes(layout_);
+    if (bytes > 0 && workspace_.numel() < static_cast<int64_t>(bytes)) {
+      workspace_ = torch::empty({static_cast<int64_t>(bytes)},
+                                torch::TensorOptions().dtype(torch::kUInt8).device(q.device()));
+    }
+    args.workspace = bytes > 0 ? workspace_.data_ptr() : nullptr;
+    args.workspace_bytes = bytes;
+    SHOTDB_RETURN_IF_ERROR(gpu::LaunchPagedAttentionBatch(args, kTorchStream));
+    return MergeNewTokens(dtype_, kv_heads_, q, k, v, allowed, ctx_out, ctx_lse);
+  }
+
+ private:
+  PagedBatchContext(std::shared_ptr<AsyncStaging> staging, std::vector<const PagedContext*> parts,
+                    gpu::PagedBatchLayout layout, int64_t tokens, DType dtype, gpu::RopeParams rope,
+                    uint32_t kv_heads)
+      : staging_(std::move(staging)),
+        parts_(std::move(parts)),
+        layout_(std::move(layout)),
+        tokens_(tokens),
+        dtype_(dtype),
+        rope_(rope),
+        kv_heads_(kv_heads) {}
+
+  std::shared_ptr<AsyncStaging> staging_;
+  std::vector<const PagedContext*> parts_;  // not owned; they hold the pages
+  gpu::PagedBatchLayout layout_;
+  int64_t tokens_;
+  DType dtype_;
+  gpu::RopeParams rope_;
+  uint32_t kv_heads_;
+  mutable torch::Tensor words_;      // layout_.words on the device
+  mutable torch::Tensor workspace_;  // reused across layers (stream-ordered on kTorchStream)
+};
+
+std::unique_ptr<ContextAttention> PagedContext::Stack(const std::vector<ContextPart>& parts) const {
+  std::vector<const PagedContext*> views;
+  for (const ContextPart& p : parts) {
+    const auto* view = dynamic_cast<const PagedContext*>(p.context);
+    if (view == nullptr || view->staging_ != staging_ || view->released_ || p.rows <= 0) {
+      return nullptr;
+    }
+    views.push_back(view);
+  }
+  return PagedBatchContext::Make(staging_, std::move(views), parts, dtype_, rope_, config_);
+}
 
 class DeviceKvSource final : public KvSource {
  public:

@@ -80,6 +80,7 @@ StackedContextAttention::StackedContextAttention(std::vector<Part> parts)
     tokens_ = std::max(tokens_, p.context->tokens());
     rows_ += p.rows;
   }
+  if (parts_.size() > 1) stacked_ = parts_.front().context->Stack(parts_);
 }
 
 Result<torch::Tensor> StackedContextAttention::Attend(int64_t layer, const torch::Tensor& q,
@@ -91,6 +92,7 @@ Result<torch::Tensor> StackedContextAttention::Attend(int64_t layer, const torch
                                    " rows, the parts " + std::to_string(rows_));
   }
   if (parts_.size() == 1) return parts_.front().context->Attend(layer, q, k, v, allowed);
+  if (stacked_ != nullptr) return stacked_->Attend(layer, q, k, v, allowed);
   std::vector<torch::Tensor> outs;
   int64_t first = 0;
   for (const Part& p : parts_) {

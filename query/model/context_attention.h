@@ -7,7 +7,10 @@
 //   - StackedContextAttention: several queries' contexts for one batched Forward. The new tokens
 //     are the queries' rows one after the other; rows [first_i, first_i + rows_i) attend to
 //     context i and to their own query's tokens only. tokens() is the longest context; give
-//     Forward a [T, T] mask.
+//     Forward a [T, T] mask that lets no row see another query's tokens. Where the first part's
+//     context has a stacked form for the parts (ContextAttention::Stack: the device source's
+//     pages, one kernel launch a layer for the batch) Attend uses it; else it attends part by
+//     part.
 //
 // Thread-safety: Attend is const and re-entrant; the objects are immutable after construction.
 #ifndef SHOTDB_QUERY_MODEL_CONTEXT_ATTENTION_H_
@@ -60,19 +63,18 @@ class TensorContextAttention final : public ContextAttention {
 
 class StackedContextAttention final : public ContextAttention {
  public:
-  struct Part {
-    const ContextAttention* context;  // not owned
-    int64_t rows;                     // this query's new tokens
-  };
+  using Part = ContextPart;
   explicit StackedContextAttention(std::vector<Part> parts);
+  // True when the parts are attended in one stacked form (ContextAttention::Stack).
+  bool stacked() const { return stacked_ != nullptr; }
   int64_t tokens() const override { return tokens_; }
-  // InvalidArgument if q's rows are not the parts' rows summed; a part's error otherwise. Only the
-  // diagonal blocks of `allowed` are read (a query never sees another's tokens).
+  // InvalidArgument if q's rows are not the parts' rows summed; a part's error otherwise.
   Result<torch::Tensor> Attend(int64_t layer, const torch::Tensor& q, const torch::Tensor& k,
                                const torch::Tensor& v, const torch::Tensor& allowed) const override;
 
  private:
   std::vector<Part> parts_;
+  std::unique_ptr<ContextAttention> stacked_;  // the parts' stacked form, if they have one
   int64_t tokens_ = 0, rows_ = 0;
 };
 

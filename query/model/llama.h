@@ -60,6 +60,14 @@ struct LayerKV {
 // positions are the implementation's (DBSA: 0..C-1). Implementations combine the two parts
 // flash-attention style, through the log-sum-exp of each (query/model/context_attention.h has the
 // libtorch one and MergeWithContext).
+class ContextAttention;
+
+// One query of a batch: its context and the number of its new tokens (rows).
+struct ContextPart {
+  const ContextAttention* context;  // not owned
+  int64_t rows;
+};
+
 class ContextAttention {
  public:
   virtual ~ContextAttention() = default;
@@ -75,6 +83,16 @@ class ContextAttention {
   virtual Result<torch::Tensor> Attend(int64_t layer, const torch::Tensor& q,
                                        const torch::Tensor& k, const torch::Tensor& v,
                                        const torch::Tensor& allowed) const = 0;
+  // Optional: one attention for several queries at once. `parts` (this context among them) each
+  // attend their own context with their own rows, the parts' rows stacked in order in q, k and v;
+  // `allowed` is then [T, T] over all rows and must not let a row see another query's tokens.
+  // What StackedContextAttention (context_attention.h) otherwise computes part by part, e.g. in
+  // one kernel launch per layer instead of one per query. nullptr where this context has no such
+  // form for these parts (the default). The parts must outlive the result.
+  virtual std::unique_ptr<ContextAttention> Stack(const std::vector<ContextPart>& parts) const {
+    (void)parts;
+    return nullptr;
+  }
 };
 
 struct ForwardRequest {
