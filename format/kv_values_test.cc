@@ -227,6 +227,14 @@ TEST(I8Test, DTypeNamesSizeAndCodes) {
                                                     {std::numeric_limits<float>::quiet_NaN(), 0}};
   for (const auto& [x, want] : cases) EXPECT_EQ(FloatToI8(x), want) << x;
   for (int c = -127; c <= 127; ++c) EXPECT_EQ(FloatToI8(static_cast<float>(c)), c);
+  // Every float32 in [-128, 128] at a stride of 2^-12 (so every half, and the floats next to
+  // halves), against libm's round-to-nearest-even.
+  for (float x = -128.f; x <= 128.f; x += 1.f / 4096) {
+    for (float y : {x, std::nextafter(x, -200.f), std::nextafter(x, 200.f)}) {
+      const float c = std::fmin(127.f, std::fmax(-127.f, y));
+      ASSERT_EQ(FloatToI8(y), static_cast<int8_t>(std::nearbyint(c))) << y;
+    }
+  }
 }
 
 TEST(I8Test, ScaledKvPayloadMatchesNumpyGolden) {
