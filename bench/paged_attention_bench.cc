@@ -55,6 +55,52 @@ struct Row {
   double us, kv_bytes, gbs, ratio;
 };
 
+// Pages of `tokens` tokens each, every block's K and V a separate allocation filled with constant
+// bytes: K 0x3c (bf16 ~0.0114), V 0x3f (0.74609375).
+struct FilledPages {
+  std::vector<DeviceBuffer> buffers;
+  std::vector<KvBlockRef> blocks;
+};
+FilledPages Fill(const std::vector<uint32_t>& tokens) {
+  FilledPages p;
+  for (uint32_t t : tokens) {
+    const size_t bytes = size_t(kKvHeads) * t * kHeadDim * 2;
+    DeviceBuffer k = Must(DeviceBuffer::Allocate(bytes));
+    DeviceBuffer v = Must(DeviceBuffer::Allocate(bytes));
+    CHECK_CUDA(cudaMemset(k.get(), 0x3c, bytes));
+    CHECK_CUDA(cudaMemset(v.get(), 0x3f, bytes));
+    p.blocks.push_back({k.get(), v.get(), t});
+    p.buffers.push_back(std::move(k));
+    p.buffers.push_back(std::move(v));
+  }
+  return p;
+}
+constexpr float kVValue = 0.74609375f;
+
+// The self-check: with constant K and V every output equals V's value and lse is ln(context)
+// (all scores ~0). False (and a message naming `what`) otherwise.
+bool SelfCheck(const DeviceBuffer& out, const DeviceBuffer& lse, size_t qvecs, double context,
+               const std::string& what) {
+  std::vector<float> got(qvecs * kHeadDim), got_lse(qvecs);
+  CHECK_CUDA(cudaMemcpy(got.data(), out.get(), got.size() * 4, cudaMemcpyDeviceToHost));
+  CHECK_CUDA(cudaMemcpy(got_lse.data(), lse.get(), got_lse.size() * 4, cudaMemcpyDeviceToHost));
+  for (size_t i = 0; i < got.size(); ++i) {
+    if (!(std::fabs(got[i] - kVValue) <= 1e-2 * kVValue)) {
+      std::fprintf(stderr, "self-check failed: %s out[%zu] = %g, want %g\n", what.c_str(), i,
+                   got[i], kVValue);
+      return false;
+    }
+  }
+  for (size_t i = 0; i < got_lse.size(); ++i) {
+    if (!(std::fabs(got_lse[i] - std::log(context)) <= 1e-2)) {
+      std::fprintf(stderr, "self-check failed: %s lse[%zu] = %g, want %g\n", what.c_str(), i,
+                   got_lse[i], std::log(context));
+      return false;
+    }
+  }
+  return true;
+}
+
 // --batch: DBSA's shape (a pool of 1000 blocks of 95 tokens; each query selects 300 of them, ~28.5k
 // tokens, in its own order, and has `rows` rows). Per batch size B: B LaunchPagedAttention calls
 // (one per query) against one LaunchPagedAttentionBatch over the union (the queries' blocks in
@@ -63,20 +109,9 @@ template <typename MedianMs>
 int BatchBench(const std::vector<uint32_t>& batches, const std::vector<uint32_t>& row_counts,
                int reps, double copy_gbs, MedianMs& median_ms, CudaStream& stream) {
   constexpr uint32_t kPool = 1000, kBlockTokens = 95, kPicked = 300;
-  const float v_value = 0.74609375f;
-  std::vector<DeviceBuffer> pages;
-  std::vector<KvBlockRef> blocks;
-  std::vector<uint32_t> tokens(kPool, kBlockTokens);
-  for (uint32_t b = 0; b < kPool; ++b) {
-    const size_t bytes = size_t(kKvHeads) * kBlockTokens * kHeadDim * 2;
-    DeviceBuffer k = Must(DeviceBuffer::Allocate(bytes));
-    DeviceBuffer v = Must(DeviceBuffer::Allocate(bytes));
-    CHECK_CUDA(cudaMemset(k.get(), 0x3c, bytes));
-    CHECK_CUDA(cudaMemset(v.get(), 0x3f, bytes));
-    blocks.push_back({k.get(), v.get(), kBlockTokens});
-    pages.push_back(std::move(k));
-    pages.push_back(std::move(v));
-  }
+  const std::vector<uint32_t> tokens(kPool, kBlockTokens);
+  const FilledPages pages = Fill(tokens);
+  const std::vector<KvBlockRef>& blocks = pages.blocks;
   const uint32_t rows = row_counts.empty() ? 18 : row_counts.front();
   const double context = double(kPicked) * kBlockTokens;
   const double kv_query = 2.0 * kKvHeads * context * kHeadDim * 2;  // bytes one query reads
@@ -150,21 +185,7 @@ int BatchBench(const std::vector<uint32_t>& batches, const std::vector<uint32_t>
       CHECK_CUDA(cudaMemset(out.get(), 0, out.size()));
       fn();
       CHECK_OK(stream.Synchronize());
-      std::vector<float> got(qvecs * kHeadDim), got_lse(qvecs);
-      CHECK_CUDA(cudaMemcpy(got.data(), out.get(), got.size() * 4, cudaMemcpyDeviceToHost));
-      CHECK_CUDA(cudaMemcpy(got_lse.data(), lse.get(), got_lse.size() * 4, cudaMemcpyDeviceToHost));
-      for (size_t i = 0; i < got.size(); ++i) {
-        if (!(std::fabs(got[i] - v_value) <= 1e-2 * v_value)) {
-          std::fprintf(stderr, "self-check failed: batch %u out[%zu] = %g\n", batch, i, got[i]);
-          return 1;
-        }
-      }
-      for (size_t i = 0; i < got_lse.size(); ++i) {
-        if (!(std::fabs(got_lse[i] - std::log(context)) <= 1e-2)) {
-          std::fprintf(stderr, "self-check failed: batch %u lse[%zu] = %g\n", batch, i, got_lse[i]);
-          return 1;
-        }
-      }
+      if (!SelfCheck(out, lse, qvecs, context, "batch " + std::to_string(batch))) return 1;
       batch_us = median_ms(reps, fn) * 1e3;
       std::printf("  batch %u: %u splits\n", batch, layout.splits);
     }
@@ -252,25 +273,17 @@ int Main(int argc, char** argv) {
                 copy_gbs);
   }
 
-  // K/V fills: bf16 0x3c3c (~0.0114) for K and q, 0x3f3f (0.74609375) for V.
-  const float v_value = 0.74609375f;
+  // K/V fills (Fill): bf16 0x3c3c (~0.0114) for K and q, 0x3f3f (0.74609375) for V.
   if (!batches.empty()) return BatchBench(batches, row_counts, reps, copy_gbs, median_ms, stream);
   std::vector<Row> rows_out;
   for (uint32_t context : {4096u, 28672u, 131072u}) {
-    std::vector<DeviceBuffer> pages;
-    std::vector<KvBlockRef> blocks;
     if ((context + block_tokens - 1) / block_tokens > kMaxKernelBlocks) continue;
+    std::vector<uint32_t> tokens;
     for (uint32_t first = 0; first < context; first += block_tokens) {
-      const uint32_t tokens = std::min(block_tokens, context - first);
-      const size_t bytes = size_t(kKvHeads) * tokens * kHeadDim * 2;
-      DeviceBuffer k = Must(DeviceBuffer::Allocate(bytes));
-      DeviceBuffer v = Must(DeviceBuffer::Allocate(bytes));
-      CHECK_CUDA(cudaMemset(k.get(), 0x3c, bytes));
-      CHECK_CUDA(cudaMemset(v.get(), 0x3f, bytes));
-      blocks.push_back({k.get(), v.get(), tokens});
-      pages.push_back(std::move(k));
-      pages.push_back(std::move(v));
+      tokens.push_back(std::min(block_tokens, context - first));
     }
+    const FilledPages pages = Fill(tokens);
+    const std::vector<KvBlockRef>& blocks = pages.blocks;
     const double kv_bytes = 2.0 * kKvHeads * context * kHeadDim * 2;
     for (uint32_t rows : row_counts) {
       const size_t qvecs = size_t(kQHeads) * rows;
@@ -299,22 +312,9 @@ int Main(int argc, char** argv) {
 
       launch();
       CHECK_OK(stream.Synchronize());
-      std::vector<float> got(qvecs * kHeadDim), got_lse(qvecs);
-      CHECK_CUDA(cudaMemcpy(got.data(), out.get(), got.size() * 4, cudaMemcpyDeviceToHost));
-      CHECK_CUDA(cudaMemcpy(got_lse.data(), lse.get(), got_lse.size() * 4, cudaMemcpyDeviceToHost));
-      for (size_t i = 0; i < got.size(); ++i) {
-        if (!(std::fabs(got[i] - v_value) <= 1e-2 * v_value)) {
-          std::fprintf(stderr, "self-check failed: context %u rows %u out[%zu] = %g, want %g\n",
-                       context, rows, i, got[i], v_value);
-          return 1;
-        }
-      }
-      for (size_t i = 0; i < got_lse.size(); ++i) {
-        if (!(std::fabs(got_lse[i] - std::log(double(context))) <= 1e-2)) {
-          std::fprintf(stderr, "self-check failed: context %u rows %u lse[%zu] = %g, want %g\n",
-                       context, rows, i, got_lse[i], std::log(double(context)));
-          return 1;
-        }
+      if (!SelfCheck(out, lse, qvecs, context,
+                     "context " + std::to_string(context) + " rows " + std::to_string(rows))) {
+        return 1;
       }
 
       const double ms = median_ms(reps, launch);

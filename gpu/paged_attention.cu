@@ -681,6 +681,26 @@ struct Launch {
   uint32_t queries = 1;
 };
 
+// The fields both entry points fill the same way; the workspace holds the splits' partial
+// outputs, then their (max, sum) pairs.
+Launch CommonLaunch(const void* q, uint32_t q_heads, uint32_t kv_heads, uint32_t rows_all,
+                    uint32_t head_dim, uint32_t splits, uint32_t total, float* out, float* lse,
+                    void* workspace) {
+  Launch l;
+  l.q = q;
+  l.q_heads = q_heads;
+  l.kv_heads = kv_heads;
+  l.rows_all = rows_all;
+  l.total = total;
+  l.out = out;
+  l.lse = lse;
+  l.ws_acc = static_cast<float*>(workspace);
+  l.ws_ml = l.ws_acc == nullptr
+                ? nullptr
+                : l.ws_acc + static_cast<size_t>(q_heads) * rows_all * splits * head_dim;
+  return l;
+}
+
 template <typename T, int D, int WM, int NW, bool kBatch>
 Status LaunchSplits(const BlockTable& tab, const Launch& l, const Plan& p, cudaStream_t stream) {
   auto* kernel = &PagedAttentionKernel<T, D, WM, NW, kBatch>;
@@ -812,21 +832,10 @@ Status LaunchPagedAttention(const PagedAttentionArgs& args, cudaStream_t stream)
   if (reinterpret_cast<uintptr_t>(args.workspace) % 4 != 0) {
     return Status::InvalidArgument("PagedAttention: workspace is not 4-byte aligned");
   }
-  Launch l;
-  l.q = args.q;
-  l.q_heads = args.q_heads;
-  l.kv_heads = args.kv_heads;
-  l.rows_all = args.rows;
-  l.total = total;
+  Launch l = CommonLaunch(args.q, args.q_heads, args.kv_heads, args.rows, args.head_dim,
+                          plan.splits, total, args.out, args.lse, args.workspace);
   l.first_position = args.first_position;
   l.rotate = args.rotate_keys;
-  l.out = args.out;
-  l.lse = args.lse;
-  // Partial outputs first, then (max, sum) pairs.
-  l.ws_acc = static_cast<float*>(args.workspace);
-  l.ws_ml = l.ws_acc == nullptr ? nullptr
-                                : l.ws_acc + static_cast<size_t>(args.q_heads) * args.rows *
-                                                 plan.splits * args.head_dim;
   return LaunchAny<false>(args.dtype, args.head_dim, tab, l, plan, stream);
 }
 
@@ -996,19 +1005,8 @@ Status LaunchPagedAttentionBatch(const PagedBatchArgs& args, cudaStream_t stream
         std::to_string(args.workspace == nullptr ? 0 : args.workspace_bytes) +
         " bytes (4-byte aligned), need " + std::to_string(need));
   }
-  Launch l;
-  l.q = args.q;
-  l.q_heads = lay.q_heads;
-  l.kv_heads = lay.kv_heads;
-  l.rows_all = lay.rows;
-  l.total = total;
-  l.rotate = true;
-  l.out = args.out;
-  l.lse = args.lse;
-  l.ws_acc = static_cast<float*>(args.workspace);
-  l.ws_ml = l.ws_acc == nullptr ? nullptr
-                                : l.ws_acc + static_cast<size_t>(lay.q_heads) * lay.rows *
-                                                 lay.splits * lay.head_dim;
+  Launch l = CommonLaunch(args.q, lay.q_heads, lay.kv_heads, lay.rows, lay.head_dim, lay.splits,
+                          total, args.out, args.lse, args.workspace);
   l.lw = static_cast<const uint32_t*>(args.layout_words);
   l.bw = BatchWords{lay.queries, lay.splits, lay.segments};
   l.queries = lay.queries;

@@ -117,12 +117,15 @@ void ExpectClose(const Case& c, const std::vector<float>& out, const std::vector
               worst_out, worst_lse);
 }
 
-class PagedAttentionTest : public ::testing::TestWithParam<Case> {
+// Parameterised kernel tests: skipped without a GPU.
+template <typename P>
+class GpuParamTest : public ::testing::TestWithParam<P> {
  protected:
   void SetUp() override {
     if (CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device";
   }
 };
+using PagedAttentionTest = GpuParamTest<Case>;
 
 TEST_P(PagedAttentionTest, MatchesReference) {
   const Case& c = GetParam();
@@ -407,12 +410,7 @@ std::vector<BatchQuery> RandomQueries(uint32_t n, uint32_t blocks, uint32_t per,
   return out;
 }
 
-class PagedAttentionBatchTest : public ::testing::TestWithParam<BatchCase> {
- protected:
-  void SetUp() override {
-    if (CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device";
-  }
-};
+using PagedAttentionBatchTest = GpuParamTest<BatchCase>;
 
 // Each query's rows of one batched launch against the float64 reference over that query's own
 // blocks, concatenated in its order at its positions.

@@ -218,6 +218,17 @@ Result<torch::Tensor> MergeNewTokens(DType dtype, uint32_t kv_heads, const torch
                                      const torch::Tensor& allowed, const torch::Tensor& ctx_out,
                                      const torch::Tensor& ctx_lse);
 
+// A kernel workspace of `bytes` on `device` (nullptr for 0), grown in `*ws` and reused across
+// layers (stream-ordered on kTorchStream).
+void* Workspace(torch::Tensor* ws, size_t bytes, const torch::Device& device) {
+  if (bytes == 0) return nullptr;
+  if (ws->numel() < static_cast<int64_t>(bytes)) {
+    *ws = torch::empty({static_cast<int64_t>(bytes)},
+                       torch::TensorOptions().dtype(torch::kUInt8).device(device));
+  }
+  return ws->data_ptr();
+}
+
 // The attention form: one query's blocks among a staged batch's pages (pinned while any view of
 // the batch lives), read in place, each layer as soon as the staging thread has enqueued it.
 class PagedContext final : public ContextAttention {
@@ -290,14 +301,9 @@ class PagedContext final : public ContextAttention {
     args.first_position = 0;
     args.out = ctx_out.data_ptr<float>();
     args.lse = ctx_lse.data_ptr<float>();
-    const size_t bytes = gpu::PagedAttentionWorkspaceBytes(args.q_heads, args.kv_heads, args.rows,
-                                                           args.head_dim, tokens_);
-    if (bytes > 0 && workspace_.numel() < static_cast<int64_t>(bytes)) {
-      workspace_ = torch::empty({static_cast<int64_t>(bytes)},
-                                torch::TensorOptions().dtype(torch::kUInt8).device(q.device()));
-    }
-    args.workspace = bytes > 0 ? workspace_.data_ptr() : nullptr;
-    args.workspace_bytes = bytes;
+    args.workspace_bytes = gpu::PagedAttentionWorkspaceBytes(args.q_heads, args.kv_heads, args.rows,
+                                                             args.head_dim, tokens_);
+    args.workspace = Workspace(&workspace_, args.workspace_bytes, q.device());
     SHOTDB_RETURN_IF_ERROR(gpu::LaunchPagedAttention(args, kTorchStream));
     return MergeNewTokens(dtype_, args.kv_heads, q, k, v, allowed, ctx_out, ctx_lse);
   }
@@ -419,13 +425,8 @@ class PagedBatchContext final : public ContextAttention {
     args.q = q.data_ptr();
     args.out = ctx_out.data_ptr<float>();
     args.lse = ctx_lse.data_ptr<float>();
-    const size_t bytes = gpu::PagedBatchWorkspaceBytes(layout_);
-    if (bytes > 0 && workspace_.numel() < static_cast<int64_t>(bytes)) {
-      workspace_ = torch::empty({static_cast<int64_t>(bytes)},
-                                torch::TensorOptions().dtype(torch::kUInt8).device(q.device()));
-    }
-    args.workspace = bytes > 0 ? workspace_.data_ptr() : nullptr;
-    args.workspace_bytes = bytes;
+    args.workspace_bytes = gpu::PagedBatchWorkspaceBytes(layout_);
+    args.workspace = Workspace(&workspace_, args.workspace_bytes, q.device());
     SHOTDB_RETURN_IF_ERROR(gpu::LaunchPagedAttentionBatch(args, kTorchStream));
     return MergeNewTokens(dtype_, kv_heads_, q, k, v, allowed, ctx_out, ctx_lse);
   }
