@@ -9,33 +9,13 @@
 #include <random>
 #include <set>
 
+#include "gpu/fake_device_allocator.h"
+
 namespace shotdb {
 namespace gpu {
 namespace {
 
-// Host memory standing in for device memory: tracks every live allocation and its size.
-class FakeDeviceAllocator : public DeviceAllocator {
- public:
-  // `capacity` plays the device's free memory: allocations beyond it fail like cudaMalloc.
-  explicit FakeDeviceAllocator(std::map<void*, size_t>* live, size_t capacity = SIZE_MAX)
-      : live_(live), capacity_(capacity) {}
-  Result<void*> Allocate(size_t bytes) override {
-    size_t used = 0;
-    for (const auto& kv : *live_) used += kv.second;
-    if (used + bytes > capacity_) return Status::IOError("fake device: out of memory");
-    void* p = std::aligned_alloc(256, bytes);
-    (*live_)[p] = bytes;
-    return p;
-  }
-  void Free(void* p) override {
-    EXPECT_EQ(live_->erase(p), 1u) << "freed twice or never allocated";
-    std::free(p);
-  }
-
- private:
-  std::map<void*, size_t>* live_;
-  size_t capacity_;
-};
+using testing::FakeDeviceAllocator;
 
 class BlockPageCacheTest : public ::testing::Test {
  protected:

@@ -3,26 +3,23 @@
 // first, with host memory standing in for the device (runs without a GPU).
 #include <gtest/gtest.h>
 
-#include <cstdlib>
+#include <map>
 #include <memory>
 #include <utility>
 
 #include "gpu/block_page_cache.h"
+#include "gpu/fake_device_allocator.h"
 #include "gpu/stager.h"
 
 namespace shotdb {
 namespace gpu {
 namespace {
 
-class HostAllocator : public DeviceAllocator {
- public:
-  Result<void*> Allocate(size_t bytes) override { return std::aligned_alloc(256, bytes); }
-  void Free(void* p) override { std::free(p); }
-};
-
 TEST(StagedBatchTest, ReleasesBlockByBlock) {
   constexpr size_t kHalf = 256;  // K and V bytes of every page: 512 bytes a page
-  auto cache = BlockPageCache::Create({6 * 2 * kHalf}, std::make_unique<HostAllocator>());
+  std::map<void*, size_t> live;  // declared first: the cache frees into it
+  auto cache = BlockPageCache::Create({6 * 2 * kHalf},
+                                      std::make_unique<testing::FakeDeviceAllocator>(&live));
   ASSERT_TRUE(cache.ok()) << cache.status().ToString();
   const uint32_t task = (*cache)->InternTask("t@0");
   {
