@@ -233,8 +233,8 @@ struct BatchWords {
   __host__ __device__ uint32_t size() const { return seg_block(0) + 3 * segments; }
 };
 
-// CTA (m tile, [query,] kv head, split), flattened into blockIdx.x with the m tile fastest (then
-// the query), so that the CTAs reading the same K/V run together and share it through L2.
+// CTA (m tile, [query,] kv head, split), flattened into blockIdx.x with the m tile fastest, so
+// that the CTAs reading the same K/V (one query's m tiles) run together and share it through L2.
 //
 // One query (kBatch false): its rows are all of q's (`rows_all`), its tokens the concatenation
 // of tab's blocks, token t at first_position + t. A batch (kBatch true): tab holds the union; the
