@@ -24,7 +24,7 @@ seeds_for() {
     fuzz_safetensors) echo fuzz/seeds/safetensors tests/fixtures/weights/st_single \
                            tests/fixtures/weights/st_sharded ;;
     fuzz_config_json) echo tests/fixtures/model/tiny_llama tests/fixtures/model/tiny_llama3 \
-                           tests/fixtures/model/tiny_qwen2 ;;
+                           tests/fixtures/model/tiny_qwen2 fuzz/seeds/config_json_regressions ;;
     fuzz_tokenizer_json) echo fuzz/seeds/tokenizer_json ;;
     fuzz_spm_model) echo tests/fixtures/tokenizer fuzz/seeds/spm_model_regressions ;;
     fuzz_demo_file) echo fuzz/seeds/demo_file ;;

@@ -28,6 +28,19 @@ Result<int64_t> RequiredInt(const json& j, const char* key, const std::string& s
   return it->get<int64_t>();
 }
 
+// Reads a boolean field: missing or null -> fallback; another type -> InvalidArgument naming it
+// (e.g. "attention_bias": "float32" is not silently false).
+Result<bool> OptionalBool(const json& j, const char* key, bool fallback,
+                          const std::string& source) {
+  auto it = j.find(key);
+  if (it == j.end() || it->is_null()) return fallback;
+  if (!it->is_boolean()) {
+    return Status::InvalidArgument(source + ": field \"" + key + "\" must be true or false, got " +
+                                   it->dump());
+  }
+  return it->get<bool>();
+}
+
 double OptionalDouble(const json& j, const char* key, double fallback) {
   auto it = j.find(key);
   return it != j.end() && it->is_number() ? it->get<double>() : fallback;
@@ -112,7 +125,21 @@ Status ModelConfig::Validate() const {
   return Status::OK();
 }
 
+static Result<ModelConfig> ParseHfConfigFields(const std::string& json_text,
+                                               const std::string& source);
+
 Result<ModelConfig> ParseHfConfig(const std::string& json_text, const std::string& source) {
+  // The fields are read with typed checks; a type nlohmann::json still refuses becomes an error
+  // naming the file, never an exception out of here.
+  try {
+    return ParseHfConfigFields(json_text, source);
+  } catch (const json::exception& e) {
+    return Status::InvalidArgument(source + ": " + e.what());
+  }
+}
+
+static Result<ModelConfig> ParseHfConfigFields(const std::string& json_text,
+                                               const std::string& source) {
   json j = json::parse(json_text, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded() || !j.is_object()) {
     return Status::InvalidArgument(source + ": not a JSON object");
@@ -139,11 +166,15 @@ Result<ModelConfig> ParseHfConfig(const std::string& json_text, const std::strin
                    ? hd->get<int64_t>()
                    : (c.num_heads > 0 ? c.hidden_size / c.num_heads : 0);
   c.rms_norm_eps = OptionalDouble(j, "rms_norm_eps", 1e-6);
-  c.tie_word_embeddings = j.value("tie_word_embeddings", false);
-  c.attention_bias = c.architecture == "qwen2" || j.value("attention_bias", false);
+  SHOTDB_ASSIGN_OR_RETURN(c.tie_word_embeddings,
+                          OptionalBool(j, "tie_word_embeddings", false, source));
+  SHOTDB_ASSIGN_OR_RETURN(const bool attention_bias,
+                          OptionalBool(j, "attention_bias", false, source));
+  c.attention_bias = c.architecture == "qwen2" || attention_bias;
   auto mpe = j.find("max_position_embeddings");
   c.max_position_embeddings = mpe != j.end() && mpe->is_number_integer() ? mpe->get<int64_t>() : 0;
-  if (j.value("mlp_bias", false)) {
+  SHOTDB_ASSIGN_OR_RETURN(const bool mlp_bias, OptionalBool(j, "mlp_bias", false, source));
+  if (mlp_bias) {
     return Status::NotSupported(source + ": mlp_bias = true");
   }
   auto act = j.find("hidden_act");
@@ -152,7 +183,8 @@ Result<ModelConfig> ParseHfConfig(const std::string& json_text, const std::strin
                                 "\" (only silu)");
   }
   // Sliding-window attention changes the mask; refuse rather than silently attend everywhere.
-  bool sliding = j.value("use_sliding_window", c.architecture == "mistral");
+  SHOTDB_ASSIGN_OR_RETURN(const bool sliding, OptionalBool(j, "use_sliding_window",
+                                                           c.architecture == "mistral", source));
   auto window = j.find("sliding_window");
   if (sliding && window != j.end() && window->is_number_integer()) {
     return Status::NotSupported(source + ": sliding-window attention (sliding_window = " +

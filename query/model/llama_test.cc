@@ -686,6 +686,16 @@ TEST(ModelConfigTest, ParsesAndRejects) {
   uneven.replace(uneven.rfind(','), 1, "");
   EXPECT_TRUE(ParseHfConfig(uneven, "cfg").status().IsInvalidArgument());
   EXPECT_TRUE(ParseHfConfig("{not json", "cfg").status().IsInvalidArgument());
+  // Boolean fields of another type name the field (a fuzzer's input once threw out of here).
+  for (const char* field :
+       {"attention_bias", "mlp_bias", "tie_word_embeddings", "use_sliding_window"}) {
+    Status s = ParseHfConfig(base + "\"" + field + "\":\"float32\"}", "cfg.json").status();
+    EXPECT_TRUE(s.IsInvalidArgument()) << field << ": " << s.ToString();
+    EXPECT_NE(s.message().find(field), std::string::npos) << s.ToString();
+  }
+  auto null_bias = ParseHfConfig(base + R"("attention_bias":null})", "cfg");
+  ASSERT_TRUE(null_bias.ok()) << null_bias.status().ToString();
+  EXPECT_FALSE(null_bias->attention_bias);
 }
 
 }  // namespace

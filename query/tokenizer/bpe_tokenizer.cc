@@ -433,6 +433,17 @@ void BosFromPostProcessor(const Json& pp, int32_t* bos, bool* add_bos) {
 
 Result<std::unique_ptr<BpeTokenizer>> BpeTokenizer::FromHfJson(
     const std::string& path, const std::string& tokenizer_config_path) {
+  // Optional fields are read with nlohmann::json's value(), which throws when a field has another
+  // type than expected (e.g. "type": 5): that is a malformed file, reported, not an exception.
+  try {
+    return FromHfJsonUnguarded(path, tokenizer_config_path);
+  } catch (const Json::exception& e) {
+    return Status::Corruption(path + " (or " + tokenizer_config_path + "): " + e.what());
+  }
+}
+
+Result<std::unique_ptr<BpeTokenizer>> BpeTokenizer::FromHfJsonUnguarded(
+    const std::string& path, const std::string& tokenizer_config_path) {
   SHOTDB_ASSIGN_OR_RETURN(Json j, ReadJson(path));
   if (!j.is_object() || !j.contains("model") || !j["model"].is_object()) {
     return Status::Corruption(path + ": missing object \"model\"");

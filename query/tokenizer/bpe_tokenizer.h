@@ -80,6 +80,10 @@ class BpeTokenizer final : public Tokenizer {
   std::string Fingerprint() const override { return fingerprint_; }
 
  private:
+  // FromHfJson's reading; it may throw nlohmann::json's type errors, which FromHfJson reports.
+  static Result<std::unique_ptr<BpeTokenizer>> FromHfJsonUnguarded(
+      const std::string& path, const std::string& tokenizer_config_path);
+
   struct Regex;  // a compiled PCRE2 pattern
   struct MergeRule {
     int32_t rank;

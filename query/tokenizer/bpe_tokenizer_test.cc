@@ -293,6 +293,25 @@ TEST_F(BpeMalformedTest, NotJson) {
   EXPECT_NE(s.message().find("not valid JSON"), std::string::npos) << s.ToString();
 }
 
+// Optional fields of another type than the format's: Corruption naming the file, never an
+// exception out of the loader (the fuzzer's kind of input).
+TEST_F(BpeMalformedTest, OptionalFieldsOfTheWrongTypeAreCorruption) {
+  const std::vector<void (*)(Json*)> mutations = {
+      [](Json* j) { (*j)["model"]["type"] = 5; },
+      [](Json* j) { (*j)["model"]["byte_fallback"] = "yes"; },
+      [](Json* j) { (*j)["pre_tokenizer"]["add_prefix_space"] = "false"; },
+      [](Json* j) { (*j)["added_tokens"][0]["special"] = 1; },
+  };
+  for (size_t i = 0; i < mutations.size(); ++i) {
+    Json j = Tiny();
+    mutations[i](&j);
+    Status s = LoadStatus(j);
+    EXPECT_FALSE(s.ok()) << "mutation " << i;
+    EXPECT_NE(s.message().find("malformed_tokenizer.json"), std::string::npos)
+        << "mutation " << i << ": " << s.ToString();
+  }
+}
+
 TEST_F(BpeMalformedTest, MissingMerges) {
   Json j = Tiny();
   j["model"].erase("merges");
