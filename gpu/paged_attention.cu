@@ -779,7 +779,6 @@ Status CheckShape(const char* what, DType dtype, uint32_t q_heads, uint32_t kv_h
 
 Plan BatchPlan(const PagedBatchLayout& layout) {
   Plan p;
-  p.m = 0;
   p.wm = layout.wm;
   p.m_tiles = layout.m_tiles;
   p.chunk = 0;  // per query, in the layout words
@@ -871,7 +870,7 @@ Result<PagedBatchLayout> MakePagedBatchLayout(uint32_t q_heads, uint32_t kv_head
   out.head_dim = head_dim;
   out.queries = static_cast<uint32_t>(queries.size());
   out.block_tokens = block_tokens;
-  uint64_t rows = 0, local_total = 0, segments = 0;
+  uint64_t rows = 0, segments = 0;
   uint32_t max_rows = 0;
   std::vector<uint64_t> context(queries.size(), 0);
   for (size_t i = 0; i < queries.size(); ++i) {
@@ -898,7 +897,6 @@ Result<PagedBatchLayout> MakePagedBatchLayout(uint32_t q_heads, uint32_t kv_head
     }
     rows += q.rows;
     max_rows = std::max(max_rows, q.rows);
-    local_total += context[i];
     segments += q.blocks.size();
   }
   if (rows > kMaxPagedAttentionRows) {
