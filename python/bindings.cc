@@ -221,8 +221,12 @@ class KvHandle {
     if (values_.empty()) return nullptr;
     return values_.data() + value_at_[(layer * blocks_.size() + block) * 2 + kind];
   }
-  // What the arrays hold: the stored dtype, or f32 for dequantised fp8.
-  DType array_dtype() const { return values_.empty() ? task_.model.dtype : DType::kF32; }
+  // What the arrays hold: the stored dtype; for a scaled task (f8e4m3, i8) its dequantised values,
+  // as f32 on the CPU and as the device cache's bf16 pages on CUDA (PageDType).
+  DType array_dtype() const {
+    if (device_kv_ != nullptr) return PageDType(task_.model.dtype);
+    return values_.empty() ? task_.model.dtype : DType::kF32;
+  }
 
   const TaskInfo& task() const { return task_; }
   const std::vector<uint32_t>& blocks() const { return blocks_; }
@@ -256,7 +260,7 @@ RoArray MakeArray(const KvHandle& h, size_t layer, size_t block, int kind, nb::h
   const size_t shape[3] = {h.task().model.kv_heads, h.tokens()[block], h.task().model.head_dim};
   if (h.device_kv() != nullptr) {  // a staged page on the device
     return RoArray(h.device_kv()->data(layer, block, kind), 3, shape, owner, nullptr,
-                   DlpackDtype(h.task().model.dtype), nb::device::cuda::value, h.device());
+                   DlpackDtype(h.array_dtype()), nb::device::cuda::value, h.device());
   }
   if (const float* values = h.Values(layer, block, kind)) {  // dequantised fp8
     return RoArray(values, 3, shape, owner, nullptr, DlpackDtype(DType::kF32),
@@ -322,14 +326,6 @@ std::unique_ptr<KvHandle> LoadKv(PyStore& py, const std::string& task_name,
   std::unique_ptr<Snapshot> snapshot = Check(store->BeginSnapshot());
   TaskInfo task = Check(snapshot->GetTask(task_name));
   const bool scaled = IsScaledDType(task.model.dtype);
-  if (scaled && device_index != -1) {
-    // On the device the Stager dequantises scaled records into bf16 pages; handing those out as
-    // arrays is not done yet.
-    Raise(Status::NotSupported("load_kv(device='" + device + "'): task " + task_name + " stores " +
-                               std::string(DTypeName(task.model.dtype)) +
-                               " K/V; load it on the CPU (float32 values) or query it through "
-                               "Session"));
-  }
   std::vector<uint32_t> layer_list;
   if (layers) {
     layer_list = *layers;
@@ -633,7 +629,8 @@ NB_MODULE(_shotdb, m) {
       .def_prop_ro("tokens", &KvHandle::tokens, "Tokens of each block, in `blocks` order.")
       .def_prop_ro(
           "dtype", [](const KvHandle& h) { return DTypeName(h.array_dtype()); },
-          "The arrays' dtype: the task's, or f32 for a task stored as scaled fp8 (dequantised).")
+          "The arrays' dtype: the task's; for a task stored scaled (f8e4m3, i8), dequantised: "
+          "f32 on the CPU, bf16 on CUDA.")
       .def_prop_ro(
           "device",
           [](const KvHandle& h) {
@@ -807,10 +804,11 @@ NB_MODULE(_shotdb, m) {
            "(gpu::Stager, straight from the memory map for raw payloads) and returns when the "
            "copies are done; the arrays point into the cached pages, which stay pinned while the "
            "handle or any array lives (FailedPreconditionError when live handles pin the whole "
-           "cuda_cache_gb budget). A task stored in a scaled dtype (f8e4m3, i8) gives float32 "
-           "arrays of its dequantised values (CPU only). NotSupportedError for CUDA in a build "
-           "without it (SHOTDB_WITH_CUDA) or without a device, and for scaled tasks on CUDA; "
-           "InvalidArgumentError for another device.")
+           "cuda_cache_gb budget). A task stored in a scaled dtype (f8e4m3, i8) gives its "
+           "dequantised values: float32 arrays on the CPU; on CUDA bfloat16 arrays (the pages "
+           "the device unpacks them into, which DBSA's kernels read: the CPU's values rounded to "
+           "bfloat16). NotSupportedError for CUDA in a build without it (SHOTDB_WITH_CUDA) or "
+           "without a device; InvalidArgumentError for another device.")
       .def(
           "_cuda_stats",
           [](PyStore& s, const std::string& device) {

@@ -68,6 +68,7 @@ class DeviceStager {
     o.verify_checksums = true;
     o.direct_from_map = true;
     o.kernel_dtypes_only = false;  // plain staging: any dtype
+    o.scaled_pages = PageDType(DType::kI8);
     SHOTDB_ASSIGN_OR_RETURN(stager_, gpu::Stager::Create(o));
     SHOTDB_ASSIGN_OR_RETURN(cache_, stager_->CreateCache(cache_bytes));
     return Status::OK();
@@ -172,7 +173,7 @@ Result<std::unique_ptr<DeviceKv>> StageKv(const std::shared_ptr<DeviceStager>& s
   // Page bytes this load needs at most (every page a miss).
   uint64_t need = 0;
   const uint64_t per_token = static_cast<uint64_t>(task.model.kv_heads) * task.model.head_dim *
-                             DTypeSize(task.model.dtype);
+                             DTypeSize(PageDType(task.model.dtype));
   std::vector<bool> counted(distinct_blocks.size(), false);
   for (size_t i = 0; i < blocks.size(); ++i) {
     if (counted[block_at[i]]) continue;

@@ -20,9 +20,15 @@
 #include <vector>
 
 #include "engine/store.h"
+#include "format/dtype.h"
 #include "util/status.h"
 
 namespace shotdb::python {
+
+// The dtype of the device pages (and so of the arrays) a task stored as `stored` is staged into:
+// `stored` itself, or bf16 for a scaled dtype (f8e4m3, i8), which the Stager dequantises as the
+// records land (gpu/unpack_kv.h: KvToFloat's values rounded to bf16, bit for bit).
+inline DType PageDType(DType stored) { return IsScaledDType(stored) ? DType::kBF16 : stored; }
 
 // Visible CUDA devices; 0 without a driver or device. Initialises the CUDA runtime (not a context).
 int CudaDeviceCount();

@@ -330,6 +330,38 @@ def test_cuda_matches_cpu(tmp_path, checkpoints):
         assert mine["score"] == pytest.approx(theirs["score"], rel=1e-3, abs=1e-3)
 
 
+@needs_cli
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kv_dtype", ["i8", "f8e4m3"])
+def test_scaled_kv_on_cuda_are_the_cpu_values_in_bf16(tmp_path, checkpoints, kv_dtype):
+    # Store.load_kv(device="cuda") of a scaled task: the device dequantises the records as they
+    # land (gpu::LaunchUnpackKv) into bf16 pages; the CPU dequantises them in C++ (KvToFloat) to
+    # float32, which test_session.py checks against numpy references. Two implementations, one
+    # answer: the device's arrays are the CPU's values rounded to bf16, bit for bit.
+    from shotdb import _shotdb
+    if not _shotdb.WITH_CUDA or _shotdb.cuda_device_count() == 0:
+        pytest.skip("shotdb built without CUDA, or no device visible to it")
+    path = str(tmp_path / kv_dtype)
+    cli("--store", path, "build", "--task", "t", "--demos", DEMOS, "--limit", 30, "--model",
+        checkpoints["llama3"], "--kv-dtype", kv_dtype, "--threads", 1)
+    store = shotdb.Store(path, readonly=True)
+    n = store.task("t")["num_blocks"]
+    blocks, layers = [n - 1, 0, 2, 0], [1, 0]  # repeats allowed
+    cpu = store.load_kv("t", blocks, layers=layers)
+    gpu = store.load_kv("t", blocks, layers=layers, device="cuda")
+    assert (cpu.dtype, gpu.dtype) == ("f32", "bf16")
+    assert (gpu.blocks, gpu.layers, gpu.tokens) == (cpu.blocks, cpu.layers, cpu.tokens)
+    for li in range(len(layers)):
+        for bi in range(len(blocks)):
+            for kind in ("key", "value"):
+                got = torch.from_dlpack(getattr(gpu, kind)(li, bi))
+                want = torch.from_dlpack(getattr(cpu, kind)(li, bi))
+                assert got.is_cuda and got.dtype == torch.bfloat16 and got.shape == want.shape
+                assert torch.equal(got.cpu().view(torch.int16),
+                                   want.to(torch.bfloat16).view(torch.int16))
+                assert want.abs().max().item() > 0  # real values, not zeros on both sides
+
+
 # ---- (d) bad input raises and writes nothing --------------------------------------------------
 
 def test_bad_input_raises_and_writes_nothing(tmp_path, checkpoints):
