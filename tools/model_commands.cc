@@ -182,6 +182,13 @@ int RunEncode(const char* command, const GlobalOptions& global, const ModelOptio
       static_cast<unsigned long long>(info->num_blocks),
       static_cast<unsigned long long>(info->num_demos),
       static_cast<unsigned long long>(info->num_tokens));
+  if (last.blocks_done > 0) {
+    std::printf(
+        "%s: where the %.1f s went: forward %.1f s, K/V to the stored dtype %.1f s, store "
+        "appends %.1f s, the rest %.1f s\n",
+        command, last.seconds, last.forward_seconds, last.convert_seconds, last.append_seconds,
+        last.seconds - last.forward_seconds - last.convert_seconds - last.append_seconds);
+  }
   return 0;
 }
 

@@ -248,6 +248,11 @@ TEST_F(DbsaExactnessTest, WindowedEncodingEqualsDenseForwardWithSinkCopies) {
         PoolEncoder(store.get(), pool_)
             .EncodeBlocks("t", MakeGroups(kBlocks, 2), [&](const EncodeProgress& p) { last = p; })
             .ok());
+    // Where the time went: the forwards took some of it, and the parts add up to no more.
+    EXPECT_GT(last.forward_seconds, 0);
+    EXPECT_GE(last.convert_seconds, 0);
+    EXPECT_GE(last.append_seconds, 0);
+    EXPECT_LE(last.forward_seconds + last.convert_seconds + last.append_seconds, last.seconds);
     std::vector<int64_t> ids;
     std::vector<uint32_t> owner;
     PoolTokens(store.get(), kBlocks, &ids, &owner);

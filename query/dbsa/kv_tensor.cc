@@ -41,19 +41,6 @@ torch::Tensor StoredKvTensor(DType dtype, const void* raw, int64_t kv_heads, int
   return out;
 }
 
-Result<torch::Tensor> ToStoredKv(const torch::Tensor& t, DType dtype) {
-  if (!IsScaledDType(dtype)) return t.to(torch::kCPU, TorchType(dtype)).contiguous();
-  const torch::Tensor f = t.to(torch::kCPU, torch::kFloat32).contiguous();
-  const auto heads = static_cast<uint32_t>(f.size(0));
-  const auto tokens = static_cast<uint32_t>(f.size(1));
-  const auto head_dim = static_cast<uint32_t>(f.size(2));
-  torch::Tensor raw = torch::empty(
-      {static_cast<int64_t>(*KvRawBytes(dtype, heads, tokens, head_dim))}, torch::kByte);
-  SHOTDB_RETURN_IF_ERROR(
-      KvFromFloat(dtype, heads, tokens, head_dim, f.data_ptr<float>(), raw.data_ptr()));
-  return raw;
-}
-
 Result<DType> StoredType(torch::ScalarType type) {
   switch (type) {
     case torch::kFloat32:

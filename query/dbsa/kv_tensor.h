@@ -27,12 +27,6 @@ Result<DType> StoredType(torch::ScalarType type);
 torch::Tensor StoredKvTensor(DType dtype, const void* raw, int64_t kv_heads, int64_t tokens,
                              int64_t head_dim);
 
-// The inverse: the raw payload of `t` ([kv_heads, tokens, head_dim], any device and float type)
-// stored as `dtype`, as a contiguous CPU tensor whose bytes are the payload (kByte for the scaled
-// dtypes, TorchType(dtype) otherwise). InvalidArgument if a scaled dtype meets a value that is not
-// finite.
-Result<torch::Tensor> ToStoredKv(const torch::Tensor& t, DType dtype);
-
 // Concatenates, per layer, the K and V of consecutive blocks along the token axis into
 // [kv_heads, sum(lengths), head_dim] tensors with `options`; block_kv(i, layer, kv) gives block i's
 // K (kv = 0) or V (kv = 1) of `lengths[i]` tokens, in any dtype and on any device (one copy_

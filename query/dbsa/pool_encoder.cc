@@ -4,8 +4,13 @@
 #include <xxhash.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
+#include <functional>
+#include <optional>
 #include <set>
+#include <system_error>
+#include <thread>
 
 #include "format/kv_values.h"
 #include "query/dbsa/kv_tensor.h"
@@ -26,6 +31,45 @@ uint64_t DemonstrationId(const LabeledText& demo, uint64_t occurrence) {
 torch::Tensor Positions(uint64_t start, int64_t count, torch::Device device) {
   return torch::arange(static_cast<int64_t>(start), static_cast<int64_t>(start) + count,
                        torch::TensorOptions().dtype(torch::kInt64).device(device));
+}
+
+// Host memory that is reused from block to block: the first `numel` elements of `*flat` (grown,
+// by at least a quarter, when too small) as `shape`. Pinned when the model is on a CUDA device, so
+// that the copies to and from it need no staging. Fresh host buffers for every block (~25 MB for a
+// Llama-3.1-8B int8 block) cost more than the conversion itself on the GPU machine: 16 threads
+// touching new pages at once (docs/results.md, run X).
+torch::Tensor Reused(torch::Tensor* flat, torch::ScalarType type, at::IntArrayRef shape,
+                     bool pinned) {
+  int64_t numel = 1;
+  for (int64_t d : shape) numel *= d;
+  if (!flat->defined() || flat->scalar_type() != type || flat->numel() < numel) {
+    const int64_t grown = flat->defined() && flat->scalar_type() == type
+                              ? std::max(numel, flat->numel() + flat->numel() / 4)
+                              : numel;
+    *flat = torch::empty({grown}, torch::TensorOptions().dtype(type).pinned_memory(pinned));
+  }
+  return flat->narrow(0, 0, numel).view(shape);
+}
+
+// Runs fn(0) .. fn(n - 1) on up to `threads` threads, this one included, and returns when all
+// are done. Not at::parallel_for: with the GPU machine's libtorch (the PyTorch 2.11 wheel) that ran
+// the quantisation of a block's 64 records on one core, 25-30 ms a block against 2.6-3.4 ms on 16
+// std::threads (docs/results.md, run X).
+void ForEachOnThreads(uint32_t n, int threads, const std::function<void(uint32_t)>& fn) {
+  std::atomic<uint32_t> next{0};
+  auto work = [&] {
+    for (uint32_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(i);
+  };
+  std::vector<std::thread> helpers;
+  for (int t = 1; t < threads && static_cast<uint32_t>(t) < n; ++t) {
+    try {
+      helpers.emplace_back(work);
+    } catch (const std::system_error&) {
+      break;  // no more threads: the ones running (and this one) take the rest
+    }
+  }
+  work();
+  for (std::thread& t : helpers) t.join();
 }
 
 }  // namespace
@@ -273,45 +317,73 @@ Status PoolEncoder::EncodeBlocks(const std::string& task_name,
       request.context_positions = torch::cat(context_positions);
     }
     request.return_kv = true;
+    auto since = std::chrono::steady_clock::now();
+    // Seconds since `since`, which moves on to now.
+    auto lap = [&since] {
+      const auto now = std::chrono::steady_clock::now();
+      const double s = std::chrono::duration<double>(now - since).count();
+      since = now;
+      return s;
+    };
     SHOTDB_ASSIGN_OR_RETURN(ForwardResult result, model.Forward(request));
+    // The copies below would wait for the forward anyway; waiting here times it apart.
+    if (device.is_cuda()) torch::cuda::synchronize(device.has_index() ? device.index() : -1);
+    report.forward_seconds += lap();
 
     // The stored payloads, and what later blocks attend to: the values as stored (rounded to the
-    // stored dtype), exactly what a query reads back.
-    BlockKV as_stored(task.model.num_layers);
-    std::vector<torch::Tensor> host(2 * task.model.num_layers), values(host.size());
-    // Device -> host on this thread; fp8/int8 quantisation and its read-back (scalar loops) on all
-    // cores, a record each.
-    const torch::ScalarType wide =
-        IsScaledDType(task.model.dtype) ? torch::kFloat32 : TorchType(task.model.dtype);
-    for (uint32_t l = 0; l < task.model.num_layers; ++l) {
-      host[2 * l] = result.kv[l].k.to(torch::kCPU, wide).contiguous();
-      host[2 * l + 1] = result.kv[l].v.to(torch::kCPU, wide).contiguous();
+    // stored dtype), exactly what a query reads back. Device -> host on this thread; fp8/int8
+    // quantisation and its read-back (scalar loops) on all cores, a record each.
+    const DType stored = task.model.dtype;
+    const bool scaled = IsScaledDType(stored);
+    const uint32_t records = 2 * task.model.num_layers;
+    const std::vector<int64_t> shape = {task.model.kv_heads, block.info.token_count,
+                                        task.model.head_dim};
+    const std::optional<uint64_t> raw_bytes =
+        KvRawBytes(stored, task.model.kv_heads, block.info.token_count, task.model.head_dim);
+    if (!raw_bytes) return Status::InvalidArgument("block " + std::to_string(index) + " too large");
+    scratch_.resize(records);
+    // Per record: the forward's K or V on the host (float32 for a scaled dtype, else the stored
+    // dtype), the payload (scaled: codes and scales; else `wide` itself) and the stored values.
+    std::vector<torch::Tensor> wide(records), payload(records), values(records);
+    for (uint32_t i = 0; i < records; ++i) {
+      RecordScratch& r = scratch_[i];
+      wide[i] =
+          Reused(&r.wide, scaled ? torch::kFloat32 : TorchType(stored), shape, device.is_cuda());
+      wide[i].copy_(i % 2 == 0 ? result.kv[i / 2].k : result.kv[i / 2].v);
+      payload[i] = scaled ? Reused(&r.raw, torch::kByte, {static_cast<int64_t>(*raw_bytes)},
+                                   device.is_cuda())
+                          : wide[i];
+      values[i] = scaled ? Reused(&r.values, torch::kFloat32, shape, device.is_cuda()) : wide[i];
     }
-    std::vector<Status> quantised(host.size());
-    at::parallel_for(0, static_cast<int64_t>(host.size()), 1, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        Result<torch::Tensor> r = ToStoredKv(host[i], task.model.dtype);
-        if (r.ok()) {
-          host[i] = std::move(r).value();
-          values[i] = StoredKvTensor(task.model.dtype, host[i].data_ptr(), task.model.kv_heads,
-                                     block.info.token_count, task.model.head_dim);
-        } else {
-          quantised[i] =
-              r.status().WithContext("task '" + task_name + "' block " + std::to_string(index) +
-                                     " layer " + std::to_string(i / 2) + (i % 2 ? " V" : " K"));
+    if (scaled) {
+      std::vector<Status> quantised(records);
+      ForEachOnThreads(records, at::get_num_threads(), [&](uint32_t i) {
+        const Status q =
+            KvFromFloat(stored, task.model.kv_heads, block.info.token_count, task.model.head_dim,
+                        wide[i].data_ptr<float>(), payload[i].data_ptr());
+        if (!q.ok()) {
+          quantised[i] = q.WithContext("task '" + task_name + "' block " + std::to_string(index) +
+                                       " layer " + std::to_string(i / 2) + (i % 2 ? " V" : " K"));
+          return;
         }
-      }
-    });
-    for (const Status& q : quantised) SHOTDB_RETURN_IF_ERROR(q);
+        KvToFloat(stored, task.model.kv_heads, block.info.token_count, task.model.head_dim,
+                  payload[i].data_ptr(), values[i].data_ptr<float>());
+      });
+      for (const Status& q : quantised) SHOTDB_RETURN_IF_ERROR(q);
+    }
+    BlockKV as_stored(task.model.num_layers);
     for (uint32_t l = 0; l < task.model.num_layers; ++l) {
-      block.keys.push_back(host[2 * l].data_ptr());
-      block.values.push_back(host[2 * l + 1].data_ptr());
+      block.keys.push_back(payload[2 * l].data_ptr());
+      block.values.push_back(payload[2 * l + 1].data_ptr());
+      // Synchronous copies: the buffers are the next block's.
       as_stored[l] = {values[2 * l].to(device, model.dtype(), false, /*copy=*/true),
                       values[2 * l + 1].to(device, model.dtype(), false, /*copy=*/true)};
     }
+    report.convert_seconds += lap();
     SHOTDB_RETURN_IF_ERROR(
         store_->AppendBlock(task_name, block)
             .WithContext("task '" + task_name + "' block " + std::to_string(index)));
+    report.append_seconds += lap();
 
     window_[index] = std::move(as_stored);
     for (auto it = window_.begin(); it != window_.end();) {

@@ -61,6 +61,11 @@ struct EncodeProgress {
   // One past the largest RoPE position any block of this call was encoded at (compare it with the
   // model's max_position_embeddings: beyond it the model runs outside its trained range).
   uint64_t max_position = 0;
+  // Where `seconds` went: the model's forward passes (until the device finished them), the K/V's
+  // conversion to the stored dtype (device -> host, fp8/int8 quantisation, and the stored values
+  // that later blocks attend to back onto the device), and the store's appends (checksums, the
+  // LMDB write, BM25 postings). The rest is tokenization, reading context blocks and planning.
+  double forward_seconds = 0, convert_seconds = 0, append_seconds = 0;
 };
 using EncodeProgressFn = std::function<void(const EncodeProgress&)>;
 
@@ -95,6 +100,12 @@ class PoolEncoder {
   PoolModel model_;
   std::map<uint32_t, BlockKV> window_;  // recently encoded blocks' K/V as stored, model dtype
   std::string window_task_;
+  // Host buffers of one block's records on their way to the store, reused from block to block
+  // (pool_encoder.cc: Reused).
+  struct RecordScratch {
+    torch::Tensor wide, raw, values;
+  };
+  std::vector<RecordScratch> scratch_;
 };
 
 // How AddDemonstrations groups `demos` (ids derived from text, label and occurrence; a seeded
