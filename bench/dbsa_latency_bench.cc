@@ -14,6 +14,9 @@
 // weight matrix once, plus the context's K/V; cold, the K/V also cross PCIe at best overlapped)
 // divided by the device-memory and pinned host-to-device bandwidths measured at the start of the
 // run, and the ratio of the measured time to it. BM25 and tokenization are not in the floor.
+// Batches (--batches) also get a compute floor: their forward's FLOPs (counted low: projections,
+// MLP, context attention, one row of lm_head) at the bf16 matmul rate measured at the start, and
+// the FLOP rate they reached; their floor is the larger of the two.
 //
 // Texts are synthetic (random words from a 4,000-word vocabulary, 50 labels) and tokenized one
 // token per word, so a pool of N tokens holds about N / 19 demonstrations (the task defaults:
@@ -123,12 +126,14 @@ std::string Words(std::mt19937& rng, int n) {
 }
 
 // Measured in the run: device-memory bandwidth (a 2 GiB device-to-device copy, read + write
-// bytes) and pinned host-to-device bandwidth (1 GiB), best of 5, GB/s.
-struct Bandwidth {
-  double device_gbs = 0, h2d_gbs = 0;
+// bytes) and pinned host-to-device bandwidth (1 GiB), GB/s, and the dense matrix-multiply rate in
+// bf16 (8192 x 8192 x 8192 torch::mm, float32 accumulation: what cuBLAS reaches), TFLOP/s; best
+// of 5 each.
+struct DeviceRates {
+  double device_gbs = 0, h2d_gbs = 0, matmul_tflops = 0;
 };
-Bandwidth MeasureBandwidth(torch::Device device) {
-  Bandwidth bw;
+DeviceRates MeasureRates(torch::Device device) {
+  DeviceRates bw;
   if (!device.is_cuda()) return bw;
   auto best_gbs = [](double bytes, const std::function<void()>& fn) {
     double best = 0;
@@ -150,7 +155,27 @@ Bandwidth MeasureBandwidth(torch::Device device) {
       torch::empty({n / 2}, torch::TensorOptions().dtype(torch::kBFloat16).pinned_memory(true));
   torch::Tensor dev = torch::empty({n / 2}, opts);
   bw.h2d_gbs = best_gbs(2.0 * (n / 2), [&] { dev.copy_(host, /*non_blocking=*/true); });
+  const int64_t m = 8192;
+  torch::Tensor x = torch::randn({m, m}, opts), y = torch::randn({m, m}, opts);
+  torch::Tensor z = torch::empty({m, m}, opts);
+  // best_gbs's "bytes" as FLOPs, in units of 1e3, so that its GB/s reads as TFLOP/s.
+  bw.matmul_tflops = best_gbs(2.0 * m * m * m / 1e3, [&] { torch::mm_out(z, x, y); });
   return bw;
+}
+
+// FLOPs of one forward over `rows` new tokens attending to `context` tokens (and to each other),
+// counted low: every layer's projections and MLP (2 per weight and row), scores and weighted
+// values over the context (2 * 2 * head_dim per query head, row and context token), and the
+// lm_head for one row (label scoring needs at least the last prompt row's logits).
+double ForwardFlops(const ModelConfig& c, double rows, double context) {
+  const double h = static_cast<double>(c.hidden_size), d = static_cast<double>(c.head_dim);
+  const double qd = static_cast<double>(c.num_heads) * d,
+               kvd = static_cast<double>(c.num_kv_heads) * d;
+  const double per_layer =
+      h * qd + 2 * h * kvd + qd * h + 3 * h * static_cast<double>(c.intermediate_size);
+  const double layers = static_cast<double>(c.num_layers);
+  return 2 * rows * per_layer * layers + 4 * layers * qd * rows * context +
+         2 * h * static_cast<double>(c.vocab_size);
 }
 
 // Bytes of weights a forward reads (every matrix once; the embedding only by row, not counted).
@@ -241,11 +266,13 @@ int Run(int argc, char** argv) {
   std::vector<std::string> labels;
   for (int l = 0; l < 50; ++l) labels.push_back("label" + std::to_string(l));
 
-  const Bandwidth bw = MeasureBandwidth(device);
+  const DeviceRates bw = MeasureRates(device);
   const double weight_bytes = WeightBytes((*model)->config(), device.is_cuda() ? 2 : 4);
   if (device.is_cuda()) {
-    std::printf("measured: device memory %.0f GB/s (copy), pinned host->device %.1f GB/s\n",
-                bw.device_gbs, bw.h2d_gbs);
+    std::printf(
+        "measured: device memory %.0f GB/s (copy), pinned host->device %.1f GB/s, bf16 matmul "
+        "%.0f TFLOP/s\n",
+        bw.device_gbs, bw.h2d_gbs, bw.matmul_tflops);
   }
 
   nlohmann::json report = nlohmann::json::array();
@@ -279,8 +306,10 @@ int Run(int argc, char** argv) {
     task_options.kv_dtype = kv_dtype;
     task_options.blocks = blocks;
     PoolEncoder encoder(store->get(), pool);
+    EncodeProgress built;
     auto t0 = std::chrono::steady_clock::now();
-    Status s = encoder.AddDemonstrations("bench", task_options, demos, 1);
+    Status s = encoder.AddDemonstrations("bench", task_options, demos, 1,
+                                         [&built](const EncodeProgress& p) { built = p; });
     if (device.is_cuda()) torch::cuda::synchronize();
     const double dbsa_setup =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -288,6 +317,12 @@ int Run(int argc, char** argv) {
       std::fprintf(stderr, "build: %s\n", s.ToString().c_str());
       return 1;
     }
+    std::printf(
+        "pool build (DBSA setup): %.1f s: forward %.1f s, K/V to %s %.1f s, store appends %.1f s, "
+        "the rest %.1f s\n",
+        dbsa_setup, built.forward_seconds, std::string(DTypeName(kv_dtype)).c_str(),
+        built.convert_seconds, built.append_seconds,
+        dbsa_setup - built.forward_seconds - built.convert_seconds - built.append_seconds);
     SessionOptions so;
     so.cache_bytes = size_t(16) << 30;  // the 90k pool takes 11.5 GB; the model 16 GB
     auto session = DbsaSession::Open(store->get(), "bench", pool, so);
@@ -405,6 +440,7 @@ int Run(int argc, char** argv) {
         weight_bytes / 1e9, kv_bytes / 1e9, pcie_bytes / 1e9, hot_floor, cold_floor);
     std::printf("%-10s %10s %12s %10s %9s | %8s %8s %8s %9s %9s\n", "method", "setup s", "query ms",
                 "vs RetICL", "vs floor", "bm25", "load", "gather", "encode", "decode");
+    const size_t method_rows_at = report.size();  // the methods' rows; batch rows follow
     for (size_t i = 0; i < rows.size(); ++i) {
       const Row& r = rows[i];
       const double med = Median(r.ms);
@@ -432,13 +468,20 @@ int Run(int argc, char** argv) {
                           {"encode", r.sum.encode},
                           {"decode", r.sum.decode},
                           {"total", r.sum.total}}}});
+      if (i >= 2) {  // DBSA's setup is the pool build
+        report.back()["setup_split_s"] = {{"forward", built.forward_seconds},
+                                          {"convert", built.convert_seconds},
+                                          {"append", built.append_seconds}};
+      }
       if (i == 3 && hot_stage_ms > 0) {
         report.back()["hot_load_host_ms"] = {{"staging", hot_stage_ms}, {"pinning", hot_pin_ms}};
       }
     }
     // Throughput of hot DBSA queries answered in batches (AskBatch: the union of the batch's
-    // blocks staged once, one forward for all), against batch 1 in the same run. The floor of a
-    // batch: the weights once plus every query's context K/V (each query reads its own blocks).
+    // blocks staged once, one forward for all), against batch 1 in the same run. Two floors of a
+    // batch: memory, the weights once plus every query's context K/V (each query reads its own
+    // blocks), over the copy bandwidth; compute, its forward's FLOPs (ForwardFlops of each query's
+    // prompt rows and context) at the measured bf16 matmul rate. The floor is the larger.
     if (!batches.empty()) {
       std::vector<std::string> batch_texts;
       for (int q = 0; q < 64; ++q) batch_texts.push_back(Words(rng, 12));
@@ -449,11 +492,11 @@ int Run(int argc, char** argv) {
         return 1;
       }
       std::printf("batched hot DBSA queries (64 queries per batch size, 2 rounds, best round)\n");
-      std::printf("%6s %12s %12s %12s %12s %10s\n", "batch", "ms/batch", "queries/s", "vs batch 1",
-                  "floor ms", "vs floor");
+      std::printf("%6s %12s %12s %12s %12s %12s %10s %10s\n", "batch", "ms/batch", "queries/s",
+                  "vs batch 1", "memory ms", "compute ms", "vs floor", "TFLOP/s");
       double qps1 = 0;
       for (int b : batches) {
-        double best = 1e30;
+        double best = 1e30, flops = 0;  // flops: of every query of the 64, from round 0's answers
         for (int round = 0; round < 2; ++round) {
           const auto t0 = std::chrono::steady_clock::now();
           for (size_t first = 0; first + b <= batch_texts.size(); first += b) {
@@ -464,6 +507,12 @@ int Run(int argc, char** argv) {
               std::fprintf(stderr, "batch %d: %s\n", b, r.status().ToString().c_str());
               return 1;
             }
+            for (const Answer& a : *r) {
+              if (round == 0) {
+                flops += ForwardFlops(mc, static_cast<double>(a.prompt_tokens),
+                                      static_cast<double>(a.context_tokens));
+              }
+            }
           }
           best = std::min(
               best, std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0)
@@ -472,17 +521,27 @@ int Run(int argc, char** argv) {
         const double per_batch = best / (batch_texts.size() / b);
         const double qps = 1000.0 * b / per_batch;
         if (qps1 == 0) qps1 = qps;  // the first batch size (1 by default) is the baseline
-        const double floor_ms =
+        const double memory_ms =
             bw.device_gbs > 0 ? (weight_bytes + b * kv_bytes) / bw.device_gbs / 1e6 : 0;
-        std::printf("%6d %12.2f %12.1f %11.2fx %12.2f %9.2fx\n", b, per_batch, qps, qps / qps1,
-                    floor_ms, floor_ms > 0 ? per_batch / floor_ms : 0.0);
+        const double batch_flops = flops / static_cast<double>(batch_texts.size()) * b;
+        const double compute_ms =
+            bw.matmul_tflops > 0 ? batch_flops / (bw.matmul_tflops * 1e12) * 1e3 : 0;
+        const double floor_ms = std::max(memory_ms, compute_ms);
+        const double tflops = batch_flops / (per_batch * 1e-3) / 1e12;
+        std::printf("%6d %12.2f %12.1f %11.2fx %12.2f %12.2f %9.2fx %10.1f\n", b, per_batch, qps,
+                    qps / qps1, memory_ms, compute_ms, floor_ms > 0 ? per_batch / floor_ms : 0.0,
+                    tflops);
         report.push_back({{"pool_tokens", info.num_tokens},
                           {"method", "DBSA hot batch"},
                           {"batch", b},
                           {"ms_per_batch", per_batch},
                           {"queries_per_s", qps},
                           {"ratio_vs_batch1", qps / qps1},
-                          {"floor_ms", floor_ms}});
+                          {"memory_floor_ms", memory_ms},
+                          {"compute_floor_ms", compute_ms},
+                          {"floor_ms", floor_ms},
+                          {"tflops", tflops},
+                          {"matmul_tflops", bw.matmul_tflops}});
       }
     }
 #ifdef SHOTDB_HAVE_GPU
@@ -539,7 +598,7 @@ int Run(int argc, char** argv) {
       std::printf("%-10s %8.2f %8.2f %8.2f %9.2f %8.2f %8.2f %8.2f %9.2f %9.2f %9.2f\n", name,
                   t.select, t.load, t.gather, t.attention, t.qkv, t.attention_core, t.mlp,
                   t.sampling, t.encode, t.total);
-      report[report.size() - methods.size() + i]["profile_ms"] = {
+      report[method_rows_at + i]["profile_ms"] = {
           {"bm25", t.select},   {"load", t.load},
           {"gather", t.gather}, {"attention", t.attention},
           {"qkv", t.qkv},       {"attention_core", t.attention_core},

@@ -1,7 +1,8 @@
 // LaunchPagedAttention's memory bandwidth on Llama-3.1-8B shapes, as a ratio to the device's own
 // copy bandwidth measured in the same run (docs/gpu.md).
 //
-//   paged_attention_bench [--reps N] [--block-tokens N] [--rows 1,8,32,128] [--json FILE]
+//   paged_attention_bench [--reps N] [--block-tokens N] [--rows 1,8,32,128] [--no-rotate]
+//                         [--json FILE]
 //   paged_attention_bench --batch 1,4,16,64 [--rows 18] [--reps N]   (batched launches; below)
 //
 // Shape: 32 query heads, 8 kv heads, head_dim 128, bf16, RoPE with Llama-3 scaling applied on
@@ -11,7 +12,9 @@
 // around one LaunchPagedAttention: the split kernel plus, when the context is split, the merge),
 // with L2 flushed before every launch, so K/V come from HBM. Bandwidth counts the K/V bytes read
 // once (what an ideal kernel reads); the ratio is to a device-to-device cudaMemcpyAsync of 2 GiB,
-// counting its read and write bytes (the goal is >= 0.7).
+// counting its read and write bytes (the goal is >= 0.7). --no-rotate launches with rotate_keys
+// false (K taken as already rotated): the same reads and tensor-core work without RoPE on the fly,
+// which measures what the rotation costs.
 //
 // Self-check: K and V are constant-byte fills, so every output element must equal V's value
 // (whatever the softmax weights are) and lse must be ln(tokens) within 0.01 (every score is
@@ -207,6 +210,7 @@ int Main(int argc, char** argv) {
   std::vector<uint32_t> row_counts = {1, 8, 32, 128};
   std::vector<uint32_t> batches;  // --batch: the batched launch instead of the contexts above
   std::string json;
+  bool rotate = true;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--reps") && i + 1 < argc) {
       reps = std::max(1, std::atoi(argv[++i]));
@@ -223,10 +227,12 @@ int Main(int argc, char** argv) {
       }
     } else if (!std::strcmp(argv[i], "--json") && i + 1 < argc) {
       json = argv[++i];
+    } else if (!std::strcmp(argv[i], "--no-rotate")) {
+      rotate = false;
     } else {
       std::fprintf(stderr,
                    "usage: paged_attention_bench [--reps N] [--block-tokens N] [--rows 1,8,32,128] "
-                   "[--batch 1,4,16,64] [--json FILE]\n");
+                   "[--no-rotate] [--batch 1,4,16,64] [--json FILE]\n");
       return 2;
     }
   }
@@ -274,6 +280,11 @@ int Main(int argc, char** argv) {
   }
 
   // K/V fills (Fill): bf16 0x3c3c (~0.0114) for K and q, 0x3f3f (0.74609375) for V.
+  if (!batches.empty() && !rotate) {
+    std::fprintf(stderr,
+                 "paged_attention_bench: --no-rotate is for single launches, not --batch\n");
+    return 2;
+  }
   if (!batches.empty()) return BatchBench(batches, row_counts, reps, copy_gbs, median_ms, stream);
   std::vector<Row> rows_out;
   for (uint32_t context : {4096u, 28672u, 131072u}) {
@@ -302,7 +313,7 @@ int Main(int argc, char** argv) {
       a.rows = rows;
       a.q = q.get();
       a.blocks = blocks;
-      a.rotate_keys = true;
+      a.rotate_keys = rotate;
       a.rope.llama3_scaling = true;
       a.out = out.as<float>();
       a.lse = lse.as<float>();
@@ -340,12 +351,12 @@ int Main(int argc, char** argv) {
   }
   std::printf(
       "\nratio: K/V bytes per second over the device-to-device copy's read+write bytes per "
-      "second (%.0f GB/s); goal >= 0.7. Median of %d launches, L2 flushed before each.\n",
-      copy_gbs, reps);
+      "second (%.0f GB/s); goal >= 0.7. Median of %d launches, L2 flushed before each.%s\n",
+      copy_gbs, reps, rotate ? "" : " K not rotated (--no-rotate).");
   if (!json.empty()) {
     std::ofstream f(json);
     f << "{\"device\": \"" << dev.name << "\", \"copy_gbs\": " << copy_gbs << ", \"reps\": " << reps
-      << ", \"rows\": [";
+      << ", \"rotate_keys\": " << (rotate ? "true" : "false") << ", \"rows\": [";
     for (size_t i = 0; i < rows_out.size(); ++i) {
       const Row& r = rows_out[i];
       f << (i ? ", " : "") << "{\"context\": " << r.context << ", \"rows\": " << r.rows
