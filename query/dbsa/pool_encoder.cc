@@ -51,6 +51,12 @@ torch::Tensor Reused(torch::Tensor* flat, torch::ScalarType type, at::IntArrayRe
   return flat->narrow(0, 0, numel).view(shape);
 }
 
+// Host buffers of one record on its way to the store, reused from block to block (Reused): the
+// forward's K or V, the payload, the stored values.
+struct RecordScratch {
+  torch::Tensor wide, raw, values;
+};
+
 // Runs fn(0) .. fn(n - 1) on up to `threads` threads, this one included, and returns when all
 // are done. Not at::parallel_for: with the GPU machine's libtorch (the PyTorch 2.11 wheel) that ran
 // the quantisation of a block's 64 records on one core, 25-30 ms a block against 2.6-3.4 ms on 16
@@ -254,6 +260,7 @@ Status PoolEncoder::EncodeBlocks(const std::string& task_name,
   const auto start = std::chrono::steady_clock::now();
   EncodeProgress report;
   report.blocks_total = groups.size();
+  std::vector<RecordScratch> scratch;  // one per record of a block; freed when the call returns
 
   for (const auto& group : groups) {
     SHOTDB_ASSIGN_OR_RETURN(auto snapshot, store_->BeginSnapshot());
@@ -341,12 +348,12 @@ Status PoolEncoder::EncodeBlocks(const std::string& task_name,
     const std::optional<uint64_t> raw_bytes =
         KvRawBytes(stored, task.model.kv_heads, block.info.token_count, task.model.head_dim);
     if (!raw_bytes) return Status::InvalidArgument("block " + std::to_string(index) + " too large");
-    scratch_.resize(records);
+    scratch.resize(records);
     // Per record: the forward's K or V on the host (float32 for a scaled dtype, else the stored
     // dtype), the payload (scaled: codes and scales; else `wide` itself) and the stored values.
     std::vector<torch::Tensor> wide(records), payload(records), values(records);
     for (uint32_t i = 0; i < records; ++i) {
-      RecordScratch& r = scratch_[i];
+      RecordScratch& r = scratch[i];
       wide[i] =
           Reused(&r.wide, scaled ? torch::kFloat32 : TorchType(stored), shape, device.is_cuda());
       wide[i].copy_(i % 2 == 0 ? result.kv[i / 2].k : result.kv[i / 2].v);

@@ -100,12 +100,6 @@ class PoolEncoder {
   PoolModel model_;
   std::map<uint32_t, BlockKV> window_;  // recently encoded blocks' K/V as stored, model dtype
   std::string window_task_;
-  // Host buffers of one block's records on their way to the store, reused from block to block
-  // (pool_encoder.cc: Reused).
-  struct RecordScratch {
-    torch::Tensor wide, raw, values;
-  };
-  std::vector<RecordScratch> scratch_;
 };
 
 // How AddDemonstrations groups `demos` (ids derived from text, label and occurrence; a seeded
