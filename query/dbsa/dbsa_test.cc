@@ -16,7 +16,12 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <functional>
+#include <iterator>
+#include <limits>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <set>
 
@@ -540,6 +545,59 @@ TEST_F(DbsaExactnessTest, ScaledPoolStoresQuantisedKvAndQueriesReadItBack) {
       }
       EXPECT_NEAR(answer->label_scores[li], sum, 1e-9 * std::abs(sum)) << kLabels[li];
     }
+  }
+}
+
+TEST_F(DbsaExactnessTest, ScaledBuildOfNonFiniteKvFailsNamingTheRecordAndWritesNothing) {
+  // A copy of the tiny model whose layer-0 k_proj has one NaN weight: channel 0 of every key of
+  // layer 0 is NaN, which no fp8 or int8 scale represents.
+  const std::string model_dir = dir_.Sub("nan_model");
+  ASSERT_TRUE(CreateDirectories(model_dir).ok());
+  const std::string fixture = std::string(SHOTDB_SOURCE_DIR) + "/tests/fixtures/model/tiny_llama";
+  std::filesystem::copy_file(fixture + "/config.json", model_dir + "/config.json");
+  std::string bytes;
+  {
+    std::ifstream in(fixture + "/model.safetensors", std::ios::binary);
+    bytes.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
+  ASSERT_GT(bytes.size(), 8u);
+  uint64_t header_len = 0;
+  std::memcpy(&header_len, bytes.data(), 8);  // little-endian, as is this machine
+  const auto header = nlohmann::json::parse(bytes.substr(8, header_len));
+  const auto& k_proj = header.at("model.layers.0.self_attn.k_proj.weight");
+  ASSERT_EQ(k_proj.at("dtype"), "F32");
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  std::memcpy(&bytes[8 + header_len + k_proj.at("data_offsets")[0].get<size_t>()], &nan, 4);
+  std::ofstream(model_dir + "/model.safetensors", std::ios::binary) << bytes;
+  LoadOptions options;
+  options.dtype = torch::kFloat64;
+  auto model = LlamaModel::Load(model_dir, options);
+  ASSERT_TRUE(model.ok()) << model.status().ToString();
+  const PoolModel pool{model->get(), &tokenizer_, "tiny-llama-nan"};
+
+  BlockConfig cfg;
+  cfg.demos_per_block = 3;
+  for (DType stored : {DType::kF8E4M3, DType::kI8}) {
+    const std::string name(DTypeName(stored));
+    SCOPED_TRACE(name);
+    auto store = Store::Open(dir_.Sub("nan" + name));
+    ASSERT_TRUE(store.ok());
+    TaskInfo task;
+    task.name = "t";
+    task.model = MakeFingerprint(pool, stored);
+    task.blocks = cfg;
+    task.prompt_template = std::string(PromptFormat::kDefaultTemplate);
+    task.separator = std::string(PromptFormat::kDefaultSeparator);
+    task.labels = kLabels;
+    ASSERT_TRUE((*store)->CreateTask(task).ok());
+    const Status s = PoolEncoder(store->get(), pool).EncodeBlocks("t", MakeGroups(2, 3));
+    EXPECT_TRUE(s.IsInvalidArgument()) << s.ToString();
+    EXPECT_NE(s.message().find("task 't' block 0 layer 0 K"), std::string::npos) << s.ToString();
+    EXPECT_NE(s.message().find("channel 0 is "), std::string::npos) << s.ToString();
+    EXPECT_NE(s.message().find("nan"), std::string::npos) << s.ToString();  // "nan" or "-nan"
+    auto snap = (*store)->BeginSnapshot();
+    ASSERT_TRUE(snap.ok());
+    EXPECT_EQ((*(*snap)->GetTask("t")).num_blocks, 0u);  // nothing of the failed block stored
   }
 }
 
