@@ -68,7 +68,7 @@ class DeviceStager {
     o.verify_checksums = true;
     o.direct_from_map = true;
     o.kernel_dtypes_only = false;  // plain staging: any dtype
-    o.scaled_pages = PageDType(DType::kI8);
+    o.scaled_pages = kScaledPageDType;
     SHOTDB_ASSIGN_OR_RETURN(stager_, gpu::Stager::Create(o));
     SHOTDB_ASSIGN_OR_RETURN(cache_, stager_->CreateCache(cache_bytes));
     return Status::OK();

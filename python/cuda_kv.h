@@ -26,9 +26,10 @@
 namespace shotdb::python {
 
 // The dtype of the device pages (and so of the arrays) a task stored as `stored` is staged into:
-// `stored` itself, or bf16 for a scaled dtype (f8e4m3, i8), which the Stager dequantises as the
-// records land (gpu/unpack_kv.h: KvToFloat's values rounded to bf16, bit for bit).
-inline DType PageDType(DType stored) { return IsScaledDType(stored) ? DType::kBF16 : stored; }
+// `stored` itself, or kScaledPageDType for a scaled dtype (f8e4m3, i8), which the Stager
+// dequantises as the records land (gpu/unpack_kv.h: KvToFloat's values rounded, bit for bit).
+constexpr DType kScaledPageDType = DType::kBF16;
+inline DType PageDType(DType stored) { return IsScaledDType(stored) ? kScaledPageDType : stored; }
 
 // Visible CUDA devices; 0 without a driver or device. Initialises the CUDA runtime (not a context).
 int CudaDeviceCount();
