@@ -5,7 +5,7 @@
 //
 //   dbsa_latency_bench [--pools 30000,90000] [--layers 32] [--queries 8] [--device cuda]
 //                      [--batches 1,4,16,64 (empty: none)] [--kv-dtype bf16|f8e4m3|i8]
-//                      [--store DIR] [--json FILE] [--cuda-profile-query 0|1]
+//                      [--store DIR] [--json FILE] [--cuda-profile-query 0|1] [--cli-env 0|1]
 //
 // --kv-dtype f8e4m3 or i8 stores the pool as scaled fp8 or int8 (format/kv_values.h): about half
 // the bytes on disk and over PCIe, dequantised to bf16 pages as they land (gpu/unpack_kv.h).
@@ -27,6 +27,11 @@
 // every part boundary) to split its time into attention / MLP / sampling; those numbers are printed
 // apart and never enter the timed medians.
 //
+// --cli-env 1 runs the bench in the process environment `shotdb build` and `shotdb query` run in
+// (tools/shotdb_main.cc): libgomp's passive wait policy (util/openmp_env.h: the bench re-executes
+// itself once with OMP_WAIT_POLICY=PASSIVE unless the variable is set) and freed heap memory kept
+// (util/heap_env.h). The default, 0, is the environment runs up to X measured in.
+//
 // --cuda-profile-query 1 runs one more hot DBSA query per pool between cudaProfilerStart and
 // cudaProfilerStop, so that `ncu --profile-from-start off` (or any CUDA profiler that honours the
 // range) sees that query's kernels only: the per-kernel split of a hot query without the profiled
@@ -40,6 +45,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <functional>
 #include <nlohmann/json.hpp>
@@ -56,6 +62,8 @@
 #include "query/model/llama.h"
 #include "query/tokenizer/tokenizer.h"
 #include "util/file_util.h"
+#include "util/heap_env.h"
+#include "util/openmp_env.h"
 
 namespace shotdb {
 namespace {
@@ -236,11 +244,19 @@ int Run(int argc, char** argv) {
       json_path = v;
     } else if (a == "--cuda-profile-query") {
       cuda_profile_query = v == "1";
+    } else if (a == "--cli-env") {
+      if (v == "1") {
+        ReexecWithPassiveOpenMpWait(argv);  // returns once the variable is set
+        KeepFreedHeapMemory();
+      }
     } else {
       std::fprintf(stderr, "unknown option %s\n", a.c_str());
       return 2;
     }
   }
+  const char* omp_wait = std::getenv("OMP_WAIT_POLICY");
+  std::printf("process environment: OMP_WAIT_POLICY=%s\n",
+              omp_wait != nullptr ? omp_wait : "(unset)");
   const torch::Device device(device_name);
   const auto dtype = device.is_cuda() ? torch::kBFloat16 : torch::kFloat32;
   torch::manual_seed(0);
