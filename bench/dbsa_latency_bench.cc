@@ -339,6 +339,13 @@ int Run(int argc, char** argv) {
         dbsa_setup, built.forward_seconds, std::string(DTypeName(kv_dtype)).c_str(),
         built.convert_seconds, built.append_seconds,
         dbsa_setup - built.forward_seconds - built.convert_seconds - built.append_seconds);
+    if (IsScaledDType(kv_dtype)) {
+      std::printf("pool build: K/V quantised on the GPU for %llu of %llu blocks%s%s\n",
+                  static_cast<unsigned long long>(built.blocks_on_device),
+                  static_cast<unsigned long long>(built.blocks_done),
+                  built.device_mismatch.empty() ? "" : "; differed from the host: ",
+                  built.device_mismatch.c_str());
+    }
     SessionOptions so;
     so.cache_bytes = size_t(16) << 30;  // the 90k pool takes 11.5 GB; the model 16 GB
     auto session = DbsaSession::Open(store->get(), "bench", pool, so);

@@ -189,6 +189,20 @@ int RunEncode(const char* command, const GlobalOptions& global, const ModelOptio
         command, last.seconds, last.forward_seconds, last.convert_seconds, last.append_seconds,
         last.seconds - last.forward_seconds - last.convert_seconds - last.append_seconds);
   }
+  if (last.blocks_on_device > 0 || !last.device_mismatch.empty()) {
+    std::printf(
+        "%s: K/V quantised on the GPU for %llu of %llu blocks (checked against the host "
+        "every %llu)\n",
+        command, static_cast<unsigned long long>(last.blocks_on_device),
+        static_cast<unsigned long long>(last.blocks_done),
+        static_cast<unsigned long long>(kDeviceCheckInterval));
+  }
+  if (!last.device_mismatch.empty()) {
+    std::fprintf(stderr,
+                 "%s: warning: the GPU's K/V quantisation differed from the host's (%s); the "
+                 "blocks from there on were quantised on the host. Please report this.\n",
+                 command, last.device_mismatch.c_str());
+  }
   return 0;
 }
 

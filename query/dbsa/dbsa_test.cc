@@ -569,35 +569,42 @@ TEST_F(DbsaExactnessTest, ScaledBuildOfNonFiniteKvFailsNamingTheRecordAndWritesN
   const float nan = std::numeric_limits<float>::quiet_NaN();
   std::memcpy(&bytes[8 + header_len + k_proj.at("data_offsets")[0].get<size_t>()], &nan, 4);
   std::ofstream(model_dir + "/model.safetensors", std::ios::binary) << bytes;
-  LoadOptions options;
-  options.dtype = torch::kFloat64;
-  auto model = LlamaModel::Load(model_dir, options);
-  ASSERT_TRUE(model.ok()) << model.status().ToString();
-  const PoolModel pool{model->get(), &tokenizer_, "tiny-llama-nan"};
+  // On the CPU in float64 (the host's quantisation) and, with a GPU, in bfloat16 on it (the
+  // device's, gpu/quantize_kv.h): the same error.
+  std::vector<std::pair<torch::Device, torch::Dtype>> setups = {{torch::kCPU, torch::kFloat64}};
+  if (torch::cuda::is_available()) setups.push_back({torch::Device("cuda"), torch::kBFloat16});
+  for (const auto& [device, dtype] : setups) {
+    LoadOptions options;
+    options.device = device;
+    options.dtype = dtype;
+    auto model = LlamaModel::Load(model_dir, options);
+    ASSERT_TRUE(model.ok()) << model.status().ToString();
+    const PoolModel pool{model->get(), &tokenizer_, "tiny-llama-nan"};
 
-  BlockConfig cfg;
-  cfg.demos_per_block = 3;
-  for (DType stored : {DType::kF8E4M3, DType::kI8}) {
-    const std::string name(DTypeName(stored));
-    SCOPED_TRACE(name);
-    auto store = Store::Open(dir_.Sub("nan" + name));
-    ASSERT_TRUE(store.ok());
-    TaskInfo task;
-    task.name = "t";
-    task.model = MakeFingerprint(pool, stored);
-    task.blocks = cfg;
-    task.prompt_template = std::string(PromptFormat::kDefaultTemplate);
-    task.separator = std::string(PromptFormat::kDefaultSeparator);
-    task.labels = kLabels;
-    ASSERT_TRUE((*store)->CreateTask(task).ok());
-    const Status s = PoolEncoder(store->get(), pool).EncodeBlocks("t", MakeGroups(2, 3));
-    EXPECT_TRUE(s.IsInvalidArgument()) << s.ToString();
-    EXPECT_NE(s.message().find("task 't' block 0 layer 0 K"), std::string::npos) << s.ToString();
-    EXPECT_NE(s.message().find("channel 0 is "), std::string::npos) << s.ToString();
-    EXPECT_NE(s.message().find("nan"), std::string::npos) << s.ToString();  // "nan" or "-nan"
-    auto snap = (*store)->BeginSnapshot();
-    ASSERT_TRUE(snap.ok());
-    EXPECT_EQ((*(*snap)->GetTask("t")).num_blocks, 0u);  // nothing of the failed block stored
+    BlockConfig cfg;
+    cfg.demos_per_block = 3;
+    for (DType stored : {DType::kF8E4M3, DType::kI8}) {
+      const std::string name = std::string(DTypeName(stored)) + "_" + device.str();
+      SCOPED_TRACE(name);
+      auto store = Store::Open(dir_.Sub("nan" + name));
+      ASSERT_TRUE(store.ok());
+      TaskInfo task;
+      task.name = "t";
+      task.model = MakeFingerprint(pool, stored);
+      task.blocks = cfg;
+      task.prompt_template = std::string(PromptFormat::kDefaultTemplate);
+      task.separator = std::string(PromptFormat::kDefaultSeparator);
+      task.labels = kLabels;
+      ASSERT_TRUE((*store)->CreateTask(task).ok());
+      const Status s = PoolEncoder(store->get(), pool).EncodeBlocks("t", MakeGroups(2, 3));
+      EXPECT_TRUE(s.IsInvalidArgument()) << s.ToString();
+      EXPECT_NE(s.message().find("task 't' block 0 layer 0 K"), std::string::npos) << s.ToString();
+      EXPECT_NE(s.message().find("channel 0 is "), std::string::npos) << s.ToString();
+      EXPECT_NE(s.message().find("nan"), std::string::npos) << s.ToString();  // "nan" or "-nan"
+      auto snap = (*store)->BeginSnapshot();
+      ASSERT_TRUE(snap.ok());
+      EXPECT_EQ((*(*snap)->GetTask("t")).num_blocks, 0u);  // nothing of the failed block stored
+    }
   }
 }
 
@@ -1410,6 +1417,72 @@ TEST_F(DbsaExactnessTest, CudaEncodeAndDecodeMatchCpu) {
       const double most = 0.5 + (stored == DType::kI8 ? 1.0 / fewest + 1.0 / kI8TokenGroup : 0.05);
       EXPECT_GT(bytes / bf16_bytes, 0.45) << bytes << " vs " << bf16_bytes;
       EXPECT_LT(bytes / bf16_bytes, most) << bytes << " vs " << bf16_bytes;
+    }
+  }
+}
+
+// A scaled pool built by a bf16 model on the GPU is quantised on the device (gpu/quantize_kv.h):
+// its records hold exactly what the host's KvFromFloat makes of the forward's K/V. Block 0
+// attends to itself only, so its forward is the same in a bf16-stored build, whose records are
+// that forward's K/V as they are; later blocks attend to the values as stored (the payloads
+// dequantised on the device), so they stay within the quantisation's error of the bf16 build's.
+TEST_F(DbsaExactnessTest, CudaScaledBuildQuantisesOnTheDeviceAsTheHostDoes) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  BlockConfig cfg;
+  cfg.demos_per_block = 3;
+  const auto groups = MakeGroups(4, 3);
+  auto model = TinyCudaModel(torch::kBFloat16);
+  ASSERT_TRUE(model.ok()) << model.status().ToString();
+  const PoolModel gpu_pool{model->get(), &tokenizer_, pool_.weights_digest};
+  auto bf16_store = MakeTask(dir_.Sub("dev_bf16"), DType::kBF16, cfg);
+  ASSERT_TRUE(PoolEncoder(bf16_store.get(), gpu_pool).EncodeBlocks("t", groups).ok());
+  const auto& c = model_->config();
+  for (DType stored : {DType::kF8E4M3, DType::kI8}) {
+    const std::string name(DTypeName(stored));
+    SCOPED_TRACE(name);
+    auto store = MakeTask(dir_.Sub("dev_" + name), stored, cfg);
+    EncodeProgress last;
+    ASSERT_TRUE(PoolEncoder(store.get(), gpu_pool)
+                    .EncodeBlocks("t", groups, [&last](const EncodeProgress& p) { last = p; })
+                    .ok());
+    // Every block went the device's way, and its check against the host (block 0) passed.
+    EXPECT_EQ(last.blocks_on_device, groups.size());
+    EXPECT_EQ(last.device_mismatch, "");
+    auto want_snap = bf16_store->BeginSnapshot();
+    auto got_snap = store->BeginSnapshot();
+    ASSERT_TRUE(want_snap.ok() && got_snap.ok());
+    for (uint32_t block = 0; block < groups.size(); ++block) {
+      auto info = (*got_snap)->GetBlock("t", block);
+      ASSERT_TRUE(info.ok());
+      const uint32_t tokens = info->token_count;
+      const size_t n = static_cast<size_t>(c.num_kv_heads) * tokens * c.head_dim;
+      for (uint32_t layer = 0; layer < static_cast<uint32_t>(c.num_layers); ++layer) {
+        for (TensorKind kind : {TensorKind::kKey, TensorKind::kValue}) {
+          SCOPED_TRACE("block " + std::to_string(block) + " layer " + std::to_string(layer) +
+                       (kind == TensorKind::kKey ? " K" : " V"));
+          auto forward = (*want_snap)->GetPayload("t", block, layer, kind);
+          auto got = (*got_snap)->GetPayload("t", block, layer, kind);
+          ASSERT_TRUE(forward.ok() && got.ok());
+          std::vector<float> f(n);
+          ConvertToFloat(DType::kBF16, forward->data, f.data(), n);
+          std::vector<uint8_t> want(*KvRawBytes(stored, static_cast<uint32_t>(c.num_kv_heads),
+                                                tokens, static_cast<uint32_t>(c.head_dim)));
+          ASSERT_TRUE(KvFromFloat(stored, static_cast<uint32_t>(c.num_kv_heads), tokens,
+                                  static_cast<uint32_t>(c.head_dim), f.data(), want.data())
+                          .ok());
+          ASSERT_EQ(got->size, want.size());
+          if (block == 0) {
+            EXPECT_EQ(std::memcmp(got->data, want.data(), want.size()), 0);
+            continue;
+          }
+          std::vector<float> a(n), b(n);
+          KvToFloat(stored, static_cast<uint32_t>(c.num_kv_heads), tokens,
+                    static_cast<uint32_t>(c.head_dim), got->data, a.data());
+          KvToFloat(stored, static_cast<uint32_t>(c.num_kv_heads), tokens,
+                    static_cast<uint32_t>(c.head_dim), want.data(), b.data());
+          EXPECT_LT(MaxRelError(torch::tensor(a), torch::tensor(b)), 0.1);
+        }
+      }
     }
   }
 }

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstring>
 #include <functional>
 #include <optional>
 #include <set>
@@ -14,6 +15,14 @@
 
 #include "format/kv_values.h"
 #include "query/dbsa/kv_tensor.h"
+
+#ifdef SHOTDB_HAVE_GPU
+#include <cuda_runtime_api.h>
+
+#include "gpu/cuda_util.h"
+#include "gpu/quantize_kv.h"
+#include "gpu/unpack_kv.h"
+#endif
 
 namespace shotdb {
 
@@ -38,17 +47,21 @@ torch::Tensor Positions(uint64_t start, int64_t count, torch::Device device) {
 // that the copies to and from it need no staging. Fresh host buffers for every block (~25 MB for a
 // Llama-3.1-8B int8 block) cost more than the conversion itself on the GPU machine: 16 threads
 // touching new pages at once (docs/results.md, run X).
-torch::Tensor Reused(torch::Tensor* flat, torch::ScalarType type, at::IntArrayRef shape,
-                     bool pinned) {
+torch::Tensor Reused(torch::Tensor* flat, at::IntArrayRef shape,
+                     const torch::TensorOptions& options) {
   int64_t numel = 1;
   for (int64_t d : shape) numel *= d;
-  if (!flat->defined() || flat->scalar_type() != type || flat->numel() < numel) {
-    const int64_t grown = flat->defined() && flat->scalar_type() == type
-                              ? std::max(numel, flat->numel() + flat->numel() / 4)
-                              : numel;
-    *flat = torch::empty({grown}, torch::TensorOptions().dtype(type).pinned_memory(pinned));
+  const bool same =
+      flat->defined() && flat->dtype() == options.dtype() && flat->device() == options.device();
+  if (!same || flat->numel() < numel) {
+    const int64_t grown = same ? std::max(numel, flat->numel() + flat->numel() / 4) : numel;
+    *flat = torch::empty({grown}, options);
   }
   return flat->narrow(0, 0, numel).view(shape);
+}
+
+torch::TensorOptions HostOptions(torch::ScalarType type, bool pinned) {
+  return torch::TensorOptions().dtype(type).pinned_memory(pinned);
 }
 
 // Host buffers of one record on its way to the store, reused from block to block (Reused): the
@@ -78,6 +91,116 @@ void ForEachOnThreads(uint32_t n, int threads, const std::function<void(uint32_t
   for (std::thread& t : helpers) t.join();
 }
 
+#ifdef SHOTDB_HAVE_GPU
+// The default (legacy) stream, where libtorch's kernels run (shotdb sets no current stream).
+const cudaStream_t kTorchStream = nullptr;
+
+// Buffers of ConvertOnDevice, reused from block to block: the payloads and not-finite words of a
+// block's records on the device, and the same bytes pinned on the host.
+struct DeviceScratch {
+  torch::Tensor device, host;
+};
+
+// A block's K/V (`kv`: per layer, [kv_heads, tokens, head_dim] in the model's 16-bit dtype on the
+// GPU) quantised to the scaled dtype `stored` on the device (gpu/quantize_kv.h): the payloads come
+// to pinned host memory (`payloads`, record i = layer i / 2, K for even i; valid until the next
+// call) and the values as stored, the payloads dequantised (gpu/unpack_kv.h), stay on the device
+// in the model's dtype (`as_stored`). The bytes and values are the host path's (KvFromFloat, then
+// KvToFloat rounded to the model's dtype): gpu/'s tests check both kernels against those
+// functions. A record with a value that is not finite fails as on the host, with KvFromFloat's
+// message (computed on the host for that record) under record_name(i).
+Status ConvertOnDevice(const std::vector<LayerKV>& kv, DType stored,
+                       const std::vector<int64_t>& shape, uint64_t raw_bytes,
+                       DeviceScratch* scratch, std::vector<const void*>* payloads,
+                       std::vector<LayerKV>* as_stored,
+                       const std::function<std::string(uint32_t)>& record_name) {
+  const uint32_t records = static_cast<uint32_t>(2 * kv.size());
+  const uint32_t kv_heads = static_cast<uint32_t>(shape[0]),
+                 tokens = static_cast<uint32_t>(shape[1]),
+                 head_dim = static_cast<uint32_t>(shape[2]);
+  const DType values = kv[0].k.scalar_type() == torch::kBFloat16 ? DType::kBF16 : DType::kF16;
+  const int64_t stride = static_cast<int64_t>((raw_bytes + 15) / 16 * 16);
+  const int64_t bytes = records * stride + 4 * int64_t{records};  // payloads, then the words
+  torch::Tensor dev = Reused(&scratch->device, {bytes},
+                             torch::TensorOptions().dtype(torch::kByte).device(kv[0].k.device()));
+  torch::Tensor host = Reused(&scratch->host, {bytes}, HostOptions(torch::kByte, /*pinned=*/true));
+  uint8_t* const d = dev.data_ptr<uint8_t>();
+  const uint8_t* const h = host.data_ptr<uint8_t>();
+
+  gpu::QuantizeKvArgs q;
+  q.src_dtype = values;
+  q.stored = stored;
+  q.kv_heads = kv_heads;
+  q.head_dim = head_dim;
+  q.not_finite = reinterpret_cast<uint32_t*>(d + records * stride);
+  gpu::UnpackKvArgs u;
+  u.stored = stored;
+  u.dtype = values;
+  u.kv_heads = kv_heads;
+  u.head_dim = head_dim;
+  for (uint32_t i = 0; i < records; ++i) {
+    const torch::Tensor& src = i % 2 == 0 ? kv[i / 2].k : kv[i / 2].v;  // contiguous
+    torch::Tensor out = torch::empty(shape, src.options());
+    q.jobs.push_back({src.data_ptr(), d + i * stride, tokens});
+    u.jobs.push_back({d + i * stride, out.data_ptr(), tokens});
+    (i % 2 == 0 ? (*as_stored)[i / 2].k : (*as_stored)[i / 2].v) = std::move(out);
+  }
+  SHOTDB_RETURN_IF_ERROR(gpu::LaunchQuantizeKv(q, kTorchStream));
+  SHOTDB_RETURN_IF_ERROR(gpu::LaunchUnpackKv(u, kTorchStream));
+  SHOTDB_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(host.data_ptr(), d, static_cast<size_t>(bytes),
+                                              cudaMemcpyDeviceToHost, kTorchStream));
+  SHOTDB_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(kTorchStream));
+  for (uint32_t i = 0; i < records; ++i) {
+    uint32_t bad = 0;
+    std::memcpy(&bad, h + records * stride + 4 * i, sizeof bad);
+    if (bad == 0) continue;
+    // The host's message names the first value that is not finite.
+    const torch::Tensor f =
+        (i % 2 == 0 ? kv[i / 2].k : kv[i / 2].v).to(torch::kCPU, torch::kFloat32).contiguous();
+    std::vector<uint8_t> raw(raw_bytes);
+    Status s = KvFromFloat(stored, kv_heads, tokens, head_dim, f.data_ptr<float>(), raw.data());
+    if (s.ok()) s = Status::IOError("the device found a value that is not finite, the host none");
+    return s.WithContext(record_name(i));
+  }
+  payloads->clear();
+  for (uint32_t i = 0; i < records; ++i) payloads->push_back(h + i * stride);
+  return Status::OK();
+}
+
+// The host's conversion of the same K/V, compared with ConvertOnDevice's results: "" when the
+// payloads and the values as stored are equal, else the first difference, named.
+std::string DeviceDifference(const std::vector<LayerKV>& kv, DType stored,
+                             const std::vector<int64_t>& shape, uint64_t raw_bytes,
+                             const std::vector<const void*>& payloads,
+                             const std::vector<LayerKV>& as_stored,
+                             const std::function<std::string(uint32_t)>& record_name) {
+  const uint32_t kv_heads = static_cast<uint32_t>(shape[0]),
+                 tokens = static_cast<uint32_t>(shape[1]),
+                 head_dim = static_cast<uint32_t>(shape[2]);
+  std::vector<uint8_t> want(raw_bytes);
+  for (uint32_t i = 0; i < payloads.size(); ++i) {
+    const torch::Tensor& src = i % 2 == 0 ? kv[i / 2].k : kv[i / 2].v;
+    const torch::Tensor f = src.to(torch::kCPU, torch::kFloat32).contiguous();
+    if (!KvFromFloat(stored, kv_heads, tokens, head_dim, f.data_ptr<float>(), want.data()).ok()) {
+      return record_name(i) + ": the host refuses values the device quantised";
+    }
+    const auto* got = static_cast<const uint8_t*>(payloads[i]);
+    for (uint64_t b = 0; b < raw_bytes; ++b) {
+      if (got[b] != want[b]) {
+        return record_name(i) + " payload byte " + std::to_string(b) + ": device " +
+               std::to_string(got[b]) + ", host " + std::to_string(want[b]);
+      }
+    }
+    torch::Tensor values = torch::empty(shape, torch::kFloat32);
+    KvToFloat(stored, kv_heads, tokens, head_dim, want.data(), values.data_ptr<float>());
+    const torch::Tensor& dev = i % 2 == 0 ? as_stored[i / 2].k : as_stored[i / 2].v;
+    if (!values.to(dev.scalar_type()).equal(dev.to(torch::kCPU))) {
+      return record_name(i) + ": the values as stored differ from the host's";
+    }
+  }
+  return "";
+}
+#endif  // SHOTDB_HAVE_GPU
 }  // namespace
 
 ModelFingerprint MakeFingerprint(const PoolModel& m, DType kv_dtype) {
@@ -261,6 +384,9 @@ Status PoolEncoder::EncodeBlocks(const std::string& task_name,
   EncodeProgress report;
   report.blocks_total = groups.size();
   std::vector<RecordScratch> scratch;  // one per record of a block; freed when the call returns
+#ifdef SHOTDB_HAVE_GPU
+  DeviceScratch device_scratch;  // likewise
+#endif
 
   for (const auto& group : groups) {
     SHOTDB_ASSIGN_OR_RETURN(auto snapshot, store_->BeginSnapshot());
@@ -338,7 +464,8 @@ Status PoolEncoder::EncodeBlocks(const std::string& task_name,
     report.forward_seconds += lap();
 
     // The stored payloads, and what later blocks attend to: the values as stored (rounded to the
-    // stored dtype), exactly what a query reads back. Device -> host on this thread; fp8/int8
+    // stored dtype), exactly what a query reads back. Scaled dtypes of a 16-bit model on a GPU are
+    // quantised there (ConvertOnDevice); otherwise device -> host on this thread, and fp8/int8
     // quantisation and its read-back (scalar loops) on all cores, a record each.
     const DType stored = task.model.dtype;
     const bool scaled = IsScaledDType(stored);
@@ -348,43 +475,75 @@ Status PoolEncoder::EncodeBlocks(const std::string& task_name,
     const std::optional<uint64_t> raw_bytes =
         KvRawBytes(stored, task.model.kv_heads, block.info.token_count, task.model.head_dim);
     if (!raw_bytes) return Status::InvalidArgument("block " + std::to_string(index) + " too large");
-    scratch.resize(records);
-    // Per record: the forward's K or V on the host (float32 for a scaled dtype, else the stored
-    // dtype), the payload (scaled: codes and scales; else `wide` itself) and the stored values.
-    std::vector<torch::Tensor> wide(records), payload(records), values(records);
-    for (uint32_t i = 0; i < records; ++i) {
-      RecordScratch& r = scratch[i];
-      wide[i] =
-          Reused(&r.wide, scaled ? torch::kFloat32 : TorchType(stored), shape, device.is_cuda());
-      wide[i].copy_(i % 2 == 0 ? result.kv[i / 2].k : result.kv[i / 2].v);
-      payload[i] = scaled ? Reused(&r.raw, torch::kByte, {static_cast<int64_t>(*raw_bytes)},
-                                   device.is_cuda())
-                          : wide[i];
-      values[i] = scaled ? Reused(&r.values, torch::kFloat32, shape, device.is_cuda()) : wide[i];
-    }
-    if (scaled) {
-      std::vector<Status> quantised(records);
-      ForEachOnThreads(records, at::get_num_threads(), [&](uint32_t i) {
-        const Status q =
-            KvFromFloat(stored, task.model.kv_heads, block.info.token_count, task.model.head_dim,
-                        wide[i].data_ptr<float>(), payload[i].data_ptr());
-        if (!q.ok()) {
-          quantised[i] = q.WithContext("task '" + task_name + "' block " + std::to_string(index) +
-                                       " layer " + std::to_string(i / 2) + (i % 2 ? " V" : " K"));
-          return;
-        }
-        KvToFloat(stored, task.model.kv_heads, block.info.token_count, task.model.head_dim,
-                  payload[i].data_ptr(), values[i].data_ptr<float>());
-      });
-      for (const Status& q : quantised) SHOTDB_RETURN_IF_ERROR(q);
-    }
+    auto record_name = [&](uint32_t i) {
+      return "task '" + task_name + "' block " + std::to_string(index) + " layer " +
+             std::to_string(i / 2) + (i % 2 ? " V" : " K");
+    };
     BlockKV as_stored(task.model.num_layers);
-    for (uint32_t l = 0; l < task.model.num_layers; ++l) {
-      block.keys.push_back(payload[2 * l].data_ptr());
-      block.values.push_back(payload[2 * l + 1].data_ptr());
-      // Synchronous copies: the buffers are the next block's.
-      as_stored[l] = {values[2 * l].to(device, model.dtype(), false, /*copy=*/true),
-                      values[2 * l + 1].to(device, model.dtype(), false, /*copy=*/true)};
+    bool converted = false;
+#ifdef SHOTDB_HAVE_GPU
+    // The unpacking kernel reads scaled payloads 4 channels at a time.
+    const bool on_device = scaled && device.is_cuda() && task.model.head_dim % 4 == 0 &&
+                           (model.dtype() == torch::kBFloat16 || model.dtype() == torch::kHalf);
+    if (on_device && report.device_mismatch.empty()) {
+      std::vector<const void*> payloads;
+      SHOTDB_RETURN_IF_ERROR(ConvertOnDevice(result.kv, stored, shape, *raw_bytes, &device_scratch,
+                                             &payloads, &as_stored, record_name));
+      // The kernels are checked where they run: now and then against the host's conversion.
+      if (report.blocks_on_device % kDeviceCheckInterval == 0) {
+        report.device_mismatch = DeviceDifference(result.kv, stored, shape, *raw_bytes, payloads,
+                                                  as_stored, record_name);
+      }
+      if (report.device_mismatch.empty()) {
+        for (uint32_t l = 0; l < task.model.num_layers; ++l) {
+          block.keys.push_back(payloads[2 * l]);
+          block.values.push_back(payloads[2 * l + 1]);
+        }
+        ++report.blocks_on_device;
+        converted = true;
+      }
+    }
+#endif
+    if (!converted) {
+      scratch.resize(records);
+      // Per record: the forward's K or V on the host (float32 for a scaled dtype, else the stored
+      // dtype), the payload (scaled: codes and scales; else `wide` itself) and the stored values.
+      std::vector<torch::Tensor> wide(records), payload(records), values(records);
+      for (uint32_t i = 0; i < records; ++i) {
+        RecordScratch& r = scratch[i];
+        wide[i] =
+            Reused(&r.wide, shape,
+                   HostOptions(scaled ? torch::kFloat32 : TorchType(stored), device.is_cuda()));
+        wide[i].copy_(i % 2 == 0 ? result.kv[i / 2].k : result.kv[i / 2].v);
+        payload[i] = scaled ? Reused(&r.raw, {static_cast<int64_t>(*raw_bytes)},
+                                     HostOptions(torch::kByte, device.is_cuda()))
+                            : wide[i];
+        values[i] = scaled
+                        ? Reused(&r.values, shape, HostOptions(torch::kFloat32, device.is_cuda()))
+                        : wide[i];
+      }
+      if (scaled) {
+        std::vector<Status> quantised(records);
+        ForEachOnThreads(records, at::get_num_threads(), [&](uint32_t i) {
+          const Status q =
+              KvFromFloat(stored, task.model.kv_heads, block.info.token_count, task.model.head_dim,
+                          wide[i].data_ptr<float>(), payload[i].data_ptr());
+          if (!q.ok()) {
+            quantised[i] = q.WithContext(record_name(i));
+            return;
+          }
+          KvToFloat(stored, task.model.kv_heads, block.info.token_count, task.model.head_dim,
+                    payload[i].data_ptr(), values[i].data_ptr<float>());
+        });
+        for (const Status& q : quantised) SHOTDB_RETURN_IF_ERROR(q);
+      }
+      for (uint32_t l = 0; l < task.model.num_layers; ++l) {
+        block.keys.push_back(payload[2 * l].data_ptr());
+        block.values.push_back(payload[2 * l + 1].data_ptr());
+        // Synchronous copies: the buffers are the next block's.
+        as_stored[l] = {values[2 * l].to(device, model.dtype(), false, /*copy=*/true),
+                        values[2 * l + 1].to(device, model.dtype(), false, /*copy=*/true)};
+      }
     }
     report.convert_seconds += lap();
     SHOTDB_RETURN_IF_ERROR(

@@ -63,10 +63,19 @@ struct EncodeProgress {
   uint64_t max_position = 0;
   // Where `seconds` went: the model's forward passes (until the device finished them), the K/V's
   // conversion to the stored dtype (device -> host, fp8/int8 quantisation, and the stored values
-  // that later blocks attend to back onto the device), and the store's appends (checksums, the
+  // that later blocks attend to back onto the device; on a GPU, the quantisation and those values
+  // stay there and only the payloads come to the host), and the store's appends (checksums, the
   // LMDB write, BM25 postings). The rest is tokenization, reading context blocks and planning.
   double forward_seconds = 0, convert_seconds = 0, append_seconds = 0;
+  // Scaled dtypes (fp8, int8) of a bf16/f16 model on a GPU are quantised there
+  // (gpu/quantize_kv.h) instead of on the host: blocks converted that way. The first block of a
+  // call and every kDeviceCheckInterval-th are also converted on the host and compared, payload
+  // bytes and values as stored; where they differ, the device conversion is off for the rest of
+  // the call (those blocks are the host's), and this names the first difference (else empty).
+  uint64_t blocks_on_device = 0;
+  std::string device_mismatch;
 };
+constexpr uint64_t kDeviceCheckInterval = 64;
 using EncodeProgressFn = std::function<void(const EncodeProgress&)>;
 
 class PoolEncoder {
