@@ -111,8 +111,11 @@ Result<std::unique_ptr<BlockPageCache>> BlockPageCache::Create(
 BlockPageCache::~BlockPageCache() {
   assert(stats_.pinned_pages == 0 && "BlockPageCache destroyed with pinned pages");
   for (auto& kv : blocks_) {
-    for (const auto& e : kv.second.layers) {
-      if (e != nullptr) allocator_->Free(e->ptr);
+    for (const auto& chunk : kv.second.chunks) {
+      if (chunk == nullptr) continue;
+      for (uint32_t i = 0; i < kChunkLayers; ++i) {
+        if (chunk[i].present) allocator_->Free(chunk[i].ptr);
+      }
     }
   }
   for (auto& kv : recycled_) {
@@ -128,8 +131,7 @@ uint32_t BlockPageCache::InternTask(const std::string& name) {
 
 BlockPageCache::Entry* BlockPageCache::FindLocked(const PageKey& key) const {
   auto it = blocks_.find(BlockId(key.task, key.block));
-  if (it == blocks_.end() || key.layer >= it->second.layers.size()) return nullptr;
-  return it->second.layers[key.layer].get();
+  return it == blocks_.end() ? nullptr : it->second.Find(key.layer);
 }
 
 Result<PageHandle> BlockPageCache::Acquire(const PageKey& key, size_t k_bytes, size_t v_bytes) {
@@ -157,9 +159,7 @@ Status BlockPageCache::AcquireLayers(uint32_t task, uint32_t block, const uint32
     const PageKey key{task, block, layers[i]};
     // A miss inserts into blocks_ (which may rehash): look the block up again after one.
     Entry* found = nullptr;
-    if (it != blocks_.end() && key.layer < it->second.layers.size()) {
-      found = it->second.layers[key.layer].get();
-    }
+    if (it != blocks_.end()) found = it->second.Find(key.layer);
     Status s = AcquireLocked(key, k_bytes, v_bytes, found, &out[i]);
     if (!s.ok()) {
       lock.unlock();  // Reset takes the lock
@@ -240,17 +240,16 @@ Status BlockPageCache::AcquireLocked(const PageKey& key, size_t k_bytes, size_t 
     }
     SHOTDB_ASSIGN_OR_RETURN(ptr, std::move(allocated));
   }
-  auto e = std::make_unique<Entry>();
-  e->key = key;
-  e->ptr = ptr;
-  e->k_bytes = k_bytes;
-  e->v_bytes = v_bytes;
-  e->bytes = bytes;
-  e->refs = 1;
-  Entry* stored = e.get();
   BlockPages& bp = blocks_[BlockId(key.task, key.block)];
-  if (bp.layers.size() <= key.layer) bp.layers.resize(size_t{key.layer} + 1);
-  bp.layers[key.layer] = std::move(e);
+  Entry* const stored = bp.Slot(key.layer);
+  *stored = Entry{};
+  stored->present = true;
+  stored->key = key;
+  stored->ptr = ptr;
+  stored->k_bytes = k_bytes;
+  stored->v_bytes = v_bytes;
+  stored->bytes = bytes;
+  stored->refs = 1;
   ++bp.count;
   stats_.bytes_in_use += bytes;
   ++stats_.pages;
@@ -385,8 +384,8 @@ void BlockPageCache::EraseLocked(Entry* e, bool recycle) {
   --stats_.pages;
   auto it = blocks_.find(BlockId(e->key.task, e->key.block));
   assert(it != blocks_.end());
-  it->second.layers[e->key.layer].reset();  // destroys *e
-  if (--it->second.count == 0) blocks_.erase(it);
+  *e = Entry{};                                    // an empty slot
+  if (--it->second.count == 0) blocks_.erase(it);  // frees its chunks
 }
 
 }  // namespace gpu
