@@ -2,8 +2,9 @@
 // int8 payloads of bf16, f16 and float32 values over head counts, head dims, token counts (one
 // int8 token group, several, a short last one) and value ranges (heads of very different
 // magnitudes, a head of zeros, outlier channels, subnormal and huge float32 values), with more
-// records than one launch takes; values that are not finite are flagged per record. The argument
-// checks run everywhere (they fail before any CUDA call); kernel cases skip without a GPU.
+// records than one launch takes; values halfway between two codes round to the even one; values
+// that are not finite are flagged per record. The argument checks run everywhere (they fail
+// before any CUDA call); kernel cases skip without a GPU.
 #include "gpu/quantize_kv.h"
 
 #include <gtest/gtest.h>
@@ -157,6 +158,67 @@ std::vector<QuantCase> Cases() {
 
 INSTANTIATE_TEST_SUITE_P(Shapes, QuantizeKvTest, ::testing::ValuesIn(Cases()),
                          [](const ::testing::TestParamInfo<QuantCase>& i) { return i.param.name; });
+
+// One float32 record quantised on the device: its payload bytes.
+std::vector<uint8_t> QuantizeOnDevice(DType stored, uint32_t kv_heads, uint32_t tokens,
+                                      uint32_t head_dim, const std::vector<float>& x) {
+  auto src = ToDevice(x);
+  const size_t n_raw = *KvRawBytes(stored, kv_heads, tokens, head_dim);
+  auto dst = DeviceBuffer::Allocate(n_raw);
+  auto flags = DeviceBuffer::Allocate(4);
+  EXPECT_TRUE(src.ok() && dst.ok() && flags.ok());
+  if (!src.ok() || !dst.ok() || !flags.ok()) return {};
+  QuantizeKvArgs a;
+  a.src_dtype = DType::kF32;
+  a.stored = stored;
+  a.kv_heads = kv_heads;
+  a.head_dim = head_dim;
+  a.not_finite = static_cast<uint32_t*>(flags->get());
+  a.jobs = {{src->get(), dst->get(), tokens}};
+  EXPECT_TRUE(LaunchQuantizeKv(a, nullptr).ok());
+  Result<std::vector<uint8_t>> got = FromDevice<uint8_t>(dst->get(), n_raw);
+  EXPECT_TRUE(got.ok());
+  return got.ok() ? *got : std::vector<uint8_t>{};
+}
+
+// Values exactly halfway between two codes round to the even one, as on the host: int8 codes
+// k + 1/2 for every k (a channel scale of exactly 1/8), and fp8 midpoints between every two
+// neighbouring e4m3 magnitudes, subnormals included (a head scale of exactly 1), both signs.
+TEST(QuantizeKvTiesTest, HalfwayValuesRoundToEvenAsOnTheHost) {
+  if (CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device";
+  {
+    const uint32_t head_dim = 128, tokens = 4;  // token 0 sets each channel's scale
+    std::vector<float> x(size_t{tokens} * head_dim);
+    for (uint32_t d = 0; d < head_dim; ++d) {
+      x[d] = (d % 2 ? -127.f : 127.f) / 8;  // amax 127/8: scale 1/8 exactly
+      for (uint32_t t = 1; t < tokens; ++t) {
+        const int k = static_cast<int>((d * 3 + t * 85) % 254) - 127;  // -127 .. 126
+        x[size_t{t} * head_dim + d] = (static_cast<float>(k) + 0.5f) / 8;
+      }
+    }
+    std::vector<uint8_t> want(*KvRawBytes(DType::kI8, 1, tokens, head_dim));
+    ASSERT_TRUE(KvFromFloat(DType::kI8, 1, tokens, head_dim, x.data(), want.data()).ok());
+    EXPECT_EQ(QuantizeOnDevice(DType::kI8, 1, tokens, head_dim, x), want);
+  }
+  {
+    std::vector<float> magnitudes;  // the finite e4m3 magnitudes, ascending
+    for (int code = 0; code < 0x7f; ++code) {
+      magnitudes.push_back(Fp8E4M3ToFloat(static_cast<uint8_t>(code)));
+    }
+    std::vector<float> x = {448.f};  // amax 448: scale 1
+    for (size_t i = 0; i + 1 < magnitudes.size(); ++i) {
+      const float mid = (magnitudes[i] + magnitudes[i + 1]) / 2;  // exact in float32
+      x.push_back(mid);
+      x.push_back(-mid);
+    }
+    const uint32_t head_dim = 4;
+    while (x.size() % head_dim != 0) x.push_back(0.f);
+    const uint32_t tokens = static_cast<uint32_t>(x.size() / head_dim);
+    std::vector<uint8_t> want(*KvRawBytes(DType::kF8E4M3, 1, tokens, head_dim));
+    ASSERT_TRUE(KvFromFloat(DType::kF8E4M3, 1, tokens, head_dim, x.data(), want.data()).ok());
+    EXPECT_EQ(QuantizeOnDevice(DType::kF8E4M3, 1, tokens, head_dim, x), want);
+  }
+}
 
 // A NaN or an infinity anywhere in a record flags that record, and only it, for both dtypes.
 TEST(QuantizeKvFlagTest, ValuesThatAreNotFiniteAreFlaggedPerRecord) {
