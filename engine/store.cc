@@ -327,13 +327,14 @@ Result<Snapshot::MappedRange> Snapshot::Mapped() const {
   return range;
 }
 
-Result<PayloadRef> Snapshot::GetPayload(const std::string& task, uint32_t block, uint32_t layer,
-                                        TensorKind kind, bool verify_checksum) {
-  SHOTDB_ASSIGN_OR_RETURN(TaskInfo info, GetTask(task));
-  SHOTDB_ASSIGN_OR_RETURN(BlockInfo binfo, GetBlock(task, block));
-  SHOTDB_ASSIGN_OR_RETURN(BlockRecordView view, GetRecord(task, block, layer, kind));
-  std::string what = RecordName(task, block, layer, kind);
-  SHOTDB_RETURN_IF_ERROR(CheckRecordMatches(view, info, layer, kind, binfo.token_count, what));
+namespace {
+
+// A record's payload as GetPayload returns it: the header checked against the task, the bytes
+// verified or decoded. `what` names the record in errors.
+Result<PayloadRef> ToPayloadRef(const BlockRecordView& view, const TaskInfo& info, uint32_t layer,
+                                TensorKind kind, uint32_t tokens, const std::string& what,
+                                bool verify_checksum) {
+  SHOTDB_RETURN_IF_ERROR(CheckRecordMatches(view, info, layer, kind, tokens, what));
   PayloadRef ref;
   ref.header = view.header;
   ref.size = view.header.raw_size;
@@ -350,6 +351,40 @@ Result<PayloadRef> Snapshot::GetPayload(const std::string& task, uint32_t block,
     ref.data = ref.owned.data();
   }
   return ref;
+}
+
+}  // namespace
+
+Result<PayloadRef> Snapshot::GetPayload(const std::string& task, uint32_t block, uint32_t layer,
+                                        TensorKind kind, bool verify_checksum) {
+  SHOTDB_ASSIGN_OR_RETURN(TaskInfo info, GetTask(task));
+  SHOTDB_ASSIGN_OR_RETURN(BlockInfo binfo, GetBlock(task, block));
+  SHOTDB_ASSIGN_OR_RETURN(BlockRecordView view, GetRecord(task, block, layer, kind));
+  return ToPayloadRef(view, info, layer, kind, binfo.token_count,
+                      RecordName(task, block, layer, kind), verify_checksum);
+}
+
+Result<std::vector<PayloadRef>> Snapshot::GetBlockPayloads(const std::string& task, uint32_t block,
+                                                           const std::vector<uint32_t>& layers,
+                                                           bool verify_checksum) {
+  SHOTDB_ASSIGN_OR_RETURN(TaskInfo info, GetTask(task));
+  SHOTDB_ASSIGN_OR_RETURN(BlockInfo binfo, GetBlock(task, block));
+  SHOTDB_ASSIGN_OR_RETURN(std::vector<BlockRecordView> views, GetBlockRecords(task, block, layers));
+  std::vector<PayloadRef> out;
+  out.reserve(views.size());
+  for (size_t i = 0; i < views.size(); ++i) {
+    const uint32_t layer = layers[i / 2];
+    const TensorKind kind = i % 2 == 0 ? TensorKind::kKey : TensorKind::kValue;
+    Result<PayloadRef> ref =
+        ToPayloadRef(views[i], info, layer, kind, binfo.token_count, {}, verify_checksum);
+    if (!ref.ok()) {  // again, for the message with the record's name
+      return ToPayloadRef(views[i], info, layer, kind, binfo.token_count,
+                          RecordName(task, block, layer, kind), verify_checksum)
+          .status();
+    }
+    out.push_back(std::move(ref).value());
+  }
+  return out;
 }
 
 Status Snapshot::DecodePayloadInto(const std::string& task, uint32_t block, uint32_t layer,

@@ -282,6 +282,34 @@ TEST(StoreTest, BlockRecordsEqualSingleRecordLookups) {
       }
     }
   }
+  // GetBlockPayloads gives what GetPayload gives, record by record: headers and bytes (decoded
+  // for LZ4), with and without checksum verification.
+  for (const char* task : {"t", "u"}) {
+    for (uint32_t block = 0; block < 3; ++block) {
+      for (bool verify : {true, false}) {
+        const std::vector<uint32_t> layers = {3, 0, 1, 1};
+        Result<std::vector<PayloadRef>> got =
+            (*snap)->GetBlockPayloads(task, block, layers, verify);
+        ASSERT_TRUE(got.ok()) << got.status().ToString();
+        ASSERT_EQ(got->size(), 2 * layers.size());
+        for (size_t i = 0; i < got->size(); ++i) {
+          const TensorKind kind = i % 2 == 0 ? TensorKind::kKey : TensorKind::kValue;
+          Result<PayloadRef> want = (*snap)->GetPayload(task, block, layers[i / 2], kind, verify);
+          ASSERT_TRUE(want.ok());
+          const PayloadRef& g = (*got)[i];
+          EXPECT_EQ(g.header.meta.layer, layers[i / 2]);
+          EXPECT_EQ(g.header.meta.kind, kind);
+          EXPECT_EQ(g.header.raw_size, want->header.raw_size);
+          ASSERT_EQ(g.size, want->size);
+          EXPECT_EQ(std::memcmp(g.data, want->data, g.size), 0) << task << " " << block;
+        }
+      }
+    }
+  }
+  EXPECT_TRUE((*snap)->GetBlockPayloads("t", 1, {2, 4}).status().IsNotFound());
+  EXPECT_TRUE((*snap)->GetBlockPayloads("t", 3, {0}).status().IsNotFound());
+  EXPECT_TRUE((*snap)->GetBlockPayloads("nope", 0, {0}).status().IsNotFound());
+
   Result<std::vector<BlockRecordView>> missing = (*snap)->GetBlockRecords("t", 1, {2, 4});
   EXPECT_TRUE(missing.status().IsNotFound()) << missing.status().ToString();
   EXPECT_NE(missing.status().message().find("task t block 1 layer 4 K"), std::string::npos)
@@ -332,6 +360,16 @@ TEST_P(StoreCorruptionTest, DamagedPayloadAndHeaderAreReported) {
                   .IsCorruption());
   EXPECT_TRUE((*snap)->GetRecord("t", 2, 1, TensorKind::kKey).status().IsCorruption());
   EXPECT_TRUE((*snap)->GetPayload("t", 2, 1, TensorKind::kKey).status().IsCorruption());
+  // The same damage through GetBlockPayloads: Corruption naming the record, never its bytes.
+  Result<std::vector<PayloadRef>> payloads = (*snap)->GetBlockPayloads("t", 1, {0});
+  EXPECT_TRUE(payloads.status().IsCorruption()) << payloads.status().ToString();
+  EXPECT_NE(payloads.status().message().find("task t block 1 layer 0 V"), std::string::npos)
+      << payloads.status().ToString();
+  payloads = (*snap)->GetBlockPayloads("t", 2, {1});
+  EXPECT_TRUE(payloads.status().IsCorruption()) << payloads.status().ToString();
+  EXPECT_NE(payloads.status().message().find("task t block 2 layer 1 K"), std::string::npos)
+      << payloads.status().ToString();
+  EXPECT_TRUE((*snap)->GetBlockPayloads("t", 1, {1}).ok());  // block 1's damage is in layer 0
   Result<std::vector<BlockRecordView>> walk = (*snap)->GetBlockRecords("t", 2, {0, 1});
   EXPECT_TRUE(walk.status().IsCorruption()) << walk.status().ToString();
   EXPECT_NE(walk.status().message().find("task t block 2 layer 1 K"), std::string::npos)

@@ -1,6 +1,7 @@
 #include "query/dbsa/kv_source.h"
 
 #include <chrono>
+#include <numeric>
 
 #include "query/dbsa/kv_tensor.h"
 #include "query/model/context_attention.h"
@@ -25,17 +26,14 @@ class HostKvSource final : public KvSource {
     std::vector<std::vector<PayloadRef>> payloads;
     std::vector<int64_t> lengths;
     QueryContext context;
+    std::vector<uint32_t> all_layers(layers);
+    std::iota(all_layers.begin(), all_layers.end(), 0u);
     for (uint32_t b : blocks) {
-      SHOTDB_ASSIGN_OR_RETURN(BlockInfo info, snapshot->GetBlock(task.name, b));
-      lengths.push_back(info.token_count);
-      context.tokens += info.token_count;
-      std::vector<PayloadRef> refs;
-      for (uint32_t l = 0; l < layers; ++l) {
-        for (TensorKind kind : {TensorKind::kKey, TensorKind::kValue}) {
-          SHOTDB_ASSIGN_OR_RETURN(PayloadRef ref, snapshot->GetPayload(task.name, b, l, kind));
-          refs.push_back(std::move(ref));
-        }
-      }
+      SHOTDB_ASSIGN_OR_RETURN(std::vector<PayloadRef> refs,
+                              snapshot->GetBlockPayloads(task.name, b, all_layers));
+      const uint32_t tokens = refs.empty() ? 0 : refs.front().header.meta.tokens;
+      lengths.push_back(tokens);
+      context.tokens += tokens;
       payloads.push_back(std::move(refs));
     }
     *load_ms = MsSince(start);

@@ -17,11 +17,7 @@ Result<std::unique_ptr<TensorContextAttention>> TensorContextAttention::Create(
                                    "] K/V");
   }
   const int64_t tokens = kv.front().k.size(1);
-  if (!rotated) {
-    for (LayerKV& layer : kv) {
-      SHOTDB_ASSIGN_OR_RETURN(layer.k, model.RotateKeys(layer.k, positions));
-    }
-  }
+  if (!rotated) SHOTDB_RETURN_IF_ERROR(model.RotateLayerKeys(&kv, positions));
   return std::unique_ptr<TensorContextAttention>(
       new TensorContextAttention(std::move(kv), tokens, c.num_heads / c.num_kv_heads));
 }

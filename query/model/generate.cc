@@ -79,14 +79,12 @@ class KvCache {
   // rotated at those positions first unless `rotated`. RotateKeys' errors for malformed K.
   Status Append(const std::vector<LayerKV>& kv, const torch::Tensor& positions, bool rotated) {
     const int64_t n = positions.size(0);
+    std::vector<LayerKV> keys = kv;  // shares the tensors; K is replaced where rotated
+    if (!rotated) {
+      SHOTDB_RETURN_IF_ERROR(model_.RotateLayerKeys(&keys, positions).WithContext("K/V cache"));
+    }
     for (size_t l = 0; l < layers_.size(); ++l) {
-      torch::Tensor k = kv[l].k;
-      if (!rotated) {
-        Result<torch::Tensor> r = model_.RotateKeys(k, positions);
-        if (!r.ok()) return r.status().WithContext("K/V cache layer " + std::to_string(l));
-        k = std::move(r).value();
-      }
-      layers_[l].k.narrow(1, size_, n).copy_(k);
+      layers_[l].k.narrow(1, size_, n).copy_(keys[l].k);
       layers_[l].v.narrow(1, size_, n).copy_(kv[l].v);
     }
     positions_.narrow(0, size_, n).copy_(positions);

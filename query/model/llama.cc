@@ -586,8 +586,7 @@ Result<ForwardResult> LlamaModel::Forward(const ForwardRequest& request) const {
   }
 }
 
-Result<torch::Tensor> LlamaModel::RotateKeys(const torch::Tensor& k,
-                                             const torch::Tensor& positions) const {
+Status LlamaModel::CheckKeys(const torch::Tensor& k, const torch::Tensor& positions) const {
   const int64_t kvh = config_.num_kv_heads, hd = config_.head_dim;
   if (!k.defined() || k.dim() != 3 || k.size(0) != kvh || k.size(2) != hd ||
       k.scalar_type() != dtype_ || k.device() != device_) {
@@ -604,14 +603,33 @@ Result<torch::Tensor> LlamaModel::RotateKeys(const torch::Tensor& k,
     return Status::InvalidArgument("RotateKeys: positions must be a 1-D int64 tensor of " +
                                    std::to_string(k.size(1)) + " entries (one per key)");
   }
+  return Status::OK();
+}
+
+Result<torch::Tensor> LlamaModel::RotateKeys(const torch::Tensor& k,
+                                             const torch::Tensor& positions) const {
+  std::vector<LayerKV> one = {{k, torch::Tensor()}};
+  SHOTDB_RETURN_IF_ERROR(RotateLayerKeys(&one, positions));
+  return one[0].k;
+}
+
+Status LlamaModel::RotateLayerKeys(std::vector<LayerKV>* kv, const torch::Tensor& positions) const {
+  for (size_t l = 0; l < kv->size(); ++l) {
+    const Status s = CheckKeys((*kv)[l].k, positions);
+    if (!s.ok()) return kv->size() == 1 ? s : s.WithContext("layer " + std::to_string(l));
+  }
+  if (kv->empty()) return Status::OK();
+  std::vector<torch::Tensor> rotated;
   try {
     c10::InferenceMode guard;
     auto [cos, sin] = RopeTables(positions);
-    return ApplyRope(k, cos, sin, cpu_loops_);
+    for (const LayerKV& layer : *kv) rotated.push_back(ApplyRope(layer.k, cos, sin, cpu_loops_));
   } catch (const c10::Error& e) {
     return Status::IOError(std::string("RotateKeys: libtorch failed: ") +
                            e.what_without_backtrace());
   }
+  for (size_t l = 0; l < kv->size(); ++l) (*kv)[l].k = std::move(rotated[l]);
+  return Status::OK();
 }
 
 }  // namespace shotdb

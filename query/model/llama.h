@@ -172,8 +172,15 @@ class LlamaModel {
   // it as context with ForwardRequest::context_rotated. InvalidArgument (naming the argument and
   // the expected shape) for malformed input; IOError when libtorch fails.
   Result<torch::Tensor> RotateKeys(const torch::Tensor& k, const torch::Tensor& positions) const;
+  // RotateKeys of every layer's K (kv[l].k, replaced by the rotated tensor; V untouched) at the
+  // same positions, with the RoPE tables computed once rather than once a layer. The results
+  // equal RotateKeys' bit for bit. On error (RotateKeys' errors, naming the layer) `kv` is
+  // unchanged.
+  Status RotateLayerKeys(std::vector<LayerKV>* kv, const torch::Tensor& positions) const;
 
  private:
+  // RotateKeys' argument checks.
+  Status CheckKeys(const torch::Tensor& k, const torch::Tensor& positions) const;
   struct Layer {
     torch::Tensor attn_norm, wqkv, bqkv, wo, ffn_norm, w_gate_up, w_down;
   };

@@ -395,11 +395,30 @@ TEST(LlamaTest, ShiftingAllPositionsKeepsLogits) {
   EXPECT_LT(RelativeError(b, a), 1e-9);
 }
 
+// Reference: rotate-half RoPE written out per element with default (unscaled) frequencies
+// f_i = theta^(-2i/hd): for i < hd/2 and angle a = position * f_i,
+//   out[i] = k[i] cos a - k[i + hd/2] sin a,  out[i + hd/2] = k[i + hd/2] cos a + k[i] sin a.
+// (The llama3-scaled frequencies are checked against HF by InverseFrequenciesMatchTransformers.)
+torch::Tensor RopeReference(const torch::Tensor& k, const std::vector<int64_t>& positions,
+                            double theta) {
+  const int64_t kvh = k.size(0), n = k.size(1), hd = k.size(2), half = hd / 2;
+  torch::Tensor expected = torch::empty_like(k);
+  auto kin = k.accessor<double, 3>();
+  auto out = expected.accessor<double, 3>();
+  for (int64_t h = 0; h < kvh; ++h) {
+    for (int64_t j = 0; j < n; ++j) {
+      for (int64_t i = 0; i < half; ++i) {
+        const double a =
+            static_cast<double>(positions[j]) * std::pow(theta, -2.0 * static_cast<double>(i) / hd);
+        out[h][j][i] = kin[h][j][i] * std::cos(a) - kin[h][j][i + half] * std::sin(a);
+        out[h][j][i + half] = kin[h][j][i + half] * std::cos(a) + kin[h][j][i] * std::sin(a);
+      }
+    }
+  }
+  return expected;
+}
+
 TEST(LlamaTest, RotateKeysMatchesFloat64RotateHalf) {
-  // Reference: rotate-half RoPE written out per element with default (unscaled) frequencies
-  // f_i = theta^(-2i/hd): for i < hd/2 and angle a = position * f_i,
-  //   out[i] = k[i] cos a - k[i + hd/2] sin a,  out[i + hd/2] = k[i + hd/2] cos a + k[i] sin a.
-  // (The llama3-scaled frequencies are checked against HF by InverseFrequenciesMatchTransformers.)
   auto m = LoadOrDie(FixtureDir("tiny_llama"), torch::kFloat64);
   ASSERT_NE(m, nullptr);
   ASSERT_EQ(m->config().rope_scaling.type, RopeScaling::Type::kNone);
@@ -411,20 +430,7 @@ TEST(LlamaTest, RotateKeysMatchesFloat64RotateHalf) {
   auto got = m->RotateKeys(k, torch::tensor(positions, torch::kInt64));
   ASSERT_TRUE(got.ok()) << got.status().ToString();
   ASSERT_EQ(got->sizes(), k.sizes());
-  torch::Tensor expected = torch::empty_like(k);
-  auto kin = k.accessor<double, 3>();
-  auto out = expected.accessor<double, 3>();
-  for (int64_t h = 0; h < kvh; ++h) {
-    for (int64_t j = 0; j < n; ++j) {
-      for (int64_t i = 0; i < half; ++i) {
-        const double a = static_cast<double>(positions[j]) *
-                         std::pow(m->config().rope_theta, -2.0 * static_cast<double>(i) / hd);
-        out[h][j][i] = kin[h][j][i] * std::cos(a) - kin[h][j][i + half] * std::sin(a);
-        out[h][j][i + half] = kin[h][j][i + half] * std::cos(a) + kin[h][j][i] * std::sin(a);
-      }
-    }
-  }
-  EXPECT_LT(RelativeError(*got, expected), 1e-12);
+  EXPECT_LT(RelativeError(*got, RopeReference(k, positions, m->config().rope_theta)), 1e-12);
   // Position 0 is the identity.
   EXPECT_TRUE(torch::allclose(got->select(1, 0), k.select(1, 0), 0, 1e-15));
 
@@ -435,6 +441,45 @@ TEST(LlamaTest, RotateKeysMatchesFloat64RotateHalf) {
   EXPECT_TRUE(m->RotateKeys(k.narrow(2, 0, half), torch::tensor(positions, torch::kInt64))
                   .status()
                   .IsInvalidArgument());
+}
+
+// RotateLayerKeys: every layer's K against the reference (one table serves all layers), V left
+// as it was; a malformed layer is named and leaves every layer as it was.
+TEST(LlamaTest, RotateLayerKeysRotatesEveryLayerOrNone) {
+  auto m = LoadOrDie(FixtureDir("tiny_llama"), torch::kFloat64);
+  ASSERT_NE(m, nullptr);
+  const int64_t kvh = m->config().num_kv_heads, hd = m->config().head_dim;
+  const std::vector<int64_t> positions = {7, 0, 123456, 9, 31};
+  const torch::Tensor pos = torch::tensor(positions, torch::kInt64);
+  torch::manual_seed(2);
+  std::vector<LayerKV> kv(3);
+  for (LayerKV& layer : kv) {
+    layer = {torch::randn({kvh, 5, hd}, torch::kFloat64),
+             torch::randn({kvh, 5, hd}, torch::kFloat64)};
+  }
+  const std::vector<LayerKV> before = kv;  // the same tensors
+  std::vector<torch::Tensor> copies;
+  for (const LayerKV& layer : kv) copies.push_back(layer.k.clone());
+  ASSERT_TRUE(m->RotateLayerKeys(&kv, pos).ok());
+  for (size_t l = 0; l < kv.size(); ++l) {
+    EXPECT_LT(RelativeError(kv[l].k, RopeReference(copies[l], positions, m->config().rope_theta)),
+              1e-12)
+        << "layer " << l;
+    EXPECT_TRUE(kv[l].v.equal(before[l].v)) << "layer " << l;
+    EXPECT_TRUE(before[l].k.equal(copies[l])) << "layer " << l;  // the input K is not modified
+  }
+
+  std::vector<LayerKV> bad = before;
+  bad[1].k = bad[1].k.to(torch::kFloat32);
+  const Status s = m->RotateLayerKeys(&bad, pos);
+  EXPECT_TRUE(s.IsInvalidArgument()) << s.ToString();
+  EXPECT_NE(s.message().find("layer 1"), std::string::npos) << s.ToString();
+  for (size_t l = 0; l < bad.size(); ++l) {  // not rotated (layer 1 is the float32 copy)
+    EXPECT_TRUE(bad[l].k.equal(l == 1 ? copies[l].to(torch::kFloat32) : copies[l]))
+        << "layer " << l;
+  }
+  std::vector<LayerKV> none;
+  EXPECT_TRUE(m->RotateLayerKeys(&none, pos).ok());
 }
 
 TEST(LlamaTest, PreRotatedContextGivesTheSameLogits) {
