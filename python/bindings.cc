@@ -341,16 +341,22 @@ std::unique_ptr<KvHandle> LoadKv(PyStore& py, const std::string& task_name,
     }
     tokens.push_back(Check(snapshot->GetBlock(task_name, b)).token_count);
   }
-  std::vector<PayloadRef> payloads;
   for (uint32_t l : layer_list) {
     if (l >= task.model.num_layers) {
       Raise(Status::InvalidArgument("layer " + std::to_string(l) + ": the task has " +
                                     std::to_string(task.model.num_layers) + " layers"));
     }
-    for (uint32_t b : blocks) {
-      for (TensorKind kind : {TensorKind::kKey, TensorKind::kValue}) {
-        if (device_index == -1) {
-          payloads.push_back(Check(snapshot->GetPayload(task_name, b, l, kind)));
+  }
+  // Layer-major, then block, then K and V; read block by block (one walk of a block's records).
+  std::vector<PayloadRef> payloads;
+  if (device_index == -1) {
+    payloads.resize(2 * layer_list.size() * blocks.size());
+    for (size_t bi = 0; bi < blocks.size(); ++bi) {
+      std::vector<PayloadRef> refs =
+          Check(snapshot->GetBlockPayloads(task_name, blocks[bi], layer_list));
+      for (size_t li = 0; li < layer_list.size(); ++li) {
+        for (size_t kv = 0; kv < 2; ++kv) {
+          payloads[2 * (li * blocks.size() + bi) + kv] = std::move(refs[2 * li + kv]);
         }
       }
     }
