@@ -42,11 +42,12 @@ torch::Tensor Positions(uint64_t start, int64_t count, torch::Device device) {
                        torch::TensorOptions().dtype(torch::kInt64).device(device));
 }
 
-// Host memory that is reused from block to block: the first `numel` elements of `*flat` (grown,
-// by at least a quarter, when too small) as `shape`. Pinned when the model is on a CUDA device, so
-// that the copies to and from it need no staging. Fresh host buffers for every block (~25 MB for a
-// Llama-3.1-8B int8 block) cost more than the conversion itself on the GPU machine: 16 threads
-// touching new pages at once (docs/results.md, run X).
+// Memory that is reused from block to block: the first `numel` elements of `*flat` (grown, by at
+// least a quarter, when too small, or made anew for other `options`) as `shape`. Host buffers are
+// pinned (HostOptions) when the model is on a CUDA device, so that the copies to and from them
+// need no staging. Fresh host buffers for every block (~25 MB for a Llama-3.1-8B int8 block) cost
+// more than the conversion itself on the GPU machine: 16 threads touching new pages at once
+// (docs/results.md, run X).
 torch::Tensor Reused(torch::Tensor* flat, at::IntArrayRef shape,
                      const torch::TensorOptions& options) {
   int64_t numel = 1;
