@@ -17,7 +17,8 @@ Result<std::unique_ptr<TensorContextAttention>> TensorContextAttention::Create(
                                    "] K/V");
   }
   const int64_t tokens = kv.front().k.size(1);
-  if (!rotated) SHOTDB_RETURN_IF_ERROR(model.RotateLayerKeys(&kv, positions));
+  // `kv` is ours: rotated in place where the CPU loops apply.
+  if (!rotated) SHOTDB_RETURN_IF_ERROR(model.RotateLayerKeys(&kv, positions, /*in_place=*/true));
   return std::unique_ptr<TensorContextAttention>(
       new TensorContextAttention(std::move(kv), tokens, c.num_heads / c.num_kv_heads));
 }

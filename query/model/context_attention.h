@@ -43,7 +43,9 @@ torch::Tensor MergeWithContext(const torch::Tensor& q, const torch::Tensor& k,
 class TensorContextAttention final : public ContextAttention {
  public:
   // `kv`: num_layers entries of [num_kv_heads, C, head_dim] in the model's dtype and device, K
-  // pre-RoPE (rotated here to `positions` [C] int64) or already rotated (`rotated`).
+  // pre-RoPE (rotated here to `positions` [C] int64) or already rotated (`rotated`). The tensors
+  // become the object's: pre-RoPE K on the CPU is rotated in its own memory
+  // (LlamaModel::RotateLayerKeys in place), so no other holder may need its pre-RoPE values.
   // InvalidArgument for malformed tensors (RotateKeys' errors).
   static Result<std::unique_ptr<TensorContextAttention>> Create(const LlamaModel& model,
                                                                 std::vector<LayerKV> kv,

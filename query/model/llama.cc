@@ -128,13 +128,46 @@ torch::Tensor RmsNormCpu(const torch::Tensor& x, const torch::Tensor& w, double 
   return out;
 }
 
+// ApplyRopeCpu on contiguous x, written over x itself: the same operations element by element
+// (each pair read before either is written), without a new tensor.
+template <typename T>
+void ApplyRopeCpuInPlace(torch::Tensor* x, const torch::Tensor& cos, const torch::Tensor& sin) {
+  const int64_t n = x->size(1), d = x->size(2), half = d / 2;
+  T* const xp = x->data_ptr<T>();
+  const T* const cp = cos.data_ptr<T>();
+  const T* const sp = sin.data_ptr<T>();
+  at::parallel_for(0, x->size(0) * n, std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)),
+                   [&](int64_t begin, int64_t end) {
+                     for (int64_t r = begin; r < end; ++r) {
+                       T* const xr = xp + r * d;
+                       const T* const cr = cp + (r % n) * d;
+                       const T* const sr = sp + (r % n) * d;
+                       for (int64_t i = 0; i < half; ++i) {
+                         const T lo = xr[i], hi = xr[i + half];
+                         const T a = lo * cr[i];
+                         const T b = -hi * sr[i];
+                         const T c = hi * cr[i + half];
+                         const T e = lo * sr[i + half];
+                         xr[i] = a + b;
+                         xr[i + half] = c + e;
+                       }
+                     }
+                   });
+}
+
+// Whether the CPU loops take x with these tables.
+bool RopeLoopsApply(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                    bool loops) {
+  return loops && CpuLoops(x) && x.dim() == 3 && x.stride(2) == 1 && cos.dim() == 2 &&
+         cos.size(0) == x.size(1) && cos.size(1) == x.size(2) && x.size(2) % 2 == 0 &&
+         cos.is_contiguous() && sin.is_contiguous() && cos.sizes() == sin.sizes() &&
+         cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type();
+}
+
 // `loops`: the CPU loop where it applies (LoadOptions::layer_kernels), else libtorch operations.
 torch::Tensor ApplyRope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
                         bool loops) {
-  if (loops && CpuLoops(x) && x.dim() == 3 && x.stride(2) == 1 && cos.dim() == 2 &&
-      cos.size(0) == x.size(1) && cos.size(1) == x.size(2) && x.size(2) % 2 == 0 &&
-      cos.is_contiguous() && sin.is_contiguous() && cos.sizes() == sin.sizes() &&
-      cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type()) {
+  if (RopeLoopsApply(x, cos, sin, loops)) {
     return x.scalar_type() == torch::kFloat32 ? ApplyRopeCpu<float>(x, cos, sin)
                                               : ApplyRopeCpu<double>(x, cos, sin);
   }
@@ -613,7 +646,8 @@ Result<torch::Tensor> LlamaModel::RotateKeys(const torch::Tensor& k,
   return one[0].k;
 }
 
-Status LlamaModel::RotateLayerKeys(std::vector<LayerKV>* kv, const torch::Tensor& positions) const {
+Status LlamaModel::RotateLayerKeys(std::vector<LayerKV>* kv, const torch::Tensor& positions,
+                                   bool in_place) const {
   for (size_t l = 0; l < kv->size(); ++l) {
     const Status s = CheckKeys((*kv)[l].k, positions);
     if (!s.ok()) return kv->size() == 1 ? s : s.WithContext("layer " + std::to_string(l));
@@ -623,7 +657,18 @@ Status LlamaModel::RotateLayerKeys(std::vector<LayerKV>* kv, const torch::Tensor
   try {
     c10::InferenceMode guard;
     auto [cos, sin] = RopeTables(positions);
-    for (const LayerKV& layer : *kv) rotated.push_back(ApplyRope(layer.k, cos, sin, cpu_loops_));
+    for (LayerKV& layer : *kv) {
+      if (in_place && layer.k.is_contiguous() && RopeLoopsApply(layer.k, cos, sin, cpu_loops_)) {
+        if (layer.k.scalar_type() == torch::kFloat32) {
+          ApplyRopeCpuInPlace<float>(&layer.k, cos, sin);
+        } else {
+          ApplyRopeCpuInPlace<double>(&layer.k, cos, sin);
+        }
+        rotated.push_back(layer.k);
+      } else {
+        rotated.push_back(ApplyRope(layer.k, cos, sin, cpu_loops_));
+      }
+    }
   } catch (const c10::Error& e) {
     return Status::IOError(std::string("RotateKeys: libtorch failed: ") +
                            e.what_without_backtrace());

@@ -444,7 +444,8 @@ TEST(LlamaTest, RotateKeysMatchesFloat64RotateHalf) {
 }
 
 // RotateLayerKeys: every layer's K against the reference (one table serves all layers), V left
-// as it was; a malformed layer is named and leaves every layer as it was.
+// as it was, in place the same values; a malformed layer is named and leaves every layer as it
+// was.
 TEST(LlamaTest, RotateLayerKeysRotatesEveryLayerOrNone) {
   auto m = LoadOrDie(FixtureDir("tiny_llama"), torch::kFloat64);
   ASSERT_NE(m, nullptr);
@@ -467,6 +468,17 @@ TEST(LlamaTest, RotateLayerKeysRotatesEveryLayerOrNone) {
         << "layer " << l;
     EXPECT_TRUE(kv[l].v.equal(before[l].v)) << "layer " << l;
     EXPECT_TRUE(before[l].k.equal(copies[l])) << "layer " << l;  // the input K is not modified
+  }
+
+  // In place: the same values bit for bit, in the input's own memory.
+  std::vector<LayerKV> own(kv.size());
+  for (size_t l = 0; l < kv.size(); ++l) own[l] = {copies[l].clone(), before[l].v};
+  std::vector<const void*> memory;
+  for (const LayerKV& layer : own) memory.push_back(layer.k.data_ptr());
+  ASSERT_TRUE(m->RotateLayerKeys(&own, pos, /*in_place=*/true).ok());
+  for (size_t l = 0; l < kv.size(); ++l) {
+    EXPECT_TRUE(own[l].k.equal(kv[l].k)) << "layer " << l;
+    EXPECT_EQ(own[l].k.data_ptr(), memory[l]) << "layer " << l;
   }
 
   std::vector<LayerKV> bad = before;
