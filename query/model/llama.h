@@ -175,10 +175,11 @@ class LlamaModel {
   // RotateKeys of every layer's K (kv[l].k, replaced by the rotated tensor; V untouched) at the
   // same positions, with the RoPE tables computed once rather than once a layer. The results
   // equal RotateKeys' bit for bit. On error (RotateKeys' errors, naming the layer) `kv` is
-  // unchanged. `in_place`: where the CPU loops apply (float32/float64 on the CPU, contiguous K),
-  // each K is rotated in its own memory, so every other holder of those tensors sees them rotated
-  // too; for a caller that owns them (a context built for one query), it saves a new tensor a
-  // layer.
+  // unchanged, except with `in_place` if libtorch fails part way (then the layers already done
+  // stay rotated). `in_place`: where the CPU loops apply (float32/float64 on the CPU, contiguous
+  // K), each K is rotated in its own memory, so every other holder of those tensors sees them
+  // rotated too; for a caller that owns them (a context built for one query), it saves a new
+  // tensor a layer.
   Status RotateLayerKeys(std::vector<LayerKV>* kv, const torch::Tensor& positions,
                          bool in_place = false) const;
 
