@@ -92,6 +92,61 @@ void ForEachOnThreads(uint32_t n, int threads, const std::function<void(uint32_t
   for (std::thread& t : helpers) t.join();
 }
 
+// A block's K/V (`kv`: per layer, [kv_heads, tokens, head_dim] from the forward on `device`)
+// converted on the host: the payloads in `stored` (`payloads`, record i = layer i / 2, K for even
+// i; in `scratch`, valid until its next use) and the values as stored back on `device` in
+// `model_dtype` (`as_stored`). Device -> host on this thread; fp8/int8 quantisation and its
+// read-back (scalar loops) on all cores, a record each. A value that is not finite in a scaled
+// dtype fails with KvFromFloat's message under record_name(i).
+Status ConvertOnHost(const std::vector<LayerKV>& kv, DType stored,
+                     const std::vector<int64_t>& shape, uint64_t raw_bytes, torch::Device device,
+                     torch::ScalarType model_dtype, std::vector<RecordScratch>* scratch,
+                     std::vector<const void*>* payloads, std::vector<LayerKV>* as_stored,
+                     const std::function<std::string(uint32_t)>& record_name) {
+  const bool scaled = IsScaledDType(stored);
+  const uint32_t records = static_cast<uint32_t>(2 * kv.size());
+  const uint32_t kv_heads = static_cast<uint32_t>(shape[0]),
+                 tokens = static_cast<uint32_t>(shape[1]),
+                 head_dim = static_cast<uint32_t>(shape[2]);
+  scratch->resize(records);
+  // Per record: the forward's K or V on the host (float32 for a scaled dtype, else the stored
+  // dtype), the payload (scaled: codes and scales; else `wide` itself) and the stored values.
+  std::vector<torch::Tensor> wide(records), payload(records), values(records);
+  for (uint32_t i = 0; i < records; ++i) {
+    RecordScratch& r = (*scratch)[i];
+    wide[i] = Reused(&r.wide, shape,
+                     HostOptions(scaled ? torch::kFloat32 : TorchType(stored), device.is_cuda()));
+    wide[i].copy_(i % 2 == 0 ? kv[i / 2].k : kv[i / 2].v);
+    payload[i] = scaled ? Reused(&r.raw, {static_cast<int64_t>(raw_bytes)},
+                                 HostOptions(torch::kByte, device.is_cuda()))
+                        : wide[i];
+    values[i] =
+        scaled ? Reused(&r.values, shape, HostOptions(torch::kFloat32, device.is_cuda())) : wide[i];
+  }
+  if (scaled) {
+    std::vector<Status> quantised(records);
+    ForEachOnThreads(records, at::get_num_threads(), [&](uint32_t i) {
+      const Status q = KvFromFloat(stored, kv_heads, tokens, head_dim, wide[i].data_ptr<float>(),
+                                   payload[i].data_ptr());
+      if (!q.ok()) {
+        quantised[i] = q.WithContext(record_name(i));
+        return;
+      }
+      KvToFloat(stored, kv_heads, tokens, head_dim, payload[i].data_ptr(),
+                values[i].data_ptr<float>());
+    });
+    for (const Status& q : quantised) SHOTDB_RETURN_IF_ERROR(q);
+  }
+  payloads->clear();
+  for (uint32_t i = 0; i < records; ++i) {
+    payloads->push_back(payload[i].data_ptr());
+    // Synchronous copies: the buffers are the next block's.
+    torch::Tensor& dst = i % 2 == 0 ? (*as_stored)[i / 2].k : (*as_stored)[i / 2].v;
+    dst = values[i].to(device, model_dtype, false, /*copy=*/true);
+  }
+  return Status::OK();
+}
+
 #ifdef SHOTDB_HAVE_GPU
 // The default (legacy) stream, where libtorch's kernels run (shotdb sets no current stream).
 const cudaStream_t kTorchStream = nullptr;
@@ -168,34 +223,25 @@ Status ConvertOnDevice(const std::vector<LayerKV>& kv, DType stored,
   return Status::OK();
 }
 
-// The host's conversion of the same K/V, compared with ConvertOnDevice's results: "" when the
-// payloads and the values as stored are equal, else the first difference, named.
-std::string DeviceDifference(const std::vector<LayerKV>& kv, DType stored,
-                             const std::vector<int64_t>& shape, uint64_t raw_bytes,
-                             const std::vector<const void*>& payloads,
+// ConvertOnDevice's results against ConvertOnHost's for the same K/V: "" when the payloads and
+// the values as stored are equal, else the first difference, named.
+std::string DeviceDifference(uint64_t raw_bytes, const std::vector<const void*>& payloads,
                              const std::vector<LayerKV>& as_stored,
+                             const std::vector<const void*>& host_payloads,
+                             const std::vector<LayerKV>& host_stored,
                              const std::function<std::string(uint32_t)>& record_name) {
-  const uint32_t kv_heads = static_cast<uint32_t>(shape[0]),
-                 tokens = static_cast<uint32_t>(shape[1]),
-                 head_dim = static_cast<uint32_t>(shape[2]);
-  std::vector<uint8_t> want(raw_bytes);
   for (uint32_t i = 0; i < payloads.size(); ++i) {
-    const torch::Tensor& src = i % 2 == 0 ? kv[i / 2].k : kv[i / 2].v;
-    const torch::Tensor f = src.to(torch::kCPU, torch::kFloat32).contiguous();
-    if (!KvFromFloat(stored, kv_heads, tokens, head_dim, f.data_ptr<float>(), want.data()).ok()) {
-      return record_name(i) + ": the host refuses values the device quantised";
-    }
     const auto* got = static_cast<const uint8_t*>(payloads[i]);
+    const auto* want = static_cast<const uint8_t*>(host_payloads[i]);
     for (uint64_t b = 0; b < raw_bytes; ++b) {
       if (got[b] != want[b]) {
         return record_name(i) + " payload byte " + std::to_string(b) + ": device " +
                std::to_string(got[b]) + ", host " + std::to_string(want[b]);
       }
     }
-    torch::Tensor values = torch::empty(shape, torch::kFloat32);
-    KvToFloat(stored, kv_heads, tokens, head_dim, want.data(), values.data_ptr<float>());
-    const torch::Tensor& dev = i % 2 == 0 ? as_stored[i / 2].k : as_stored[i / 2].v;
-    if (!values.to(dev.scalar_type()).equal(dev.to(torch::kCPU))) {
+    const LayerKV& dev = as_stored[i / 2];
+    const LayerKV& host = host_stored[i / 2];
+    if (!(i % 2 == 0 ? dev.k.equal(host.k) : dev.v.equal(host.v))) {
       return record_name(i) + ": the values as stored differ from the host's";
     }
   }
@@ -466,11 +512,8 @@ Status PoolEncoder::EncodeBlocks(const std::string& task_name,
 
     // The stored payloads, and what later blocks attend to: the values as stored (rounded to the
     // stored dtype), exactly what a query reads back. Scaled dtypes of a 16-bit model on a GPU are
-    // quantised there (ConvertOnDevice); otherwise device -> host on this thread, and fp8/int8
-    // quantisation and its read-back (scalar loops) on all cores, a record each.
+    // quantised there (ConvertOnDevice); otherwise on the host (ConvertOnHost).
     const DType stored = task.model.dtype;
-    const bool scaled = IsScaledDType(stored);
-    const uint32_t records = 2 * task.model.num_layers;
     const std::vector<int64_t> shape = {task.model.kv_heads, block.info.token_count,
                                         task.model.head_dim};
     const std::optional<uint64_t> raw_bytes =
@@ -480,71 +523,42 @@ Status PoolEncoder::EncodeBlocks(const std::string& task_name,
       return "task '" + task_name + "' block " + std::to_string(index) + " layer " +
              std::to_string(i / 2) + (i % 2 ? " V" : " K");
     };
+    auto on_host = [&](std::vector<const void*>* payloads, BlockKV* values) {
+      return ConvertOnHost(result.kv, stored, shape, *raw_bytes, device, model.dtype(), &scratch,
+                           payloads, values, record_name);
+    };
     BlockKV as_stored(task.model.num_layers);
+    std::vector<const void*> payloads;
     bool converted = false;
 #ifdef SHOTDB_HAVE_GPU
     // The unpacking kernel reads scaled payloads 4 channels at a time.
-    const bool on_device = scaled && device.is_cuda() && task.model.head_dim % 4 == 0 &&
+    const bool on_device = IsScaledDType(stored) && device.is_cuda() &&
+                           task.model.head_dim % 4 == 0 &&
                            (model.dtype() == torch::kBFloat16 || model.dtype() == torch::kHalf);
     if (on_device && report.device_mismatch.empty()) {
-      std::vector<const void*> payloads;
       SHOTDB_RETURN_IF_ERROR(ConvertOnDevice(result.kv, stored, shape, *raw_bytes, &device_scratch,
                                              &payloads, &as_stored, record_name));
-      // The kernels are checked where they run: now and then against the host's conversion.
+      converted = true;
+      // The kernels are checked where they run: now and then against the host's conversion,
+      // whose results are stored where the two differ.
       if (report.blocks_on_device % kDeviceCheckInterval == 0) {
-        report.device_mismatch = DeviceDifference(result.kv, stored, shape, *raw_bytes, payloads,
-                                                  as_stored, record_name);
-      }
-      if (report.device_mismatch.empty()) {
-        for (uint32_t l = 0; l < task.model.num_layers; ++l) {
-          block.keys.push_back(payloads[2 * l]);
-          block.values.push_back(payloads[2 * l + 1]);
+        std::vector<const void*> host_payloads;
+        BlockKV host_stored(task.model.num_layers);
+        SHOTDB_RETURN_IF_ERROR(on_host(&host_payloads, &host_stored));
+        report.device_mismatch = DeviceDifference(*raw_bytes, payloads, as_stored, host_payloads,
+                                                  host_stored, record_name);
+        if (!report.device_mismatch.empty()) {
+          payloads = std::move(host_payloads);
+          as_stored = std::move(host_stored);
         }
-        ++report.blocks_on_device;
-        converted = true;
       }
+      if (report.device_mismatch.empty()) ++report.blocks_on_device;
     }
 #endif
-    if (!converted) {
-      scratch.resize(records);
-      // Per record: the forward's K or V on the host (float32 for a scaled dtype, else the stored
-      // dtype), the payload (scaled: codes and scales; else `wide` itself) and the stored values.
-      std::vector<torch::Tensor> wide(records), payload(records), values(records);
-      for (uint32_t i = 0; i < records; ++i) {
-        RecordScratch& r = scratch[i];
-        wide[i] =
-            Reused(&r.wide, shape,
-                   HostOptions(scaled ? torch::kFloat32 : TorchType(stored), device.is_cuda()));
-        wide[i].copy_(i % 2 == 0 ? result.kv[i / 2].k : result.kv[i / 2].v);
-        payload[i] = scaled ? Reused(&r.raw, {static_cast<int64_t>(*raw_bytes)},
-                                     HostOptions(torch::kByte, device.is_cuda()))
-                            : wide[i];
-        values[i] = scaled
-                        ? Reused(&r.values, shape, HostOptions(torch::kFloat32, device.is_cuda()))
-                        : wide[i];
-      }
-      if (scaled) {
-        std::vector<Status> quantised(records);
-        ForEachOnThreads(records, at::get_num_threads(), [&](uint32_t i) {
-          const Status q =
-              KvFromFloat(stored, task.model.kv_heads, block.info.token_count, task.model.head_dim,
-                          wide[i].data_ptr<float>(), payload[i].data_ptr());
-          if (!q.ok()) {
-            quantised[i] = q.WithContext(record_name(i));
-            return;
-          }
-          KvToFloat(stored, task.model.kv_heads, block.info.token_count, task.model.head_dim,
-                    payload[i].data_ptr(), values[i].data_ptr<float>());
-        });
-        for (const Status& q : quantised) SHOTDB_RETURN_IF_ERROR(q);
-      }
-      for (uint32_t l = 0; l < task.model.num_layers; ++l) {
-        block.keys.push_back(payload[2 * l].data_ptr());
-        block.values.push_back(payload[2 * l + 1].data_ptr());
-        // Synchronous copies: the buffers are the next block's.
-        as_stored[l] = {values[2 * l].to(device, model.dtype(), false, /*copy=*/true),
-                        values[2 * l + 1].to(device, model.dtype(), false, /*copy=*/true)};
-      }
+    if (!converted) SHOTDB_RETURN_IF_ERROR(on_host(&payloads, &as_stored));
+    for (uint32_t l = 0; l < task.model.num_layers; ++l) {
+      block.keys.push_back(payloads[2 * l]);
+      block.values.push_back(payloads[2 * l + 1]);
     }
     report.convert_seconds += lap();
     SHOTDB_RETURN_IF_ERROR(
