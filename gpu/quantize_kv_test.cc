@@ -159,13 +159,20 @@ std::vector<QuantCase> Cases() {
 INSTANTIATE_TEST_SUITE_P(Shapes, QuantizeKvTest, ::testing::ValuesIn(Cases()),
                          [](const ::testing::TestParamInfo<QuantCase>& i) { return i.param.name; });
 
-// One float32 record quantised on the device: its payload bytes.
-std::vector<uint8_t> QuantizeOnDevice(DType stored, uint32_t kv_heads, uint32_t tokens,
-                                      uint32_t head_dim, const std::vector<float>& x) {
-  auto src = ToDevice(x);
+// Float32 records of `tokens` tokens each, one after another in `x`, quantised on the device in
+// one launch: the first record's payload bytes, and every record's not-finite word.
+struct Quantized {
+  std::vector<uint8_t> first;
+  std::vector<uint32_t> not_finite;
+};
+Quantized QuantizeOnDevice(DType stored, uint32_t kv_heads, uint32_t tokens, uint32_t head_dim,
+                           const std::vector<float>& x) {
+  const size_t n = size_t{kv_heads} * tokens * head_dim, records = x.size() / n;
   const size_t n_raw = *KvRawBytes(stored, kv_heads, tokens, head_dim);
-  auto dst = DeviceBuffer::Allocate(n_raw);
-  auto flags = DeviceBuffer::Allocate(4);
+  const size_t stride = (n_raw + 3) / 4 * 4;
+  auto src = ToDevice(x);
+  auto dst = DeviceBuffer::Allocate(stride * records);
+  auto flags = DeviceBuffer::Allocate(4 * records);
   EXPECT_TRUE(src.ok() && dst.ok() && flags.ok());
   if (!src.ok() || !dst.ok() || !flags.ok()) return {};
   QuantizeKvArgs a;
@@ -174,11 +181,16 @@ std::vector<uint8_t> QuantizeOnDevice(DType stored, uint32_t kv_heads, uint32_t 
   a.kv_heads = kv_heads;
   a.head_dim = head_dim;
   a.not_finite = static_cast<uint32_t*>(flags->get());
-  a.jobs = {{src->get(), dst->get(), tokens}};
+  for (size_t r = 0; r < records; ++r) {
+    a.jobs.push_back({static_cast<float*>(src->get()) + r * n,
+                      static_cast<uint8_t*>(dst->get()) + r * stride, tokens});
+  }
   EXPECT_TRUE(LaunchQuantizeKv(a, nullptr).ok());
   Result<std::vector<uint8_t>> got = FromDevice<uint8_t>(dst->get(), n_raw);
-  EXPECT_TRUE(got.ok());
-  return got.ok() ? *got : std::vector<uint8_t>{};
+  Result<std::vector<uint32_t>> words = FromDevice<uint32_t>(flags->get(), records);
+  EXPECT_TRUE(got.ok() && words.ok());
+  if (!got.ok() || !words.ok()) return {};
+  return {*got, *words};
 }
 
 // Values exactly halfway between two codes round to the even one, as on the host: int8 codes
@@ -198,7 +210,7 @@ TEST(QuantizeKvTiesTest, HalfwayValuesRoundToEvenAsOnTheHost) {
     }
     std::vector<uint8_t> want(*KvRawBytes(DType::kI8, 1, tokens, head_dim));
     ASSERT_TRUE(KvFromFloat(DType::kI8, 1, tokens, head_dim, x.data(), want.data()).ok());
-    EXPECT_EQ(QuantizeOnDevice(DType::kI8, 1, tokens, head_dim, x), want);
+    EXPECT_EQ(QuantizeOnDevice(DType::kI8, 1, tokens, head_dim, x).first, want);
   }
   {
     std::vector<float> magnitudes;  // the finite e4m3 magnitudes, ascending
@@ -216,7 +228,7 @@ TEST(QuantizeKvTiesTest, HalfwayValuesRoundToEvenAsOnTheHost) {
     const uint32_t tokens = static_cast<uint32_t>(x.size() / head_dim);
     std::vector<uint8_t> want(*KvRawBytes(DType::kF8E4M3, 1, tokens, head_dim));
     ASSERT_TRUE(KvFromFloat(DType::kF8E4M3, 1, tokens, head_dim, x.data(), want.data()).ok());
-    EXPECT_EQ(QuantizeOnDevice(DType::kF8E4M3, 1, tokens, head_dim, x), want);
+    EXPECT_EQ(QuantizeOnDevice(DType::kF8E4M3, 1, tokens, head_dim, x).first, want);
   }
 }
 
@@ -237,25 +249,9 @@ TEST(QuantizeKvFlagTest, ValuesThatAreNotFiniteAreFlaggedPerRecord) {
       if (r > 0) x[poison[r].first] = poison[r].second;
       all.insert(all.end(), x.begin(), x.end());
     }
-    auto src = ToDevice(all);
-    const size_t n_raw = (*KvRawBytes(stored, kv_heads, tokens, head_dim) + 3) / 4 * 4;
-    auto dst = DeviceBuffer::Allocate(n_raw * poison.size());
-    auto flags = DeviceBuffer::Allocate(4 * poison.size());
-    ASSERT_TRUE(src.ok() && dst.ok() && flags.ok());
-    QuantizeKvArgs a;
-    a.src_dtype = DType::kF32;
-    a.stored = stored;
-    a.kv_heads = kv_heads;
-    a.head_dim = head_dim;
-    a.not_finite = static_cast<uint32_t*>(flags->get());
-    for (size_t r = 0; r < poison.size(); ++r) {
-      a.jobs.push_back({static_cast<float*>(src->get()) + r * n,
-                        static_cast<uint8_t*>(dst->get()) + r * n_raw, tokens});
-    }
-    ASSERT_TRUE(LaunchQuantizeKv(a, nullptr).ok());
-    Result<std::vector<uint32_t>> got = FromDevice<uint32_t>(flags->get(), poison.size());
-    ASSERT_TRUE(got.ok());
-    EXPECT_EQ(*got, (std::vector<uint32_t>{0, 1, 1, 1})) << DTypeName(stored);
+    EXPECT_EQ(QuantizeOnDevice(stored, kv_heads, tokens, head_dim, all).not_finite,
+              (std::vector<uint32_t>{0, 1, 1, 1}))
+        << DTypeName(stored);
   }
 }
 
