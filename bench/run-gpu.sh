@@ -26,7 +26,7 @@ build-gpu/bench/h2d_bench --mb 1024 --json "$out/h2d.json" 2>&1 | tee "$out/h2d_
 # Blocks of 256 tokens (512 KiB records): the shape of the earlier runs, and more, smaller copies.
 build-gpu/bench/h2d_bench --mb 1024 --block-tokens 256 --json "$out/h2d_256.json" 2>&1 \
   | tee "$out/h2d_bench_256.txt" | grep -E "stager|pinned"
-# DBSA's blocks (k = 5, ~95 tokens: 190 KiB records); the direct rows with 1 and 2 copy streams.
+# DBSA's blocks (k = 5, ~95 tokens: 190 KiB records).
 build-gpu/bench/h2d_bench --mb 1024 --block-tokens 95 --json "$out/h2d_95.json" 2>&1 \
   | tee "$out/h2d_bench_95.txt" | grep -E "stager|pinned"
 

@@ -1,5 +1,5 @@
-// Internal to gpu/*.cu: the block table the kernels receive as a parameter, its host-side
-// validation, and small device helpers (16-bit loads/stores, RoPE angles, block lookup).
+// Internal to gpu/*.cu: the block and record tables the kernels receive as parameters, their
+// host-side validation, and small device helpers (16-bit loads/stores, RoPE angles, block lookup).
 // Include only from .cu files (it needs the CUDA fp16/bf16 headers); no libtorch.
 #ifndef SHOTDB_GPU_KERNEL_COMMON_CUH_
 #define SHOTDB_GPU_KERNEL_COMMON_CUH_
@@ -30,6 +30,27 @@ struct BlockTable {
   uint32_t num_blocks;
   double inv_freq[kMaxKernelHeadDim / 2];
 };
+
+// The records of one launch of the per-record kernels (unpack_kv.cu, quantize_kv.cu), passed by
+// value as a __grid_constant__ parameter: record i is read from src[i], written to dst[i] and has
+// tokens[i] tokens.
+template <uint32_t kMax>
+struct RecordTable {
+  const void* src[kMax];
+  void* dst[kMax];
+  uint32_t tokens[kMax];
+};
+
+// Fills `tab` with jobs[first, first + n) (any job type with src, dst and tokens).
+template <uint32_t kMax, typename Job>
+void FillRecordTable(const std::vector<Job>& jobs, size_t first, size_t n, RecordTable<kMax>* tab) {
+  for (size_t i = 0; i < n; ++i) {
+    const Job& j = jobs[first + i];
+    tab->src[i] = j.src;
+    tab->dst[i] = j.dst;
+    tab->tokens[i] = j.tokens;
+  }
+}
 
 inline bool IsKernelDType(DType t) { return t == DType::kBF16 || t == DType::kF16; }
 

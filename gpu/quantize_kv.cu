@@ -17,6 +17,7 @@
 
 #include "format/kv_values.h"  // kI8TokenGroup, KvI8Groups, kI8Max, kFp8E4M3Max
 #include "gpu/cuda_util.h"
+#include "gpu/kernel_common.cuh"
 #include "gpu/quantize_kv.h"
 
 namespace shotdb {
@@ -26,12 +27,7 @@ namespace {
 constexpr int kI8Threads = 128;  // channels of one (head, token group) at a time
 constexpr int kF8Threads = 256;  // the elements of one head
 
-// Passed by value (__grid_constant__): no upload per launch.
-struct JobTable {
-  const void* src[kMaxQuantizeJobs];
-  void* dst[kMaxQuantizeJobs];
-  uint32_t tokens[kMaxQuantizeJobs];
-};
+using JobTable = internal::RecordTable<kMaxQuantizeJobs>;
 
 __device__ __forceinline__ float Load(const __nv_bfloat16* p, uint64_t i) {
   return __bfloat162float(p[i]);
@@ -174,13 +170,10 @@ Status LaunchQuantizeKv(const QuantizeKvArgs& a, cudaStream_t stream) {
     const uint32_t n =
         static_cast<uint32_t>(std::min<size_t>(kMaxQuantizeJobs, a.jobs.size() - first));
     JobTable tab;
+    internal::FillRecordTable(a.jobs, first, n, &tab);
     uint64_t ctas_x = 1;
     for (uint32_t i = 0; i < n; ++i) {
-      const QuantizeKvJob& j = a.jobs[first + i];
-      tab.src[i] = j.src;
-      tab.dst[i] = j.dst;
-      tab.tokens[i] = j.tokens;
-      ctas_x = std::max<uint64_t>(ctas_x, uint64_t{a.kv_heads} * KvI8Groups(j.tokens));
+      ctas_x = std::max<uint64_t>(ctas_x, uint64_t{a.kv_heads} * KvI8Groups(tab.tokens[i]));
     }
     uint32_t* const flags = a.not_finite + first;
     const uint32_t x = static_cast<uint32_t>(ctas_x);

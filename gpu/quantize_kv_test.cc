@@ -43,14 +43,16 @@ class QuantizeKvTest : public ::testing::TestWithParam<QuantCase> {
 };
 
 // Values of one record, already representable in `src` (so the host's float32 input is exact):
-// per head a magnitude from 2^-12 to 2^12 (head 1 zeros; for float32 the last head subnormal or
-// huge), every 16th channel an outlier 30x the rest.
+// per head a magnitude from 2^-12 to 2^12 (to 2^3 for f16, whose largest value is 65504: 2^12 x
+// 30 would overflow it; head 1 zeros; for float32 the last head subnormal or huge), every 16th
+// channel an outlier 30x the rest.
 std::vector<float> RecordValues(const QuantCase& c, uint32_t tokens, std::mt19937* rng) {
   std::normal_distribution<float> normal(0.f, 1.f);
   const uint64_t per_head = uint64_t{tokens} * c.head_dim;
   std::vector<float> x(c.kv_heads * per_head);
   for (uint32_t h = 0; h < c.kv_heads; ++h) {
-    float mag = h == 1 ? 0.f : std::ldexp(1.f, static_cast<int>((*rng)() % 24) - 12);
+    const uint32_t exponents = c.src == DType::kF16 ? 16 : 24;
+    float mag = h == 1 ? 0.f : std::ldexp(1.f, static_cast<int>((*rng)() % exponents) - 12);
     if (c.src == DType::kF32 && h + 1 == c.kv_heads && h > 1) {
       mag = (*rng)() % 2 ? std::ldexp(1.f, -140) : std::ldexp(1.f, 120);
     }

@@ -155,17 +155,8 @@ Result<std::unique_ptr<Stager>> Stager::Create(const Options& options) {
     return Status::InvalidArgument("Stager: scaled_pages must be bf16 or f16, not " +
                                    std::string(DTypeName(options.scaled_pages)));
   }
-  if (options.copy_streams != 1 && options.copy_streams != 2) {
-    return Status::InvalidArgument("Stager: copy_streams must be 1 or 2, not " +
-                                   std::to_string(options.copy_streams));
-  }
   std::unique_ptr<Stager> s(new Stager(options));
   SHOTDB_ASSIGN_OR_RETURN(s->stream_, CudaStream::Create());
-  if (options.copy_streams == 2) {
-    SHOTDB_ASSIGN_OR_RETURN(s->aux_stream_, CudaStream::Create());
-    SHOTDB_ASSIGN_OR_RETURN(s->fork_, CudaEvent::Create());
-    SHOTDB_ASSIGN_OR_RETURN(s->join_, CudaEvent::Create());
-  }
   SHOTDB_ASSIGN_OR_RETURN(s->landing_, NewCudaPoolAllocator(s->stream_.get()));
   PinnedPool::Options po;
   po.slab_bytes = options.slab_bytes;
@@ -184,7 +175,6 @@ Stager::~Stager() {
   // Slabs go back to the pool, and the map is unregistered, only after the copies reading them
   // are done.
   WaitPending();
-  if (aux_stream_.get() != nullptr) cudaStreamSynchronize(aux_stream_.get());
   if (stream_.get() != nullptr) cudaStreamSynchronize(stream_.get());
   in_flight_.clear();
   map_.reset();
@@ -586,23 +576,10 @@ Result<StagedBatch> Stager::StageFromMap(Snapshot* snapshot, const std::string& 
       args.dtype = batch.dtype;
       args.kv_heads = info.model.kv_heads;
       args.head_dim = info.model.head_dim;
-      // Two copy streams: the second starts after the buffer's allocation (stream_'s work so far)
-      // and stream_ waits for its copies before the unpacking and the buffer's release.
-      const bool two = aux_stream_.get() != nullptr && buf.end_run - buf.first_run > 1;
-      if (two) {
-        s = fork_.Record(stream_.get());
-        if (s.ok()) s = fork_.WaitOn(aux_stream_.get());
-        if (!s.ok()) {
-          landing_->Free(mem);
-          return s;
-        }
-      }
       for (size_t ri = buf.first_run; ri < buf.end_run; ++ri) {
         const Run& r = runs[ri];
-        const cudaStream_t on =
-            two && (ri - buf.first_run) % 2 == 1 ? aux_stream_.get() : stream_.get();
-        const cudaError_t err =
-            cudaMemcpyAsync(landing + r.landing, r.src, r.bytes, cudaMemcpyHostToDevice, on);
+        const cudaError_t err = cudaMemcpyAsync(landing + r.landing, r.src, r.bytes,
+                                                cudaMemcpyHostToDevice, stream_.get());
         if (err != cudaSuccess) {
           s = CudaStatus(err, "cudaMemcpyAsync", "Stager::StageFromMap");
           break;
@@ -617,16 +594,6 @@ Result<StagedBatch> Stager::StageFromMap(Snapshot* snapshot, const std::string& 
           batch.bytes_copied += p.view.payload_size;
           stats_.bytes_copied += p.view.payload_size;
           stats_.bytes_from_map += p.view.payload_size;
-        }
-      }
-      if (two) {
-        Status joined = join_.Record(aux_stream_.get());
-        if (joined.ok()) joined = join_.WaitOn(stream_.get());
-        if (!joined.ok()) {
-          // stream_ cannot be ordered after the second stream's copies: wait for them here,
-          // before the buffer goes back to the pool.
-          cudaStreamSynchronize(aux_stream_.get());
-          if (s.ok()) s = joined;
         }
       }
       if (s.ok()) s = LaunchUnpackKv(args, stream_.get());

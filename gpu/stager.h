@@ -129,10 +129,6 @@ class Stager {
     // group's layers are ready (their events) once its copies are done, so a consumer starts on
     // them while later groups are in flight. More groups: more, smaller copies.
     uint32_t layer_groups = 4;
-    // Direct copies: the runs of one landing buffer alternate between this many copy streams (1
-    // or 2; the second joins the Stager's stream before the buffer is unpacked), so that two copy
-    // engines overlap each copy's fixed costs.
-    uint32_t copy_streams = 1;
     // Direct copies: verify the checksums in the background and return at once, with
     // StagedBatch::verified to wait on (the pages count as filled at once; those whose records fail
     // are invalidated in the cache). The caller overlaps the check with its own work, e.g. the
@@ -253,10 +249,6 @@ class Stager {
 
   const Options options_;
   CudaStream stream_;
-  // Options::copy_streams == 2: the second copy stream, and the events that order it after
-  // stream_ (fork) and stream_ after it (join).
-  CudaStream aux_stream_;
-  CudaEvent fork_, join_;
   std::unique_ptr<DeviceAllocator> landing_;  // fp8/int8 landing buffers, stream-ordered on stream_
   std::unique_ptr<PinnedPool> pool_;
   std::unique_ptr<Workers> workers_;

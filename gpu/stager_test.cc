@@ -309,11 +309,6 @@ TEST_P(StagerTest, RejectsBadRequests) {
   ASSERT_TRUE(tiny.ok());
   auto r = (*stager)->StageLayers(snap->get(), "t", {5}, {0}, tiny->get());
   EXPECT_TRUE(r.status().IsFailedPrecondition()) << r.status().ToString();
-  for (uint32_t streams : {0u, 3u}) {
-    Stager::Options o;
-    o.copy_streams = streams;
-    EXPECT_TRUE(Stager::Create(o).status().IsInvalidArgument()) << streams;
-  }
 }
 
 // Straight from the map, records close together travel in one copy, into landing buffers of a
@@ -331,18 +326,12 @@ TEST_P(StagerTest, AdjacentRecordsAreCopiedTogether) {
   const uint64_t record = 2 * kTokens * 8 * 2;
   struct Case {
     size_t max_gap, landing;
-    uint32_t groups, copy_streams;
+    uint32_t groups;
   };
-  // With two copy streams the runs of a buffer alternate between them; every page must still
-  // hold its record once the Stager's stream is done.
   for (const Case& c :
-       {Case{size_t(32) << 10, size_t(256) << 20, 1, 1},
-        Case{size_t(32) << 10, size_t(256) << 20, 3, 1}, Case{size_t(32) << 10, 40000, 1, 1},
-        Case{0, size_t(256) << 20, 1, 1}, Case{0, size_t(256) << 20, 1, 2}, Case{0, 40000, 3, 2},
-        Case{size_t(32) << 10, size_t(256) << 20, 1, 2}}) {
-    SCOPED_TRACE("copy streams " + std::to_string(c.copy_streams));
+       {Case{size_t(32) << 10, size_t(256) << 20, 1}, Case{size_t(32) << 10, size_t(256) << 20, 3},
+        Case{size_t(32) << 10, 40000, 1}, Case{0, size_t(256) << 20, 1}}) {
     Stager::Options o = StagerOptions();
-    o.copy_streams = c.copy_streams;
     o.max_gap_bytes = c.max_gap;
     o.slab_bytes = 16 << 10;
     o.landing_bytes = c.landing;
@@ -370,7 +359,7 @@ TEST_P(StagerTest, AdjacentRecordsAreCopiedTogether) {
     } else if (c.max_gap == 0) {
       EXPECT_EQ(copies, 2 * batch->pages_filled);  // a header lies between any two records
       EXPECT_EQ(s.gap_bytes, 0u);
-    } else if (c.landing == 40000 && c.groups == 1) {
+    } else if (c.landing == 40000) {
       // A landing buffer holds 4 records: runs end there.
       EXPECT_GE(copies, 2 * batch->pages_filled / 4);
       EXPECT_LT(copies, 2 * batch->pages_filled / 2);

@@ -21,12 +21,7 @@ using internal::Store2;
 constexpr int kThreads = 256;
 constexpr uint32_t kMaxCtasPerJob = 64;  // a grid-stride loop covers longer records
 
-// Passed by value (__grid_constant__): no upload per launch.
-struct JobTable {
-  const void* src[kMaxUnpackJobs];
-  void* dst[kMaxUnpackJobs];
-  uint32_t tokens[kMaxUnpackJobs];
-};
+using JobTable = internal::RecordTable<kMaxUnpackJobs>;
 
 __device__ __forceinline__ float2 Fp8x2ToFloat2(uint16_t two_codes) {
   const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(two_codes, __NV_E4M3);
@@ -137,15 +132,12 @@ Status LaunchUnpackKv(const UnpackKvArgs& a, cudaStream_t stream) {
   for (size_t first = 0; first < a.jobs.size(); first += kMaxUnpackJobs) {
     const size_t n = std::min<size_t>(kMaxUnpackJobs, a.jobs.size() - first);
     JobTable tab;
+    internal::FillRecordTable(a.jobs, first, n, &tab);
     uint64_t most = 0;
     for (size_t i = 0; i < n; ++i) {
-      const UnpackKvJob& j = a.jobs[first + i];
-      tab.src[i] = j.src;
-      tab.dst[i] = j.dst;
-      tab.tokens[i] = j.tokens;
       // Threads: a group of 4 values each (scaled dtypes), or an 8-byte word.
-      most = std::max<uint64_t>(most, copy ? uint64_t{a.kv_heads} * j.tokens * a.head_dim * elem / 8
-                                           : uint64_t{a.kv_heads} * j.tokens * a.head_dim / 4);
+      const uint64_t values = uint64_t{a.kv_heads} * tab.tokens[i] * a.head_dim;
+      most = std::max<uint64_t>(most, copy ? values * elem / 8 : values / 4);
     }
     const uint32_t ctas = static_cast<uint32_t>(std::max<uint64_t>(
         1, std::min<uint64_t>(kMaxCtasPerJob, (most + kThreads - 1) / kThreads)));

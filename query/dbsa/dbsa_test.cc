@@ -1422,10 +1422,16 @@ TEST_F(DbsaExactnessTest, CudaEncodeAndDecodeMatchCpu) {
 }
 
 // A scaled pool built by a bf16 model on the GPU is quantised on the device (gpu/quantize_kv.h):
-// its records hold exactly what the host's KvFromFloat makes of the forward's K/V. Block 0
-// attends to itself only, so its forward is the same in a bf16-stored build, whose records are
-// that forward's K/V as they are; later blocks attend to the values as stored (the payloads
-// dequantised on the device), so they stay within the quantisation's error of the bf16 build's.
+// its records hold exactly what the host's KvFromFloat makes of the forward's K/V.
+// - Block 0 attends to itself only, so its forward is the same as in a bf16-stored build, whose
+//   records are that forward's K/V as they are: quantised here on the host, they must equal the
+//   device's payloads byte for byte.
+// - Later blocks attend to the values as stored. A second build encodes one block per call, so
+//   that every block is the first of its call and the encoder converts it on both the device and
+//   the host and compares (EncodeProgress::device_mismatch); it reads its context blocks back from
+//   the store instead of keeping them on the device. Both builds must agree byte for byte: the
+//   device's stored values are the host's, and a build resumed block by block gives what one
+//   call gives.
 TEST_F(DbsaExactnessTest, CudaScaledBuildQuantisesOnTheDeviceAsTheHostDoes) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
   BlockConfig cfg;
@@ -1437,6 +1443,8 @@ TEST_F(DbsaExactnessTest, CudaScaledBuildQuantisesOnTheDeviceAsTheHostDoes) {
   auto bf16_store = MakeTask(dir_.Sub("dev_bf16"), DType::kBF16, cfg);
   ASSERT_TRUE(PoolEncoder(bf16_store.get(), gpu_pool).EncodeBlocks("t", groups).ok());
   const auto& c = model_->config();
+  const uint32_t heads = static_cast<uint32_t>(c.num_kv_heads);
+  const uint32_t head_dim = static_cast<uint32_t>(c.head_dim);
   for (DType stored : {DType::kF8E4M3, DType::kI8}) {
     const std::string name(DTypeName(stored));
     SCOPED_TRACE(name);
@@ -1448,39 +1456,42 @@ TEST_F(DbsaExactnessTest, CudaScaledBuildQuantisesOnTheDeviceAsTheHostDoes) {
     // Every block went the device's way, and its check against the host (block 0) passed.
     EXPECT_EQ(last.blocks_on_device, groups.size());
     EXPECT_EQ(last.device_mismatch, "");
-    auto want_snap = bf16_store->BeginSnapshot();
+    auto by_block = MakeTask(dir_.Sub("dev_" + name + "_by_block"), stored, cfg);
+    for (size_t g = 0; g < groups.size(); ++g) {
+      SCOPED_TRACE("call for block " + std::to_string(g));
+      EncodeProgress one;
+      ASSERT_TRUE(PoolEncoder(by_block.get(), gpu_pool)
+                      .EncodeBlocks("t", {groups[g]}, [&one](const EncodeProgress& p) { one = p; })
+                      .ok());
+      EXPECT_EQ(one.blocks_on_device, 1u);
+      EXPECT_EQ(one.device_mismatch, "");
+    }
+    auto bf16_snap = bf16_store->BeginSnapshot();
     auto got_snap = store->BeginSnapshot();
-    ASSERT_TRUE(want_snap.ok() && got_snap.ok());
+    auto by_block_snap = by_block->BeginSnapshot();
+    ASSERT_TRUE(bf16_snap.ok() && got_snap.ok() && by_block_snap.ok());
     for (uint32_t block = 0; block < groups.size(); ++block) {
       auto info = (*got_snap)->GetBlock("t", block);
       ASSERT_TRUE(info.ok());
       const uint32_t tokens = info->token_count;
-      const size_t n = static_cast<size_t>(c.num_kv_heads) * tokens * c.head_dim;
       for (uint32_t layer = 0; layer < static_cast<uint32_t>(c.num_layers); ++layer) {
         for (TensorKind kind : {TensorKind::kKey, TensorKind::kValue}) {
           SCOPED_TRACE("block " + std::to_string(block) + " layer " + std::to_string(layer) +
                        (kind == TensorKind::kKey ? " K" : " V"));
-          auto forward = (*want_snap)->GetPayload("t", block, layer, kind);
           auto got = (*got_snap)->GetPayload("t", block, layer, kind);
-          ASSERT_TRUE(forward.ok() && got.ok());
-          std::vector<float> f(n);
-          ConvertToFloat(DType::kBF16, forward->data, f.data(), n);
-          std::vector<uint8_t> want(*KvRawBytes(stored, static_cast<uint32_t>(c.num_kv_heads),
-                                                tokens, static_cast<uint32_t>(c.head_dim)));
-          ASSERT_TRUE(KvFromFloat(stored, static_cast<uint32_t>(c.num_kv_heads), tokens,
-                                  static_cast<uint32_t>(c.head_dim), f.data(), want.data())
-                          .ok());
+          auto again = (*by_block_snap)->GetPayload("t", block, layer, kind);
+          ASSERT_TRUE(got.ok() && again.ok());
+          ASSERT_EQ(got->size, again->size);
+          EXPECT_EQ(std::memcmp(got->data, again->data, got->size), 0);
+          if (block != 0) continue;
+          auto forward = (*bf16_snap)->GetPayload("t", block, layer, kind);
+          ASSERT_TRUE(forward.ok());
+          std::vector<float> f(static_cast<size_t>(heads) * tokens * head_dim);
+          ConvertToFloat(DType::kBF16, forward->data, f.data(), f.size());
+          std::vector<uint8_t> want(*KvRawBytes(stored, heads, tokens, head_dim));
+          ASSERT_TRUE(KvFromFloat(stored, heads, tokens, head_dim, f.data(), want.data()).ok());
           ASSERT_EQ(got->size, want.size());
-          if (block == 0) {
-            EXPECT_EQ(std::memcmp(got->data, want.data(), want.size()), 0);
-            continue;
-          }
-          std::vector<float> a(n), b(n);
-          KvToFloat(stored, static_cast<uint32_t>(c.num_kv_heads), tokens,
-                    static_cast<uint32_t>(c.head_dim), got->data, a.data());
-          KvToFloat(stored, static_cast<uint32_t>(c.num_kv_heads), tokens,
-                    static_cast<uint32_t>(c.head_dim), want.data(), b.data());
-          EXPECT_LT(MaxRelError(torch::tensor(a), torch::tensor(b)), 0.1);
+          EXPECT_EQ(std::memcmp(got->data, want.data(), want.size()), 0);
         }
       }
     }
