@@ -88,6 +88,12 @@ double MsSince(std::chrono::steady_clock::time_point start) {
       .count();
 }
 
+// A layer whose pages all hit needs no copy: it can be published as soon as it is pinned.
+bool AllFilled(const StagedLayer& layer) {
+  return std::all_of(layer.pages.begin(), layer.pages.end(),
+                     [](const PageHandle& p) { return p.filled(); });
+}
+
 size_t RoundUp256(uint64_t n) { return static_cast<size_t>((n + 255) / 256 * 256); }
 
 std::string RecordWhat(const std::string& task, uint32_t block, uint32_t layer, TensorKind kind) {
@@ -381,9 +387,20 @@ Result<StagedBatch> Stager::Stage(Snapshot* snapshot, const std::string& task,
   std::vector<CopyJob> jobs;
   PinnedSlab slab;
   size_t slab_used = 0;
+  // The first layer is pinned alone and, if its pages all hit, published at once (as on the
+  // direct path).
+  size_t first_layer = 0;
+  const size_t pinned_first = std::min<size_t>(1, layers.size());
   SHOTDB_RETURN_IF_ERROR(
-      PinLayers(cache, task_id, blocks, layers, 0, layers.size(), page_bytes, &batch));
-  for (size_t li = 0; li < layers.size(); ++li) {
+      PinLayers(cache, task_id, blocks, layers, 0, pinned_first, page_bytes, &batch));
+  if (pinned_first == 1 && AllFilled(batch.layers[0])) {
+    SHOTDB_RETURN_IF_ERROR(MarkReady(&batch.layers[0]));
+    if (on_layer) SHOTDB_RETURN_IF_ERROR(on_layer(0, batch.layers[0]));
+    first_layer = 1;
+  }
+  SHOTDB_RETURN_IF_ERROR(
+      PinLayers(cache, task_id, blocks, layers, pinned_first, layers.size(), page_bytes, &batch));
+  for (size_t li = first_layer; li < layers.size(); ++li) {
     const uint32_t layer = layers[li];
     StagedLayer& staged = batch.layers[li];
     std::vector<UnpackKvJob> dequantize;
@@ -604,13 +621,32 @@ Result<StagedBatch> Stager::StageFromMap(Snapshot* snapshot, const std::string& 
   };
 
   // Layer groups, in request order: each group's records are read and their copies enqueued
-  // before the next group's are read, and its layers' events follow its copies.
+  // before the next group's are read, and its layers' events follow its copies. Layers whose pages
+  // all hit need no copy: they are published (in order) as soon as they are pinned, and the first
+  // layer is pinned alone, so that a hot query's consumer starts after 1/nl of the pinning.
   const size_t groups = std::min<size_t>(std::max<uint32_t>(options_.layer_groups, 1), nl);
   std::vector<uint32_t> missing;
   std::vector<size_t> missing_li;
+  size_t published = 0;  // layers [0, published) have their events and on_layer calls
+  auto publish = [&](size_t end, bool hits_only) -> Status {
+    for (; published < end; ++published) {
+      StagedLayer& staged = batch.layers[published];
+      if (hits_only && !AllFilled(staged)) break;
+      SHOTDB_RETURN_IF_ERROR(MarkReady(&staged));
+      if (on_layer) SHOTDB_RETURN_IF_ERROR(on_layer(published, staged));
+    }
+    return Status::OK();
+  };
   for (size_t g = 0; g < groups; ++g) {
     const size_t l0 = nl * g / groups, l1 = nl * (g + 1) / groups;
-    SHOTDB_RETURN_IF_ERROR(PinLayers(cache, task_id, blocks, layers, l0, l1, page_bytes, &batch));
+    if (l0 == 0 && l1 > 1) {
+      SHOTDB_RETURN_IF_ERROR(PinLayers(cache, task_id, blocks, layers, 0, 1, page_bytes, &batch));
+      SHOTDB_RETURN_IF_ERROR(publish(1, /*hits_only=*/true));
+      SHOTDB_RETURN_IF_ERROR(PinLayers(cache, task_id, blocks, layers, 1, l1, page_bytes, &batch));
+    } else {
+      SHOTDB_RETURN_IF_ERROR(PinLayers(cache, task_id, blocks, layers, l0, l1, page_bytes, &batch));
+    }
+    SHOTDB_RETURN_IF_ERROR(publish(l1, /*hits_only=*/true));
     const size_t first = pieces.size();
     for (size_t bi = 0; bi < nb; ++bi) {
       missing.clear();
@@ -644,11 +680,7 @@ Result<StagedBatch> Stager::StageFromMap(Snapshot* snapshot, const std::string& 
     }
     stats_.records_ms += lap();
     SHOTDB_RETURN_IF_ERROR(copy_pieces(first));
-    for (size_t li = l0; li < l1; ++li) {
-      StagedLayer& staged = batch.layers[li];
-      SHOTDB_RETURN_IF_ERROR(MarkReady(&staged));
-      if (on_layer) SHOTDB_RETURN_IF_ERROR(on_layer(li, staged));
-    }
+    SHOTDB_RETURN_IF_ERROR(publish(l1, /*hits_only=*/false));
     lap();
   }
   stats_.pages_hit += batch.pages_hit;

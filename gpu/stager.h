@@ -19,7 +19,10 @@
 // reads the missing records' headers (one cursor walk a block, Snapshot::GetBlockRecords), sorts
 // them by address and copies each run whose gaps are at most max_gap_bytes in ONE copy, into a
 // stream-ordered landing buffer of at most landing_bytes; a kernel then moves each payload from
-// the landing buffer to its page, and the group's layers get their events. A cold query of 300
+// the landing buffer to its page, and the group's layers get their events. A layer whose pages
+// all hit needs no copy and gets its event and on_layer call as soon as it is pinned (in request
+// order, after every earlier layer); the first layer is pinned alone, so that a hot query's
+// consumer starts after its pins, not the group's (on both paths). A cold query of 300
 // blocks x 32 layers (19,200 records) thus makes ~1,200 copies (4 groups) instead of 19,200: the
 // per-copy cost on the host and in the copy engine, not PCIe, had bound cold queries
 // (docs/results.md). The price is the gap bytes copied along (a few percent; Stats::gap_bytes).

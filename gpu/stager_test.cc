@@ -179,6 +179,54 @@ TEST_P(StagerTest, StagesLayersAndHitsTheCacheTheSecondTime) {
   ExpectPagesMatch(snap->get(), *hot, {0, 2}, (*stager)->stream());
 }
 
+// A layer whose pages all hit needs no copy: the first is published (its on_layer call) once its
+// own pages are pinned, before the other layers' are, and later ones as soon as theirs are, in
+// request order; a layer with a miss waits for its copies and holds back the ones after it.
+TEST_P(StagerTest, HotLayersArePublishedAsSoonAsTheirPagesArePinned) {
+  Stager::Options o = StagerOptions();
+  o.layer_groups = 1;  // one group: the direct path's layers would otherwise wait for its pins
+  auto stager = Stager::Create(o);
+  ASSERT_TRUE(stager.ok()) << stager.status().ToString();
+  auto cache = (*stager)->CreateCache(4 << 20);
+  ASSERT_TRUE(cache.ok()) << cache.status().ToString();
+  auto snap = store_->BeginSnapshot();
+  ASSERT_TRUE(snap.ok());
+  const std::vector<uint32_t> blocks = {4, 6, 1};
+  const uint64_t nb = blocks.size();
+  {
+    auto warm = (*stager)->StageLayers(snap->get(), "t", blocks, {2, 0}, cache->get());
+    ASSERT_TRUE(warm.ok()) << warm.status().ToString();
+    ExpectPagesMatch(snap->get(), *warm, blocks, (*stager)->stream());
+  }
+  ASSERT_EQ((*cache)->stats().pinned_pages, 0u);
+  // Request order: layer 2 (hot), layer 1 (cold), layer 0 (hot, but after a cold one).
+  std::vector<std::pair<size_t, uint64_t>> seen;  // (index, pages pinned at the call)
+  auto batch = (*stager)->StageLayers(snap->get(), "t", blocks, {2, 1, 0}, cache->get(),
+                                      [&](size_t i, const StagedLayer& layer) {
+                                        EXPECT_EQ(layer.layer, (std::vector<uint32_t>{2, 1, 0})[i]);
+                                        seen.emplace_back(i, (*cache)->stats().pinned_pages);
+                                        return Status::OK();
+                                      });
+  ASSERT_TRUE(batch.ok()) << batch.status().ToString();
+  using Seen = std::vector<std::pair<size_t, uint64_t>>;
+  EXPECT_EQ(seen, (Seen{{0, nb}, {1, 3 * nb}, {2, 3 * nb}}));
+  EXPECT_EQ(batch->pages_hit, 2 * nb);
+  EXPECT_EQ(batch->pages_filled, nb);
+  ExpectCopyPath(**stager);
+  ExpectPagesMatch(snap->get(), *batch, blocks, (*stager)->stream());
+  // All hot: each layer is published as it is pinned, the first before the others are pinned.
+  seen.clear();
+  auto hot = (*stager)->StageLayers(snap->get(), "t", blocks, {0, 1, 2}, cache->get(),
+                                    [&](size_t i, const StagedLayer&) {
+                                      seen.emplace_back(i, (*cache)->stats().pinned_pages);
+                                      return Status::OK();
+                                    });
+  ASSERT_TRUE(hot.ok()) << hot.status().ToString();
+  EXPECT_EQ(seen, (Seen{{0, nb}, {1, 3 * nb}, {2, 3 * nb}}));
+  EXPECT_EQ(hot->pages_hit, 3 * nb);
+  ExpectPagesMatch(snap->get(), *hot, blocks, (*stager)->stream());
+}
+
 // The Stager remembers block lengths for a bounded number of tasks; past the bound it forgets
 // them and reads them again, with the same pages and lengths as before.
 TEST_P(StagerTest, ManyTasksKeepTheirBlockLengths) {
