@@ -214,6 +214,8 @@ TEST_P(StagerTest, HotLayersArePublishedAsSoonAsTheirPagesArePinned) {
   EXPECT_EQ(batch->pages_filled, nb);
   ExpectCopyPath(**stager);
   ExpectPagesMatch(snap->get(), *batch, blocks, (*stager)->stream());
+  batch = Result<StagedBatch>(Status::NotFound("released"));  // its pins
+  ASSERT_EQ((*cache)->stats().pinned_pages, 0u);
   // All hot: each layer is published as it is pinned, the first before the others are pinned.
   seen.clear();
   auto hot = (*stager)->StageLayers(snap->get(), "t", blocks, {0, 1, 2}, cache->get(),
