@@ -621,18 +621,10 @@ Result<StagedBatch> Stager::StageFromMap(Snapshot* snapshot, const std::string& 
   };
 
   // Layer groups, in request order: each group's records are read and their copies enqueued
-  // before the next group's are read, and its layers' events follow its copies. The first layer
-  // is a group of its own, so that the DMA and the consumer start after one layer's records (a
-  // cold query) or pins (a hot one), not a group's; the rest form Options::layer_groups groups.
-  // Layers whose pages all hit need no copy: they are published (in order) as soon as they are
-  // pinned.
-  std::vector<size_t> bounds = {0};
-  if (nl > 0) {
-    bounds.push_back(1);
-    const size_t rest = nl - 1;
-    const size_t groups = std::min<size_t>(std::max<uint32_t>(options_.layer_groups, 1), rest);
-    for (size_t g = 1; g <= groups; ++g) bounds.push_back(1 + rest * g / groups);
-  }
+  // before the next group's are read, and its layers' events follow its copies. Layers whose pages
+  // all hit need no copy: they are published (in order) as soon as they are pinned, and the first
+  // layer is pinned alone, so that a hot query's consumer starts after 1/nl of the pinning.
+  const size_t groups = std::min<size_t>(std::max<uint32_t>(options_.layer_groups, 1), nl);
   std::vector<uint32_t> missing;
   std::vector<size_t> missing_li;
   size_t published = 0;  // layers [0, published) have their events and on_layer calls
@@ -645,9 +637,15 @@ Result<StagedBatch> Stager::StageFromMap(Snapshot* snapshot, const std::string& 
     }
     return Status::OK();
   };
-  for (size_t g = 0; g + 1 < bounds.size(); ++g) {
-    const size_t l0 = bounds[g], l1 = bounds[g + 1];
-    SHOTDB_RETURN_IF_ERROR(PinLayers(cache, task_id, blocks, layers, l0, l1, page_bytes, &batch));
+  for (size_t g = 0; g < groups; ++g) {
+    const size_t l0 = nl * g / groups, l1 = nl * (g + 1) / groups;
+    if (l0 == 0 && l1 > 1) {
+      SHOTDB_RETURN_IF_ERROR(PinLayers(cache, task_id, blocks, layers, 0, 1, page_bytes, &batch));
+      SHOTDB_RETURN_IF_ERROR(publish(1, /*hits_only=*/true));
+      SHOTDB_RETURN_IF_ERROR(PinLayers(cache, task_id, blocks, layers, 1, l1, page_bytes, &batch));
+    } else {
+      SHOTDB_RETURN_IF_ERROR(PinLayers(cache, task_id, blocks, layers, l0, l1, page_bytes, &batch));
+    }
     SHOTDB_RETURN_IF_ERROR(publish(l1, /*hits_only=*/true));
     const size_t first = pieces.size();
     for (size_t bi = 0; bi < nb; ++bi) {

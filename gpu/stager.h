@@ -15,20 +15,18 @@
 //
 // Straight from the map. A block's records are written together, so they lie next to each other
 // in the map, separated by a record header and the rest of an LMDB page. The Stager reads the
-// layers in groups, in request order: the first layer alone (so that the DMA and the consumer
-// start after one layer's records, not a group's), then the rest in Options::layer_groups groups.
-// For each group it looks up the pages, reads the missing records' headers (one cursor walk a
-// block, Snapshot::GetBlockRecords), sorts them by address and copies each run whose gaps are at
-// most max_gap_bytes in ONE copy, into a stream-ordered landing buffer of at most landing_bytes;
-// a kernel then moves each payload from the landing buffer to its page, and the group's layers get
-// their events. A layer whose pages all hit needs no copy and gets its event and on_layer call as
-// soon as it is pinned (in request order, after every earlier layer; the slab path too pins the
-// first layer alone and publishes it at once if it hit), so that a hot query's consumer starts
-// after one layer's pins. A cold query of 300 blocks x 32 layers (19,200 records) thus makes
-// ~1,500 copies (a run per block and group) instead of 19,200: the per-copy cost on the host and
-// in the copy engine, not PCIe, had bound cold queries (docs/results.md). The price is the gap
-// bytes copied along (a few percent; Stats::gap_bytes). The records' checksums are verified by the
-// worker threads after the last group is enqueued,
+// layers in Options::layer_groups groups, in request order; for each group it looks up the pages,
+// reads the missing records' headers (one cursor walk a block, Snapshot::GetBlockRecords), sorts
+// them by address and copies each run whose gaps are at most max_gap_bytes in ONE copy, into a
+// stream-ordered landing buffer of at most landing_bytes; a kernel then moves each payload from
+// the landing buffer to its page, and the group's layers get their events. A layer whose pages
+// all hit needs no copy and gets its event and on_layer call as soon as it is pinned (in request
+// order, after every earlier layer); the first layer is pinned alone, so that a hot query's
+// consumer starts after its pins, not the group's (on both paths). A cold query of 300
+// blocks x 32 layers (19,200 records) thus makes ~1,200 copies (4 groups) instead of 19,200: the
+// per-copy cost on the host and in the copy engine, not PCIe, had bound cold queries
+// (docs/results.md). The price is the gap bytes copied along (a few percent; Stats::gap_bytes).
+// The records' checksums are verified by the worker threads after the last group is enqueued,
 // while the DMA runs; with Options::defer_verification, in the background after StageLayers
 // returned (StagedBatch::verified), so that the caller's forward overlaps it too.
 //
@@ -130,10 +128,9 @@ class Stager {
     // ... into landing buffers of at most this many bytes (>= slab_bytes; device memory beyond
     // the cache's budget, reused through a stream-ordered pool).
     size_t landing_bytes = size_t(256) << 20;
-    // Direct copies: the layers are read and copied in groups, in request order: the first layer
-    // alone, then the rest in this many groups; a group's layers are ready (their events) once its
-    // copies are done, so a consumer starts on them while later groups are in flight. More
-    // groups: more, smaller copies.
+    // Direct copies: the layers are read and copied in this many groups, in request order; a
+    // group's layers are ready (their events) once its copies are done, so a consumer starts on
+    // them while later groups are in flight. More groups: more, smaller copies.
     uint32_t layer_groups = 4;
     // Direct copies: verify the checksums in the background and return at once, with
     // StagedBatch::verified to wait on (the pages count as filled at once; those whose records fail
