@@ -72,6 +72,29 @@ class StagerTest : public ::testing::TestWithParam<std::tuple<Codec, bool>> {
     }
   }
 
+  // A Stager with options `o`, a 4 MiB page cache of its own and a snapshot of the store (all
+  // null after a failure, which is reported).
+  struct Staging {
+    std::unique_ptr<Stager> stager;
+    std::unique_ptr<BlockPageCache> cache;  // destroyed before its stager
+    std::unique_ptr<Snapshot> snap;
+  };
+  Staging MakeStaging(const Stager::Options& o) {
+    Staging st;
+    auto stager = Stager::Create(o);
+    EXPECT_TRUE(stager.ok()) << stager.status().ToString();
+    if (!stager.ok()) return st;
+    auto cache = (*stager)->CreateCache(4 << 20);
+    auto snap = store_->BeginSnapshot();
+    EXPECT_TRUE(cache.ok()) << cache.status().ToString();
+    EXPECT_TRUE(snap.ok()) << snap.status().ToString();
+    if (!cache.ok() || !snap.ok()) return st;
+    st.stager = std::move(*stager);
+    st.cache = std::move(*cache);
+    st.snap = std::move(*snap);
+    return st;
+  }
+
   // Every page of the batch equals the store's decoded tensor.
   void ExpectPagesMatch(Snapshot* snap, const StagedBatch& batch,
                         const std::vector<uint32_t>& blocks, cudaStream_t stream,
@@ -135,17 +158,13 @@ TEST_P(StagerTest, StagesLayersAndHitsTheCacheTheSecondTime) {
   o.slab_bytes = 100 * 1024;  // block 6's tensors fill a slab each: many flushes, slabs reused
   o.num_slabs = 2;
   o.threads = 3;
-  auto stager = Stager::Create(o);
-  ASSERT_TRUE(stager.ok()) << stager.status().ToString();
-  auto cache = (*stager)->CreateCache(4 << 20);
-  ASSERT_TRUE(cache.ok()) << cache.status().ToString();
-  auto snap = store_->BeginSnapshot();
-  ASSERT_TRUE(snap.ok());
+  Staging st = MakeStaging(o);
+  ASSERT_NE(st.snap, nullptr);
   const std::vector<uint32_t> blocks = {4, 6, 1, 5, 0};
   const std::vector<uint32_t> layers = {2, 0};
   std::vector<size_t> seen_layers;
   {
-    auto batch = (*stager)->StageLayers(snap->get(), "t", blocks, layers, cache->get(),
+    auto batch = st.stager->StageLayers(st.snap.get(), "t", blocks, layers, st.cache.get(),
                                         [&](size_t i, const StagedLayer&) {
                                           seen_layers.push_back(i);
                                           return Status::OK();
@@ -154,29 +173,29 @@ TEST_P(StagerTest, StagesLayersAndHitsTheCacheTheSecondTime) {
     EXPECT_EQ(seen_layers, (std::vector<size_t>{0, 1}));
     EXPECT_EQ(batch->pages_filled, 10u);
     EXPECT_EQ(batch->pages_hit, 0u);
-    ExpectCopyPath(**stager);
-    if ((*stager)->stats().bytes_from_map == 0) {
-      EXPECT_GT((*stager)->stats().slabs_flushed, 2u);
-      EXPECT_EQ((*stager)->stats().copies, 2 * batch->pages_filled);  // one per record
+    ExpectCopyPath(*st.stager);
+    if (st.stager->stats().bytes_from_map == 0) {
+      EXPECT_GT(st.stager->stats().slabs_flushed, 2u);
+      EXPECT_EQ(st.stager->stats().copies, 2 * batch->pages_filled);  // one per record
     } else {
       // Block 6's K and V of a layer lie together in the map: one copy.
-      EXPECT_LT((*stager)->stats().copies, 2 * batch->pages_filled);
+      EXPECT_LT(st.stager->stats().copies, 2 * batch->pages_filled);
     }
-    ExpectPagesMatch(snap->get(), *batch, blocks, (*stager)->stream());
+    ExpectPagesMatch(st.snap.get(), *batch, blocks, st.stager->stream());
   }
-  auto again = (*stager)->StageLayers(snap->get(), "t", {0, 2}, {0}, cache->get());
+  auto again = st.stager->StageLayers(st.snap.get(), "t", {0, 2}, {0}, st.cache.get());
   ASSERT_TRUE(again.ok()) << again.status().ToString();
   EXPECT_EQ(again->pages_hit, 1u);  // block 0 layer 0
   EXPECT_EQ(again->pages_filled, 1u);
-  ExpectPagesMatch(snap->get(), *again, {0, 2}, (*stager)->stream());
+  ExpectPagesMatch(st.snap.get(), *again, {0, 2}, st.stager->stream());
   // Every page hits and the stream has finished (ExpectPagesMatch waited for it): the layer needs
   // no event.
-  auto hot = (*stager)->StageLayers(snap->get(), "t", {0, 2}, {0}, cache->get());
+  auto hot = st.stager->StageLayers(st.snap.get(), "t", {0, 2}, {0}, st.cache.get());
   ASSERT_TRUE(hot.ok()) << hot.status().ToString();
   EXPECT_EQ(hot->pages_hit, 2u);
   EXPECT_EQ(hot->pages_filled, 0u);
   EXPECT_EQ(hot->layers[0].ready.get(), nullptr);
-  ExpectPagesMatch(snap->get(), *hot, {0, 2}, (*stager)->stream());
+  ExpectPagesMatch(st.snap.get(), *hot, {0, 2}, st.stager->stream());
 }
 
 // A layer whose pages all hit needs no copy: the first is published (its on_layer call) once its
@@ -185,26 +204,22 @@ TEST_P(StagerTest, StagesLayersAndHitsTheCacheTheSecondTime) {
 TEST_P(StagerTest, HotLayersArePublishedAsSoonAsTheirPagesArePinned) {
   Stager::Options o = StagerOptions();
   o.layer_groups = 1;  // one group: the direct path's layers would otherwise wait for its pins
-  auto stager = Stager::Create(o);
-  ASSERT_TRUE(stager.ok()) << stager.status().ToString();
-  auto cache = (*stager)->CreateCache(4 << 20);
-  ASSERT_TRUE(cache.ok()) << cache.status().ToString();
-  auto snap = store_->BeginSnapshot();
-  ASSERT_TRUE(snap.ok());
+  Staging st = MakeStaging(o);
+  ASSERT_NE(st.snap, nullptr);
   const std::vector<uint32_t> blocks = {4, 6, 1};
   const uint64_t nb = blocks.size();
   {
-    auto warm = (*stager)->StageLayers(snap->get(), "t", blocks, {2, 0}, cache->get());
+    auto warm = st.stager->StageLayers(st.snap.get(), "t", blocks, {2, 0}, st.cache.get());
     ASSERT_TRUE(warm.ok()) << warm.status().ToString();
-    ExpectPagesMatch(snap->get(), *warm, blocks, (*stager)->stream());
+    ExpectPagesMatch(st.snap.get(), *warm, blocks, st.stager->stream());
   }
-  ASSERT_EQ((*cache)->stats().pinned_pages, 0u);
+  ASSERT_EQ(st.cache->stats().pinned_pages, 0u);
   // Request order: layer 2 (hot), layer 1 (cold), layer 0 (hot, but after a cold one).
   std::vector<std::pair<size_t, uint64_t>> seen;  // (index, pages pinned at the call)
-  auto batch = (*stager)->StageLayers(snap->get(), "t", blocks, {2, 1, 0}, cache->get(),
+  auto batch = st.stager->StageLayers(st.snap.get(), "t", blocks, {2, 1, 0}, st.cache.get(),
                                       [&](size_t i, const StagedLayer& layer) {
                                         EXPECT_EQ(layer.layer, (std::vector<uint32_t>{2, 1, 0})[i]);
-                                        seen.emplace_back(i, (*cache)->stats().pinned_pages);
+                                        seen.emplace_back(i, st.cache->stats().pinned_pages);
                                         return Status::OK();
                                       });
   ASSERT_TRUE(batch.ok()) << batch.status().ToString();
@@ -212,21 +227,21 @@ TEST_P(StagerTest, HotLayersArePublishedAsSoonAsTheirPagesArePinned) {
   EXPECT_EQ(seen, (Seen{{0, nb}, {1, 3 * nb}, {2, 3 * nb}}));
   EXPECT_EQ(batch->pages_hit, 2 * nb);
   EXPECT_EQ(batch->pages_filled, nb);
-  ExpectCopyPath(**stager);
-  ExpectPagesMatch(snap->get(), *batch, blocks, (*stager)->stream());
+  ExpectCopyPath(*st.stager);
+  ExpectPagesMatch(st.snap.get(), *batch, blocks, st.stager->stream());
   batch = Result<StagedBatch>(Status::NotFound("released"));  // its pins
-  ASSERT_EQ((*cache)->stats().pinned_pages, 0u);
+  ASSERT_EQ(st.cache->stats().pinned_pages, 0u);
   // All hot: each layer is published as it is pinned, the first before the others are pinned.
   seen.clear();
-  auto hot = (*stager)->StageLayers(snap->get(), "t", blocks, {0, 1, 2}, cache->get(),
+  auto hot = st.stager->StageLayers(st.snap.get(), "t", blocks, {0, 1, 2}, st.cache.get(),
                                     [&](size_t i, const StagedLayer&) {
-                                      seen.emplace_back(i, (*cache)->stats().pinned_pages);
+                                      seen.emplace_back(i, st.cache->stats().pinned_pages);
                                       return Status::OK();
                                     });
   ASSERT_TRUE(hot.ok()) << hot.status().ToString();
   EXPECT_EQ(seen, (Seen{{0, nb}, {1, 3 * nb}, {2, 3 * nb}}));
   EXPECT_EQ(hot->pages_hit, 3 * nb);
-  ExpectPagesMatch(snap->get(), *hot, blocks, (*stager)->stream());
+  ExpectPagesMatch(st.snap.get(), *hot, blocks, st.stager->stream());
 }
 
 // The Stager remembers block lengths for a bounded number of tasks; past the bound it forgets
@@ -304,15 +319,11 @@ TEST_P(StagerTest, DeferredVerificationReportsAndInvalidates) {
   Stager::Options o = StagerOptions();
   o.defer_verification = true;
   o.layer_groups = 2;
-  auto stager = Stager::Create(o);
-  ASSERT_TRUE(stager.ok());
-  auto cache = (*stager)->CreateCache(4 << 20);
-  ASSERT_TRUE(cache.ok());
-  auto snap = store_->BeginSnapshot();
-  ASSERT_TRUE(snap.ok());
+  Staging st = MakeStaging(o);
+  ASSERT_NE(st.snap, nullptr);
   for (int attempt = 0; attempt < 2; ++attempt) {
-    auto batch = (*stager)->StageLayers(snap->get(), "t", {0, 6}, {0, 1, 2}, cache->get());
-    if (!Direct(**stager)) {
+    auto batch = st.stager->StageLayers(st.snap.get(), "t", {0, 6}, {0, 1, 2}, st.cache.get());
+    if (!Direct(*st.stager)) {
       // Through the slabs the check is not deferred: the call itself reports it.
       ASSERT_FALSE(batch.ok());
       EXPECT_TRUE(batch.status().IsCorruption()) << batch.status().ToString();
@@ -325,11 +336,11 @@ TEST_P(StagerTest, DeferredVerificationReportsAndInvalidates) {
     EXPECT_NE(s.message().find("block 6 layer 1 V"), std::string::npos) << s.ToString();
     EXPECT_EQ(batch->pages_filled, attempt == 0 ? 6u : 1u);  // the damaged page is read again
   }
-  auto fine = (*stager)->StageLayers(snap->get(), "t", {0, 6}, {0, 2}, cache->get());
+  auto fine = st.stager->StageLayers(st.snap.get(), "t", {0, 6}, {0, 2}, st.cache.get());
   ASSERT_TRUE(fine.ok()) << fine.status().ToString();
   EXPECT_EQ(fine->pages_hit, 4u);
   EXPECT_FALSE(fine->verified.valid());  // nothing was read: nothing to check
-  ExpectPagesMatch(snap->get(), *fine, {0, 6}, (*stager)->stream());
+  ExpectPagesMatch(st.snap.get(), *fine, {0, 6}, st.stager->stream());
 }
 
 TEST_P(StagerTest, RejectsBadRequests) {
@@ -386,25 +397,21 @@ TEST_P(StagerTest, AdjacentRecordsAreCopiedTogether) {
     o.slab_bytes = 16 << 10;
     o.landing_bytes = c.landing;
     o.layer_groups = c.groups;
-    auto stager = Stager::Create(o);
-    ASSERT_TRUE(stager.ok()) << stager.status().ToString();
-    auto cache = (*stager)->CreateCache(4 << 20);
-    ASSERT_TRUE(cache.ok());
-    auto snap = store_->BeginSnapshot();
-    ASSERT_TRUE(snap.ok());
+    Staging st = MakeStaging(o);
+    ASSERT_NE(st.snap, nullptr);
     // Layer 1 of blocks 0 and 7 first: then the full request hits two pages and copies around
     // them.
-    auto first = (*stager)->StageLayers(snap->get(), "big", {0, 7}, {1}, cache->get());
+    auto first = st.stager->StageLayers(st.snap.get(), "big", {0, 7}, {1}, st.cache.get());
     ASSERT_TRUE(first.ok()) << first.status().ToString();
-    const uint64_t copies_before = (*stager)->stats().copies;
-    auto batch = (*stager)->StageLayers(snap->get(), "big", blocks, {0, 1, 2}, cache->get());
+    const uint64_t copies_before = st.stager->stats().copies;
+    auto batch = st.stager->StageLayers(st.snap.get(), "big", blocks, {0, 1, 2}, st.cache.get());
     ASSERT_TRUE(batch.ok()) << batch.status().ToString();
     EXPECT_EQ(batch->pages_hit, 2u);
     EXPECT_EQ(batch->pages_filled, 3u * kBlocks - 2);
     EXPECT_EQ(batch->bytes_copied, 2 * batch->pages_filled * record);
-    const Stager::Stats s = (*stager)->stats();
+    const Stager::Stats s = st.stager->stats();
     const uint64_t copies = s.copies - copies_before;
-    if (!Direct(**stager)) {
+    if (!Direct(*st.stager)) {
       EXPECT_EQ(copies, 2 * batch->pages_filled);
     } else if (c.max_gap == 0) {
       EXPECT_EQ(copies, 2 * batch->pages_filled);  // a header lies between any two records
@@ -421,7 +428,7 @@ TEST_P(StagerTest, AdjacentRecordsAreCopiedTogether) {
       EXPECT_LE(copies, uint64_t{kBlocks});    // a run per block at most
       EXPECT_LT(s.gap_bytes, s.bytes_copied);  // page tails, headers and the cached pages
     }
-    ExpectPagesMatch(snap->get(), *batch, blocks, (*stager)->stream(), "big");
+    ExpectPagesMatch(st.snap.get(), *batch, blocks, st.stager->stream(), "big");
   }
 }
 
@@ -446,14 +453,10 @@ TEST_P(StagerTest, ScaledTaskIsDequantisedIntoSixteenBitPages) {
       Stager::Options o = StagerOptions();
       o.scaled_pages = pages;
       o.slab_bytes = 64 * 1024;
-      auto stager = Stager::Create(o);
-      ASSERT_TRUE(stager.ok()) << stager.status().ToString();
-      auto cache = (*stager)->CreateCache(4 << 20);
-      ASSERT_TRUE(cache.ok());
-      auto snap = store_->BeginSnapshot();
-      ASSERT_TRUE(snap.ok());
+      Staging st = MakeStaging(o);
+      ASSERT_NE(st.snap, nullptr);
       const std::vector<uint32_t> order = {3, 0, 2, 1};
-      auto batch = (*stager)->StageLayers(snap->get(), task, order, {1, 2, 0}, cache->get());
+      auto batch = st.stager->StageLayers(st.snap.get(), task, order, {1, 2, 0}, st.cache.get());
       ASSERT_TRUE(batch.ok()) << batch.status().ToString();
       EXPECT_EQ(batch->dtype, pages);
       uint64_t record_bytes = 0;
