@@ -106,12 +106,14 @@ class DbsaExactnessTest : public ::testing::Test {
     pool_ = {model_.get(), &tokenizer_, "tiny-llama-fixture"};
   }
 
-  std::unique_ptr<Store> MakeTask(const std::string& dir, DType kv_dtype, const BlockConfig& cfg) {
+  // A store at `dir` with task "t" of the fixture's model (or `pool`'s) and labels.
+  std::unique_ptr<Store> MakeTask(const std::string& dir, DType kv_dtype, const BlockConfig& cfg,
+                                  const PoolModel* pool = nullptr) {
     auto store = Store::Open(dir);
     EXPECT_TRUE(store.ok()) << store.status().ToString();
     TaskInfo task;
     task.name = "t";
-    task.model = MakeFingerprint(pool_, kv_dtype);
+    task.model = MakeFingerprint(pool != nullptr ? *pool : pool_, kv_dtype);
     task.blocks = cfg;
     task.prompt_template = std::string(PromptFormat::kDefaultTemplate);
     task.separator = std::string(PromptFormat::kDefaultSeparator);
@@ -586,22 +588,13 @@ TEST_F(DbsaExactnessTest, ScaledBuildOfNonFiniteKvFailsNamingTheRecordAndWritesN
     for (DType stored : {DType::kF8E4M3, DType::kI8}) {
       const std::string name = std::string(DTypeName(stored)) + "_" + device.str();
       SCOPED_TRACE(name);
-      auto store = Store::Open(dir_.Sub("nan" + name));
-      ASSERT_TRUE(store.ok());
-      TaskInfo task;
-      task.name = "t";
-      task.model = MakeFingerprint(pool, stored);
-      task.blocks = cfg;
-      task.prompt_template = std::string(PromptFormat::kDefaultTemplate);
-      task.separator = std::string(PromptFormat::kDefaultSeparator);
-      task.labels = kLabels;
-      ASSERT_TRUE((*store)->CreateTask(task).ok());
-      const Status s = PoolEncoder(store->get(), pool).EncodeBlocks("t", MakeGroups(2, 3));
+      auto store = MakeTask(dir_.Sub("nan" + name), stored, cfg, &pool);
+      const Status s = PoolEncoder(store.get(), pool).EncodeBlocks("t", MakeGroups(2, 3));
       EXPECT_TRUE(s.IsInvalidArgument()) << s.ToString();
       EXPECT_NE(s.message().find("task 't' block 0 layer 0 K"), std::string::npos) << s.ToString();
       EXPECT_NE(s.message().find("channel 0 is "), std::string::npos) << s.ToString();
       EXPECT_NE(s.message().find("nan"), std::string::npos) << s.ToString();  // "nan" or "-nan"
-      auto snap = (*store)->BeginSnapshot();
+      auto snap = store->BeginSnapshot();
       ASSERT_TRUE(snap.ok());
       EXPECT_EQ((*(*snap)->GetTask("t")).num_blocks, 0u);  // nothing of the failed block stored
     }
