@@ -285,7 +285,15 @@ Result<StagedBatch> Stager::StageLayers(Snapshot* snapshot, const std::string& t
   // A deferred check still running uses the worker threads, and the pages it fails must be gone
   // before this call looks them up.
   WaitPending();
-  Result<StagedBatch> batch = Stage(snapshot, task, blocks, layers, cache, on_layer);
+  bool first = true;
+  const LayerCallback timed = [&](size_t index, const StagedLayer& layer) -> Status {
+    if (first) {
+      stats_.first_layer_ms += MsSince(start);
+      first = false;
+    }
+    return on_layer ? on_layer(index, layer) : Status::OK();
+  };
+  Result<StagedBatch> batch = Stage(snapshot, task, blocks, layers, cache, timed);
   // Copies already enqueued may read the map (and fill pages being discarded): let them finish
   // before the caller may end the snapshot.
   if (!batch.ok()) cudaStreamSynchronize(stream_.get());

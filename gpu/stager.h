@@ -155,8 +155,10 @@ class Stager {
     // checksums (while the copies run).
     double records_ms = 0, verify_ms = 0;
     double map_register_ms = 0;  // time spent page-locking the map
-    // Host wall time in StageLayers, all paths; of it, pinning the pages (PinLayers).
-    double stage_ms = 0, pin_ms = 0;
+    // Host wall time in StageLayers, all paths; of it, pinning the pages (PinLayers); and from
+    // StageLayers' entry to its first layer's on_layer call (what a consumer that starts on the
+    // first layer waits for).
+    double stage_ms = 0, pin_ms = 0, first_layer_ms = 0;
     uint64_t slabs_flushed = 0;
     uint64_t slab_waits = 0;  // times a slab had to wait for its earlier copies to finish
   };

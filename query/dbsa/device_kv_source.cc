@@ -60,8 +60,10 @@ class AsyncStaging {
                                                      uint32_t num_layers) {
     std::shared_ptr<AsyncStaging> s(new AsyncStaging(num_layers, stager->stream()));
     AsyncStaging* self = s.get();
-    self->thread_ =
-        std::thread([self, device, stager, cache, snapshot, task, blocks = std::move(blocks)] {
+    const auto created = std::chrono::steady_clock::now();
+    self->thread_ = std::thread(
+        [self, device, stager, cache, snapshot, task, blocks = std::move(blocks), created] {
+          self->thread_start_ms_ = MsSince(created);  // read after the first Publish (mu_)
           self->Run(device, stager, cache, snapshot, task, blocks);
         });
     std::unique_lock<std::mutex> lock(self->mu_);
@@ -96,6 +98,9 @@ class AsyncStaging {
     SHOTDB_RETURN_IF_ERROR(layer.ready.WaitOn(stream));
     return &layer.blocks;
   }
+
+  // Host milliseconds from Start to the staging thread's first step. Valid once Start returned.
+  double thread_start_ms() const { return thread_start_ms_; }
 
   // Waits until the thread's StageLayers has returned: its status.
   Status WaitStaged() {
@@ -210,6 +215,7 @@ class AsyncStaging {
   std::vector<uint32_t> block_tokens_;
   int views_ = 0;
   bool released_ = false;
+  double thread_start_ms_ = 0;
   std::thread thread_;
 };
 
@@ -529,6 +535,8 @@ class DeviceKvSource final : public KvSource {
                               AsyncStaging::Start(device_, stager_.get(), cache_.get(), snapshot,
                                                   task.name, blocks, num_layers));
       staging_ = staging;
+      thread_start_ms_ += staging->thread_start_ms();
+      thread_start_ms_ += staging->thread_start_ms();
       *load_ms = MsSince(start);
       std::vector<uint32_t> index(blocks.size());
       std::iota(index.begin(), index.end(), 0u);
@@ -635,6 +643,8 @@ class DeviceKvSource final : public KvSource {
     out.bytes_resident = s.bytes_in_use;
     out.stage_ms = stager_->stats().stage_ms;
     out.pin_ms = stager_->stats().pin_ms;
+    out.first_layer_ms = stager_->stats().first_layer_ms;
+    out.thread_start_ms = thread_start_ms_;
     return out;
   }
 
@@ -677,6 +687,7 @@ class DeviceKvSource final : public KvSource {
   std::unique_ptr<gpu::Stager> stager_;
   std::unique_ptr<gpu::BlockPageCache> cache_;
   std::shared_ptr<AsyncStaging> staging_;  // the last query's, also owned by its contexts
+  double thread_start_ms_ = 0;             // summed over the stagings started
 };
 
 }  // namespace

@@ -77,8 +77,10 @@ class KvSource {
     uint64_t copies = 0;                           // host -> device copy calls doing it
     uint64_t bytes_resident = 0;                   // held by the cache now
     // Device sources: host milliseconds spent staging (gpu::Stager::StageLayers), of which
-    // pinning the pages in the cache. 0 for the host source.
+    // pinning the pages in the cache; of what the attention form's Load waits for, the staging
+    // thread's start and then StageLayers until its first layer. 0 for the host source.
     double stage_ms = 0, pin_ms = 0;
+    double thread_start_ms = 0, first_layer_ms = 0;
   };
 
   virtual ~KvSource() = default;
@@ -86,7 +88,8 @@ class KvSource {
   // The context of `blocks` of `task` for `model` (see above); `want_tensors` asks for the tensor
   // form. `load_ms` receives the time until every block is read (host) or every copy is enqueued
   // (device; the checksums are verified meanwhile, see QueryContext::verified; for the attention
-  // form only the first layer group's copies, the rest being staged while the forward runs),
+  // form only until the first layer is published: its pins where its pages all hit, else the first
+  // layer group's copies; the rest is staged while the forward runs),
   // `gather_ms` the rest (concatenation or gather; 0 for the attention form, whose copies are
   // waited for by the attention itself). Errors from the store (NotFound, Corruption naming the
   // record), libtorch or CUDA; for the device attention form, those of later layer groups come
