@@ -41,6 +41,23 @@ struct RecordTable {
   uint32_t tokens[kMax];
 };
 
+// InvalidArgument naming `launch` and job `index` if the job (any type with src, dst and tokens)
+// has a null pointer, src not aligned to `src_alignment` bytes, dst not to `dst_alignment`, or 0
+// tokens.
+template <typename Job>
+Status CheckRecordJob(const Job& j, size_t index, uintptr_t src_alignment, uintptr_t dst_alignment,
+                      const char* launch) {
+  if (j.src == nullptr || j.dst == nullptr || j.tokens == 0 ||
+      reinterpret_cast<uintptr_t>(j.src) % src_alignment != 0 ||
+      reinterpret_cast<uintptr_t>(j.dst) % dst_alignment != 0) {
+    return Status::InvalidArgument(std::string(launch) + ": job " + std::to_string(index) +
+                                   " has a null or misaligned pointer (src " +
+                                   std::to_string(src_alignment) + ", dst " +
+                                   std::to_string(dst_alignment) + " bytes) or 0 tokens");
+  }
+  return Status::OK();
+}
+
 // Fills `tab` with jobs[first, first + n) (any job type with src, dst and tokens).
 template <uint32_t kMax, typename Job>
 void FillRecordTable(const std::vector<Job>& jobs, size_t first, size_t n, RecordTable<kMax>* tab) {

@@ -152,13 +152,8 @@ Status LaunchQuantizeKv(const QuantizeKvArgs& a, cudaStream_t stream) {
   const uintptr_t src_alignment = DTypeSize(a.src_dtype);
   for (size_t i = 0; i < a.jobs.size(); ++i) {
     const QuantizeKvJob& j = a.jobs[i];
-    if (j.src == nullptr || j.dst == nullptr || j.tokens == 0 ||
-        reinterpret_cast<uintptr_t>(j.src) % src_alignment != 0 ||
-        reinterpret_cast<uintptr_t>(j.dst) % 4 != 0) {
-      return Status::InvalidArgument("LaunchQuantizeKv: job " + std::to_string(i) +
-                                     " has a null or misaligned pointer (src " +
-                                     std::to_string(src_alignment) + ", dst 4 bytes) or 0 tokens");
-    }
+    SHOTDB_RETURN_IF_ERROR(
+        internal::CheckRecordJob(j, i, src_alignment, /*dst_alignment=*/4, "LaunchQuantizeKv"));
     if (uint64_t{a.kv_heads} * KvI8Groups(j.tokens) > 0x7fffffffu) {
       return Status::InvalidArgument("LaunchQuantizeKv: job " + std::to_string(i) +
                                      " has too many heads and tokens for one launch");

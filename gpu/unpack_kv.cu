@@ -120,14 +120,8 @@ Status LaunchUnpackKv(const UnpackKvArgs& a, cudaStream_t stream) {
   }
   const uintptr_t src_alignment = copy ? 8 : 4;
   for (size_t i = 0; i < a.jobs.size(); ++i) {
-    const UnpackKvJob& j = a.jobs[i];
-    if (j.src == nullptr || j.dst == nullptr || j.tokens == 0 ||
-        reinterpret_cast<uintptr_t>(j.src) % src_alignment != 0 ||
-        reinterpret_cast<uintptr_t>(j.dst) % 8 != 0) {
-      return Status::InvalidArgument("LaunchUnpackKv: job " + std::to_string(i) +
-                                     " has a null or misaligned pointer (src " +
-                                     std::to_string(src_alignment) + ", dst 8 bytes) or 0 tokens");
-    }
+    SHOTDB_RETURN_IF_ERROR(internal::CheckRecordJob(a.jobs[i], i, src_alignment,
+                                                    /*dst_alignment=*/8, "LaunchUnpackKv"));
   }
   for (size_t first = 0; first < a.jobs.size(); first += kMaxUnpackJobs) {
     const size_t n = std::min<size_t>(kMaxUnpackJobs, a.jobs.size() - first);
