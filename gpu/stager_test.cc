@@ -214,22 +214,24 @@ TEST_P(StagerTest, HotLayersArePublishedAsSoonAsTheirPagesArePinned) {
     ExpectPagesMatch(st.snap.get(), *warm, blocks, st.stager->stream());
   }
   ASSERT_EQ(st.cache->stats().pinned_pages, 0u);
-  // Request order: layer 2 (hot), layer 1 (cold), layer 0 (hot, but after a cold one).
-  std::vector<std::pair<size_t, uint64_t>> seen;  // (index, pages pinned at the call)
-  auto batch = st.stager->StageLayers(st.snap.get(), "t", blocks, {2, 1, 0}, st.cache.get(),
-                                      [&](size_t i, const StagedLayer& layer) {
-                                        EXPECT_EQ(layer.layer, (std::vector<uint32_t>{2, 1, 0})[i]);
-                                        seen.emplace_back(i, st.cache->stats().pinned_pages);
-                                        return Status::OK();
-                                      });
-  ASSERT_TRUE(batch.ok()) << batch.status().ToString();
   using Seen = std::vector<std::pair<size_t, uint64_t>>;
-  EXPECT_EQ(seen, (Seen{{0, nb}, {1, 3 * nb}, {2, 3 * nb}}));
-  EXPECT_EQ(batch->pages_hit, 2 * nb);
-  EXPECT_EQ(batch->pages_filled, nb);
-  ExpectCopyPath(*st.stager);
-  ExpectPagesMatch(st.snap.get(), *batch, blocks, st.stager->stream());
-  batch = Result<StagedBatch>(Status::NotFound("released"));  // its pins
+  Seen seen;  // (index, pages pinned at the call)
+  // Request order: layer 2 (hot), layer 1 (cold), layer 0 (hot, but after a cold one).
+  {
+    auto batch =
+        st.stager->StageLayers(st.snap.get(), "t", blocks, {2, 1, 0}, st.cache.get(),
+                               [&](size_t i, const StagedLayer& layer) {
+                                 EXPECT_EQ(layer.layer, (std::vector<uint32_t>{2, 1, 0})[i]);
+                                 seen.emplace_back(i, st.cache->stats().pinned_pages);
+                                 return Status::OK();
+                               });
+    ASSERT_TRUE(batch.ok()) << batch.status().ToString();
+    EXPECT_EQ(seen, (Seen{{0, nb}, {1, 3 * nb}, {2, 3 * nb}}));
+    EXPECT_EQ(batch->pages_hit, 2 * nb);
+    EXPECT_EQ(batch->pages_filled, nb);
+    ExpectCopyPath(*st.stager);
+    ExpectPagesMatch(st.snap.get(), *batch, blocks, st.stager->stream());
+  }  // its pins released
   ASSERT_EQ(st.cache->stats().pinned_pages, 0u);
   // All hot: each layer is published as it is pinned, the first before the others are pinned.
   seen.clear();
