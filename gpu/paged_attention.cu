@@ -12,8 +12,10 @@
 //   - K/V tiles of kTileN tokens stream through a cp.async ring of 3-4 tiles in shared memory
 //     (16-byte copies, rows padded by 16 bytes so ldmatrix is conflict-free); a tile may straddle
 //     blocks (each thread keeps a cursor into the block table). K is rotated in place in shared
-//     memory one tile ahead: while the warps compute tile i, all threads rotate tile i + 1, with
-//     one barrier a tile. The angles advance by rotation from row to row and tile to tile.
+//     memory one tile ahead: while the warps compute tile i, the producers rotate tile i + 1, with
+//     one barrier a tile. The angles advance by rotation from row to row and tile to tile. The
+//     producers are all threads, except in the mixed layout: there warps 4-7 load and rotate and
+//     warps 0-3 only compute.
 //   - S = Q K^T and O += P V on the tensor cores (mma.sync m16n8k16, bf16/f16 in, float32
 //     accumulators), online softmax in float32 in the log2 domain, P kept in registers.
 //   - The context is cut into as many splits as fill the GPU's resident CTA slots once (SMs x
@@ -203,6 +205,14 @@ __device__ __forceinline__ uint32_t Pack2<__half>(float a, float b) {
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 
+// 2^x by the hardware's approximation (MUFU.EX2; results below 2^-126 flush to 0, which a softmax
+// weight beside a weight of 1 can lose), without exp2f's extra steps for subnormal results.
+__device__ __forceinline__ float Exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 __device__ __forceinline__ float2 Unpack2(uint32_t u, __nv_bfloat16) {
   return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u));
 }
@@ -251,10 +261,11 @@ __global__ void __launch_bounds__(NW * 32, CtasPerSm(NW))
                          BatchWords bw) {
   constexpr int kWarps = NW;
   constexpr int kThreads = NW * 32;
-  // WM = 5 (kMixed, 8 warps, 65-80 query vectors): warps 0-3 take vector tiles 0-3 over all of a
-  // K/V tile's tokens, warps 4-7 share tile 4, 16 tokens each. As 8 warps along M, tile 4's warp
-  // shared a scheduler with tile 0's and that scheduler did twice the others' work (an 18-row DBSA
-  // prompt has 72 vectors).
+  // WM = 5 (kMixed, 8 warps, 65-80 query vectors: an 18-row DBSA prompt has 72): warps 0-3 take
+  // vector tiles 0-3 over all of a K/V tile's tokens, warps 4-7 share tile 4, 16 tokens each, and
+  // are the producers (below). Every scheduler (warp w runs on scheduler w % 4) then holds the same
+  // tensor-core work. As 8 warps along M, tile 4's warp shared a scheduler with tile 0's, which
+  // did twice the others' work.
   constexpr bool kMixed = WM == 5;
   static_assert(!kMixed || NW == 8, "the mixed layout has 8 warps");
   constexpr int WN = kMixed ? 1 : kWarps / WM;  // warps along the tile's tokens (kMixed: tiles 0-3)
@@ -304,10 +315,19 @@ __global__ void __launch_bounds__(NW * 32, CtasPerSm(NW))
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, tg = lane % 4;  // mma fragment coordinates
 
-  // -- K/V tile loads: thread copies 16-byte pieces `lc` of rows lr, lr + kLoadRows, ... --
+  // -- the producers: the threads that load and rotate K/V tiles. All of them, except in the mixed
+  // layout, where warps 4-7 (a quarter of warps 0-3's tensor-core work each) load and rotate alone
+  // and warps 0-3 only compute: every scheduler then holds one warp of each kind, and the
+  // rotation is off the longest warps' path (run AA in docs/results.md).
+  constexpr int kProducers = kMixed ? kThreads / 2 : kThreads;
+  const int ptid = tid - (kThreads - kProducers);  // < 0: not a producer
+  const bool producer = ptid >= 0;
+
+  // -- K/V tile loads: producer copies 16-byte pieces `lc` of rows lr, lr + kLoadRows, ... --
   constexpr int kLoadCols = D / 8;
-  constexpr int kLoadRows = kThreads / kLoadCols;
-  const int lc = tid % kLoadCols, lr = tid / kLoadCols;
+  constexpr int kLoadRows = kProducers / kLoadCols;
+  static_assert(kTileN % kLoadRows == 0, "whole tiles of load rows");
+  const int lc = (producer ? ptid : 0) % kLoadCols, lr = (producer ? ptid : 0) / kLoadCols;
   // Block (one query) or segment (a batch) of the thread's next token; monotone.
   int cursor = 0;
   if constexpr (kBatch) {
@@ -359,18 +379,19 @@ __global__ void __launch_bounds__(NW * 32, CtasPerSm(NW))
   };
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < ntiles) load_tile(s, s);
+    if (producer && s < ntiles) load_tile(s, s);
     CpAsyncCommit();
   }
 
-  // -- RoPE in shared memory: thread rotates pairs 8 rc..8 rc+7 of rows rr, rr + kRotRows, ... --
+  // -- RoPE in shared memory: producer rotates pairs 8 rc..8 rc+7 of rows rr, rr + kRotRows, ... --
   // Its angles advance from row to row (and tile to tile) by a rotation of kRotRows tokens, and
   // are computed afresh every kReseedTiles tiles, so the float32 steps never drift far (at most
   // kReseedTiles * kTileN / kRotRows steps: < 1e-5 rad, against 2^-8 for a bf16 rounding).
   constexpr int kRotCols = D / 16;
-  constexpr int kRotRows = kThreads / kRotCols;
+  constexpr int kRotRows = kProducers / kRotCols;
+  static_assert(kTileN % kRotRows == 0, "whole tiles of rotation rows");
   constexpr int kReseedTiles = 16;
-  const int rc = tid % kRotCols, rr = tid / kRotCols;
+  const int rc = (producer ? ptid : 0) % kRotCols, rr = (producer ? ptid : 0) / kRotCols;
   float cs[8], sn[8];
   if (rotate) {
     for (int i = tid; i < D / 2; i += kThreads) {
@@ -442,105 +463,123 @@ __global__ void __launch_bounds__(NW * 32, CtasPerSm(NW))
   // The warp's first token within a tile.
   const int n0 = kMixed ? (warp < 4 ? 0 : (warp - 4) * 16) : (warp % WN) * kNw;
 
-  // Tile 0 rotated before the loop; then each iteration rotates the next tile while the warps
-  // compute the current one, one barrier a tile.
-  CpAsyncWait<kStages - 2>();
-  __syncthreads();  // tile 0 has landed; s_step is written
-  if (rotate && ntiles > 0) rotate_tile(0, 0);
-  for (int it = 0; it < ntiles; ++it) {
-    CpAsyncWait<kStages - 3>();  // tile it + 1 has landed (this thread's copies)
-    __syncthreads();  // ... everyone's; tile it is rotated; tile it - 1 is consumed by all warps
-    if (it + kStages - 1 < ntiles) load_tile(it + kStages - 1, (it + kStages - 1) % kStages);
-    CpAsyncCommit();
-    if (rotate && it + 1 < ntiles) rotate_tile(it + 1, (it + 1) % kStages);
-
+  // S = Q K^T, online softmax and O += P V over the warp's kN tokens of tile `it`.
+  auto compute = [&](int it, auto tokens) {
     const T* const sk = ring + static_cast<size_t>(it % kStages) * 2 * StageElems<D>();
     const T* const sv = sk + StageElems<D>();
     const uint32_t t0 = start + static_cast<uint32_t>(it) * kTileN;
-
-    // S = Q K^T, online softmax and O += P V over the warp's kN tokens of the tile.
-    auto compute = [&](auto tokens) {
-      constexpr int kN = decltype(tokens)::value;
-      constexpr int kSnw = kN / 8;  // n tiles of S
-      // S = Q K^T over the warp's kN tokens.
-      float s[kSnw][4];
+    constexpr int kN = decltype(tokens)::value;
+    constexpr int kSnw = kN / 8;  // n tiles of S
+    // S = Q K^T over the warp's kN tokens.
+    float s[kSnw][4];
 #pragma unroll
-      for (int i = 0; i < kSnw; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+    for (int i = 0; i < kSnw; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
 #pragma unroll
-      for (int kc = 0; kc < kKc; ++kc) {
+    for (int kc = 0; kc < kKc; ++kc) {
 #pragma unroll
-        for (int np = 0; np < kN / 16; ++np) {
-          uint32_t b[4];
-          const int n = n0 + np * 16 + (lane & 7) + ((lane >> 4) & 1) * 8;
-          LdMatrixX4(b, sk + n * kRs + kc * 16 + ((lane >> 3) & 1) * 8);
-          Mma<T>(s[2 * np], qf[kc], b[0], b[1]);
-          Mma<T>(s[2 * np + 1], qf[kc], b[2], b[3]);
-        }
+      for (int np = 0; np < kN / 16; ++np) {
+        uint32_t b[4];
+        const int n = n0 + np * 16 + (lane & 7) + ((lane >> 4) & 1) * 8;
+        LdMatrixX4(b, sk + n * kRs + kc * 16 + ((lane >> 3) & 1) * 8);
+        Mma<T>(s[2 * np], qf[kc], b[0], b[1]);
+        Mma<T>(s[2 * np + 1], qf[kc], b[2], b[3]);
       }
-      // Scale to the log2 domain; mask tokens past the split.
-      const bool partial = t0 + kTileN > end;
+    }
+    // Mask tokens past the split (the last tile only).
+    if (t0 + kTileN > end) {
 #pragma unroll
       for (int nt = 0; nt < kSnw; ++nt) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          s[nt][e] *= scale_log2;
-          if (partial && t0 + n0 + nt * 8 + 2 * tg + (e & 1) >= end) s[nt][e] = -INFINITY;
+          if (t0 + n0 + nt * 8 + 2 * tg + (e & 1) >= end) s[nt][e] = -INFINITY;
         }
-      }
-      // Online softmax per row (r = 0: row g, elements 0, 1; r = 1: row g + 8, elements 2, 3).
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float mx = m_run[r];
-#pragma unroll
-        for (int nt = 0; nt < kSnw; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float ref = mx == -INFINITY ? 0.f : mx;  // no token yet: keep everything 0
-        const float corr = exp2f(m_run[r] - ref);
-        m_run[r] = mx;
-        float sum = 0.f;
-#pragma unroll
-        for (int nt = 0; nt < kSnw; ++nt) {
-          s[nt][2 * r] = exp2f(s[nt][2 * r] - ref);
-          s[nt][2 * r + 1] = exp2f(s[nt][2 * r + 1] - ref);
-          sum += s[nt][2 * r] + s[nt][2 * r + 1];
-        }
-        l_run[r] = l_run[r] * corr + sum;
-#pragma unroll
-        for (int i = 0; i < kOn; ++i) {
-          o[i][2 * r] *= corr;
-          o[i][2 * r + 1] *= corr;
-        }
-      }
-      // O += P V, P converted in registers from the S accumulators to A fragments.
-#pragma unroll
-      for (int kc = 0; kc < kN / 16; ++kc) {
-        uint32_t pa[4];
-        pa[0] = Pack2<T>(s[2 * kc][0], s[2 * kc][1]);
-        pa[1] = Pack2<T>(s[2 * kc][2], s[2 * kc][3]);
-        pa[2] = Pack2<T>(s[2 * kc + 1][0], s[2 * kc + 1][1]);
-        pa[3] = Pack2<T>(s[2 * kc + 1][2], s[2 * kc + 1][3]);
-        const int n = n0 + kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-#pragma unroll
-        for (int dp = 0; dp < D / 16; ++dp) {
-          uint32_t b[4];
-          LdMatrixX4Trans(b, sv + n * kRs + dp * 16 + (lane >> 4) * 8);
-          Mma<T>(o[2 * dp], pa, b[0], b[1]);
-          Mma<T>(o[2 * dp + 1], pa, b[2], b[3]);
-        }
-      }
-    };
-    if (warp_active) {
-      if constexpr (kMixed) {
-        if (warp >= 4) {
-          compute(std::integral_constant<int, 16>());
-        } else {
-          compute(std::integral_constant<int, kNw>());
-        }
-      } else {
-        compute(std::integral_constant<int, kNw>());
       }
     }
+    // Online softmax per row (r = 0: row g, elements 0, 1; r = 1: row g + 8, elements 2, 3), in
+    // the log2 domain: the max is taken on the raw scores (scale_log2 > 0 keeps their order) and
+    // the scale folded into the exponent's fma.
+    float corr[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx2[2] = {s[0][2 * r], s[0][2 * r + 1]};  // two chains, not one
+#pragma unroll
+      for (int nt = 1; nt < kSnw; ++nt) {
+        mx2[0] = fmaxf(mx2[0], s[nt][2 * r]);
+        mx2[1] = fmaxf(mx2[1], s[nt][2 * r + 1]);
+      }
+      float mx = fmaxf(m_run[r], fmaxf(mx2[0], mx2[1]) * scale_log2);
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float ref = mx == -INFINITY ? 0.f : mx;  // no token yet: keep everything 0
+      corr[r] = Exp2(m_run[r] - ref);
+      m_run[r] = mx;
+      float sum2[2] = {0.f, 0.f};
+#pragma unroll
+      for (int nt = 0; nt < kSnw; ++nt) {
+        s[nt][2 * r] = Exp2(fmaf(s[nt][2 * r], scale_log2, -ref));
+        s[nt][2 * r + 1] = Exp2(fmaf(s[nt][2 * r + 1], scale_log2, -ref));
+        sum2[0] += s[nt][2 * r];
+        sum2[1] += s[nt][2 * r + 1];
+      }
+      const float sum = sum2[0] + sum2[1];
+      l_run[r] = l_run[r] * corr[r] + sum;
+    }
+    // Rescale O only where a row's max moved (corr is exactly 1 where it did not: most tiles
+    // once the largest scores have been seen).
+    if (__any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f)) {
+#pragma unroll
+      for (int i = 0; i < kOn; ++i) {
+        o[i][0] *= corr[0];
+        o[i][1] *= corr[0];
+        o[i][2] *= corr[1];
+        o[i][3] *= corr[1];
+      }
+    }
+    // O += P V, P converted in registers from the S accumulators to A fragments.
+#pragma unroll
+    for (int kc = 0; kc < kN / 16; ++kc) {
+      uint32_t pa[4];
+      pa[0] = Pack2<T>(s[2 * kc][0], s[2 * kc][1]);
+      pa[1] = Pack2<T>(s[2 * kc][2], s[2 * kc][3]);
+      pa[2] = Pack2<T>(s[2 * kc + 1][0], s[2 * kc + 1][1]);
+      pa[3] = Pack2<T>(s[2 * kc + 1][2], s[2 * kc + 1][3]);
+      const int n = n0 + kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+#pragma unroll
+      for (int dp = 0; dp < D / 16; ++dp) {
+        uint32_t b[4];
+        LdMatrixX4Trans(b, sv + n * kRs + dp * 16 + (lane >> 4) * 8);
+        Mma<T>(o[2 * dp], pa, b[0], b[1]);
+        Mma<T>(o[2 * dp + 1], pa, b[2], b[3]);
+      }
+    }
+  };
+  auto compute_tile = [&](int it) {
+    if (!warp_active) return;
+    if constexpr (kMixed) {
+      if (warp >= 4) {
+        compute(it, std::integral_constant<int, 16>());
+      } else {
+        compute(it, std::integral_constant<int, kNw>());
+      }
+    } else {
+      compute(it, std::integral_constant<int, kNw>());
+    }
+  };
+
+  // Tile 0 rotated before the loop; then each iteration rotates the next tile while the warps
+  // compute the current one, one barrier a tile.
+  CpAsyncWait<kStages - 2>();
+  __syncthreads();  // tile 0 has landed; s_step is written
+  if (producer && rotate && ntiles > 0) rotate_tile(0, 0);
+  for (int it = 0; it < ntiles; ++it) {
+    CpAsyncWait<kStages - 3>();  // tile it + 1 has landed (this thread's copies)
+    __syncthreads();  // ... everyone's; tile it is rotated; tile it - 1 is consumed by all warps
+    if (producer) {
+      if (it + kStages - 1 < ntiles) load_tile(it + kStages - 1, (it + kStages - 1) % kStages);
+    }
+    CpAsyncCommit();
+    if (producer && rotate && it + 1 < ntiles) rotate_tile(it + 1, (it + 1) % kStages);
+    compute_tile(it);
   }
 
   // -- epilogue: merge the warps sharing rows, then write the result or the split's partial --

@@ -536,7 +536,6 @@ class DeviceKvSource final : public KvSource {
                                                   task.name, blocks, num_layers));
       staging_ = staging;
       thread_start_ms_ += staging->thread_start_ms();
-      thread_start_ms_ += staging->thread_start_ms();
       *load_ms = MsSince(start);
       std::vector<uint32_t> index(blocks.size());
       std::iota(index.begin(), index.end(), 0u);
